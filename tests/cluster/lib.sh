@@ -1,0 +1,40 @@
+# Shared by tests/cluster/{build,up,down}: pinned versions, where things live, and how a
+# failing step reports itself. Source it; it defines variables and functions only.
+
+CLUSTER_SCRIPTS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$CLUSTER_SCRIPTS/../.." && pwd)"
+# shellcheck source=versions.env
+. "$CLUSTER_SCRIPTS/versions.env"
+
+DARKCORE_CACHE="${DARKCORE_CACHE:-$HOME/.cache/darkcore}"
+CLUSTER_DIR="${DARKCORE_CLUSTER_DIR:-$REPO_ROOT/target/cluster}"
+K8S_BIN="$DARKCORE_CACHE/k8s-$K8S_VERSION"
+ETCD_BIN="$DARKCORE_CACHE/etcd-$ETCD_VERSION"
+HELM_BIN="$DARKCORE_CACHE/helm-$HELM_VERSION"
+BUILD_LOGS="$DARKCORE_CACHE/build-logs"
+
+log() { printf '[cluster] %s\n' "$*" >&2; }
+
+# fail STEP LOGFILE: say which step failed and where to look, then exit.
+fail() {
+  printf '[cluster] FAILED at step "%s". Read %s\n' "$1" "$2" >&2
+  if [ -f "$2" ]; then
+    printf '[cluster] last lines of %s:\n' "$2" >&2
+    tail -n 25 "$2" | sed 's/^/    /' >&2
+  fi
+  exit 1
+}
+
+# run_step NAME LOGFILE CMD...: run CMD with its output in LOGFILE; on failure, fail loudly.
+run_step() {
+  local name="$1" logfile="$2"
+  shift 2
+  mkdir -p "$(dirname "$logfile")"
+  log "$name (log: $logfile)"
+  "$@" >"$logfile" 2>&1 || fail "$name" "$logfile"
+}
+
+# Go builds: pinned versions, the machine's own toolchain, caches outside the clone.
+go_env() {
+  export GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0
+}
