@@ -1,0 +1,349 @@
+//! `DevicePool`: a set of volunteer devices that darkcore publishes as virtual Nodes.
+//! The schema carries its own validation so the API server refuses nonsense by field name.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Seconds of silence after which a device counts as lost, when the pool does not say.
+pub const DEFAULT_DEVICE_LOST_AFTER_SECONDS: u32 = 60;
+
+/// What a pool enlists and how its virtual nodes look.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "darkcore.io",
+    version = "v1alpha1",
+    kind = "DevicePool",
+    plural = "devicepools",
+    singular = "devicepool",
+    shortname = "dp",
+    category = "darkcore",
+    status = "DevicePoolStatus",
+    derive = "PartialEq",
+    doc = "A pool of volunteer devices, published as one virtual Node per os/arch.",
+    validation = Rule::new("self.metadata.name.size() <= 63").message("metadata.name of a DevicePool is at most 63 characters: it becomes the darkcore.io/pool label value on the pool's nodes"),
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas", description = "devices wanted; empty means every eligible device"),
+    printcolumn(name = "Enlisted", type_ = "integer", json_path = ".status.replicas", description = "devices enlisted now"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyDevices", description = "enlisted devices that can take work now"),
+    printcolumn(name = "Cores", type_ = "string", json_path = ".status.cores", description = "CPU cores the ready devices offer"),
+    printcolumn(name = "Memory", type_ = "string", json_path = ".status.memory", description = "memory the ready devices offer"),
+    printcolumn(name = "Nodes", type_ = "string", json_path = ".status.nodes", priority = 1, description = "virtual nodes of this pool"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DevicePoolSpec {
+    /// How many devices to enlist. Absent means every eligible device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub replicas: Option<i32>,
+
+    /// Which devices are eligible for this pool.
+    #[serde(default)]
+    pub selector: DeviceSelector,
+
+    /// Runtimes that pods may use on this pool. `process` runs pod commands directly on the
+    /// device, so it is only listed by default for no pool.
+    #[serde(default = "default_runtimes")]
+    #[schemars(length(min = 1, max = 3))]
+    #[x_kube(validation = Rule::new("self.all(r, self.exists_one(x, x == r))").message("spec.runtimes lists a runtime twice; list each once"))]
+    pub runtimes: Vec<Runtime>,
+
+    /// Extra labels and taints for the pool's virtual nodes.
+    #[serde(default)]
+    pub node: NodeTemplate,
+
+    /// Namespaces whose pods may run on this pool. Empty means every namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        inner(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 63)),
+        length(max = 256)
+    )]
+    pub allowed_namespaces: Vec<String>,
+
+    /// Seconds without a heartbeat after which a device counts as lost and its tasks run
+    /// elsewhere.
+    #[serde(default = "default_device_lost_after_seconds")]
+    #[schemars(range(min = 5, max = 3600))]
+    pub device_lost_after_seconds: u32,
+}
+
+/// Which devices may join a pool.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceSelector {
+    /// Operating systems admitted. Empty means `linux`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub os: Vec<Os>,
+    /// CPU architectures admitted, as Kubernetes names them. Empty means `amd64`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub arch: Vec<Arch>,
+    /// Fewest CPU cores a device must offer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub min_cores: Option<u32>,
+    /// Least memory a device must offer, as a Kubernetes quantity such as `2Gi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isQuantity(string(self))").message("spec.selector.minMemory must be a Kubernetes quantity such as 512Mi or 2Gi"))]
+    pub min_memory: Option<Quantity>,
+    /// Labels a device must carry (set by its owner in the agent config).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// Extra metadata for the pool's virtual nodes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeTemplate {
+    /// Labels added to every node of the pool. Keys under `kubernetes.io/`, `k8s.io/` and
+    /// `darkcore.io/` are darkcore's and Kubernetes' own and cannot be set here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    #[x_kube(validation = Rule::new("self.all(k, !(k.startsWith('kubernetes.io/') || k.contains('.kubernetes.io/') || k.startsWith('k8s.io/') || k.contains('.k8s.io/') || k.startsWith('darkcore.io/') || k.contains('.darkcore.io/') || k == 'type'))").message("spec.node.labels may not set keys under kubernetes.io/, k8s.io/ or darkcore.io/, nor 'type': those are set by darkcore and Kubernetes"))]
+    pub labels: BTreeMap<String, String>,
+    /// Taints added to every node of the pool, beside darkcore's own
+    /// `virtual-kubelet.io/provider=darkcore:NoSchedule`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub taints: Vec<PoolTaint>,
+}
+
+/// A taint for the pool's nodes.
+#[derive(
+    KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolTaint {
+    /// The taint key, a qualified name such as `example.com/gpu`.
+    #[schemars(
+        regex(
+            pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+        ),
+        length(min = 1, max = 316)
+    )]
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"),
+        length(max = 63)
+    )]
+    pub value: Option<String>,
+    pub effect: TaintEffect,
+}
+
+/// What a taint does to pods that do not tolerate it.
+#[derive(
+    JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
+pub enum TaintEffect {
+    NoSchedule,
+    PreferNoSchedule,
+    NoExecute,
+}
+
+impl TaintEffect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaintEffect::NoSchedule => "NoSchedule",
+            TaintEffect::PreferNoSchedule => "PreferNoSchedule",
+            TaintEffect::NoExecute => "NoExecute",
+        }
+    }
+}
+
+/// How a pod's containers run on a device.
+#[derive(
+    JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    /// Plain host processes: for trusted fleets only.
+    Process,
+    /// OCI containers through runc or crun.
+    Oci,
+    /// WebAssembly (WASI) through wasmtime.
+    Wasm,
+}
+
+impl Runtime {
+    pub const ALL: [Runtime; 3] = [Runtime::Process, Runtime::Oci, Runtime::Wasm];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Process => "process",
+            Runtime::Oci => "oci",
+            Runtime::Wasm => "wasm",
+        }
+    }
+}
+
+/// Operating systems, named as `kubernetes.io/os` names them.
+#[derive(
+    JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Os {
+    Linux,
+    Windows,
+    Darwin,
+    Freebsd,
+}
+
+impl Os {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Os::Linux => "linux",
+            Os::Windows => "windows",
+            Os::Darwin => "darwin",
+            Os::Freebsd => "freebsd",
+        }
+    }
+}
+
+/// CPU architectures, named as `kubernetes.io/arch` (Go's GOARCH) names them.
+#[derive(
+    JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Amd64,
+    Arm64,
+    Arm,
+    Riscv64,
+    #[serde(rename = "386")]
+    I386,
+    Ppc64le,
+    S390x,
+}
+
+impl Arch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "amd64",
+            Arch::Arm64 => "arm64",
+            Arch::Arm => "arm",
+            Arch::Riscv64 => "riscv64",
+            Arch::I386 => "386",
+            Arch::Ppc64le => "ppc64le",
+            Arch::S390x => "s390x",
+        }
+    }
+}
+
+/// What the operator last observed of a pool.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DevicePoolStatus {
+    /// Devices enlisted in the pool now.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Enlisted devices whose owner policy lets them take work now.
+    #[serde(default)]
+    pub ready_devices: i32,
+    /// CPU cores the ready devices offer, as a quantity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cores: Option<Quantity>,
+    /// Memory the ready devices offer, as a quantity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+    /// Label selector (in string form) for the scale subresource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Names of the pool's virtual nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// The same defaults the API server applies to an empty spec.
+impl Default for DevicePoolSpec {
+    fn default() -> Self {
+        DevicePoolSpec {
+            replicas: None,
+            selector: DeviceSelector::default(),
+            runtimes: default_runtimes(),
+            node: NodeTemplate::default(),
+            allowed_namespaces: Vec::new(),
+            device_lost_after_seconds: default_device_lost_after_seconds(),
+        }
+    }
+}
+
+fn default_runtimes() -> Vec<Runtime> {
+    vec![Runtime::Oci, Runtime::Wasm]
+}
+
+fn default_device_lost_after_seconds() -> u32 {
+    DEFAULT_DEVICE_LOST_AFTER_SECONDS
+}
+
+impl DevicePoolSpec {
+    /// The operating systems the selector admits, `linux` when it names none.
+    pub fn admitted_os(&self) -> Vec<Os> {
+        non_empty_or(&self.selector.os, Os::Linux)
+    }
+
+    /// The architectures the selector admits, `amd64` when it names none.
+    pub fn admitted_arch(&self) -> Vec<Arch> {
+        non_empty_or(&self.selector.arch, Arch::Amd64)
+    }
+}
+
+fn non_empty_or<T: Copy + Ord>(listed: &[T], default: T) -> Vec<T> {
+    let mut out: Vec<T> = if listed.is_empty() {
+        vec![default]
+    } else {
+        listed.to_vec()
+    };
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rust_default_is_what_an_empty_spec_means() {
+        let empty: DevicePoolSpec = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty, DevicePoolSpec::default());
+        assert_eq!(empty.runtimes, [Runtime::Oci, Runtime::Wasm]);
+    }
+
+    #[test]
+    fn an_empty_selector_admits_linux_amd64() {
+        let spec = DevicePoolSpec::default();
+        assert_eq!(
+            (spec.admitted_os(), spec.admitted_arch()),
+            (vec![Os::Linux], vec![Arch::Amd64])
+        );
+    }
+
+    #[test]
+    fn arch_names_round_trip_as_kubernetes_spells_them() {
+        for arch in [
+            Arch::Amd64,
+            Arch::Arm64,
+            Arch::Arm,
+            Arch::Riscv64,
+            Arch::I386,
+            Arch::Ppc64le,
+            Arch::S390x,
+        ] {
+            assert_eq!(serde_json::to_value(arch).unwrap(), arch.as_str());
+        }
+    }
+}

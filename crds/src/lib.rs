@@ -1,0 +1,15 @@
+//! darkcore's custom resources as Rust types, and the CRD YAML generated from them.
+//! The YAML in `crds/generated/` is committed; a test fails when it drifts from these types.
+#![deny(rust_2018_idioms)]
+
+pub mod device_pool;
+pub mod generate;
+
+pub use device_pool::{
+    Arch, DevicePool, DevicePoolSpec, DevicePoolStatus, DeviceSelector, NodeTemplate, Os,
+    PoolTaint, Runtime, TaintEffect,
+};
+pub use generate::{Error, crd_yaml};
+
+/// The API group of every darkcore resource.
+pub const GROUP: &str = "darkcore.io";
