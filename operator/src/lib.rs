@@ -1,0 +1,9 @@
+//! darkcore-operator: publishes each DevicePool as virtual Nodes and keeps them alive.
+//! Durable state lives in the Kubernetes API, so the process may restart at any time.
+#![deny(rust_2018_idioms)]
+
+pub mod conditions;
+pub mod http;
+pub mod metrics;
+pub mod pool;
+pub mod run;

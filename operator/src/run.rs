@@ -1,0 +1,162 @@
+//! `darkcore-operator run`: connects to Kubernetes, checks the CRD is installed, then runs the
+//! pool controller, the lease renewer and the HTTP server side by side until SIGTERM/Ctrl-C.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use darkcore_crds::DevicePool;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::ListParams;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
+use kube::{Api, Client};
+
+use crate::http::{self, Health};
+use crate::metrics::Metrics;
+use crate::pool::capacity::NoDevices;
+use crate::pool::controller::{Context, error_policy, reconcile};
+use crate::pool::node_status::KubeletEndpoint;
+use crate::pool::{FIELD_MANAGER, POOL_LABEL, lease};
+
+/// Options of `darkcore-operator run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "DARKCORE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// Address the apiserver uses to reach this operator's kubelet API; published as each
+    /// node's InternalIP. In a cluster, set it to the pod IP.
+    #[arg(long, env = "DARKCORE_NODE_ADDRESS", default_value = "127.0.0.1")]
+    pub node_address: String,
+    /// Port of the kubelet API, published as each node's kubeletEndpoint.
+    #[arg(long, env = "DARKCORE_KUBELET_PORT", default_value_t = 10250)]
+    pub kubelet_port: i32,
+    /// Serve only the DevicePools matching this label selector (for sharding, and for tests
+    /// that run several operators on one cluster). Empty: every pool.
+    #[arg(long, env = "DARKCORE_POOL_SELECTOR", default_value = "")]
+    pub pool_selector: String,
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = Client::try_default().await.context(
+        "connecting to Kubernetes: set KUBECONFIG to a kubeconfig file, or run inside a cluster",
+    )?;
+    let pools: Api<DevicePool> = Api::all(client.clone());
+    ensure_crd_installed(&pools).await?;
+
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let server = http::serve(
+        args.http_addr,
+        Health {
+            ready: ready.clone(),
+            metrics: metrics.clone(),
+        },
+    )
+    .await?;
+    let server = tokio::spawn(server);
+
+    // Both watches are built here so that their first complete listing can be observed:
+    // kube-runtime's `Store::wait_until_ready` wakes only one waiter, and the controller is it.
+    let pools_synced = Arc::new(AtomicBool::new(false));
+    let (pool_store, pool_writer) = reflector::store();
+    let pool_events = watcher(
+        pools,
+        watcher::Config::default().labels(&args.pool_selector),
+    )
+    .default_backoff()
+    .inspect_ok(mark_synced(pools_synced.clone()))
+    .reflect(pool_writer)
+    .applied_objects();
+    let nodes_synced = Arc::new(AtomicBool::new(false));
+    let (nodes, node_writer) = reflector::store();
+    let node_events = watcher(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default().labels(POOL_LABEL),
+    )
+    .default_backoff()
+    .inspect_ok(mark_synced(nodes_synced.clone()))
+    .reflect(node_writer)
+    .touched_objects();
+    let controller = Controller::for_stream(pool_events, pool_store.clone())
+        .owns_stream(node_events)
+        .shutdown_on_signal();
+
+    let renewer = tokio::spawn(lease::renew_loop(
+        client.clone(),
+        pool_store,
+        nodes.clone(),
+        metrics.clone(),
+    ));
+    let readiness = {
+        let nodes_synced = nodes_synced.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            while !(pools_synced.load(Ordering::Relaxed) && nodes_synced.load(Ordering::Relaxed)) {
+                tick.tick().await;
+            }
+            ready.store(true, Ordering::Relaxed);
+            tracing::info!("DevicePool and Node caches synced; ready");
+        })
+    };
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        nodes,
+        nodes_synced,
+        endpoint: KubeletEndpoint {
+            address: args.node_address.clone(),
+            port: args.kubelet_port,
+        },
+        inventory: Arc::new(NoDevices),
+        metrics,
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
+    });
+    tracing::info!(selector = %args.pool_selector, node_address = %args.node_address, "darkcore-operator running");
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "reconcile did not complete");
+            }
+        })
+        .await;
+
+    tracing::info!(
+        "shutting down; nodes stay until their leases expire, so no pod is evicted by a restart"
+    );
+    renewer.abort();
+    readiness.abort();
+    server.abort();
+    Ok(())
+}
+
+/// Sets `flag` once the watch has delivered its first complete listing.
+fn mark_synced<K>(flag: Arc<AtomicBool>) -> impl FnMut(&watcher::Event<K>) {
+    move |event| {
+        if matches!(event, watcher::Event::InitDone) {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn ensure_crd_installed(pools: &Api<DevicePool>) -> anyhow::Result<()> {
+    match pools.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => bail!(
+            "the DevicePool CRD is not installed in this cluster: run `darkcore-operator crds | kubectl apply -f -`"
+        ),
+        Err(e) => Err(e)
+            .context("listing DevicePools to check that the API server and the CRD are reachable"),
+    }
+}
