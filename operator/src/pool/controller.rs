@@ -20,7 +20,7 @@ use serde_json::json;
 
 use crate::metrics::Metrics;
 use crate::pool::capacity::DeviceInventory;
-use crate::pool::lease::NODE_LEASE_NAMESPACE;
+use crate::pool::lease::{self, NODE_LEASE_NAMESPACE};
 use crate::pool::node::{desired_node, node_name, node_spec_outdated, platforms};
 use crate::pool::node_status::{
     KubeletEndpoint, NODE_STATUS_REFRESH, NodeStatusInput, desired_node_status,
@@ -125,11 +125,18 @@ async fn apply(pool: &DevicePool, ctx: &Context) -> Result<Action, Error> {
         let desired = desired_node(pool, platform, current.as_deref());
         if node_spec_outdated(current.as_deref(), &desired) {
             ctx.metrics.api_write("Node", "apply");
-            nodes
+            let applied = nodes
                 .patch(&name, &apply, &Patch::Apply(&desired))
                 .await
                 .map_err(api_err(format!("applying node {name}")))?;
             tracing::info!(pool = %pool_name, node = %name, "applied node");
+            if current.is_none() {
+                // A new node gets its lease now rather than at the renewer's next tick.
+                let leases = Api::namespaced(ctx.client.clone(), NODE_LEASE_NAMESPACE);
+                lease::renew(&leases, &applied, &ctx.metrics)
+                    .await
+                    .map_err(api_err(format!("creating the lease of node {name}")))?;
+            }
         }
         let capacity = ctx.inventory.capacity(&pool_name, platform);
         let input = NodeStatusInput {

@@ -97,7 +97,8 @@ pub async fn renew_loop(
     }
 }
 
-async fn renew(leases: &Api<Lease>, node: &Node, metrics: &Metrics) -> kube::Result<()> {
+/// Renews `node`'s lease, creating it (owned by the node) when it is missing.
+pub async fn renew(leases: &Api<Lease>, node: &Node, metrics: &Metrics) -> kube::Result<()> {
     let now = Timestamp::now();
     let patch = json!({ "spec": {
         "holderIdentity": node.name_any(),
