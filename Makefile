@@ -1,0 +1,45 @@
+# darkcore's two commands: `make demo` shows a DevicePool as a Ready node in a real cluster;
+# `make test` proves it (fmt, clippy, unit tests, then end-to-end tests on a real control plane).
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+
+# Build output and Go caches live outside the clone, so warm runs take minutes.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/darkcore/target
+export DARKCORE_CLUSTER_DIR ?= $(CURDIR)/target/cluster
+OPERATOR := $(CARGO_TARGET_DIR)/debug/darkcore-operator
+
+.PHONY: test demo demo-down fmt-check clippy unit build e2e crds cluster-up cluster-down
+
+test: fmt-check clippy unit e2e
+
+fmt-check:
+	cargo fmt --all -- --check
+
+clippy:
+	cargo clippy --workspace --all-targets -- -D warnings
+
+unit:
+	cargo test --workspace --exclude darkcore-e2e
+
+build:
+	cargo build --workspace --bins
+
+e2e: build cluster-up
+	KUBECONFIG=$(DARKCORE_CLUSTER_DIR)/kubeconfig DARKCORE_OPERATOR_BIN=$(OPERATOR) \
+	  cargo test -p darkcore-e2e -- --test-threads=8
+
+# Regenerate the committed CRD YAML from the Rust types in crds/src.
+crds: build
+	$(OPERATOR) crds > crds/generated/devicepools.darkcore.io.yaml
+
+cluster-up:
+	tests/cluster/up
+
+cluster-down:
+	tests/cluster/down
+
+demo: build
+	scripts/demo-up
+
+demo-down:
+	scripts/demo-down

@@ -1,0 +1,373 @@
+//! What every end-to-end test needs: a client for the test cluster, the CRDs installed, a
+//! darkcore-operator process of its own (scoped to its pools by label), and waits on watches.
+
+use std::collections::hash_map::DefaultHasher;
+use std::fmt::Debug;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use darkcore_crds::{DevicePool, DevicePoolSpec};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::wait::{Condition, await_condition, conditions};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+/// Label that scopes a pool to the operator of one test.
+pub const TEST_LABEL: &str = "darkcore.io/e2e";
+
+pub async fn client() -> Client {
+    assert!(
+        std::env::var_os("KUBECONFIG").is_some(),
+        "KUBECONFIG is not set: run `make test`, or `tests/cluster/up` and export KUBECONFIG=target/cluster/kubeconfig"
+    );
+    Client::try_default()
+        .await
+        .expect("a client for the cluster in KUBECONFIG")
+}
+
+/// A short name unique to this test run, usable in Kubernetes names.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let mut h = DefaultHasher::new();
+    (
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        SystemTime::now(),
+    )
+        .hash(&mut h);
+    format!("{prefix}-{:08x}", h.finish() as u32)
+}
+
+/// Installs the committed CRD YAML (server-side apply, so parallel tests agree) and waits
+/// until the API server serves it.
+pub async fn ensure_crds(client: &Client) {
+    let text =
+        std::fs::read_to_string(workspace().join("crds/generated/devicepools.darkcore.io.yaml"))
+            .unwrap();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for doc in text
+        .split("\n---\n")
+        .filter(|d| d.contains("kind: CustomResourceDefinition"))
+    {
+        let crd: CustomResourceDefinition =
+            serde_norway::from_str(doc).expect("committed CRD parses");
+        let name = crd.name_any();
+        crds.patch(
+            &name,
+            &PatchParams::apply("darkcore-e2e").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap();
+        wait_for(
+            &crds,
+            &name,
+            conditions::is_crd_established(),
+            Duration::from_secs(30),
+            "CRD established",
+        )
+        .await;
+    }
+}
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Waits, on a watch, until `cond` holds for the object `name`; panics naming `what` on timeout.
+pub async fn wait_for<K>(
+    api: &Api<K>,
+    name: &str,
+    cond: impl Condition<K>,
+    timeout: Duration,
+    what: &str,
+) -> Option<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    match tokio::time::timeout(timeout, await_condition(api.clone(), name, cond)).await {
+        Ok(result) => result.unwrap_or_else(|e| panic!("watching {name} for {what}: {e}")),
+        Err(_) => {
+            let now = api.get_opt(name).await.ok().flatten();
+            panic!("timed out after {timeout:?} waiting for {what} on {name}; it is now: {now:#?}")
+        }
+    }
+}
+
+pub fn node_ready_status(node: &Node) -> Option<String> {
+    node.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.status.clone())
+}
+
+/// A condition: the node exists and its Ready condition has `status`.
+pub fn node_ready_is(status: &'static str) -> impl Condition<Node> {
+    move |node: Option<&Node>| node.and_then(node_ready_status).as_deref() == Some(status)
+}
+
+/// A namespace of one test's own, deleted by [`TestNamespace::delete`].
+pub struct TestNamespace {
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    /// Creates the namespace and waits for its default ServiceAccount, without which the API
+    /// server refuses pods.
+    pub async fn create(client: &Client, prefix: &str) -> TestNamespace {
+        let name = unique(prefix);
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let mut ns = Namespace::default();
+        ns.metadata.name = Some(name.clone());
+        namespaces
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap();
+        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+        wait_for(
+            &accounts,
+            "default",
+            |sa: Option<&ServiceAccount>| sa.is_some(),
+            Duration::from_secs(30),
+            "default ServiceAccount",
+        )
+        .await;
+        TestNamespace {
+            name,
+            client: client.clone(),
+        }
+    }
+
+    pub async fn delete(self) {
+        let namespaces: Api<Namespace> = Api::all(self.client);
+        let _ = namespaces
+            .delete(&self.name, &DeleteParams::default())
+            .await;
+    }
+}
+
+/// A DevicePool scoped to the operator started with the same `scope`.
+pub fn pool(name: &str, scope: &str, spec: DevicePoolSpec) -> DevicePool {
+    let mut pool = DevicePool::new(name, spec);
+    pool.metadata.labels = Some([(TEST_LABEL.to_string(), scope.to_string())].into());
+    pool
+}
+
+/// A running darkcore-operator serving only the pools labelled with its scope.
+pub struct Operator {
+    child: Option<Child>,
+    pub http_port: u16,
+    pub scope: String,
+    pub log: PathBuf,
+}
+
+impl Operator {
+    pub async fn start(scope: &str) -> Operator {
+        let bin = operator_bin();
+        assert!(
+            bin.exists(),
+            "{} is missing: build it first with `cargo build -p darkcore-operator` (make test does)",
+            bin.display()
+        );
+        let port = free_port();
+        let logs = std::env::var_os("DARKCORE_E2E_LOGS")
+            .map_or_else(|| workspace().join("target/e2e-logs"), PathBuf::from);
+        std::fs::create_dir_all(&logs).unwrap();
+        let log = logs.join(format!("operator-{scope}.log"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(&bin)
+            .args([
+                "run",
+                "--http-addr",
+                &format!("127.0.0.1:{port}"),
+                "--pool-selector",
+                &format!("{TEST_LABEL}={scope}"),
+            ])
+            .env("RUST_LOG", "info,kube=warn")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let mut operator = Operator {
+            child: Some(child),
+            http_port: port,
+            scope: scope.into(),
+            log,
+        };
+        operator.wait_ready().await;
+        operator
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "darkcore-operator exited with {status} before it was ready; log: {}\n{}",
+                    self.log.display(),
+                    self.log_tail()
+                );
+            }
+            if matches!(self.get("/readyz").await, Ok((200, _))) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "darkcore-operator not ready after 30 s; log: {}\n{}",
+                self.log.display(),
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Kills the process outright, as a crash or a lost machine would.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.unwrap();
+        }
+    }
+
+    /// A plain HTTP GET against the operator's health and metrics server.
+    pub async fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.http_port)).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let code = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((code, body))
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+fn operator_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("DARKCORE_OPERATOR_BIN") {
+        return bin.into();
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace().join("target"), PathBuf::from);
+    target.join("debug/darkcore-operator")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// How long a new pool's node may take to turn Ready.
+pub const NODE_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A cluster with the CRDs, an operator of this test's own, and one pool it serves, whose
+/// linux/amd64 node is `node`. End a test with [`PoolFixture::finish`].
+pub struct PoolFixture {
+    pub client: Client,
+    pub operator: Operator,
+    pub pool: String,
+    pub node: String,
+}
+
+impl PoolFixture {
+    pub async fn start(prefix: &str, spec: DevicePoolSpec) -> PoolFixture {
+        let client = client().await;
+        ensure_crds(&client).await;
+        let scope = unique(prefix);
+        let operator = Operator::start(&scope).await;
+        let pools: Api<DevicePool> = Api::all(client.clone());
+        pools
+            .create(&PostParams::default(), &pool(&scope, &scope, spec))
+            .await
+            .unwrap();
+        let node = format!("darkcore-{scope}-linux-amd64");
+        PoolFixture {
+            client,
+            operator,
+            pool: scope,
+            node,
+        }
+    }
+
+    pub fn nodes(&self) -> Api<Node> {
+        Api::all(self.client.clone())
+    }
+
+    pub fn pools(&self) -> Api<DevicePool> {
+        Api::all(self.client.clone())
+    }
+
+    pub fn leases(&self) -> Api<Lease> {
+        Api::namespaced(self.client.clone(), "kube-node-lease")
+    }
+
+    pub async fn ready_node(&self) -> Node {
+        wait_for(
+            &self.nodes(),
+            &self.node,
+            node_ready_is("True"),
+            NODE_READY_TIMEOUT,
+            "node Ready=True",
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Deletes the pool and waits until it is gone, which happens only once the operator's
+    /// finalizer has removed its nodes and leases; only then is the operator stopped.
+    pub async fn finish(self) {
+        let pools = self.pools();
+        if let Some(pool) = pools.get_opt(&self.pool).await.unwrap() {
+            let uid = pool.uid().unwrap();
+            pools
+                .delete(&self.pool, &DeleteParams::default())
+                .await
+                .unwrap();
+            wait_for(
+                &pools,
+                &self.pool,
+                conditions::is_deleted(&uid),
+                Duration::from_secs(30),
+                "pool deleted (finalizer done)",
+            )
+            .await;
+        }
+        drop(self.operator);
+    }
+}
