@@ -349,6 +349,37 @@ impl PoolFixture {
         .unwrap()
     }
 
+    /// The pool's status, once the operator has written it.
+    pub async fn pool_status(&self) -> darkcore_crds::DevicePoolStatus {
+        let written = |p: Option<&DevicePool>| {
+            p.and_then(|p| p.status.as_ref())
+                .is_some_and(|s| !s.nodes.is_empty())
+        };
+        let pool = wait_for(
+            &self.pools(),
+            &self.pool,
+            written,
+            Duration::from_secs(20),
+            "pool status",
+        )
+        .await;
+        pool.unwrap().status.unwrap()
+    }
+
+    /// The node's lease, once it exists.
+    pub async fn lease(&self) -> Lease {
+        let exists = |l: Option<&Lease>| l.is_some();
+        wait_for(
+            &self.leases(),
+            &self.node,
+            exists,
+            Duration::from_secs(20),
+            "node lease",
+        )
+        .await
+        .unwrap()
+    }
+
     /// Deletes the pool and waits until it is gone, which happens only once the operator's
     /// finalizer has removed its nodes and leases; only then is the operator stopped.
     pub async fn finish(self) {

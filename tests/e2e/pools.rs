@@ -4,11 +4,12 @@
 use std::time::{Duration, Instant};
 
 use darkcore_crds::{DevicePool, DevicePoolSpec, NodeTemplate, PoolTaint, TaintEffect};
-use k8s_openapi::api::coordination::v1::Lease;
+use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, PostParams};
 use kube::runtime::wait::conditions;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
@@ -155,15 +156,7 @@ async fn a_pool_becomes_a_ready_node_with_labels_taint_and_a_fresh_lease() {
         10250
     );
 
-    let lease = wait_for(
-        &t.leases(),
-        &t.node,
-        |l: Option<&Lease>| l.is_some(),
-        Duration::from_secs(20),
-        "node lease",
-    )
-    .await
-    .unwrap();
+    let lease = t.lease().await;
     let spec = lease.spec.unwrap();
     let renewed = spec.renew_time.unwrap().0;
     let age = Timestamp::now().duration_since(renewed);
@@ -174,19 +167,7 @@ async fn a_pool_becomes_a_ready_node_with_labels_taint_and_a_fresh_lease() {
         node.uid().unwrap()
     );
 
-    let pool = wait_for(
-        &t.pools(),
-        &t.pool,
-        |p: Option<&DevicePool>| {
-            p.and_then(|p| p.status.as_ref())
-                .is_some_and(|s| !s.nodes.is_empty())
-        },
-        Duration::from_secs(20),
-        "pool status",
-    )
-    .await
-    .unwrap();
-    let status = pool.status.unwrap();
+    let status = t.pool_status().await;
     assert_eq!(status.nodes, std::slice::from_ref(&t.node));
     assert_eq!(
         status.selector,
@@ -226,6 +207,7 @@ async fn kubectl_scale_changes_the_pool_replicas() {
     );
     assert_eq!(t.pools().get(&t.pool).await.unwrap().spec.replicas, Some(4));
 
+    t.pool_status().await;
     let scale = t.pools().get_scale(&t.pool).await.unwrap();
     assert_eq!(scale.spec.unwrap().replicas, Some(4));
     assert_eq!(
@@ -239,15 +221,7 @@ async fn kubectl_scale_changes_the_pool_replicas() {
 async fn deleting_a_pool_removes_its_node_and_lease() {
     let t = PoolFixture::start("delete", DevicePoolSpec::default()).await;
     let node = t.ready_node().await;
-    let lease = wait_for(
-        &t.leases(),
-        &t.node,
-        |l: Option<&Lease>| l.is_some(),
-        Duration::from_secs(20),
-        "node lease",
-    )
-    .await
-    .unwrap();
+    let lease = t.lease().await;
 
     let (nodes, leases, node_name) = (t.nodes(), t.leases(), t.node.clone());
     // finish() returns once the pool is gone, i.e. once its finalizer has run.
@@ -356,5 +330,34 @@ async fn nodes_go_not_ready_when_the_operator_dies_and_recover_without_losing_po
         "the pod is being deleted: {still:?}"
     );
     ns.delete().await;
+    t.finish().await;
+}
+
+#[tokio::test]
+async fn a_node_stays_ready_past_the_grace_period_while_the_operator_runs() {
+    let t = PoolFixture::start("alive", DevicePoolSpec::default()).await;
+    t.ready_node().await;
+    // Without lease renewals the node-lifecycle controller would mark the node Unknown about
+    // 55 s after its last heartbeat (50 s grace + 5 s monitor period). Watch for 75 s: any
+    // Ready status other than True fails the test.
+    let watch = watcher(
+        t.nodes(),
+        watcher::Config::default().fields(&format!("metadata.name={}", t.node)),
+    )
+    .applied_objects()
+    .try_for_each(|node| async move {
+        let ready = node_ready_status(&node);
+        assert_eq!(
+            ready.as_deref(),
+            Some("True"),
+            "the node left Ready while the operator ran: {:?}",
+            node.status
+        );
+        Ok(())
+    });
+    match tokio::time::timeout(Duration::from_secs(75), watch).await {
+        Err(_elapsed) => {}
+        Ok(result) => panic!("the node watch ended early: {result:?}"),
+    }
     t.finish().await;
 }

@@ -21,7 +21,7 @@ use serde_json::json;
 use crate::metrics::Metrics;
 use crate::pool::capacity::DeviceInventory;
 use crate::pool::lease::{self, NODE_LEASE_NAMESPACE};
-use crate::pool::node::{desired_node, node_name, node_spec_outdated, platforms};
+use crate::pool::node::{Platform, desired_node, node_name, node_spec_outdated, platforms};
 use crate::pool::node_status::{
     KubeletEndpoint, NODE_STATUS_REFRESH, NodeStatusInput, desired_node_status,
     node_status_outdated,
@@ -113,53 +113,75 @@ async fn apply(pool: &DevicePool, ctx: &Context) -> Result<Action, Error> {
         // Deciding from a half-filled cache would rewrite nodes that are already current.
         return Ok(Action::requeue(Duration::from_millis(250)));
     }
-    let pool_name = pool.name_any();
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let apply = PatchParams::apply(FIELD_MANAGER).force();
     let now = Time(Timestamp::now());
-
     let mut published = Vec::new();
     for platform in platforms(&pool.spec) {
-        let name = node_name(&pool_name, platform);
-        let current = ctx.nodes.get(&ObjectRef::new(&name));
-        let desired = desired_node(pool, platform, current.as_deref());
-        if node_spec_outdated(current.as_deref(), &desired) {
-            ctx.metrics.api_write("Node", "apply");
-            let applied = nodes
-                .patch(&name, &apply, &Patch::Apply(&desired))
+        published.push(publish_node(pool, platform, ctx, &now).await?);
+    }
+    delete_stale_nodes(pool, &published, ctx).await?;
+    write_pool_status(pool, &published, ctx, &now).await?;
+    Ok(Action::requeue(NODE_STATUS_REFRESH))
+}
+
+/// Brings one platform's node, its lease and its status up to date, writing only what differs.
+async fn publish_node(
+    pool: &DevicePool,
+    platform: Platform,
+    ctx: &Context,
+    now: &Time,
+) -> Result<PublishedNode, Error> {
+    let pool_name = pool.name_any();
+    let name = node_name(&pool_name, platform);
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    let current = ctx.nodes.get(&ObjectRef::new(&name));
+
+    let desired = desired_node(pool, platform, current.as_deref());
+    if node_spec_outdated(current.as_deref(), &desired) {
+        ctx.metrics.api_write("Node", "apply");
+        let applied = nodes
+            .patch(&name, &apply, &Patch::Apply(&desired))
+            .await
+            .map_err(api_err(format!("applying node {name}")))?;
+        tracing::info!(pool = %pool_name, node = %name, "applied node");
+        if current.is_none() {
+            // A new node gets its lease now rather than at the renewer's next tick.
+            let leases = Api::namespaced(ctx.client.clone(), NODE_LEASE_NAMESPACE);
+            lease::renew(&leases, &applied, &ctx.metrics)
                 .await
-                .map_err(api_err(format!("applying node {name}")))?;
-            tracing::info!(pool = %pool_name, node = %name, "applied node");
-            if current.is_none() {
-                // A new node gets its lease now rather than at the renewer's next tick.
-                let leases = Api::namespaced(ctx.client.clone(), NODE_LEASE_NAMESPACE);
-                lease::renew(&leases, &applied, &ctx.metrics)
-                    .await
-                    .map_err(api_err(format!("creating the lease of node {name}")))?;
-            }
+                .map_err(api_err(format!("creating the lease of node {name}")))?;
         }
-        let capacity = ctx.inventory.capacity(&pool_name, platform);
-        let input = NodeStatusInput {
-            pool: &pool_name,
-            node_name: &name,
-            platform,
-            capacity: &capacity,
-            endpoint: &ctx.endpoint,
-            now: &now,
-        };
-        let current_status = current.as_ref().and_then(|n| n.status.as_ref());
-        let status = desired_node_status(&input, current_status);
-        if node_status_outdated(current_status, &status, &now, NODE_STATUS_REFRESH) {
-            let body = json!({ "apiVersion": "v1", "kind": "Node", "status": status });
-            ctx.metrics.api_write("Node", "apply-status");
-            nodes
-                .patch_status(&name, &apply, &Patch::Apply(&body))
-                .await
-                .map_err(api_err(format!("writing status of node {name}")))?;
-        }
-        published.push(PublishedNode { name, capacity });
     }
 
+    let capacity = ctx.inventory.capacity(&pool_name, platform);
+    let input = NodeStatusInput {
+        pool: &pool_name,
+        node_name: &name,
+        platform,
+        capacity: &capacity,
+        endpoint: &ctx.endpoint,
+        now,
+    };
+    let current_status = current.as_ref().and_then(|n| n.status.as_ref());
+    let status = desired_node_status(&input, current_status);
+    if node_status_outdated(current_status, &status, now, NODE_STATUS_REFRESH) {
+        let body = json!({ "apiVersion": "v1", "kind": "Node", "status": status });
+        ctx.metrics.api_write("Node", "apply-status");
+        nodes
+            .patch_status(&name, &apply, &Patch::Apply(&body))
+            .await
+            .map_err(api_err(format!("writing status of node {name}")))?;
+    }
+    Ok(PublishedNode { name, capacity })
+}
+
+/// Deletes nodes of the pool for platforms it no longer publishes.
+async fn delete_stale_nodes(
+    pool: &DevicePool,
+    published: &[PublishedNode],
+    ctx: &Context,
+) -> Result<(), Error> {
+    let pool_name = pool.name_any();
     for stale in ctx.nodes.state().iter().filter(|n| {
         n.labels().get(POOL_LABEL) == Some(&pool_name)
             && !published.iter().any(|p| p.name == n.name_any())
@@ -167,19 +189,33 @@ async fn apply(pool: &DevicePool, ctx: &Context) -> Result<Action, Error> {
         tracing::info!(pool = %pool_name, node = %stale.name_any(), "deleting a node the pool no longer publishes");
         delete_node_and_lease(ctx, &stale.name_any()).await?;
     }
+    Ok(())
+}
 
-    let status = desired_pool_status(pool, &published, &now);
-    if pool.status.as_ref() != Some(&status) {
-        let body =
-            json!({ "apiVersion": "darkcore.io/v1alpha1", "kind": "DevicePool", "status": status });
-        let pools: Api<DevicePool> = Api::all(ctx.client.clone());
-        ctx.metrics.api_write("DevicePool", "apply-status");
-        pools
-            .patch_status(&pool_name, &apply, &Patch::Apply(&body))
-            .await
-            .map_err(api_err(format!("writing status of pool {pool_name}")))?;
+async fn write_pool_status(
+    pool: &DevicePool,
+    published: &[PublishedNode],
+    ctx: &Context,
+    now: &Time,
+) -> Result<(), Error> {
+    let status = desired_pool_status(pool, published, now);
+    if pool.status.as_ref() == Some(&status) {
+        return Ok(());
     }
-    Ok(Action::requeue(NODE_STATUS_REFRESH))
+    let pool_name = pool.name_any();
+    let body =
+        json!({ "apiVersion": "darkcore.io/v1alpha1", "kind": "DevicePool", "status": status });
+    let pools: Api<DevicePool> = Api::all(ctx.client.clone());
+    ctx.metrics.api_write("DevicePool", "apply-status");
+    pools
+        .patch_status(
+            &pool_name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(api_err(format!("writing status of pool {pool_name}")))?;
+    Ok(())
 }
 
 async fn cleanup(pool: &DevicePool, ctx: &Context) -> Result<Action, Error> {
