@@ -6,6 +6,9 @@ SHELL := bash
 # Build output and Go caches live outside the clone, so warm runs take minutes.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/darkcore/target
 export DARKCORE_CLUSTER_DIR ?= $(CURDIR)/target/cluster
+# The pinned control-plane versions; the kubectl built with them serves where none is installed.
+include tests/cluster/versions.env
+export PATH := $(PATH):$(HOME)/.cache/darkcore/k8s-$(K8S_VERSION)
 OPERATOR := $(CARGO_TARGET_DIR)/debug/darkcore-operator
 
 .PHONY: test demo demo-down fmt-check clippy unit build e2e crds cluster-up cluster-down

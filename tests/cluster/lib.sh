@@ -12,6 +12,10 @@ K8S_BIN="$DARKCORE_CACHE/k8s-$K8S_VERSION"
 ETCD_BIN="$DARKCORE_CACHE/etcd-$ETCD_VERSION"
 HELM_BIN="$DARKCORE_CACHE/helm-$HELM_VERSION"
 BUILD_LOGS="$DARKCORE_CACHE/build-logs"
+# Built together from one wrapper module. kubectl is built too because Debian's is 1.20, far
+# out of version skew; a kubectl already on PATH still wins, ours is appended.
+K8S_COMMANDS="kube-apiserver kube-controller-manager kube-scheduler kubectl"
+export PATH="$PATH:$K8S_BIN"
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
 

@@ -349,6 +349,35 @@ impl PoolFixture {
         .unwrap()
     }
 
+    /// The node once the scheduler may use it: Ready, and without the `not-ready` taint that
+    /// the API server puts on every new node and the node-lifecycle controller removes on its
+    /// next pass (every 5 s) after the node turns Ready.
+    pub async fn schedulable_node(&self) -> Node {
+        let schedulable = |n: Option<&Node>| {
+            n.is_some_and(|n| {
+                let tainted = n
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.taints.as_ref())
+                    .into_iter()
+                    .flatten();
+                node_ready_status(n).as_deref() == Some("True")
+                    && !tainted
+                        .into_iter()
+                        .any(|t| t.key == "node.kubernetes.io/not-ready")
+            })
+        };
+        wait_for(
+            &self.nodes(),
+            &self.node,
+            schedulable,
+            NODE_READY_TIMEOUT,
+            "node Ready without the not-ready taint",
+        )
+        .await
+        .unwrap()
+    }
+
     /// The pool's status, once the operator has written it.
     pub async fn pool_status(&self) -> darkcore_crds::DevicePoolStatus {
         let written = |p: Option<&DevicePool>| {

@@ -33,7 +33,7 @@ fn unschedulable_message(pod: &Pod) -> Option<String> {
 #[tokio::test]
 async fn the_scheduler_matches_a_tolerating_job_to_the_pool_node_and_waits_for_capacity() {
     let t = PoolFixture::start("sched", DevicePoolSpec::default()).await;
-    t.ready_node().await;
+    t.schedulable_node().await;
     let (client, scope) = (t.client.clone(), t.pool.clone());
 
     let ns = TestNamespace::create(&client, "sched").await;
