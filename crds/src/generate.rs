@@ -8,7 +8,7 @@ use crate::DevicePool;
 /// Failure to render a CRD as YAML.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("rendering the {kind} CRD as YAML: {source}")]
+    #[error("rendering the {kind} CRD as YAML")]
     Yaml {
         kind: &'static str,
         #[source]

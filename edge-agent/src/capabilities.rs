@@ -1,11 +1,11 @@
 //! What this device could offer before its owner's policy limits it: os, arch (named as
 //! Kubernetes names them), cores and memory.
 
-use darkcore_proto::agent::v1::Capabilities;
+use darkcore_proto::agent::v1::{Capabilities, Runtime};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         path: &'static str,
         #[source]
@@ -28,7 +28,25 @@ pub fn detect() -> Result<Capabilities, Error> {
         arch: kubernetes_arch(std::env::consts::ARCH).to_string(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         memory_bytes: mem_total_bytes(&meminfo).ok_or(Error::NoMemTotal { path: MEMINFO })?,
+        runtimes: installed_runtimes(),
+        // Disk is measured with the image cache, which decides where tasks' data lives.
+        disk_bytes: 0,
     })
+}
+
+/// Runtimes this device can run: `process` always; `oci` where runc or crun is on PATH.
+/// `wasm` joins when the wasmtime runtime is built in.
+pub fn installed_runtimes() -> Vec<i32> {
+    let mut runtimes = vec![Runtime::Process as i32];
+    if ["runc", "crun"].iter().any(|bin| on_path(bin)) {
+        runtimes.push(Runtime::Oci as i32);
+    }
+    runtimes
+}
+
+fn on_path(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(bin).is_file()))
 }
 
 /// Rust's name for a CPU architecture, as `kubernetes.io/arch` (Go's GOARCH) spells it.

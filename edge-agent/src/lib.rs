@@ -3,3 +3,5 @@
 #![deny(rust_2018_idioms)]
 
 pub mod capabilities;
+pub mod policy;
+pub mod sensors;
