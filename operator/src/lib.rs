@@ -3,6 +3,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod conditions;
+pub mod devices;
 pub mod http;
 pub mod metrics;
 pub mod pool;
