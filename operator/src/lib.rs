@@ -4,6 +4,7 @@
 
 pub mod conditions;
 pub mod devices;
+pub mod enroll;
 pub mod http;
 pub mod metrics;
 pub mod pool;

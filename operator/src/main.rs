@@ -1,7 +1,12 @@
-//! The `darkcore-operator` command: `run` the controllers, or print the `crds`.
+//! The `darkcore-operator` command: `run` the controllers, print the `crds`, or manage join
+//! `token`s.
+
+use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use darkcore_operator::enroll::{token, token_store};
+use k8s_openapi::jiff::Timestamp;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -21,6 +26,49 @@ enum Command {
     Run(darkcore_operator::run::RunArgs),
     /// Print the CustomResourceDefinitions as YAML, for `kubectl apply -f -`.
     Crds,
+    /// Create, list and revoke the join tokens device owners use.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Args)]
+struct Scope {
+    /// The operator's namespace, where tokens and the CA are kept.
+    #[arg(
+        long,
+        short = 'n',
+        env = "DARKCORE_NAMESPACE",
+        default_value = "darkcore-system"
+    )]
+    namespace: String,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a join token for a pool and print it (once: only its hash is kept).
+    Create {
+        #[arg(long)]
+        pool: String,
+        /// How long the token is valid: 90s, 30m, 24h, 7d.
+        #[arg(long, default_value = "24h", value_parser = token::parse_ttl)]
+        ttl: Duration,
+        /// How many devices may join with it. Default: any number until it expires.
+        #[arg(long)]
+        uses: Option<u32>,
+        #[command(flatten)]
+        scope: Scope,
+    },
+    /// List join tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        scope: Scope,
+    },
+    /// Revoke a join token: no device can join with it any more.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        scope: Scope,
+    },
 }
 
 #[tokio::main]
@@ -42,5 +90,69 @@ async fn main() -> anyhow::Result<()> {
                 .init();
             darkcore_operator::run::run(args).await
         }
+        Command::Token(command) => tokens(command).await,
+    }
+}
+
+async fn tokens(command: TokenCommand) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to Kubernetes: set KUBECONFIG to a kubeconfig file")?;
+    match command {
+        TokenCommand::Create {
+            pool,
+            ttl,
+            uses,
+            scope,
+        } => {
+            let token = token_store::create(&client, &scope.namespace, &pool, ttl, uses).await?;
+            println!("{token}");
+            eprintln!(
+                "Join token {} for pool {pool}, valid for {}{}. It is shown only now; give it to device owners:\n  darkcore-agent join --server <gateway address> --token {token}",
+                token.id,
+                humanize(ttl),
+                uses.map(|n| format!(", for {n} device(s)"))
+                    .unwrap_or_default(),
+            );
+            Ok(())
+        }
+        TokenCommand::List { scope } => {
+            let records = token_store::list(&client, &scope.namespace).await?;
+            let now = Timestamp::now();
+            println!(
+                "{:<14} {:<24} {:<8} {:<22} {:<8}",
+                "ID", "POOL", "STATE", "EXPIRES", "USES"
+            );
+            for r in records {
+                let uses = match r.max_uses {
+                    Some(max) => format!("{}/{max}", r.uses),
+                    None => r.uses.to_string(),
+                };
+                println!(
+                    "{:<14} {:<24} {:<8} {:<22} {:<8}",
+                    r.id,
+                    r.pool,
+                    r.state(now),
+                    r.expires.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                    uses
+                );
+            }
+            Ok(())
+        }
+        TokenCommand::Revoke { id, scope } => {
+            token_store::revoke(&client, &scope.namespace, &id).await?;
+            println!("revoked join token {id}");
+            Ok(())
+        }
+    }
+}
+
+fn humanize(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
     }
 }

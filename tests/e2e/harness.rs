@@ -276,13 +276,22 @@ impl Operator {
     }
 }
 
-fn operator_bin() -> PathBuf {
+pub fn operator_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("DARKCORE_OPERATOR_BIN") {
         return bin.into();
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| workspace().join("target"), PathBuf::from);
     target.join("debug/darkcore-operator")
+}
+
+/// Runs `darkcore-operator ARGS` as a person would, against the test cluster.
+pub fn operator_cli(args: &[&str]) -> std::process::Output {
+    let bin = operator_bin();
+    std::process::Command::new(&bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()))
 }
 
 fn free_port() -> u16 {

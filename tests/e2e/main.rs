@@ -4,3 +4,4 @@
 mod harness;
 mod pools;
 mod scheduling;
+mod tokens;
