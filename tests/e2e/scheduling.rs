@@ -8,7 +8,6 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
-use kube::runtime::wait::await_condition;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -101,14 +100,14 @@ async fn the_scheduler_matches_a_tolerating_job_to_the_pool_node_and_waits_for_c
     pods.create(&PostParams::default(), &intruder)
         .await
         .unwrap();
-    let cond = |p: Option<&Pod>| p.and_then(unschedulable_message).is_some();
-    let intruder = tokio::time::timeout(
+    let intruder = wait_for(
+        &pods,
+        "intruder",
+        |p: Option<&Pod>| p.and_then(unschedulable_message).is_some(),
         Duration::from_secs(30),
-        await_condition(pods.clone(), "intruder", cond),
+        "the scheduler's verdict on the intruder",
     )
     .await
-    .expect("the scheduler ruled on the intruder within 30 s")
-    .unwrap()
     .unwrap();
     let message = unschedulable_message(&intruder).unwrap();
     assert!(message.contains(DARKCORE_TAINT), "{message}");

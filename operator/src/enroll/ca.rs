@@ -98,18 +98,12 @@ impl CaMaterial {
 
     fn from_secret(secret: &Secret, namespace: &str) -> Result<CaMaterial, CaError> {
         let field = |key: &str| -> Result<String, CaError> {
-            let bytes = secret
-                .data
-                .as_ref()
-                .and_then(|d| d.get(key))
-                .ok_or_else(|| CaError::Corrupt {
+            super::secret_text(secret, key)
+                .and_then(|text| text.ok_or_else(|| format!("{key} is missing")))
+                .map_err(|reason| CaError::Corrupt {
                     namespace: namespace.into(),
-                    reason: format!("{key} is missing"),
-                })?;
-            String::from_utf8(bytes.0.clone()).map_err(|_| CaError::Corrupt {
-                namespace: namespace.into(),
-                reason: format!("{key} is not text"),
-            })
+                    reason,
+                })
         };
         let material = CaMaterial {
             cert_pem: field("tls.crt")?,

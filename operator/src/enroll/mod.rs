@@ -13,3 +13,17 @@
 pub mod ca;
 pub mod token;
 pub mod token_store;
+
+/// The text under `key` in a Secret's data: `Ok(None)` when the key is absent, an error naming
+/// the key when its bytes are not UTF-8. Shared by the CA and token Secrets.
+pub fn secret_text(
+    secret: &k8s_openapi::api::core::v1::Secret,
+    key: &str,
+) -> Result<Option<String>, String> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(key))
+        .map(|bytes| String::from_utf8(bytes.0.clone()).map_err(|_| format!("{key} is not text")))
+        .transpose()
+}

@@ -12,8 +12,8 @@ use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use crate::enroll::ca;
 use crate::enroll::token::{JoinToken, TokenRecord};
+use crate::enroll::{ca, secret_text};
 
 /// Label on every token Secret; its value is "true".
 pub const TOKEN_LABEL: &str = "darkcore.io/join-token";
@@ -91,17 +91,10 @@ pub fn from_secret(secret: &Secret) -> Result<TokenRecord, StoreError> {
         name: name.clone(),
         reason,
     };
-    let data = secret
-        .data
-        .as_ref()
-        .ok_or_else(|| corrupt("it has no data".into()))?;
-    let field = |key: &str| -> Result<Option<String>, StoreError> {
-        data.get(key)
-            .map(|b| {
-                String::from_utf8(b.0.clone()).map_err(|_| corrupt(format!("{key} is not text")))
-            })
-            .transpose()
-    };
+    if secret.data.is_none() {
+        return Err(corrupt("it has no data".into()));
+    }
+    let field = |key: &str| secret_text(secret, key).map_err(&corrupt);
     let required = |key: &str| field(key)?.ok_or_else(|| corrupt(format!("{key} is missing")));
     let time = |key: &str| -> Result<Timestamp, StoreError> {
         required(key)?
