@@ -10,7 +10,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Seconds of silence after which a device counts as lost, when the pool does not say.
-pub const DEFAULT_DEVICE_LOST_AFTER_SECONDS: u32 = 60;
+pub const DEFAULT_DEVICE_LOST_AFTER_SECONDS: u32 = 15;
 
 /// What a pool enlists and how its virtual nodes look.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -34,6 +34,9 @@ pub const DEFAULT_DEVICE_LOST_AFTER_SECONDS: u32 = 60;
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas", description = "devices wanted; empty means every eligible device"),
     printcolumn(name = "Enlisted", type_ = "integer", json_path = ".status.replicas", description = "devices enlisted now"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyDevices", description = "enlisted devices that can take work now"),
+    printcolumn(name = "Online", type_ = "integer", json_path = ".status.onlineDevices", priority = 1, description = "devices of the pool whose agent is connected"),
+    printcolumn(name = "Busy", type_ = "integer", json_path = ".status.busyDevices", priority = 1, description = "enlisted devices running tasks"),
+    printcolumn(name = "Unavailable", type_ = "integer", json_path = ".status.unavailableDevices", priority = 1, description = "enlisted devices whose owner does not allow work now"),
     printcolumn(name = "Cores", type_ = "string", json_path = ".status.cores", description = "CPU cores the ready devices offer"),
     printcolumn(name = "Memory", type_ = "string", json_path = ".status.memory", description = "memory the ready devices offer"),
     printcolumn(name = "Nodes", type_ = "string", json_path = ".status.nodes", priority = 1, description = "virtual nodes of this pool"),
@@ -248,6 +251,15 @@ pub struct DevicePoolStatus {
     /// Enlisted devices whose owner policy lets them take work now.
     #[serde(default)]
     pub ready_devices: i32,
+    /// Devices of this pool whose agent is connected (enlisted or not).
+    #[serde(default)]
+    pub online_devices: i32,
+    /// Enlisted devices running at least one task.
+    #[serde(default)]
+    pub busy_devices: i32,
+    /// Enlisted devices whose owner's policy does not allow work now.
+    #[serde(default)]
+    pub unavailable_devices: i32,
     /// CPU cores the ready devices offer, as a quantity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cores: Option<Quantity>,

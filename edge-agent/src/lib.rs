@@ -2,6 +2,14 @@
 //! what the device offers, and runs tasks only as its owner allows.
 #![deny(rust_2018_idioms)]
 
+pub mod backoff;
 pub mod capabilities;
+pub mod gateway;
+pub mod identity;
+pub mod join;
+pub mod observe;
 pub mod policy;
+pub mod run;
 pub mod sensors;
+pub mod session;
+pub mod status;

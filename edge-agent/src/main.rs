@@ -1,15 +1,16 @@
-//! The `darkcore-agent` command. Joining a pool and running tasks arrive with the gateway;
-//! today it shows what this device would offer, and what the owner's policy decides now.
+//! The `darkcore-agent` command: `join` a pool once, then `run`; `status`, `policy` and `info`
+//! show what the agent is doing, what the owner's policy decides now, and what the device has.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use darkcore_agent::identity::DEFAULT_STATE_DIR;
+use darkcore_agent::observe::PolicyMonitor;
+use darkcore_agent::policy::AgentConfig;
 use darkcore_agent::policy::config::DEFAULT_CONFIG_PATH;
-use darkcore_agent::policy::schedule::LocalTime;
-use darkcore_agent::policy::{AgentConfig, InputIdle, Observation, decide};
-use darkcore_agent::{capabilities, sensors};
+use darkcore_agent::{capabilities, join, status};
+use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -22,21 +23,105 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct StateDir {
+    /// Where the device identity and status are kept.
+    #[arg(long, env = "DARKCORE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct ConfigFile {
+    /// The agent config (TOML). Default: /etc/darkcore/agent.toml, or built-in defaults
+    /// when that file does not exist.
+    #[arg(long, env = "DARKCORE_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigFile {
+    fn load(&self) -> anyhow::Result<(AgentConfig, PathBuf)> {
+        let path = self
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+        Ok((AgentConfig::load(&path, self.config.is_some())?, path))
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Join a pool with a token from its platform team; run once per device.
+    Join {
+        /// The gateway address the platform team gave: host:port or https://host:port.
+        #[arg(long)]
+        server: String,
+        /// The join token (dct1....).
+        #[arg(long, env = "DARKCORE_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        #[command(flatten)]
+        state: StateDir,
+        #[command(flatten)]
+        config: ConfigFile,
+    },
+    /// Stay connected to the pool and give this device's capacity as the policy allows.
+    Run {
+        #[command(flatten)]
+        state: StateDir,
+        #[command(flatten)]
+        config: ConfigFile,
+    },
+    /// Show the connection, pool, policy state, running tasks and what this device gave.
+    Status {
+        #[command(flatten)]
+        state: StateDir,
+    },
     /// Show what this device would offer a pool: os, arch, cores, memory.
     Info,
     /// Show what your policy decides right now, and why.
     Policy {
-        /// The agent config (TOML). Default: /etc/darkcore/agent.toml, or built-in defaults
-        /// when that file does not exist.
-        #[arg(long, env = "DARKCORE_AGENT_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigFile,
     },
 }
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match Cli::parse().command {
+        Command::Join {
+            server,
+            token,
+            state,
+            config,
+        } => {
+            let (config, _) = config.load()?;
+            let identity = join::join(&server, &token, &state.state_dir, &config).await?;
+            println!(
+                "joined pool {} as device {}; identity kept in {}",
+                identity.device.pool,
+                identity.device.device_id,
+                state.state_dir.display()
+            );
+            println!(
+                "next: darkcore-agent run --state-dir {}",
+                state.state_dir.display()
+            );
+            Ok(())
+        }
+        Command::Run { state, config } => {
+            let (config, _) = config.load()?;
+            darkcore_agent::run::run(&state.state_dir, config).await
+        }
+        Command::Status { state } => {
+            let (status, running) = status::read(&state.state_dir)?;
+            print!("{}", status::render(&status, running));
+            Ok(())
+        }
         Command::Info => {
             let caps = capabilities::detect().context("detecting this device's capabilities")?;
             println!("os:       {}", caps.os);
@@ -48,22 +133,11 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Policy { config } => {
-            let explicit = config.is_some();
-            let path = config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
-            let config = AgentConfig::load(&path, explicit)?;
+            let (config, path) = config.load()?;
             let caps = capabilities::detect().context("detecting this device's capabilities")?;
-            let observation = Observation {
-                now: LocalTime::now(),
-                // Keyboard and mouse idle time is not measured yet: CPU load decides alone.
-                input: InputIdle::NotMeasured,
-                host_cpu_busy: sensors::read_cpu_busy(Duration::from_secs(1))
-                    .context("reading CPU load from /proc/stat")?,
-                task_cpu_busy: 0.0,
-                on_battery: sensors::on_battery(&sensors::read_power_supplies(
-                    std::path::Path::new("/sys/class/power_supply"),
-                )),
-            };
-            let decision = decide(&config.policy, &caps, &observation);
+            let mut monitor = PolicyMonitor::new(config, caps);
+            monitor.prime().await;
+            let decision = monitor.check();
             println!(
                 "config:    {}",
                 if path.exists() {

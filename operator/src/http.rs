@@ -1,5 +1,5 @@
 //! The operator's small HTTP server: `/healthz` (the process runs), `/readyz` (its caches are
-//! synced and it is reconciling) and `/metrics` (Prometheus text).
+//! synced and it is reconciling), `/metrics` (Prometheus text) and `/devices` (JSON).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,16 +8,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context as _;
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{StatusCode, Uri, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use crate::devices::registry::Registry;
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
 pub struct Health {
     pub ready: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
+    pub registry: Arc<Registry>,
 }
 
 pub fn router(health: Health) -> Router {
@@ -25,6 +27,7 @@ pub fn router(health: Health) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/devices", get(devices))
         .with_state(health)
 }
 
@@ -46,6 +49,26 @@ async fn metrics(State(health): State<Health>) -> impl IntoResponse {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         health.metrics.encode(),
+    )
+}
+
+/// The devices this operator knows, as JSON (`?pool=NAME` for one pool): soft state from the
+/// agents' streams, so listing costs the API server nothing.
+async fn devices(State(health): State<Health>, uri: Uri) -> impl IntoResponse {
+    let pool = uri.query().and_then(|q| {
+        q.split('&')
+            .find_map(|pair| pair.strip_prefix("pool="))
+            .map(str::to_string)
+    });
+    let devices: Vec<_> = health
+        .registry
+        .list()
+        .into_iter()
+        .filter(|d| pool.as_ref().is_none_or(|p| &d.pool == p))
+        .collect();
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string(&devices).unwrap_or_else(|_| "[]".into()),
     )
 }
 

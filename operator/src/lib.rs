@@ -1,10 +1,12 @@
-//! darkcore-operator: publishes each DevicePool as virtual Nodes and keeps them alive.
+//! darkcore-operator: publishes each DevicePool as virtual Nodes and keeps them alive, and
+//! serves the gateway that devices join and attach through.
 //! Durable state lives in the Kubernetes API, so the process may restart at any time.
 #![deny(rust_2018_idioms)]
 
 pub mod conditions;
 pub mod devices;
 pub mod enroll;
+pub mod gateway;
 pub mod http;
 pub mod metrics;
 pub mod pool;

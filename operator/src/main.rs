@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use darkcore_operator::enroll::{token, token_store};
+use darkcore_operator::devices::listing as devices_cli;
+use darkcore_operator::enroll::{revocation, token, token_store};
 use k8s_openapi::jiff::Timestamp;
 use tracing_subscriber::EnvFilter;
 
@@ -29,6 +30,32 @@ enum Command {
     /// Create, list and revoke the join tokens device owners use.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Revoke a device: its stream is closed and it can never connect again.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// List the devices a running operator knows (soft state: nothing is read from the API).
+    Devices {
+        /// The operator's HTTP address (its --http-addr), e.g. through `kubectl port-forward`.
+        #[arg(
+            long,
+            env = "DARKCORE_OPERATOR_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        operator: String,
+        /// Only this pool's devices.
+        #[arg(long)]
+        pool: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Revoke a device by id (see `darkcore-operator devices`).
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        scope: Scope,
+    },
 }
 
 #[derive(Args)]
@@ -91,6 +118,19 @@ async fn main() -> anyhow::Result<()> {
             darkcore_operator::run::run(args).await
         }
         Command::Token(command) => tokens(command).await,
+        Command::Device(DeviceCommand::Revoke { id, scope }) => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to Kubernetes: set KUBECONFIG to a kubeconfig file")?;
+            revocation::revoke(&client, &scope.namespace, &id).await?;
+            println!("revoked device {id}: its stream is closed and it cannot connect again");
+            Ok(())
+        }
+        Command::Devices { operator, pool } => {
+            let devices = devices_cli::fetch(&operator, pool.as_deref()).await?;
+            print!("{}", devices_cli::render(&devices));
+            Ok(())
+        }
     }
 }
 

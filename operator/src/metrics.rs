@@ -32,6 +32,10 @@ pub struct Metrics {
     reconcile_failures: Family<ReasonLabels, Counter>,
     api_writes: Family<WriteLabels, Counter>,
     lease_renewals: Family<ResultLabels, Counter>,
+    pub agent_connections: Gauge,
+    joins: Family<ResultLabels, Counter>,
+    frames_rejected: Family<ReasonLabels, Counter>,
+    refusals: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -73,8 +77,36 @@ impl Default for Metrics {
             "Virtual nodes this operator keeps alive",
             virtual_nodes.clone(),
         );
+        let agent_connections = Gauge::default();
+        registry.register(
+            "agent_connections",
+            "Agent streams open now",
+            agent_connections.clone(),
+        );
+        let joins = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "joins",
+            "Join requests, by result: accepted, or why they were refused",
+            joins.clone(),
+        );
+        let frames_rejected = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "frames_rejected",
+            "Agent stream frames refused (undecodable, too large, wrong version), by reason",
+            frames_rejected.clone(),
+        );
+        let refusals = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "stream_refusals",
+            "Agent streams closed with a Refusal, by code",
+            refusals.clone(),
+        );
         Metrics {
             registry,
+            agent_connections,
+            joins,
+            frames_rejected,
+            refusals,
             reconciliations,
             reconcile_duration,
             virtual_nodes,
@@ -97,6 +129,20 @@ impl Metrics {
         self.lease_renewals
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+
+    pub fn join(&self, result: &'static str) {
+        self.joins.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    pub fn frame_rejected(&self, reason: &'static str) {
+        self.frames_rejected
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn refusal(&self, reason: &'static str) {
+        self.refusals.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     pub fn reconcile_failure(&self, reason: &'static str) {

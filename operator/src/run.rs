@@ -1,5 +1,6 @@
 //! `darkcore-operator run`: connects to Kubernetes, checks the CRD is installed, then runs the
-//! pool controller, the lease renewer and the HTTP server side by side until SIGTERM/Ctrl-C.
+//! pool controller, the lease renewer, the agent gateway and the HTTP server side by side
+//! until SIGTERM/Ctrl-C.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,15 +10,21 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use darkcore_crds::DevicePool;
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::api::ListParams;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 
+use crate::devices::registry::Registry;
+use crate::enroll::ca;
+use crate::enroll::revocation::{REVOKED_CONFIGMAP, revoked_ids};
+use crate::gateway::attach::{AttachService, PoolCheck};
+use crate::gateway::join::JoinService;
+use crate::gateway::{self, tls};
 use crate::http::{self, Health};
 use crate::metrics::Metrics;
-use crate::pool::capacity::NoDevices;
 use crate::pool::controller::{Context, error_policy, reconcile};
 use crate::pool::node_status::KubeletEndpoint;
 use crate::pool::{FIELD_MANAGER, POOL_LABEL, lease};
@@ -39,6 +46,25 @@ pub struct RunArgs {
     /// that run several operators on one cluster). Empty: every pool.
     #[arg(long, env = "DARKCORE_POOL_SELECTOR", default_value = "")]
     pub pool_selector: String,
+    /// Address of the agent gateway (gRPC over TLS), which devices dial.
+    #[arg(long, env = "DARKCORE_GATEWAY_ADDR", default_value = "0.0.0.0:7443")]
+    pub gateway_addr: SocketAddr,
+    /// Extra DNS names or IPs for the gateway's certificate, for clients other than
+    /// darkcore-agent (which always verifies the name `darkcore-gateway`). Repeatable.
+    #[arg(
+        long = "gateway-name",
+        env = "DARKCORE_GATEWAY_NAMES",
+        value_delimiter = ','
+    )]
+    pub gateway_names: Vec<String>,
+    /// The operator's namespace: the device CA, join tokens and revoked devices live there.
+    #[arg(
+        long,
+        short = 'n',
+        env = "DARKCORE_NAMESPACE",
+        default_value = "darkcore-system"
+    )]
+    pub namespace: String,
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -48,13 +74,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let pools: Api<DevicePool> = Api::all(client.clone());
     ensure_crd_installed(&pools).await?;
 
+    let ca = ca::ensure(&client, &args.namespace).await.with_context(|| {
+        format!(
+            "loading the device CA from namespace {:?} (create the namespace, or set --namespace to the operator's)",
+            args.namespace
+        )
+    })?;
+
     let metrics = Arc::new(Metrics::default());
+    let registry = Registry::new();
     let ready = Arc::new(AtomicBool::new(false));
     let server = http::serve(
         args.http_addr,
         Health {
             ready: ready.clone(),
             metrics: metrics.clone(),
+            registry: registry.clone(),
         },
     )
     .await?;
@@ -84,7 +119,47 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     .touched_objects();
     let controller = Controller::for_stream(pool_events, pool_store.clone())
         .owns_stream(node_events)
+        .reconcile_on(registry.clone().changed_pools())
         .shutdown_on_signal();
+
+    let pool_served: PoolCheck = {
+        let (pools, synced) = (pool_store.clone(), pools_synced.clone());
+        Arc::new(move |pool: &str| {
+            synced
+                .load(Ordering::Relaxed)
+                .then(|| pools.get(&ObjectRef::new(pool)).is_some())
+        })
+    };
+    let mut names = args.gateway_names.clone();
+    names.push(args.node_address.clone());
+    let gateway = gateway::serve(
+        args.gateway_addr,
+        &ca,
+        tls::serving_identity(&ca, &names).context("issuing the gateway's certificate")?,
+        JoinService {
+            client: client.clone(),
+            namespace: args.namespace.clone(),
+            ca: ca.clone(),
+            metrics: metrics.clone(),
+        },
+        AttachService {
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            pool_served,
+        },
+    )
+    .await?;
+    let gateway = tokio::spawn(async move {
+        if let Err(error) = gateway.await {
+            tracing::error!(%error, "the agent gateway stopped");
+        }
+    });
+    let sweeper = tokio::spawn(sweep_loop(registry.clone(), pool_store.clone()));
+    let revocations = tokio::spawn(watch_revocations(
+        client.clone(),
+        args.namespace.clone(),
+        registry.clone(),
+    ));
 
     let renewer = tokio::spawn(lease::renew_loop(
         client.clone(),
@@ -112,7 +187,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             address: args.node_address.clone(),
             port: args.kubelet_port,
         },
-        inventory: Arc::new(NoDevices),
+        inventory: registry,
         metrics,
         recorder: Recorder::new(
             client,
@@ -136,9 +211,44 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "shutting down; nodes stay until their leases expire, so no pod is evicted by a restart"
     );
     renewer.abort();
+    gateway.abort();
+    sweeper.abort();
+    revocations.abort();
     readiness.abort();
     server.abort();
     Ok(())
+}
+
+/// Marks devices lost when they miss their pool's heartbeat threshold.
+async fn sweep_loop(registry: Arc<Registry>, pools: reflector::Store<DevicePool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        registry.sweep(std::time::Instant::now(), |pool| {
+            let seconds = pools.get(&ObjectRef::new(pool)).map_or(
+                darkcore_crds::device_pool::DEFAULT_DEVICE_LOST_AFTER_SECONDS,
+                |p| p.spec.device_lost_after_seconds,
+            );
+            Duration::from_secs(u64::from(seconds))
+        });
+    }
+}
+
+/// Follows the revoked-devices ConfigMap and cuts revoked devices off as it changes.
+async fn watch_revocations(client: Client, namespace: String, registry: Arc<Registry>) {
+    let maps: Api<ConfigMap> = Api::namespaced(client, &namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={REVOKED_CONFIGMAP}"));
+    let mut events = std::pin::pin!(watcher(maps, config).default_backoff());
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => {
+                registry.set_revoked(revoked_ids(Some(&cm)))
+            }
+            Ok(watcher::Event::Delete(_)) => registry.set_revoked(Default::default()),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "watching revoked devices"),
+        }
+    }
 }
 
 /// Sets `flag` once the watch has delivered its first complete listing.

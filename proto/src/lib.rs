@@ -8,6 +8,8 @@ pub mod agent {
     }
 }
 
+pub mod join_token;
+
 use agent::v1::ProtocolVersion;
 
 /// The protocol version this build speaks.

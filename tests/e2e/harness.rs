@@ -168,27 +168,51 @@ pub fn pool(name: &str, scope: &str, spec: DevicePoolSpec) -> DevicePool {
     pool
 }
 
+/// The namespace e2e operators keep the device CA, tokens and revocations in.
+pub const OPERATOR_NAMESPACE: &str = "darkcore-system";
+
+/// Creates the operator's namespace unless it exists.
+pub async fn ensure_operator_namespace(client: &Client) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace {
+        metadata: kube::api::ObjectMeta {
+            name: Some(OPERATOR_NAMESPACE.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match namespaces.create(&PostParams::default(), &ns).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(e) => panic!("creating namespace {OPERATOR_NAMESPACE}: {e}"),
+    }
+}
+
 /// A running darkcore-operator serving only the pools labelled with its scope.
 pub struct Operator {
     child: Option<Child>,
     pub http_port: u16,
+    pub gateway_port: u16,
     pub scope: String,
     pub log: PathBuf,
 }
 
 impl Operator {
     pub async fn start(scope: &str) -> Operator {
+        Operator::start_on(scope, free_port(), free_port()).await
+    }
+
+    /// Starts an operator on given ports: a restarted operator takes its predecessor's, so
+    /// agents find it where they left it.
+    pub async fn start_on(scope: &str, port: u16, gateway_port: u16) -> Operator {
         let bin = operator_bin();
         assert!(
             bin.exists(),
             "{} is missing: build it first with `cargo build -p darkcore-operator` (make test does)",
             bin.display()
         );
-        let port = free_port();
-        let logs = std::env::var_os("DARKCORE_E2E_LOGS")
-            .map_or_else(|| workspace().join("target/e2e-logs"), PathBuf::from);
-        std::fs::create_dir_all(&logs).unwrap();
-        let log = logs.join(format!("operator-{scope}.log"));
+        ensure_operator_namespace(&client().await).await;
+        let log = log_dir().join(format!("operator-{scope}.log"));
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -201,6 +225,10 @@ impl Operator {
                 &format!("127.0.0.1:{port}"),
                 "--pool-selector",
                 &format!("{TEST_LABEL}={scope}"),
+                "--gateway-addr",
+                &format!("127.0.0.1:{gateway_port}"),
+                "--namespace",
+                OPERATOR_NAMESPACE,
             ])
             .env("RUST_LOG", "info,kube=warn")
             .stdin(Stdio::null())
@@ -212,6 +240,7 @@ impl Operator {
         let mut operator = Operator {
             child: Some(child),
             http_port: port,
+            gateway_port,
             scope: scope.into(),
             log,
         };
@@ -277,12 +306,29 @@ impl Operator {
 }
 
 pub fn operator_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("DARKCORE_OPERATOR_BIN") {
+    binary("DARKCORE_OPERATOR_BIN", "darkcore-operator")
+}
+
+pub fn agent_bin() -> PathBuf {
+    binary("DARKCORE_AGENT_BIN", "darkcore-agent")
+}
+
+/// A workspace binary: `$VAR` when set, else the debug build in the cargo target dir.
+fn binary(var: &str, name: &str) -> PathBuf {
+    if let Some(bin) = std::env::var_os(var) {
         return bin.into();
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| workspace().join("target"), PathBuf::from);
-    target.join("debug/darkcore-operator")
+    target.join("debug").join(name)
+}
+
+/// Where e2e logs go: `$DARKCORE_E2E_LOGS`, else target/e2e-logs.
+pub fn log_dir() -> PathBuf {
+    let logs = std::env::var_os("DARKCORE_E2E_LOGS")
+        .map_or_else(|| workspace().join("target/e2e-logs"), PathBuf::from);
+    std::fs::create_dir_all(&logs).unwrap();
+    logs
 }
 
 /// Runs `darkcore-operator ARGS` as a person would, against the test cluster.
@@ -294,7 +340,7 @@ pub fn operator_cli(args: &[&str]) -> std::process::Output {
         .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()))
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -402,6 +448,28 @@ impl PoolFixture {
         )
         .await;
         pool.unwrap().status.unwrap()
+    }
+
+    /// The pool's Events as "Reason: note", oldest first.
+    pub async fn pool_events(&self) -> Vec<String> {
+        let events: Api<k8s_openapi::api::core::v1::Event> = Api::all(self.client.clone());
+        let list = events
+            .list(
+                &kube::api::ListParams::default()
+                    .fields(&format!("involvedObject.name={}", self.pool)),
+            )
+            .await
+            .unwrap();
+        list.items
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}: {}",
+                    e.reason.clone().unwrap_or_default(),
+                    e.message.clone().unwrap_or_default()
+                )
+            })
+            .collect()
     }
 
     /// The node's lease, once it exists.

@@ -18,6 +18,18 @@ pub struct AgentConfig {
     /// Labels on this device, which pools select by (`spec.selector.matchLabels`).
     pub labels: BTreeMap<String, String>,
     pub policy: OwnerPolicy,
+    /// Hooks for tests: they stand in for sensors that a test cannot drive. Never needed in
+    /// production.
+    pub testing: TestHooks,
+}
+
+/// Sensor stand-ins for tests.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TestHooks {
+    /// While this file exists, the owner counts as active at the keyboard (as if they had
+    /// just typed), so the policy of an idle-only device takes its offer away.
+    pub owner_active_file: Option<PathBuf>,
 }
 
 /// When and how much this device gives.
@@ -40,6 +52,8 @@ pub struct OwnerPolicy {
     pub runtimes: Vec<RuntimeName>,
     /// When the owner comes back, running tasks get SIGTERM, then SIGKILL after this long.
     pub stop_grace_seconds: u32,
+    /// How often the agent looks at the sensors and applies this policy.
+    pub check_seconds: u32,
 }
 
 /// "Only when idle": the owner is away and the machine is quiet.
@@ -74,6 +88,7 @@ impl Default for OwnerPolicy {
             run_on_battery: false,
             runtimes: vec![RuntimeName::Oci, RuntimeName::Wasm],
             stop_grace_seconds: 30,
+            check_seconds: 5,
         }
     }
 }
@@ -126,6 +141,12 @@ impl AgentConfig {
             return Err(invalid(format!(
                 "policy.stop_grace_seconds = {}: at most 3600, so an owner never waits more than an hour",
                 policy.stop_grace_seconds
+            )));
+        }
+        if !(1..=300).contains(&policy.check_seconds) {
+            return Err(invalid(format!(
+                "policy.check_seconds = {}: give 1 to 300 seconds",
+                policy.check_seconds
             )));
         }
         Ok(config)

@@ -111,6 +111,15 @@ pub fn decide(policy: &OwnerPolicy, caps: &Capabilities, obs: &Observation) -> D
     }
 }
 
+/// A decision as the owner state sent to the operator.
+pub fn to_owner_state(decision: &Decision) -> darkcore_proto::agent::v1::OwnerState {
+    darkcore_proto::agent::v1::OwnerState {
+        available: decision.available,
+        reason: decision.reason.clone(),
+        offer: Some(decision.offer.clone()),
+    }
+}
+
 /// The share of the device the policy gives: its limits, capped by what the device has.
 pub fn offer(policy: &OwnerPolicy, caps: &Capabilities) -> Offer {
     let device_millis = u64::from(caps.cores) * 1000;

@@ -35,10 +35,10 @@ pub fn plan(replicas: Option<i32>, eligible: &[&Device], current: &BTreeSet<Stri
     EnlistPlan { enlisted, released }
 }
 
-/// Capability weighted by reliability: what the device offers, times how often it is there.
+/// What the owner lets the device offer, weighted by how often it is there.
 fn score(device: &Device) -> f64 {
-    let cores = f64::from(device.capabilities.cores);
-    let memory_gib = device.capabilities.memory_bytes as f64 / f64::from(1u32 << 30);
+    let cores = f64::from(device.offer.millicores) / 1000.0;
+    let memory_gib = device.offer.memory_bytes as f64 / f64::from(1u32 << 30);
     (cores + memory_gib / 4.0) * (0.25 + device.reliability.clamp(0.0, 1.0))
 }
 
@@ -81,6 +81,21 @@ mod tests {
         );
         let plan2 = super::plan(Some(1), &[&small, &big, &flaky], &BTreeSet::new());
         assert_eq!(plan2.enlisted, ["big"]);
+    }
+
+    #[test]
+    fn what_the_owner_offers_counts_not_the_hardware() {
+        let mut generous = device("generous", 4, 0.5);
+        let mut stingy = device("stingy", 4, 0.5);
+        generous.offer.millicores = 3000;
+        stingy.offer.millicores = 500;
+        let plan = plan(
+            Some(1),
+            &[&stingy, &generous],
+            &ids(&["stingy", "generous"]),
+        );
+        assert_eq!(plan.enlisted, ["generous"]);
+        assert_eq!(plan.released, ["stingy"]);
     }
 
     #[test]

@@ -8,6 +8,8 @@
 pub mod capacity;
 pub mod eligibility;
 pub mod enlist;
+pub mod listing;
+pub mod registry;
 
 use std::collections::BTreeMap;
 
@@ -26,6 +28,23 @@ pub struct Device {
     pub offer: Offer,
     /// Share of the last day the device was online (0.0 to 1.0); new devices start at 0.5.
     pub reliability: f64,
+}
+
+/// Something that happened to a device of a pool, reported on the pool as an Event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceChange {
+    pub kind: ChangeKind,
+    pub device: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ChangeKind {
+    /// Its agent connected (first time, or back after being lost).
+    Joined,
+    /// Its agent said nothing for longer than the pool's `deviceLostAfterSeconds`.
+    Lost,
+    /// `darkcore-operator device revoke` shut it out for good.
+    Revoked,
 }
 
 /// A device for tests: linux, online, available, offering all its cores and memory to `oci`.

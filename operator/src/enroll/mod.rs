@@ -11,6 +11,7 @@
 //! ```
 
 pub mod ca;
+pub mod revocation;
 pub mod token;
 pub mod token_store;
 

@@ -1,92 +1,36 @@
-//! Join tokens: their printed form, what is stored of them (a hash, never the secret), and
-//! whether one may be used now (pure).
-//!
-//! Printed form: `dct1.<id>.<secret>.<ca-pin>`: `id` names the token (for list and revoke),
-//! `secret` proves possession, `ca-pin` is the SHA-256 of the operator's CA certificate, so the
-//! agent can authenticate the gateway before it sends the token.
+//! Join tokens: making them, what is stored of them (a hash, never the secret), and whether
+//! one may be used now (pure). The printed form is shared with the agent, in darkcore-proto.
 
-use std::fmt;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use ring::digest::{SHA256, digest};
 use ring::rand::{SecureRandom, SystemRandom};
 
-const PREFIX: &str = "dct1";
-
-/// A token as handed to a device owner.
-#[derive(Clone, PartialEq, Eq)]
-pub struct JoinToken {
-    pub id: String,
-    pub secret: String,
-    pub ca_pin: String,
-}
-
-// The secret never reaches a log through Debug.
-impl fmt::Debug for JoinToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JoinToken")
-            .field("id", &self.id)
-            .field("secret", &"<redacted>")
-            .finish()
-    }
-}
-
-impl fmt::Display for JoinToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{PREFIX}.{}.{}.{}", self.id, self.secret, self.ca_pin)
-    }
-}
+pub use darkcore_proto::join_token::{JoinToken, MalformedToken};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
-    #[error(
-        "the join token is malformed: expected dct1.<id>.<secret>.<ca-pin> as printed by `darkcore-operator token create`"
-    )]
-    Malformed,
+    #[error(transparent)]
+    Malformed(#[from] MalformedToken),
     #[error("could not draw random bytes for a token")]
     Random,
 }
 
-impl std::str::FromStr for JoinToken {
-    type Err = TokenError;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let parts: Vec<&str> = text.trim().split('.').collect();
-        let hex = |s: &str, len: usize| {
-            s.len() == len
-                && s.bytes()
-                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-        };
-        match parts.as_slice() {
-            [PREFIX, id, secret, pin] if hex(id, 12) && hex(secret, 32) && hex(pin, 64) => {
-                Ok(JoinToken {
-                    id: id.to_string(),
-                    secret: secret.to_string(),
-                    ca_pin: pin.to_string(),
-                })
-            }
-            _ => Err(TokenError::Malformed),
-        }
-    }
-}
-
-impl JoinToken {
-    /// A new token with a random id and secret, pinned to the CA certificate `ca_der`.
-    pub fn generate(ca_der: &[u8]) -> Result<JoinToken, TokenError> {
-        let random_hex = |bytes: usize| -> Result<String, TokenError> {
-            let mut buf = vec![0u8; bytes];
-            SystemRandom::new()
-                .fill(&mut buf)
-                .map_err(|_| TokenError::Random)?;
-            Ok(to_hex(&buf))
-        };
-        Ok(JoinToken {
-            id: random_hex(6)?,
-            secret: random_hex(16)?,
-            ca_pin: ca_pin(ca_der),
-        })
-    }
+/// A new token with a random id and secret, pinned to the CA certificate `ca_der`.
+pub fn generate(ca_der: &[u8]) -> Result<JoinToken, TokenError> {
+    let random_hex = |bytes: usize| -> Result<String, TokenError> {
+        let mut buf = vec![0u8; bytes];
+        SystemRandom::new()
+            .fill(&mut buf)
+            .map_err(|_| TokenError::Random)?;
+        Ok(to_hex(&buf))
+    };
+    Ok(JoinToken {
+        id: random_hex(6)?,
+        secret: random_hex(16)?,
+        ca_pin: ca_pin(ca_der),
+    })
 }
 
 /// The SHA-256 of a CA certificate (DER), in hex: what a token pins.
@@ -240,46 +184,13 @@ mod tests {
     }
 
     fn token() -> JoinToken {
-        JoinToken::generate(b"a CA certificate").unwrap()
-    }
-
-    #[test]
-    fn a_printed_token_parses_back() {
-        let t = token();
-        let printed = t.to_string();
-        assert!(printed.starts_with("dct1."));
-        assert_eq!(printed.parse::<JoinToken>(), Ok(t));
-    }
-
-    #[test]
-    fn garbage_tokens_are_malformed() {
-        let good = token().to_string();
-        for bad in [
-            "",
-            "hello",
-            "dct1.abc.def.ghi",
-            &good[..good.len() - 1],
-            &good.replace("dct1", "dct2"),
-            &good.to_uppercase(),
-        ] {
-            assert_eq!(
-                bad.parse::<JoinToken>(),
-                Err(TokenError::Malformed),
-                "{bad}"
-            );
-        }
+        generate(b"a CA certificate").unwrap()
     }
 
     #[test]
     fn tokens_are_random() {
         assert_ne!(token().secret, token().secret);
         assert_ne!(token().id, token().id);
-    }
-
-    #[test]
-    fn debug_never_shows_the_secret() {
-        let t = token();
-        assert!(!format!("{t:?}").contains(&t.secret));
     }
 
     #[test]

@@ -153,7 +153,7 @@ pub async fn create(
         name: ca::CA_SECRET.into(),
         reason,
     })?;
-    let token = JoinToken::generate(&der)?;
+    let token = crate::enroll::token::generate(&der)?;
     let record = TokenRecord::new(&token, pool, Timestamp::now(), ttl, max_uses);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     secrets
@@ -176,6 +176,70 @@ pub async fn list(client: &Client, namespace: &str) -> Result<Vec<TokenRecord>, 
         .collect::<Result<Vec<_>, _>>()?;
     records.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
     Ok(records)
+}
+
+/// Why a presented token was not redeemed.
+#[derive(Debug, thiserror::Error)]
+pub enum RedeemError {
+    #[error(
+        "the join token is not known here: it may have been deleted, or be meant for another cluster; ask the pool's platform team for a new one"
+    )]
+    Unknown,
+    #[error(transparent)]
+    Rejected(#[from] crate::enroll::token::Rejection),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl RedeemError {
+    /// A short, bounded label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RedeemError::Unknown => "unknown",
+            RedeemError::Rejected(rejection) => rejection.label(),
+            RedeemError::Store(_) => "store",
+        }
+    }
+}
+
+/// Checks `token` and counts one use of it. The count is written with the Secret's
+/// resourceVersion as a precondition, so concurrent joins can never exceed `--uses`.
+pub async fn redeem(
+    client: &Client,
+    namespace: &str,
+    token: &JoinToken,
+) -> Result<TokenRecord, RedeemError> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let name = secret_name(&token.id);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let secret = secrets
+            .get_opt(&name)
+            .await
+            .map_err(kube_err(format!("reading join token {}", token.id)))?
+            .ok_or(RedeemError::Unknown)?;
+        let record = from_secret(&secret)?;
+        record.verify(token, Timestamp::now())?;
+        let patch = json!({
+            "metadata": { "resourceVersion": secret.metadata.resource_version },
+            "data": { "uses": ByteString((record.uses + 1).to_string().into_bytes()) },
+        });
+        match secrets
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return Ok(record),
+            Err(kube::Error::Api(status)) if status.code == 409 && attempts < 20 => continue,
+            Err(source) => {
+                return Err(StoreError::Kube {
+                    action: format!("counting a use of join token {}", token.id),
+                    source,
+                }
+                .into());
+            }
+        }
+    }
 }
 
 /// Marks a token revoked. It stays listed, so who could have joined with it is on record.
@@ -207,7 +271,7 @@ mod tests {
 
     #[test]
     fn a_record_round_trips_through_its_secret_without_the_secret() {
-        let token = JoinToken::generate(b"ca").unwrap();
+        let token = crate::enroll::token::generate(b"ca").unwrap();
         let now = Timestamp::from_second(1_800_000_000).unwrap();
         let record = TokenRecord::new(&token, "lab", now, Duration::from_secs(3600), Some(3));
         let secret = to_secret(&record, "darkcore-system");
@@ -227,7 +291,7 @@ mod tests {
 
     #[test]
     fn a_damaged_secret_is_reported_by_name_and_field() {
-        let token = JoinToken::generate(b"ca").unwrap();
+        let token = crate::enroll::token::generate(b"ca").unwrap();
         let record = TokenRecord::new(
             &token,
             "lab",

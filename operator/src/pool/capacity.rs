@@ -1,6 +1,11 @@
-//! What a pool's devices offer, per platform. Devices join in a later issue; until then every
-//! platform of a pool offers nothing, and its node says so.
+//! What a pool's devices offer, per platform, and the interface through which the pool
+//! controller asks the device registry for it.
 
+use std::collections::BTreeMap;
+
+use darkcore_crds::DevicePool;
+
+use crate::devices::DeviceChange;
 use crate::pool::node::Platform;
 
 /// Resources offered on one platform of a pool by the devices enlisted there.
@@ -28,19 +33,48 @@ impl PlatformCapacity {
     }
 }
 
-/// Where the operator learns what devices offer. The device gateway will implement this;
-/// for now no device is ever enlisted.
-pub trait DeviceInventory: Send + Sync {
-    fn capacity(&self, pool: &str, platform: Platform) -> PlatformCapacity;
+/// What a pool's devices add up to now: capacity per (os, arch) as agents name them, and
+/// counts for the pool's status.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PoolSurvey {
+    pub platforms: BTreeMap<(String, String), PlatformCapacity>,
+    /// Devices of the pool whose agent is connected, enlisted or not.
+    pub online: u32,
+    /// Enlisted devices running at least one task.
+    pub busy: u32,
 }
 
-/// The inventory before any device can join: every platform is empty.
+impl PoolSurvey {
+    /// What the enlisted devices of one platform offer (nothing when none is there).
+    pub fn capacity(&self, platform: Platform) -> PlatformCapacity {
+        self.platforms
+            .get(&(
+                platform.os.as_str().to_string(),
+                platform.arch.as_str().to_string(),
+            ))
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// Where the pool controller learns about devices: the device registry, fed by the gateway.
+pub trait DeviceInventory: Send + Sync {
+    /// Enlists devices for `pool` under its spec and reports what they offer.
+    fn survey(&self, pool: &DevicePool) -> PoolSurvey;
+    /// Joins, departures and revocations in `pool` since the last call, for its Events.
+    fn take_changes(&self, pool: &str) -> Vec<DeviceChange>;
+}
+
+/// An inventory without devices: every platform is empty. For tests of the pool logic.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoDevices;
 
 impl DeviceInventory for NoDevices {
-    fn capacity(&self, _pool: &str, _platform: Platform) -> PlatformCapacity {
-        PlatformCapacity::default()
+    fn survey(&self, _pool: &DevicePool) -> PoolSurvey {
+        PoolSurvey::default()
+    }
+    fn take_changes(&self, _pool: &str) -> Vec<DeviceChange> {
+        Vec::new()
     }
 }
 

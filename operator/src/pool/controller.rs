@@ -19,7 +19,8 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::metrics::Metrics;
-use crate::pool::capacity::DeviceInventory;
+use crate::pool::capacity::{DeviceInventory, PlatformCapacity, PoolSurvey};
+use crate::pool::events::summarize_changes;
 use crate::pool::lease::{self, NODE_LEASE_NAMESPACE};
 use crate::pool::node::{Platform, desired_node, node_name, node_spec_outdated, platforms};
 use crate::pool::node_status::{
@@ -114,12 +115,15 @@ async fn apply(pool: &DevicePool, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::requeue(Duration::from_millis(250)));
     }
     let now = Time(Timestamp::now());
+    let survey = ctx.inventory.survey(pool);
     let mut published = Vec::new();
     for platform in platforms(&pool.spec) {
-        published.push(publish_node(pool, platform, ctx, &now).await?);
+        let capacity = survey.capacity(platform);
+        published.push(publish_node(pool, platform, capacity, ctx, &now).await?);
     }
     delete_stale_nodes(pool, &published, ctx).await?;
-    write_pool_status(pool, &published, ctx, &now).await?;
+    write_pool_status(pool, &published, &survey, ctx, &now).await?;
+    record_device_changes(pool, ctx).await;
     Ok(Action::requeue(NODE_STATUS_REFRESH))
 }
 
@@ -127,6 +131,7 @@ async fn apply(pool: &DevicePool, ctx: &Context) -> Result<Action, Error> {
 async fn publish_node(
     pool: &DevicePool,
     platform: Platform,
+    capacity: PlatformCapacity,
     ctx: &Context,
     now: &Time,
 ) -> Result<PublishedNode, Error> {
@@ -153,7 +158,6 @@ async fn publish_node(
         }
     }
 
-    let capacity = ctx.inventory.capacity(&pool_name, platform);
     let input = NodeStatusInput {
         pool: &pool_name,
         node_name: &name,
@@ -195,10 +199,11 @@ async fn delete_stale_nodes(
 async fn write_pool_status(
     pool: &DevicePool,
     published: &[PublishedNode],
+    survey: &PoolSurvey,
     ctx: &Context,
     now: &Time,
 ) -> Result<(), Error> {
-    let status = desired_pool_status(pool, published, now);
+    let status = desired_pool_status(pool, published, survey, now);
     if pool.status.as_ref() == Some(&status) {
         return Ok(());
     }
@@ -216,6 +221,24 @@ async fn write_pool_status(
         .await
         .map_err(api_err(format!("writing status of pool {pool_name}")))?;
     Ok(())
+}
+
+/// Records the pool's device joins, losses and revocations as Events: one per kind per
+/// reconcile, naming the devices, so a thousand joins make one Event rather than a thousand.
+async fn record_device_changes(pool: &DevicePool, ctx: &Context) {
+    let changes = ctx.inventory.take_changes(&pool.name_any());
+    for summary in summarize_changes(&changes) {
+        let event = KubeEvent {
+            type_: summary.type_,
+            reason: summary.reason.into(),
+            note: Some(summary.note),
+            action: "DeviceChange".into(),
+            secondary: None,
+        };
+        if let Err(error) = ctx.recorder.publish(&event, &pool.object_ref(&())).await {
+            tracing::warn!(%error, "could not record device changes as an Event");
+        }
+    }
 }
 
 async fn cleanup(pool: &DevicePool, ctx: &Context) -> Result<Action, Error> {

@@ -10,6 +10,7 @@
 
 pub mod capacity;
 pub mod controller;
+pub mod events;
 pub mod lease;
 pub mod node;
 pub mod node_status;

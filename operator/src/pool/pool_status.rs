@@ -8,7 +8,7 @@ use kube::ResourceExt;
 
 use crate::conditions::{status_word, transition_time};
 use crate::pool::POOL_LABEL;
-use crate::pool::capacity::{PlatformCapacity, bytes_quantity, cpu_quantity};
+use crate::pool::capacity::{PlatformCapacity, PoolSurvey, bytes_quantity, cpu_quantity};
 
 /// The pool's nodes are published and current.
 pub const READY: &str = "Ready";
@@ -24,6 +24,7 @@ pub struct PublishedNode {
 pub fn desired_pool_status(
     pool: &DevicePool,
     nodes: &[PublishedNode],
+    survey: &PoolSurvey,
     now: &Time,
 ) -> DevicePoolStatus {
     let mut total = PlatformCapacity::default();
@@ -86,6 +87,9 @@ pub fn desired_pool_status(
     DevicePoolStatus {
         replicas: total.devices as i32,
         ready_devices: total.ready_devices as i32,
+        online_devices: survey.online as i32,
+        busy_devices: survey.busy as i32,
+        unavailable_devices: (total.devices - total.ready_devices) as i32,
         cores: Some(Quantity(cpu_quantity(total.cpu_millis))),
         memory: Some(Quantity(bytes_quantity(total.memory_bytes))),
         selector: Some(format!("{POOL_LABEL}={}", pool.name_any())),
@@ -128,7 +132,7 @@ mod tests {
 
     #[test]
     fn a_pool_without_devices_is_published_with_nothing_to_offer() {
-        let status = desired_pool_status(&pool(), &[empty_node()], &at(0));
+        let status = desired_pool_status(&pool(), &[empty_node()], &PoolSurvey::default(), &at(0));
         assert_eq!((status.replicas, status.ready_devices), (0, 0));
         assert_eq!(status.cores, Some(Quantity("0".into())));
         assert_eq!(status.selector.as_deref(), Some("darkcore.io/pool=lab"));
@@ -148,9 +152,19 @@ mod tests {
     #[test]
     fn recomputing_an_unchanged_pool_gives_the_same_status() {
         let mut p = pool();
-        p.status = Some(desired_pool_status(&p, &[empty_node()], &at(0)));
+        p.status = Some(desired_pool_status(
+            &p,
+            &[empty_node()],
+            &PoolSurvey::default(),
+            &at(0),
+        ));
         assert_eq!(
-            Some(desired_pool_status(&p, &[empty_node()], &at(90))),
+            Some(desired_pool_status(
+                &p,
+                &[empty_node()],
+                &PoolSurvey::default(),
+                &at(90)
+            )),
             p.status
         );
     }
@@ -168,7 +182,12 @@ mod tests {
                 pods: 4,
             },
         };
-        let status = desired_pool_status(&pool(), &[node(2000), node(2500)], &at(0));
+        let status = desired_pool_status(
+            &pool(),
+            &[node(2000), node(2500)],
+            &PoolSurvey::default(),
+            &at(0),
+        );
         assert_eq!(status.cores, Some(Quantity("4500m".into())));
         assert_eq!(status.memory, Some(Quantity("2Gi".into())));
         assert_eq!(status.replicas, 2);

@@ -1,0 +1,72 @@
+//! Reads the sensors into an `Observation` and applies the owner's policy to it. CPU load is
+//! measured between two checks from /proc/stat, so a check costs two small file reads.
+
+use std::path::Path;
+use std::time::Duration;
+
+use darkcore_proto::agent::v1::Capabilities;
+
+use crate::policy::schedule::LocalTime;
+use crate::policy::{AgentConfig, Decision, InputIdle, Observation, decide};
+use crate::sensors::{self, CpuTimes};
+
+pub struct PolicyMonitor {
+    pub config: AgentConfig,
+    pub capabilities: Capabilities,
+    last_cpu: Option<CpuTimes>,
+}
+
+impl PolicyMonitor {
+    pub fn new(config: AgentConfig, capabilities: Capabilities) -> PolicyMonitor {
+        PolicyMonitor {
+            config,
+            capabilities,
+            last_cpu: read_cpu(),
+        }
+    }
+
+    /// Takes a first CPU sample and waits a moment, so the first decision has a load to
+    /// judge by.
+    pub async fn prime(&mut self) {
+        self.last_cpu = read_cpu();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    /// How often the policy is applied.
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs(u64::from(self.config.policy.check_seconds))
+    }
+
+    /// Reads the sensors and decides.
+    pub fn check(&mut self) -> Decision {
+        let now_cpu = read_cpu();
+        let host_cpu_busy = match (self.last_cpu, now_cpu) {
+            (Some(before), Some(after)) => sensors::busy_fraction(before, after),
+            _ => 0.0,
+        };
+        self.last_cpu = now_cpu;
+        let observation = Observation {
+            now: LocalTime::now(),
+            input: self.input(),
+            host_cpu_busy,
+            // No task runs on this agent yet; with tasks, their CPU is subtracted here.
+            task_cpu_busy: 0.0,
+            on_battery: sensors::on_battery(&sensors::read_power_supplies(Path::new(
+                "/sys/class/power_supply",
+            ))),
+        };
+        decide(&self.config.policy, &self.capabilities, &observation)
+    }
+
+    fn input(&self) -> InputIdle {
+        match &self.config.testing.owner_active_file {
+            Some(file) if file.exists() => InputIdle::Since(Duration::ZERO),
+            // Keyboard and mouse idle time is not measured yet: CPU load decides alone.
+            _ => InputIdle::NotMeasured,
+        }
+    }
+}
+
+fn read_cpu() -> Option<CpuTimes> {
+    sensors::parse_proc_stat(&std::fs::read_to_string("/proc/stat").ok()?)
+}

@@ -1,0 +1,129 @@
+//! `darkcore-agent run`: load the identity, then stay attached to the gateway, reconnecting
+//! with jittered backoff, until SIGTERM/Ctrl-C or a final refusal (revoked, pool deleted,
+//! unsupported version), which stops the agent with the gateway's reason.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use darkcore_proto::agent::v1::Hello;
+use tokio::sync::watch;
+
+use crate::backoff::Backoff;
+use crate::capabilities;
+use crate::gateway;
+use crate::identity::Identity;
+use crate::observe::PolicyMonitor;
+use crate::policy::AgentConfig;
+use crate::policy::decide::{offer, to_owner_state};
+use crate::session::{self, SessionEnd, SessionError};
+use crate::status::{AgentStatus, StatusFile};
+
+/// Reconnect delays start here and double up to `MAX_BACKOFF`.
+pub const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// A connection that lasted this long resets the backoff.
+pub const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
+    let identity = Identity::load(state_dir)?;
+    let uri = gateway::server_uri(&identity.device.server)?;
+    let channel = gateway::channel(
+        &uri,
+        &identity.ca_pem,
+        Some((&identity.cert_pem, &identity.key_pem)),
+    )?;
+    let mut capabilities =
+        capabilities::detect().context("detecting this device's capabilities")?;
+    let labels = config.labels.clone();
+    let mut policy = PolicyMonitor::new(config, capabilities.clone());
+    capabilities.runtimes = offer(&policy.config.policy, &capabilities).runtimes;
+    let mut status = StatusFile::new(
+        state_dir,
+        AgentStatus {
+            pid: std::process::id(),
+            device_id: identity.device.device_id.clone(),
+            pool: identity.device.pool.clone(),
+            server: identity.device.server.clone(),
+            connection: "connecting".into(),
+            ..Default::default()
+        },
+    );
+    status.save();
+
+    let (stop_tx, mut stop) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        let _ = stop_tx.send(true);
+    });
+
+    let seed = seed(&identity.device.device_id);
+    let mut backoff = Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF, seed);
+    policy.prime().await;
+    tracing::info!(device = %identity.device.device_id, pool = %identity.device.pool, server = %identity.device.server, "darkcore-agent running");
+    loop {
+        let decision = policy.check();
+        status.policy(&decision);
+        let hello = Hello {
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            capabilities: Some(capabilities.clone()),
+            owner_state: Some(to_owner_state(&decision)),
+            running_task_ids: Vec::new(),
+            labels: labels.clone().into_iter().collect(),
+        };
+        let started = Instant::now();
+        let outcome =
+            session::attach(channel.clone(), hello, &mut policy, &mut status, &mut stop).await;
+        match outcome {
+            Ok(SessionEnd::Stopped) => {
+                status.connection(false, "stopped".into());
+                tracing::info!("stopped");
+                return Ok(());
+            }
+            Err(SessionError::Final(reason)) => {
+                status.connection(false, format!("refused: {reason}"));
+                bail!("{reason}");
+            }
+            Err(SessionError::Retry(reason)) => {
+                if started.elapsed() >= STABLE_AFTER {
+                    backoff.reset();
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(%reason, retry_in = ?delay, "not connected to the gateway");
+                status.connection(
+                    false,
+                    format!("reconnecting in {:.1} s: {reason}", delay.as_secs_f64()),
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => {
+                        status.connection(false, "stopped".into());
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A per-device, per-start seed, so agents that lost the gateway together retry apart.
+fn seed(device_id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (device_id, std::process::id(), std::time::SystemTime::now()).hash(&mut hasher);
+    hasher.finish()
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,171 @@
+//! One attached stream to the gateway: Hello, then heartbeats, owner-state changes on the
+//! policy timer, and the operator's messages, until the stream ends or the agent stops.
+
+use std::time::Duration;
+
+use darkcore_proto::agent::v1::agent_gateway_client::AgentGatewayClient;
+use darkcore_proto::agent::v1::{
+    AgentMessage, Heartbeat, Hello, Offer, OwnerState, Refusal, TaskPhase, TaskStatus,
+    agent_message, operator_message, refusal::Code,
+};
+use darkcore_proto::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION, check_version};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::observe::PolicyMonitor;
+use crate::policy::{Decision, decide::to_owner_state};
+use crate::status::StatusFile;
+
+/// Messages queued towards the gateway before the agent waits (bounded memory).
+pub const SEND_QUEUE: usize = 64;
+/// How long the gateway may take to answer Hello.
+pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How a session ended without an error.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The agent was asked to stop and told the gateway it is leaving.
+    Stopped,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The gateway refused this device for good: retrying cannot help.
+    #[error("{0}")]
+    Final(String),
+    /// The connection failed or ended; reconnecting may help.
+    #[error("{0}")]
+    Retry(String),
+}
+
+fn message(body: agent_message::Body) -> AgentMessage {
+    AgentMessage {
+        version: PROTOCOL_VERSION as i32,
+        body: Some(body),
+    }
+}
+
+/// What the refusal means for the agent: final ones stop it with the gateway's words.
+pub fn classify(refusal: &Refusal) -> SessionError {
+    let text = format!("the gateway refused this device: {}", refusal.message);
+    match Code::try_from(refusal.code) {
+        Ok(Code::Replaced) => SessionError::Retry(format!(
+            "{text} (if this repeats, another agent with the same state dir is running)"
+        )),
+        _ => SessionError::Final(text),
+    }
+}
+
+/// The parts of a decision the operator cares about; a change in these is sent.
+fn offered(decision: &Decision) -> (bool, Offer) {
+    (decision.available, decision.offer.clone())
+}
+
+pub async fn attach(
+    channel: Channel,
+    hello: Hello,
+    policy: &mut PolicyMonitor,
+    status: &mut StatusFile,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<SessionEnd, SessionError> {
+    let retry = |what: &str, e: &dyn std::fmt::Display| SessionError::Retry(format!("{what}: {e}"));
+    let mut last_sent = hello
+        .owner_state
+        .as_ref()
+        .map(|o| (o.available, o.offer.clone().unwrap_or_default()));
+    let (tx, rx) = mpsc::channel(SEND_QUEUE);
+    tx.send(message(agent_message::Body::Hello(hello)))
+        .await
+        .map_err(|e| retry("queueing Hello", &e))?;
+    let mut client = AgentGatewayClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut inbound = client
+        .attach(ReceiverStream::new(rx))
+        .await
+        .map_err(|status| retry("opening the stream", &status.message()))?
+        .into_inner();
+
+    let first = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message())
+        .await
+        .map_err(|_| SessionError::Retry("the gateway did not answer Hello within 15 s".into()))?
+        .map_err(|status| retry("waiting for Welcome", &status.message()))?
+        .ok_or_else(|| SessionError::Retry("the gateway closed the stream after Hello".into()))?;
+    let welcome = match first.body {
+        Some(operator_message::Body::Welcome(welcome)) => welcome,
+        Some(operator_message::Body::Refusal(refusal)) => return Err(classify(&refusal)),
+        _ => {
+            return Err(SessionError::Retry(
+                "the gateway's first message was not Welcome".into(),
+            ));
+        }
+    };
+    check_version(first.version, "agent").map_err(|e| SessionError::Final(e.to_string()))?;
+    tracing::info!(device = %welcome.device_id, pool = %welcome.pool, "attached to the gateway");
+    status.connection(true, "connected".into());
+
+    let beat = Duration::from_secs(u64::from(welcome.heartbeat_interval_seconds.clamp(1, 60)));
+    let mut heartbeat = tokio::time::interval(beat);
+    let mut check = tokio::time::interval(policy.interval());
+    heartbeat.tick().await;
+    check.tick().await;
+    let mut sequence = 0u64;
+    loop {
+        tokio::select! {
+            _ = heartbeat.tick() => {
+                sequence += 1;
+                tx.send(message(agent_message::Body::Heartbeat(Heartbeat { sequence })))
+                    .await
+                    .map_err(|e| retry("sending a heartbeat", &e))?;
+            }
+            _ = check.tick() => {
+                let decision = policy.check();
+                status.policy(&decision);
+                if last_sent.as_ref() != Some(&offered(&decision)) {
+                    tracing::info!(available = decision.available, reason = %decision.reason, "owner policy changed what this device gives");
+                    last_sent = Some(offered(&decision));
+                    tx.send(message(agent_message::Body::OwnerState(to_owner_state(&decision))))
+                        .await
+                        .map_err(|e| retry("sending the owner state", &e))?;
+                }
+            }
+            received = inbound.message() => match received {
+                Ok(Some(received)) => {
+                    check_version(received.version, "agent").map_err(|e| SessionError::Final(e.to_string()))?;
+                    match received.body {
+                        Some(operator_message::Body::Refusal(refusal)) => return Err(classify(&refusal)),
+                        Some(operator_message::Body::TaskAssign(task)) => {
+                            // Running tasks arrives with the runtimes; until then say so.
+                            let refused = TaskStatus {
+                                task_id: task.task_id,
+                                phase: TaskPhase::Failed as i32,
+                                reason: "NotSupported".into(),
+                                message: "this agent version runs no tasks yet".into(),
+                                ..Default::default()
+                            };
+                            tx.send(message(agent_message::Body::TaskStatus(refused)))
+                                .await
+                                .map_err(|e| retry("sending a task status", &e))?;
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(None) => return Err(SessionError::Retry("the gateway closed the stream".into())),
+                Err(status) => return Err(retry("the stream failed", &status.message())),
+            },
+            _ = stop.changed() => {
+                let leaving = OwnerState {
+                    available: false,
+                    reason: "the agent is stopping".into(),
+                    offer: None,
+                };
+                let _ = tx.send(message(agent_message::Body::OwnerState(leaving))).await;
+                drop(tx);
+                // Give the gateway a moment to read it before the connection goes.
+                let _ = tokio::time::timeout(Duration::from_secs(2), inbound.message()).await;
+                return Ok(SessionEnd::Stopped);
+            }
+        }
+    }
+}

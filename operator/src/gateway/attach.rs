@@ -1,0 +1,248 @@
+//! `AgentGateway.Attach`: one long-lived stream per device, authenticated by the device
+//! certificate. Reads Hello, registers the stream, then feeds heartbeats and owner states to
+//! the registry until the stream ends, is replaced by a newer one, or the device is revoked.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use darkcore_proto::agent::v1::agent_gateway_server::AgentGateway;
+use darkcore_proto::agent::v1::{
+    AgentMessage, Hello, OperatorMessage, Refusal, Welcome, agent_message, operator_message,
+    refusal::Code,
+};
+use darkcore_proto::{PROTOCOL_VERSION, check_version};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code as StatusCode, Request, Response, Status, Streaming};
+
+use crate::devices::registry::{AgentSender, Registry, refusal, refusal_message};
+use crate::gateway::tls::{DeviceIdentity, identity_of};
+use crate::metrics::Metrics;
+
+/// Messages queued for one agent before the sender waits (backpressure, bounded memory).
+pub const SEND_QUEUE: usize = 64;
+/// How long a new stream may take to say Hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often agents send a Heartbeat.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Whether this operator serves a pool; `None` while it does not know yet (cache not synced).
+pub type PoolCheck = Arc<dyn Fn(&str) -> Option<bool> + Send + Sync>;
+
+pub struct AttachService {
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub pool_served: PoolCheck,
+}
+
+#[tonic::async_trait]
+impl AgentGateway for AttachService {
+    type AttachStream = ReceiverStream<Result<OperatorMessage, Status>>;
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let identity = request
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|c| identity_of(c.as_ref())))
+            .ok_or_else(|| {
+                self.metrics.refusal("no_certificate");
+                Status::unauthenticated(
+                    "this stream needs the device certificate that `darkcore-agent join` obtains",
+                )
+            })?
+            .map_err(|reason| {
+                self.metrics.refusal("bad_certificate");
+                Status::unauthenticated(reason)
+            })?;
+        let (sender, outbound) = mpsc::channel(SEND_QUEUE);
+        let stream = AgentStream {
+            identity,
+            inbound: request.into_inner(),
+            sender,
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            pool_served: self.pool_served.clone(),
+        };
+        tokio::spawn(stream.serve());
+        Ok(Response::new(ReceiverStream::new(outbound)))
+    }
+}
+
+/// One agent's stream, served by its own task.
+struct AgentStream {
+    identity: DeviceIdentity,
+    inbound: Streaming<AgentMessage>,
+    sender: AgentSender,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    pool_served: PoolCheck,
+}
+
+/// How a stream ended, when it did not simply close.
+enum Ending {
+    Closed,
+    Refused(Refusal, &'static str),
+}
+
+impl AgentStream {
+    async fn serve(mut self) {
+        let device = self.identity.device_id.clone();
+        self.metrics.agent_connections.inc();
+        let ending = match self.hello().await {
+            Ok(hello) => self.attached(hello).await,
+            Err(ending) => ending,
+        };
+        if let Ending::Refused(refusal, reason) = ending {
+            self.metrics.refusal(reason);
+            tracing::info!(%device, reason, message = %refusal.message, "agent stream refused");
+            // Best effort: the agent may already be gone.
+            let _ = self.sender.try_send(Ok(refusal_message(refusal)));
+        }
+        self.metrics.agent_connections.dec();
+    }
+
+    /// Waits for a valid Hello from a device this operator accepts.
+    async fn hello(&mut self) -> Result<Hello, Ending> {
+        let first = match tokio::time::timeout(HELLO_TIMEOUT, self.next()).await {
+            Err(_) => {
+                return Err(Ending::Refused(
+                    refusal(
+                        Code::Malformed,
+                        "no Hello within 10 s of opening the stream",
+                    ),
+                    "hello_timeout",
+                ));
+            }
+            Ok(first) => first?,
+        };
+        let Some(agent_message::Body::Hello(hello)) = first.body else {
+            return Err(Ending::Refused(
+                refusal(
+                    Code::Malformed,
+                    "the first message on a stream must be Hello",
+                ),
+                "no_hello",
+            ));
+        };
+        if (self.pool_served)(&self.identity.pool) == Some(false) {
+            return Err(Ending::Refused(
+                refusal(
+                    Code::PoolGone,
+                    &format!(
+                        "this device belongs to pool {:?}, which no longer exists (or another operator serves it): join another pool with a new token",
+                        self.identity.pool
+                    ),
+                ),
+                "pool_gone",
+            ));
+        }
+        Ok(hello)
+    }
+
+    /// Serves a stream that said Hello until it ends.
+    async fn attached(&mut self, hello: Hello) -> Ending {
+        let (close, mut closed) = oneshot::channel();
+        let DeviceIdentity { device_id, pool } = self.identity.clone();
+        let generation =
+            match self
+                .registry
+                .attach(&device_id, &pool, &hello, self.sender.clone(), close)
+            {
+                Ok(generation) => generation,
+                Err(refused) => {
+                    return Ending::Refused(
+                        refusal(Code::Revoked, &refused.to_string()),
+                        "revoked",
+                    );
+                }
+            };
+        tracing::info!(device = %device_id, %pool, agent = %hello.agent_version, "agent attached");
+        let welcome = OperatorMessage {
+            version: PROTOCOL_VERSION as i32,
+            body: Some(operator_message::Body::Welcome(Welcome {
+                device_id: device_id.clone(),
+                pool: pool.clone(),
+                heartbeat_interval_seconds: HEARTBEAT_INTERVAL.as_secs() as u32,
+            })),
+        };
+        if self.sender.send(Ok(welcome)).await.is_err() {
+            self.registry.detach(&device_id, generation);
+            return Ending::Closed;
+        }
+        let ending = loop {
+            tokio::select! {
+                refusal = &mut closed => {
+                    let reason = match refusal.as_ref().map(|r| r.code) {
+                        Ok(code) if code == Code::Revoked as i32 => "revoked",
+                        _ => "replaced",
+                    };
+                    break match refusal {
+                        Ok(refusal) => Ending::Refused(refusal, reason),
+                        Err(_) => Ending::Closed,
+                    };
+                }
+                message = self.next() => match message {
+                    Ok(message) => self.dispatch(&device_id, generation, message),
+                    Err(ending) => break ending,
+                },
+            }
+        };
+        self.registry.detach(&device_id, generation);
+        tracing::info!(device = %device_id, "agent stream ended");
+        ending
+    }
+
+    fn dispatch(&self, device: &str, generation: u64, message: AgentMessage) {
+        match message.body {
+            Some(agent_message::Body::Heartbeat(_)) => self.registry.heartbeat(device, generation),
+            Some(agent_message::Body::OwnerState(owner)) => {
+                self.registry.owner_state(device, generation, &owner)
+            }
+            // Tasks, logs and usage arrive with pods on devices; until then they only show
+            // the device is alive.
+            Some(_) => self.registry.heartbeat(device, generation),
+            None => self.metrics.frame_rejected("empty"),
+        }
+    }
+
+    /// The next message, checked for its version. Errors end the stream with a reason.
+    async fn next(&mut self) -> Result<AgentMessage, Ending> {
+        match self.inbound.message().await {
+            Ok(Some(message)) => match check_version(message.version, "operator") {
+                Ok(()) => Ok(message),
+                Err(unsupported) => {
+                    self.metrics.frame_rejected("unsupported_version");
+                    Err(Ending::Refused(
+                        refusal(Code::UnsupportedVersion, &unsupported.to_string()),
+                        "unsupported_version",
+                    ))
+                }
+            },
+            Ok(None) => Err(Ending::Closed),
+            Err(status) => {
+                let reason = match status.code() {
+                    StatusCode::ResourceExhausted | StatusCode::OutOfRange => "too_large",
+                    StatusCode::Internal | StatusCode::InvalidArgument | StatusCode::DataLoss => {
+                        "undecodable"
+                    }
+                    _ => "transport",
+                };
+                if reason != "transport" {
+                    self.metrics.frame_rejected(reason);
+                    tracing::warn!(device = %self.identity.device_id, reason, error = %status.message(), "agent frame refused; closing its stream");
+                    Err(Ending::Refused(
+                        refusal(
+                            Code::Malformed,
+                            &format!("frame refused ({reason}): {}", status.message()),
+                        ),
+                        reason,
+                    ))
+                } else {
+                    Err(Ending::Closed)
+                }
+            }
+        }
+    }
+}

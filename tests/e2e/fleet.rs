@@ -1,0 +1,246 @@
+//! Real darkcore-agent processes for tests: join with a token through the CLI, run, kill -9,
+//! restart, and play the owner coming back through the agent's documented test hook.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use darkcore_crds::DevicePool;
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+use tokio::process::{Child, Command};
+
+use crate::harness::{
+    self, OPERATOR_NAMESPACE, agent_bin, log_dir, operator_cli, unique, wait_for,
+};
+
+/// Creates a join token for `pool` with the real CLI; `extra` adds flags like `--uses 1`.
+pub fn token(pool: &str, extra: &[&str]) -> String {
+    let mut args = vec!["token", "create", "--pool", pool, "-n", OPERATOR_NAMESPACE];
+    args.extend_from_slice(extra);
+    let out = operator_cli(&args);
+    assert!(
+        out.status.success(),
+        "token create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// One device: its state dir, its config, and its `run` process when running.
+pub struct Agent {
+    pub state_dir: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub device_id: String,
+    child: Option<Child>,
+}
+
+/// The result of `darkcore-agent join`: success, or the words it failed with.
+pub struct JoinOutcome {
+    pub ok: bool,
+    pub output: String,
+    pub state_dir: PathBuf,
+    pub config: PathBuf,
+}
+
+/// Writes an agent config: `max_cores` given, the `process` runtime allowed, idle-only with
+/// CPU load never deciding (tests share one busy machine), checked every second.
+fn write_config(dir: &Path, max_cores: f64) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = dir.join("agent.toml");
+    let text = format!(
+        "[policy]\nmax_cores = {max_cores}\nmax_memory = \"1Gi\"\nruntimes = [\"process\"]\ncheck_seconds = 1\n\
+         [policy.idle]\nonly_when_idle = true\ninput_idle_minutes = 1\nmax_owner_cpu_percent = 100\n\
+         [testing]\nowner_active_file = \"{}\"\n",
+        dir.join("owner-active").display()
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// Runs `darkcore-agent join` against the gateway on `gateway_port`.
+pub fn join(gateway_port: u16, token: &str, max_cores: f64) -> JoinOutcome {
+    let root = harness::workspace()
+        .join("target/e2e-agents")
+        .join(unique("agent"));
+    let config = write_config(&root, max_cores);
+    let state_dir = root.join("state");
+    let out = std::process::Command::new(agent_bin())
+        .args([
+            "join",
+            "--server",
+            &format!("127.0.0.1:{gateway_port}"),
+            "--token",
+            token,
+        ])
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", agent_bin().display()));
+    JoinOutcome {
+        ok: out.status.success(),
+        output: format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        state_dir,
+        config,
+    }
+}
+
+impl Agent {
+    /// Joins and starts `run`.
+    pub async fn start(gateway_port: u16, token: &str, max_cores: f64) -> Agent {
+        let joined = join(gateway_port, token, max_cores);
+        assert!(joined.ok, "join failed: {}", joined.output);
+        let device_id = joined
+            .output
+            .split_whitespace()
+            .find(|w| w.starts_with("dev-"))
+            .expect("join prints the device id")
+            .trim_end_matches(';')
+            .to_string();
+        let mut agent = Agent {
+            log: log_dir().join(format!("agent-{device_id}.log")),
+            state_dir: joined.state_dir,
+            config: joined.config,
+            device_id,
+            child: None,
+        };
+        agent.run();
+        agent
+    }
+
+    /// Starts `darkcore-agent run` (again).
+    pub fn run(&mut self) {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(agent_bin())
+            .arg("run")
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// SIGKILL, as a crash or a pulled plug.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.unwrap();
+        }
+    }
+
+    /// SIGTERM, as systemd stops it, and waits for the exit.
+    pub async fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id().unwrap().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .expect("the agent stops within 10 s of SIGTERM")
+            .unwrap()
+    }
+
+    /// Waits for the agent to exit by itself (a final refusal) and returns its log.
+    pub async fn exited(&mut self) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().expect("running");
+        let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .expect("the agent exits within 20 s")
+            .unwrap();
+        (
+            status,
+            std::fs::read_to_string(&self.log).unwrap_or_default(),
+        )
+    }
+
+    /// Drives the test hook: the owner is (or is no longer) at the keyboard.
+    pub fn owner_active(&self, active: bool) {
+        let file = self.config.parent().unwrap().join("owner-active");
+        if active {
+            std::fs::write(&file, "").unwrap();
+        } else {
+            std::fs::remove_file(&file).unwrap();
+        }
+    }
+
+    /// `darkcore-agent status` as a person would run it.
+    pub fn status(&self) -> String {
+        let out = std::process::Command::new(agent_bin())
+            .arg("status")
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// The node's CPU capacity in millicores.
+pub fn node_cpu_millis(node: &Node) -> Option<u64> {
+    let cpu = node
+        .status
+        .as_ref()?
+        .capacity
+        .as_ref()?
+        .get("cpu")?
+        .0
+        .clone();
+    Some(match cpu.strip_suffix('m') {
+        Some(millis) => millis.parse().ok()?,
+        None => cpu.parse::<u64>().ok()? * 1000,
+    })
+}
+
+/// Waits until the node's CPU capacity is `millis`.
+pub async fn node_cpu_is(nodes: &Api<Node>, node: &str, millis: u64, timeout: Duration) -> Node {
+    wait_for(
+        nodes,
+        node,
+        move |n: Option<&Node>| n.and_then(node_cpu_millis) == Some(millis),
+        timeout,
+        &format!("node cpu capacity {millis}m"),
+    )
+    .await
+    .unwrap()
+}
+
+/// Waits until the pool's status says `enlisted` devices.
+pub async fn pool_enlisted_is(pools: &Api<DevicePool>, pool: &str, enlisted: i32) -> DevicePool {
+    wait_for(
+        pools,
+        pool,
+        move |p: Option<&DevicePool>| {
+            p.and_then(|p| p.status.as_ref())
+                .is_some_and(|s| s.replicas == enlisted)
+        },
+        Duration::from_secs(20),
+        &format!("pool status replicas {enlisted}"),
+    )
+    .await
+    .unwrap()
+}
