@@ -25,7 +25,7 @@ use crate::gateway::join::JoinService;
 use crate::gateway::{self, tls};
 use crate::http::{self, Health};
 use crate::metrics::Metrics;
-use crate::pool::controller::{Context, error_policy, reconcile};
+use crate::pool::controller::{Context, REGISTRY_WARMUP, error_policy, reconcile};
 use crate::pool::node_status::KubeletEndpoint;
 use crate::pool::{FIELD_MANAGER, POOL_LABEL, lease};
 
@@ -180,6 +180,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let ctx = Arc::new(Context {
+        registry_warm_at: std::time::Instant::now() + REGISTRY_WARMUP,
         client: client.clone(),
         nodes,
         nodes_synced,

@@ -14,7 +14,7 @@ use crate::harness::{Operator, PoolFixture, operator_cli};
 /// within a second, and the agent checks its policy every second.
 const FOLLOWS: Duration = Duration::from_secs(15);
 
-fn process_pool() -> DevicePoolSpec {
+pub fn process_pool() -> DevicePoolSpec {
     DevicePoolSpec {
         runtimes: vec![Runtime::Process],
         ..Default::default()
@@ -312,6 +312,23 @@ async fn a_killed_operator_is_replaced_and_the_agents_come_back_without_a_restar
     let nodes = fx.nodes();
     node_cpu_is(&nodes, &fx.node, 1500, FOLLOWS).await;
 
+    // Watch the node's capacity through the restart: it must never drop while the devices
+    // are still there.
+    let lowest = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+    let watch = {
+        let (nodes, name, lowest) = (nodes.clone(), fx.node.clone(), lowest.clone());
+        tokio::spawn(async move {
+            use futures::TryStreamExt;
+            use kube::runtime::{WatchStreamExt, watcher};
+            let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+            let mut stream = std::pin::pin!(watcher(nodes, config).applied_objects());
+            while let Ok(Some(node)) = stream.try_next().await {
+                if let Some(cpu) = fleet::node_cpu_millis(&node) {
+                    lowest.fetch_min(cpu, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        })
+    };
     fx.operator.kill().await;
     let (http, gateway) = (fx.operator.http_port, fx.operator.gateway_port);
     let killed = Instant::now();
@@ -333,6 +350,12 @@ async fn a_killed_operator_is_replaced_and_the_agents_come_back_without_a_restar
         killed.elapsed()
     );
     node_cpu_is(&nodes, &fx.node, 1500, FOLLOWS).await;
+    watch.abort();
+    assert_eq!(
+        lowest.load(std::sync::atomic::Ordering::Relaxed),
+        1500,
+        "the restart never published less capacity than the devices give"
+    );
     assert_eq!((a.pid(), b.pid()), pids, "the agents were not restarted");
     fx.finish().await;
 }

@@ -3,6 +3,7 @@
 
 mod devices;
 mod fleet;
+mod frames;
 mod harness;
 mod pools;
 mod scheduling;

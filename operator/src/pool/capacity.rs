@@ -87,6 +87,14 @@ pub fn cpu_quantity(millis: u64) -> String {
     }
 }
 
+/// Millicores in a CPU quantity as this operator writes it (`4`, `1500m`); `None` otherwise.
+pub fn cpu_millis(quantity: &str) -> Option<u64> {
+    match quantity.strip_suffix('m') {
+        Some(millis) => millis.parse().ok(),
+        None => quantity.parse::<u64>().ok()?.checked_mul(1000),
+    }
+}
+
 /// Kubernetes quantity text for bytes, in the largest binary unit that divides it exactly.
 pub fn bytes_quantity(bytes: u64) -> String {
     const UNITS: [(&str, u64); 4] = [
@@ -115,6 +123,14 @@ mod tests {
         assert_eq!(cpu_quantity(0), "0");
         assert_eq!(cpu_quantity(4000), "4");
         assert_eq!(cpu_quantity(1500), "1500m");
+    }
+
+    #[test]
+    fn cpu_quantities_read_back() {
+        for millis in [0, 1500, 4000] {
+            assert_eq!(cpu_millis(&cpu_quantity(millis)), Some(millis));
+        }
+        assert_eq!(cpu_millis("lots"), None);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::metrics::Metrics;
-use crate::pool::capacity::{DeviceInventory, PlatformCapacity, PoolSurvey};
+use crate::pool::capacity::{DeviceInventory, PlatformCapacity, PoolSurvey, cpu_millis};
 use crate::pool::events::summarize_changes;
 use crate::pool::lease::{self, NODE_LEASE_NAMESPACE};
 use crate::pool::node::{Platform, desired_node, node_name, node_spec_outdated, platforms};
@@ -71,7 +71,14 @@ pub struct Context {
     pub inventory: Arc<dyn DeviceInventory>,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
+    /// Until then the device registry may still be filling from reconnecting agents.
+    pub registry_warm_at: Instant,
 }
+
+/// After a start, how long agents get to reconnect before a pool's capacity may shrink (two
+/// heartbeats; agents retry within 0.5 to 8 s), so a restart does not take away capacity
+/// that devices still give.
+pub const REGISTRY_WARMUP: Duration = Duration::from_secs(10);
 
 pub async fn reconcile(pool: Arc<DevicePool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
@@ -116,6 +123,14 @@ async fn apply(pool: &DevicePool, ctx: &Context) -> Result<Action, Error> {
     }
     let now = Time(Timestamp::now());
     let survey = ctx.inventory.survey(pool);
+    let warming = ctx
+        .registry_warm_at
+        .saturating_duration_since(Instant::now());
+    if !warming.is_zero() && shrinks_published_cpu(pool, &survey, ctx) {
+        // Less than the nodes publish, just after a start: the devices are probably still
+        // reconnecting. Keep what the nodes say until they are back or the warm-up ends.
+        return Ok(Action::requeue(warming));
+    }
     let mut published = Vec::new();
     for platform in platforms(&pool.spec) {
         let capacity = survey.capacity(platform);
@@ -125,6 +140,21 @@ async fn apply(pool: &DevicePool, ctx: &Context) -> Result<Action, Error> {
     write_pool_status(pool, &published, &survey, ctx, &now).await?;
     record_device_changes(pool, ctx).await;
     Ok(Action::requeue(NODE_STATUS_REFRESH))
+}
+
+/// Whether `survey` offers less CPU on some platform than that platform's node publishes.
+fn shrinks_published_cpu(pool: &DevicePool, survey: &PoolSurvey, ctx: &Context) -> bool {
+    platforms(&pool.spec).into_iter().any(|platform| {
+        let published = ctx
+            .nodes
+            .get(&ObjectRef::new(&node_name(&pool.name_any(), platform)))
+            .and_then(|node| {
+                let capacity = node.status.as_ref()?.capacity.as_ref()?;
+                cpu_millis(&capacity.get("cpu")?.0)
+            })
+            .unwrap_or(0);
+        survey.capacity(platform).cpu_millis < published
+    })
 }
 
 /// Brings one platform's node, its lease and its status up to date, writing only what differs.
