@@ -1,11 +1,13 @@
 //! Reads the sensors into an `Observation` and applies the owner's policy to it. CPU load is
-//! measured between two checks from /proc/stat, so a check costs two small file reads.
+//! measured between two checks from /proc/stat, so a check costs two small file reads;
+//! keyboard and mouse idle time comes from `input`.
 
 use std::path::Path;
 use std::time::Duration;
 
 use darkcore_proto::agent::v1::Capabilities;
 
+use crate::input::InputSensor;
 use crate::policy::schedule::LocalTime;
 use crate::policy::{AgentConfig, Decision, InputIdle, Observation, decide};
 use crate::sensors::{self, CpuTimes};
@@ -14,6 +16,7 @@ pub struct PolicyMonitor {
     pub config: AgentConfig,
     pub capabilities: Capabilities,
     last_cpu: Option<CpuTimes>,
+    input: InputSensor,
 }
 
 impl PolicyMonitor {
@@ -22,6 +25,7 @@ impl PolicyMonitor {
             config,
             capabilities,
             last_cpu: read_cpu(),
+            input: InputSensor::start(Path::new("/sys/class/input"), Path::new("/dev/input")),
         }
     }
 
@@ -61,8 +65,7 @@ impl PolicyMonitor {
     fn input(&self) -> InputIdle {
         match &self.config.testing.owner_active_file {
             Some(file) if file.exists() => InputIdle::Since(Duration::ZERO),
-            // Keyboard and mouse idle time is not measured yet: CPU load decides alone.
-            _ => InputIdle::NotMeasured,
+            _ => self.input.idle(),
         }
     }
 }

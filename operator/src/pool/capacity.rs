@@ -78,21 +78,51 @@ impl DeviceInventory for NoDevices {
     }
 }
 
-/// Kubernetes quantity text for CPU millicores: whole cores when exact, else `NNNm`.
+/// Decimal SI suffixes in the order the API server's canonical form uses them.
+const DECIMAL: [(&str, u64); 6] = [
+    ("E", 1_000_000_000_000_000_000),
+    ("P", 1_000_000_000_000_000),
+    ("T", 1_000_000_000_000),
+    ("G", 1_000_000_000),
+    ("M", 1_000_000),
+    ("k", 1_000),
+];
+
+/// A count in the API server's canonical form (`1k` for 1000, `1500` for 1500), so a value
+/// read back compares equal to the one written and no write repeats for nothing.
+pub fn count_quantity(n: u64) -> String {
+    DECIMAL
+        .iter()
+        .find(|(_, size)| n != 0 && n.is_multiple_of(*size))
+        .map_or_else(
+            || n.to_string(),
+            |(suffix, size)| format!("{}{suffix}", n / size),
+        )
+}
+
+/// Kubernetes quantity text for CPU millicores, canonical: whole cores when exact, else `NNNm`.
 pub fn cpu_quantity(millis: u64) -> String {
     if millis.is_multiple_of(1000) {
-        (millis / 1000).to_string()
+        count_quantity(millis / 1000)
     } else {
         format!("{millis}m")
     }
 }
 
-/// Millicores in a CPU quantity as this operator writes it (`4`, `1500m`); `None` otherwise.
+/// Millicores in a CPU quantity as the API server returns it (`4`, `1k`, `1500m`).
 pub fn cpu_millis(quantity: &str) -> Option<u64> {
-    match quantity.strip_suffix('m') {
-        Some(millis) => millis.parse().ok(),
-        None => quantity.parse::<u64>().ok()?.checked_mul(1000),
+    if let Some(millis) = quantity.strip_suffix('m') {
+        return millis.parse().ok();
     }
+    let (number, size) = DECIMAL
+        .iter()
+        .find_map(|(suffix, size)| quantity.strip_suffix(suffix).map(|n| (n, *size)))
+        .unwrap_or((quantity, 1));
+    number
+        .parse::<u64>()
+        .ok()?
+        .checked_mul(size)?
+        .checked_mul(1000)
 }
 
 /// Kubernetes quantity text for bytes, in the largest binary unit that divides it exactly.
@@ -127,10 +157,20 @@ mod tests {
 
     #[test]
     fn cpu_quantities_read_back() {
-        for millis in [0, 1500, 4000] {
-            assert_eq!(cpu_millis(&cpu_quantity(millis)), Some(millis));
+        for millis in [0, 1500, 4000, 1_000_000, 1_500_000, 2_000_000_000] {
+            assert_eq!(cpu_millis(&cpu_quantity(millis)), Some(millis), "{millis}");
         }
         assert_eq!(cpu_millis("lots"), None);
+    }
+
+    #[test]
+    fn counts_are_written_as_the_api_server_canonicalizes_them() {
+        // What a 1.33 API server returns for these values, observed with 1000 devices.
+        assert_eq!(cpu_quantity(1_000_000), "1k");
+        assert_eq!(count_quantity(10_000), "10k");
+        assert_eq!(count_quantity(1500), "1500");
+        assert_eq!(count_quantity(0), "0");
+        assert_eq!(count_quantity(3_000_000), "3M");
     }
 
     #[test]

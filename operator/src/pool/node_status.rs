@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::conditions::{status_word, transition_time};
-use crate::pool::capacity::{PlatformCapacity, bytes_quantity, cpu_quantity};
+use crate::pool::capacity::{PlatformCapacity, bytes_quantity, count_quantity, cpu_quantity};
 use crate::pool::node::Platform;
 
 /// A node's status is rewritten at least this often, as virtual-kubelet does, even when
@@ -92,7 +92,10 @@ fn resources(capacity: &PlatformCapacity) -> BTreeMap<String, Quantity> {
             "ephemeral-storage".to_string(),
             Quantity(bytes_quantity(capacity.ephemeral_storage_bytes)),
         ),
-        ("pods".to_string(), Quantity(capacity.pods.to_string())),
+        (
+            "pods".to_string(),
+            Quantity(count_quantity(u64::from(capacity.pods))),
+        ),
     ])
 }
 

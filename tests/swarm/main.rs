@@ -1,0 +1,191 @@
+//! darkcore-swarm: a test-only load tool that joins N devices and holds N agent streams
+//! speaking the real protocol (TLS, device certificates, Hello, heartbeats) from one process.
+//! It stands in for a fleet when measuring the gateway; it runs no tasks.
+//!
+//! darkcore-swarm --server 127.0.0.1:7443 --token dct1... --agents 1000 --state-dir DIR
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use darkcore_agent::gateway;
+use darkcore_agent::identity::Identity;
+use darkcore_agent::policy::AgentConfig;
+use darkcore_proto::PROTOCOL_VERSION;
+use darkcore_proto::agent::v1::agent_gateway_client::AgentGatewayClient;
+use darkcore_proto::agent::v1::{
+    AgentMessage, Capabilities, Heartbeat, Hello, Offer, OwnerState, Runtime, agent_message,
+    operator_message,
+};
+use futures::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+#[derive(Parser)]
+struct Args {
+    /// The gateway: host:port.
+    #[arg(long)]
+    server: String,
+    /// A join token for the pool (needed only for devices not joined yet).
+    #[arg(long, default_value = "")]
+    token: String,
+    /// How many devices to hold connected.
+    #[arg(long)]
+    agents: usize,
+    /// Where the devices' identities are kept, one dir each; reused on the next run.
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// Joins in flight at once.
+    #[arg(long, default_value_t = 8)]
+    join_concurrency: usize,
+    /// Millicores each device offers.
+    #[arg(long, default_value_t = 1000)]
+    millicores: u32,
+    /// Stay connected this long after all are attached, then exit (0: until killed).
+    #[arg(long, default_value_t = 0)]
+    hold_seconds: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let started = Instant::now();
+    let identities = join_all(&args).await?;
+    eprintln!(
+        "swarm: {} identities ready in {:.1} s",
+        identities.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    let attached = Arc::new(AtomicUsize::new(0));
+    let attach_started = Instant::now();
+    for identity in identities {
+        let attached = attached.clone();
+        let server = args.server.clone();
+        let millicores = args.millicores;
+        tokio::spawn(async move {
+            loop {
+                if let Err(error) = hold(&server, &identity, millicores, &attached).await {
+                    eprintln!(
+                        "swarm: {}: {error:#}; reconnecting",
+                        identity.device.device_id
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+    while attached.load(Ordering::Relaxed) < args.agents {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // One line on stdout that scripts read: how long attaching all took.
+    println!(
+        "attached {} agents in {:.2} s",
+        args.agents,
+        attach_started.elapsed().as_secs_f64()
+    );
+    if args.hold_seconds > 0 {
+        tokio::time::sleep(Duration::from_secs(args.hold_seconds)).await;
+    } else {
+        futures::future::pending::<()>().await;
+    }
+    Ok(())
+}
+
+/// Loads or makes the identities of `args.agents` devices.
+async fn join_all(args: &Args) -> anyhow::Result<Vec<Identity>> {
+    let config = AgentConfig::default();
+    let results = futures::stream::iter(0..args.agents)
+        .map(|i| {
+            let dir = args.state_dir.join(format!("device-{i:06}"));
+            let config = config.clone();
+            async move {
+                match Identity::load(&dir) {
+                    Ok(identity) => Ok(identity),
+                    Err(_) => darkcore_agent::join::join(&args.server, &args.token, &dir, &config)
+                        .await
+                        .with_context(|| format!("joining device {i}")),
+                }
+            }
+        })
+        .buffer_unordered(args.join_concurrency)
+        .collect::<Vec<_>>()
+        .await;
+    results.into_iter().collect()
+}
+
+/// Holds one device's stream: Hello, then a heartbeat at the interval Welcome names.
+async fn hold(
+    server: &str,
+    identity: &Identity,
+    millicores: u32,
+    attached: &AtomicUsize,
+) -> anyhow::Result<()> {
+    let uri = gateway::server_uri(server)?;
+    let channel = gateway::channel(
+        &uri,
+        &identity.ca_pem,
+        Some((&identity.cert_pem, &identity.key_pem)),
+    )?;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let message = |body| AgentMessage {
+        version: PROTOCOL_VERSION as i32,
+        body: Some(body),
+    };
+    let offer = Offer {
+        millicores,
+        memory_bytes: 1 << 30,
+        disk_bytes: 1 << 30,
+        runtimes: vec![Runtime::Process as i32],
+    };
+    tx.send(message(agent_message::Body::Hello(Hello {
+        agent_version: "swarm".into(),
+        capabilities: Some(Capabilities {
+            os: "linux".into(),
+            arch: "amd64".into(),
+            cores: millicores.div_ceil(1000),
+            memory_bytes: 2 << 30,
+            disk_bytes: 10 << 30,
+            runtimes: vec![Runtime::Process as i32],
+        }),
+        owner_state: Some(OwnerState {
+            available: true,
+            reason: "swarm".into(),
+            offer: Some(offer),
+        }),
+        ..Default::default()
+    })))
+    .await?;
+    let mut inbound = AgentGatewayClient::new(channel)
+        .attach(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let welcome = match inbound.message().await?.and_then(|m| m.body) {
+        Some(operator_message::Body::Welcome(welcome)) => welcome,
+        other => anyhow::bail!("no Welcome: {other:?}"),
+    };
+    attached.fetch_add(1, Ordering::Relaxed);
+    let result = async {
+        let mut beat = tokio::time::interval(Duration::from_secs(u64::from(
+            welcome.heartbeat_interval_seconds.max(1),
+        )));
+        let mut sequence = 0;
+        loop {
+            tokio::select! {
+                _ = beat.tick() => {
+                    sequence += 1;
+                    tx.send(message(agent_message::Body::Heartbeat(Heartbeat { sequence }))).await?;
+                }
+                received = inbound.message() => match received? {
+                    Some(_) => {}
+                    None => anyhow::bail!("the gateway closed the stream"),
+                },
+            }
+        }
+    }
+    .await;
+    attached.fetch_sub(1, Ordering::Relaxed);
+    result
+}
