@@ -36,6 +36,14 @@ pub fn detect() -> Result<Capabilities, Error> {
 
 /// Runtimes this device can run: `process` always; `oci` where runc or crun is on PATH.
 /// `wasm` joins when the wasmtime runtime is built in.
+/// Free space for tasks on the file system holding `path` (the state dir, where images and
+/// volumes go), or `None` where it cannot be read.
+pub fn available_disk(path: &std::path::Path) -> Option<u64> {
+    let existing = path.ancestors().find(|p| p.exists())?;
+    let stat = rustix::fs::statvfs(existing).ok()?;
+    stat.f_bavail.checked_mul(stat.f_frsize)
+}
+
 pub fn installed_runtimes() -> Vec<i32> {
     let mut runtimes = vec![Runtime::Process as i32];
     if ["runc", "crun"].iter().any(|bin| on_path(bin)) {
@@ -75,6 +83,12 @@ pub fn mem_total_bytes(meminfo: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_disk_is_read_from_the_nearest_existing_directory() {
+        let free = available_disk(std::path::Path::new("/tmp/darkcore-does-not-exist/state"));
+        assert!(free.is_some_and(|bytes| bytes > 0));
+    }
 
     #[test]
     fn rust_arches_map_to_kubernetes_names() {

@@ -51,6 +51,7 @@ pub async fn join(
         .serialize_request(&key)
         .map_err(JoinError::Key)?;
     let mut capabilities = capabilities::detect()?;
+    capabilities.disk_bytes = capabilities::available_disk(state_dir).unwrap_or(0);
     capabilities.runtimes = offer(&config.policy, &capabilities).runtimes;
     let request = JoinRequest {
         version: PROTOCOL_VERSION as i32,

@@ -35,6 +35,7 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
     )?;
     let mut capabilities =
         capabilities::detect().context("detecting this device's capabilities")?;
+    capabilities.disk_bytes = capabilities::available_disk(state_dir).unwrap_or(0);
     let labels = config.labels.clone();
     let mut policy = PolicyMonitor::new(config, capabilities.clone());
     capabilities.runtimes = offer(&policy.config.policy, &capabilities).runtimes;
