@@ -13,7 +13,7 @@ use rcgen::{CertificateParams, KeyPair};
 use crate::capabilities;
 use crate::gateway::{self, GatewayError};
 use crate::identity::{DeviceRecord, Identity, IdentityError};
-use crate::policy::{AgentConfig, decide::offer};
+use crate::policy::AgentConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
@@ -52,7 +52,6 @@ pub async fn join(
         .map_err(JoinError::Key)?;
     let mut capabilities = capabilities::detect()?;
     capabilities.disk_bytes = capabilities::available_disk(state_dir).unwrap_or(0);
-    capabilities.runtimes = offer(&config.policy, &capabilities).runtimes;
     let request = JoinRequest {
         version: PROTOCOL_VERSION as i32,
         token: token.to_string(),

@@ -15,7 +15,7 @@ use crate::gateway;
 use crate::identity::Identity;
 use crate::observe::PolicyMonitor;
 use crate::policy::AgentConfig;
-use crate::policy::decide::{offer, to_owner_state};
+use crate::policy::decide::to_owner_state;
 use crate::session::{self, SessionEnd, SessionError};
 use crate::status::{AgentStatus, StatusFile};
 
@@ -38,7 +38,6 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
     capabilities.disk_bytes = capabilities::available_disk(state_dir).unwrap_or(0);
     let labels = config.labels.clone();
     let mut policy = PolicyMonitor::new(config, capabilities.clone());
-    capabilities.runtimes = offer(&policy.config.policy, &capabilities).runtimes;
     let mut status = StatusFile::new(
         state_dir,
         AgentStatus {
