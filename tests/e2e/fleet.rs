@@ -2,7 +2,6 @@
 //! restart, and play the owner coming back through the agent's documented test hook.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use darkcore_crds::DevicePool;
@@ -11,7 +10,7 @@ use kube::Api;
 use tokio::process::{Child, Command};
 
 use crate::harness::{
-    self, OPERATOR_NAMESPACE, agent_bin, log_dir, operator_cli, unique, wait_for,
+    self, OPERATOR_NAMESPACE, agent_bin, log_dir, operator_cli, spawn_logged, unique, wait_for,
 };
 
 /// Creates a join token for `pool` with the real CLI; `extra` adds flags like `--uses 1`.
@@ -118,26 +117,16 @@ impl Agent {
 
     /// Starts `darkcore-agent run` (again).
     pub fn run(&mut self) {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(agent_bin())
+        let mut command = Command::new(agent_bin());
+        command
             .arg("run")
             .arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
+            .env("RUST_BACKTRACE", "0");
+        self.child = Some(spawn_logged(command, &self.log));
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -146,9 +135,7 @@ impl Agent {
 
     /// SIGKILL, as a crash or a pulled plug.
     pub async fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await.unwrap();
-        }
+        harness::kill(&mut self.child).await;
     }
 
     /// SIGTERM, as systemd stops it, and waits for the exit.

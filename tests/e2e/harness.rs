@@ -213,12 +213,8 @@ impl Operator {
         );
         ensure_operator_namespace(&client().await).await;
         let log = log_dir().join(format!("operator-{scope}.log"));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child = Command::new(&bin)
+        let mut command = Command::new(&bin);
+        command
             .args([
                 "run",
                 "--http-addr",
@@ -230,13 +226,8 @@ impl Operator {
                 "--namespace",
                 OPERATOR_NAMESPACE,
             ])
-            .env("RUST_LOG", "info,kube=warn")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+            .env("RUST_LOG", "info,kube=warn");
+        let child = spawn_logged(command, &log);
         let mut operator = Operator {
             child: Some(child),
             http_port: port,
@@ -273,9 +264,7 @@ impl Operator {
 
     /// Kills the process outright, as a crash or a lost machine would.
     pub async fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await.unwrap();
-        }
+        kill(&mut self.child).await;
     }
 
     /// A plain HTTP GET against the operator's health and metrics server.
@@ -302,6 +291,30 @@ impl Operator {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+/// Starts `command` in the background with stdout and stderr appended to `log`; the process
+/// is killed if its handle is dropped (a failed test leaves nothing running).
+pub fn spawn_logged(mut command: Command, log: &Path) -> Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    command
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {:?}: {e}", command.as_std().get_program()))
+}
+
+/// SIGKILL, as a crash or a pulled plug, for a process started by [`spawn_logged`].
+pub async fn kill(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        child.kill().await.unwrap();
     }
 }
 

@@ -5,6 +5,7 @@ use darkcore_crds::DevicePoolSpec;
 use darkcore_proto::agent::v1::Runtime as WireRuntime;
 
 use crate::devices::Device;
+use crate::pool::capacity::parse_memory;
 
 pub fn check(spec: &DevicePoolSpec, device: &Device) -> Result<(), String> {
     let caps = &device.capabilities;
@@ -81,31 +82,6 @@ fn names<'a>(items: impl Iterator<Item = &'a str>) -> String {
     items.collect::<Vec<_>>().join(", ")
 }
 
-/// Bytes in a Kubernetes memory quantity: plain, binary (Ki..Ei) or decimal (k..E) suffixes.
-pub fn parse_memory(quantity: &str) -> Option<u64> {
-    const SUFFIXES: [(&str, u64); 12] = [
-        ("Ki", 1 << 10),
-        ("Mi", 1 << 20),
-        ("Gi", 1 << 30),
-        ("Ti", 1 << 40),
-        ("Pi", 1 << 50),
-        ("Ei", 1 << 60),
-        ("k", 1_000),
-        ("M", 1_000_000),
-        ("G", 1_000_000_000),
-        ("T", 1_000_000_000_000),
-        ("P", 1_000_000_000_000_000),
-        ("E", 1_000_000_000_000_000_000),
-    ];
-    let q = quantity.trim();
-    let (number, scale) = SUFFIXES
-        .iter()
-        .find_map(|(suffix, scale)| q.strip_suffix(suffix).map(|n| (n, *scale)))
-        .unwrap_or((q, 1));
-    let value: f64 = number.parse().ok()?;
-    (value >= 0.0 && value.is_finite()).then_some((value * scale as f64) as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,14 +141,5 @@ mod tests {
         };
         let err = check(&spec, &device("linux", "amd64", 4, 8)).unwrap_err();
         assert!(err.contains("none of the pool's runtimes (wasm)"), "{err}");
-    }
-
-    #[test]
-    fn memory_quantities_parse_like_kubernetes() {
-        assert_eq!(parse_memory("2Gi"), Some(2 << 30));
-        assert_eq!(parse_memory("1.5Gi"), Some(3 << 29));
-        assert_eq!(parse_memory("500M"), Some(500_000_000));
-        assert_eq!(parse_memory("1024"), Some(1024));
-        assert_eq!(parse_memory("lots"), None);
     }
 }

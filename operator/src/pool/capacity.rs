@@ -91,7 +91,12 @@ const DECIMAL: [(&str, u64); 6] = [
 /// A count in the API server's canonical form (`1k` for 1000, `1500` for 1500), so a value
 /// read back compares equal to the one written and no write repeats for nothing.
 pub fn count_quantity(n: u64) -> String {
-    DECIMAL
+    in_largest_exact_unit(n, &DECIMAL)
+}
+
+/// `n` in the largest of `units` (largest first) that divides it exactly, else plain.
+fn in_largest_exact_unit(n: u64, units: &[(&str, u64)]) -> String {
+    units
         .iter()
         .find(|(_, size)| n != 0 && n.is_multiple_of(*size))
         .map_or_else(
@@ -125,23 +130,32 @@ pub fn cpu_millis(quantity: &str) -> Option<u64> {
         .checked_mul(1000)
 }
 
+/// Binary suffixes, largest first.
+const BINARY: [(&str, u64); 6] = [
+    ("Ei", 1 << 60),
+    ("Pi", 1 << 50),
+    ("Ti", 1 << 40),
+    ("Gi", 1 << 30),
+    ("Mi", 1 << 20),
+    ("Ki", 1 << 10),
+];
+
 /// Kubernetes quantity text for bytes, in the largest binary unit that divides it exactly.
 pub fn bytes_quantity(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
-        ("Ti", 1 << 40),
-        ("Gi", 1 << 30),
-        ("Mi", 1 << 20),
-        ("Ki", 1 << 10),
-    ];
-    if bytes == 0 {
-        return "0".into();
-    }
-    for (suffix, size) in UNITS {
-        if bytes.is_multiple_of(size) {
-            return format!("{}{suffix}", bytes / size);
-        }
-    }
-    bytes.to_string()
+    in_largest_exact_unit(bytes, &BINARY)
+}
+
+/// Bytes in a Kubernetes memory quantity: plain, binary (Ki..Ei) or decimal (k..E) suffixes,
+/// fractions allowed (`1.5Gi`).
+pub fn parse_memory(quantity: &str) -> Option<u64> {
+    let q = quantity.trim();
+    let (number, scale) = BINARY
+        .iter()
+        .chain(DECIMAL.iter())
+        .find_map(|(suffix, scale)| q.strip_suffix(suffix).map(|n| (n, *scale)))
+        .unwrap_or((q, 1));
+    let value: f64 = number.parse().ok()?;
+    (value >= 0.0 && value.is_finite()).then_some((value * scale as f64) as u64)
 }
 
 #[cfg(test)]
@@ -171,6 +185,15 @@ mod tests {
         assert_eq!(count_quantity(1500), "1500");
         assert_eq!(count_quantity(0), "0");
         assert_eq!(count_quantity(3_000_000), "3M");
+    }
+
+    #[test]
+    fn memory_quantities_parse_with_any_suffix() {
+        assert_eq!(parse_memory("2Gi"), Some(2 << 30));
+        assert_eq!(parse_memory("1.5Gi"), Some(3 << 29));
+        assert_eq!(parse_memory("500M"), Some(500_000_000));
+        assert_eq!(parse_memory("1024"), Some(1024));
+        assert_eq!(parse_memory("lots"), None);
     }
 
     #[test]
