@@ -14,3 +14,4 @@ pub mod run;
 pub mod sensors;
 pub mod session;
 pub mod status;
+pub mod tasks;

@@ -16,8 +16,11 @@ use crate::identity::Identity;
 use crate::observe::PolicyMonitor;
 use crate::policy::AgentConfig;
 use crate::policy::decide::to_owner_state;
-use crate::session::{self, SessionEnd, SessionError};
+use crate::session::{self, Agent, SessionEnd, SessionError, step_aside};
 use crate::status::{AgentStatus, StatusFile};
+use crate::tasks::TaskManager;
+use crate::tasks::process::ProcessRuntime;
+use darkcore_proto::agent::v1::Runtime as RuntimeKind;
 
 /// Reconnect delays start here and double up to `MAX_BACKOFF`.
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
@@ -57,6 +60,15 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
 
+    let (tasks, mut reports) = TaskManager::new(
+        state_dir.join("tasks"),
+        vec![(
+            RuntimeKind::Process,
+            std::sync::Arc::new(ProcessRuntime) as _,
+        )],
+    );
+    crate::tasks::workdir::reap_stale(&state_dir.join("tasks"));
+
     let seed = seed(&identity.device.device_id);
     let mut backoff = Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF, seed);
     policy.prime().await;
@@ -68,12 +80,17 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             capabilities: Some(capabilities.clone()),
             owner_state: Some(to_owner_state(&decision)),
-            running_task_ids: Vec::new(),
             labels: labels.clone().into_iter().collect(),
+            tasks: tasks.snapshot(),
         };
         let started = Instant::now();
-        let outcome =
-            session::attach(channel.clone(), hello, &mut policy, &mut status, &mut stop).await;
+        let agent = Agent {
+            policy: &mut policy,
+            status: &mut status,
+            tasks: &tasks,
+            reports: &mut reports,
+        };
+        let outcome = session::attach(channel.clone(), hello, agent, &mut stop).await;
         match outcome {
             Ok(SessionEnd::Stopped) => {
                 status.connection(false, "stopped".into());
@@ -94,11 +111,21 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
                     false,
                     format!("reconnecting in {:.1} s: {reason}", delay.as_secs_f64()),
                 );
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stop.changed() => {
-                        status.connection(false, "stopped".into());
-                        return Ok(());
+                // The owner's policy is still followed while the gateway is away.
+                let until = tokio::time::Instant::now() + delay;
+                let mut check = tokio::time::interval(policy.interval());
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => break,
+                        _ = check.tick() => {
+                            let decision = policy.check();
+                            status.policy(&decision);
+                            step_aside(&decision, &policy, &tasks);
+                        }
+                        _ = stop.changed() => {
+                            status.connection(false, "stopped".into());
+                            return Ok(());
+                        }
                     }
                 }
             }

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use darkcore_proto::agent::v1::agent_gateway_client::AgentGatewayClient;
 use darkcore_proto::agent::v1::{
-    AgentMessage, Heartbeat, Hello, Offer, OwnerState, Refusal, TaskPhase, TaskStatus,
-    agent_message, operator_message, refusal::Code,
+    AgentMessage, Heartbeat, Hello, Offer, OwnerState, Refusal, TaskAssign, agent_message,
+    operator_message, refusal::Code,
 };
 use darkcore_proto::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION, check_version};
 use tokio::sync::{mpsc, watch};
@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 use crate::observe::PolicyMonitor;
 use crate::policy::{Decision, decide::to_owner_state};
 use crate::status::StatusFile;
+use crate::tasks::{Reports, TaskManager};
 
 /// Messages queued towards the gateway before the agent waits (bounded memory).
 pub const SEND_QUEUE: usize = 64;
@@ -62,13 +63,52 @@ fn offered(decision: &Decision) -> (bool, Offer) {
     (decision.available, decision.offer.clone())
 }
 
+/// Why the device cannot take `task` now, if it cannot: the owner's policy says no, or does
+/// not allow its runtime.
+fn refusal(decision: &Decision, task: &TaskAssign) -> Option<String> {
+    if !decision.available {
+        return Some(format!(
+            "the owner's policy gives nothing now: {}",
+            decision.reason
+        ));
+    }
+    (!decision.offer.runtimes.contains(&task.runtime)).then(|| {
+        format!(
+            "the owner does not allow runtime {} on this device",
+            darkcore_proto::agent::v1::Runtime::try_from(task.runtime)
+                .map_or("unknown", |r| r.as_str_name())
+        )
+    })
+}
+
+/// Stops running tasks when the owner's policy takes the device back.
+pub fn step_aside(decision: &Decision, policy: &PolicyMonitor, tasks: &TaskManager) {
+    if !decision.available {
+        let grace = Duration::from_secs(u64::from(policy.config.policy.stop_grace_seconds));
+        tasks.preempt_all(grace, &decision.reason);
+    }
+}
+
+/// The parts of a session that outlive it: the policy, the status file and the tasks.
+pub struct Agent<'a> {
+    pub policy: &'a mut PolicyMonitor,
+    pub status: &'a mut StatusFile,
+    pub tasks: &'a TaskManager,
+    pub reports: &'a mut Reports,
+}
+
 pub async fn attach(
     channel: Channel,
     hello: Hello,
-    policy: &mut PolicyMonitor,
-    status: &mut StatusFile,
+    agent: Agent<'_>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<SessionEnd, SessionError> {
+    let Agent {
+        policy,
+        status,
+        tasks,
+        reports,
+    } = agent;
     let retry = |what: &str, e: &dyn std::fmt::Display| SessionError::Retry(format!("{what}: {e}"));
     let mut last_sent = hello
         .owner_state
@@ -111,6 +151,7 @@ pub async fn attach(
     heartbeat.tick().await;
     check.tick().await;
     let mut sequence = 0u64;
+    let mut decision = policy.check();
     loop {
         tokio::select! {
             _ = heartbeat.tick() => {
@@ -119,9 +160,16 @@ pub async fn attach(
                     .await
                     .map_err(|e| retry("sending a heartbeat", &e))?;
             }
+            body = reports.next() => {
+                tx.send(message(body))
+                    .await
+                    .map_err(|e| retry("sending a task report", &e))?;
+            }
             _ = check.tick() => {
-                let decision = policy.check();
+                decision = policy.check();
                 status.policy(&decision);
+                step_aside(&decision, policy, tasks);
+                status.tasks(tasks.running());
                 if last_sent.as_ref() != Some(&offered(&decision)) {
                     tracing::info!(available = decision.available, reason = %decision.reason, "owner policy changed what this device gives");
                     last_sent = Some(offered(&decision));
@@ -136,17 +184,14 @@ pub async fn attach(
                     match received.body {
                         Some(operator_message::Body::Refusal(refusal)) => return Err(classify(&refusal)),
                         Some(operator_message::Body::TaskAssign(task)) => {
-                            // Running tasks arrives with the runtimes; until then say so.
-                            let refused = TaskStatus {
-                                task_id: task.task_id,
-                                phase: TaskPhase::Failed as i32,
-                                reason: "NotSupported".into(),
-                                message: "this agent version runs no tasks yet".into(),
-                                ..Default::default()
-                            };
-                            tx.send(message(agent_message::Body::TaskStatus(refused)))
-                                .await
-                                .map_err(|e| retry("sending a task status", &e))?;
+                            let refused = refusal(&decision, &task);
+                            tasks.assign(task, refused);
+                            status.tasks(tasks.running());
+                        }
+                        Some(operator_message::Body::TaskCancel(cancel)) => {
+                            tracing::info!(task = %cancel.task_id, reason = %cancel.reason, "task released by the operator");
+                            tasks.cancel(&cancel.task_id, Duration::from_secs(u64::from(cancel.grace_seconds)));
+                            status.tasks(tasks.running());
                         }
                         _ => {}
                     }

@@ -60,6 +60,11 @@ impl StatusFile {
         self.save();
     }
 
+    pub fn tasks(&mut self, running: Vec<String>) {
+        self.status.running_tasks = running;
+        self.save();
+    }
+
     pub fn connection(&mut self, connected: bool, words: String) {
         self.status.connected = connected;
         self.status.connection = words;

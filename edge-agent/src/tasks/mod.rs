@@ -1,0 +1,422 @@
+//! Tasks on this device: the operator assigns pods' containers as tasks, the agent runs them
+//! in a runtime and reports their status and output. Tasks outlive gateway connections: a
+//! reconnecting agent reports them in Hello, so the operator adopts them instead of rerunning.
+//!
+//! `TaskManager` takes assignments, cancellations and preemptions; each task is run by its
+//! own `Supervisor`; both report to the `Board`, which `Reports` drains onto the stream.
+
+pub mod lifecycle;
+pub mod process;
+pub mod runtime;
+pub mod supervise;
+pub mod workdir;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use darkcore_proto::agent::v1::{
+    LogChunk, Runtime as RuntimeKind, TaskAssign, TaskPhase, TaskStatus, agent_message,
+};
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::tasks::runtime::Runtime;
+use crate::tasks::supervise::{Stop, Supervisor};
+
+/// Log chunks held while the gateway is slow or away; newer ones are dropped beyond it
+/// (statuses are never dropped: the latest of each task is always kept).
+pub const LOG_QUEUE: usize = 1024;
+
+struct Entry {
+    status: TaskStatus,
+    stop: watch::Sender<Option<Stop>>,
+    finished: bool,
+    /// The operator released it: forget it once it has stopped.
+    released: bool,
+}
+
+/// Where tasks report: the latest status of each (marked dirty until sent) and their output.
+pub struct Board {
+    entries: Mutex<HashMap<String, Entry>>,
+    dirty: Mutex<BTreeSet<String>>,
+    notify: Notify,
+    logs: mpsc::Sender<LogChunk>,
+    pub dropped_log_chunks: AtomicU64,
+    tasks_root: PathBuf,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Board {
+    /// A task's status changed.
+    pub fn report(&self, status: TaskStatus) {
+        let id = status.task_id.clone();
+        {
+            let mut entries = lock(&self.entries);
+            match entries.get_mut(&id) {
+                Some(entry) if !entry.released => entry.status = status,
+                _ => return,
+            }
+        }
+        lock(&self.dirty).insert(id);
+        self.notify.notify_one();
+    }
+
+    /// A task wrote output. Dropped (and counted) when the queue is full.
+    pub fn log(&self, chunk: LogChunk) {
+        if self.logs.try_send(chunk).is_err() {
+            self.dropped_log_chunks.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A task's supervisor ended; a released task is forgotten now.
+    pub fn finished(&self, task_id: &str) {
+        let forget = {
+            let mut entries = lock(&self.entries);
+            match entries.get_mut(task_id) {
+                Some(entry) => {
+                    entry.finished = true;
+                    entry.released
+                }
+                None => false,
+            }
+        };
+        if forget {
+            self.forget(task_id);
+        }
+    }
+
+    fn forget(&self, task_id: &str) {
+        lock(&self.entries).remove(task_id);
+        lock(&self.dirty).remove(task_id);
+        workdir::remove(&self.tasks_root, task_id);
+    }
+
+    fn take_dirty(&self) -> Option<TaskStatus> {
+        let id = lock(&self.dirty).pop_first()?;
+        lock(&self.entries).get(&id).map(|e| e.status.clone())
+    }
+}
+
+/// What the session sends next: task statuses and log chunks as they come.
+pub struct Reports {
+    board: Arc<Board>,
+    logs: mpsc::Receiver<LogChunk>,
+}
+
+impl Reports {
+    /// The next message for the gateway. Output goes first, so that a container's last lines
+    /// reach the operator before the status that says it ended.
+    pub async fn next(&mut self) -> agent_message::Body {
+        loop {
+            if let Ok(chunk) = self.logs.try_recv() {
+                return agent_message::Body::LogChunk(chunk);
+            }
+            if let Some(status) = self.board.take_dirty() {
+                return agent_message::Body::TaskStatus(status);
+            }
+            tokio::select! {
+                biased;
+                Some(chunk) = self.logs.recv() => return agent_message::Body::LogChunk(chunk),
+                _ = self.board.notify.notified() => {}
+            }
+        }
+    }
+}
+
+/// The tasks this device holds.
+pub struct TaskManager {
+    board: Arc<Board>,
+    runtimes: Vec<(RuntimeKind, Arc<dyn Runtime>)>,
+}
+
+impl TaskManager {
+    /// Tasks keep their directories under `tasks_root`; `runtimes` are the ones installed.
+    pub fn new(
+        tasks_root: PathBuf,
+        runtimes: Vec<(RuntimeKind, Arc<dyn Runtime>)>,
+    ) -> (TaskManager, Reports) {
+        let (logs_tx, logs) = mpsc::channel(LOG_QUEUE);
+        let board = Arc::new(Board {
+            entries: Mutex::default(),
+            dirty: Mutex::default(),
+            notify: Notify::new(),
+            logs: logs_tx,
+            dropped_log_chunks: AtomicU64::new(0),
+            tasks_root,
+        });
+        (
+            TaskManager {
+                board: board.clone(),
+                runtimes,
+            },
+            Reports { board, logs },
+        )
+    }
+
+    /// Starts a task, unless it is already here (a re-sent assignment): then its status is
+    /// reported again. `refusal` is why the device cannot take work now, if it cannot.
+    pub fn assign(&self, task: TaskAssign, refusal: Option<String>) {
+        let id = task.task_id.clone();
+        if lock(&self.board.entries).contains_key(&id) {
+            lock(&self.board.dirty).insert(id);
+            self.board.notify.notify_one();
+            return;
+        }
+        let runtime = RuntimeKind::try_from(task.runtime).unwrap_or(RuntimeKind::Unspecified);
+        let found = self
+            .runtimes
+            .iter()
+            .find(|(kind, _)| *kind == runtime)
+            .map(|(_, r)| r.clone());
+        let (stop_tx, stop) = watch::channel(None);
+        let mut status = TaskStatus {
+            task_id: id.clone(),
+            phase: TaskPhase::Pending as i32,
+            ..Default::default()
+        };
+        let refused = match (&found, refusal) {
+            (_, Some(reason)) => Some(("OwnerBusy", reason)),
+            (None, None) => Some((
+                "RuntimeUnavailable",
+                format!(
+                    "runtime {} is not installed on this device",
+                    runtime.as_str_name()
+                ),
+            )),
+            _ => None,
+        };
+        let prepared = match refused {
+            Some(_) => None,
+            None => Some(workdir::prepare(&self.board.tasks_root, &id, &task.volumes)),
+        };
+        match (&refused, &prepared) {
+            (Some((reason, message)), _) => {
+                status.phase = TaskPhase::Preempted as i32;
+                status.reason = (*reason).into();
+                status.message = message.clone();
+            }
+            (None, Some(Err(workdir::WorkdirError::Invalid(message)))) => {
+                status.phase = TaskPhase::Failed as i32;
+                status.reason = "CreateContainerConfigError".into();
+                status.message = message.clone();
+            }
+            (None, Some(Err(error))) => {
+                status.phase = TaskPhase::Preempted as i32;
+                status.reason = "DeviceError".into();
+                status.message = error.to_string();
+            }
+            _ => {}
+        }
+        let startable = status.phase == TaskPhase::Pending as i32;
+        lock(&self.board.entries).insert(
+            id.clone(),
+            Entry {
+                status: status.clone(),
+                stop: stop_tx,
+                finished: !startable,
+                released: false,
+            },
+        );
+        self.board.report(status);
+        if let (true, Some(runtime), Some(Ok(dir))) = (startable, found, prepared) {
+            tracing::info!(task = %id, pod = %format!("{}/{}", task.namespace, task.pod_name), runtime = runtime.name(), "task started");
+            let supervisor = Supervisor {
+                task,
+                dir,
+                runtime,
+                board: self.board.clone(),
+                stop,
+            };
+            tokio::spawn(supervisor.run());
+        }
+    }
+
+    /// Stops a task within `grace` and forgets it; a finished one is forgotten at once.
+    pub fn cancel(&self, task_id: &str, grace: Duration) {
+        let finished = {
+            let mut entries = lock(&self.board.entries);
+            let Some(entry) = entries.get_mut(task_id) else {
+                return;
+            };
+            entry.released = true;
+            if !entry.finished {
+                entry.stop.send_replace(Some(Stop {
+                    grace,
+                    preempted: None,
+                }));
+            }
+            entry.finished
+        };
+        if finished {
+            self.board.forget(task_id);
+        }
+    }
+
+    /// The owner came back: every running task stops within `grace` and ends Preempted.
+    pub fn preempt_all(&self, grace: Duration, reason: &str) {
+        let entries = lock(&self.board.entries);
+        for (id, entry) in entries.iter().filter(|(_, e)| !e.finished) {
+            tracing::info!(task = %id, %reason, "preempting the task: the owner needs the device");
+            entry.stop.send_if_modified(|stop| {
+                if stop.is_none() {
+                    *stop = Some(Stop {
+                        grace,
+                        preempted: Some(reason.into()),
+                    });
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+
+    /// The latest status of every task held, for Hello. Whatever was waiting to be sent is
+    /// in it, so the queue of changes starts empty.
+    pub fn snapshot(&self) -> Vec<TaskStatus> {
+        let entries = lock(&self.board.entries);
+        lock(&self.board.dirty).clear();
+        let mut statuses: Vec<TaskStatus> = entries.values().map(|e| e.status.clone()).collect();
+        statuses.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        statuses
+    }
+
+    /// Ids of the tasks still running, for `darkcore-agent status`.
+    pub fn running(&self) -> Vec<String> {
+        let entries = lock(&self.board.entries);
+        let mut ids: Vec<String> = entries
+            .iter()
+            .filter(|(_, e)| !e.finished)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::process::ProcessRuntime;
+    use darkcore_proto::agent::v1::{
+        Container, container_status::State, task_assign::RestartPolicy,
+    };
+
+    fn manager(name: &str) -> (TaskManager, Reports) {
+        let root =
+            std::env::temp_dir().join(format!("darkcore-tasks-{name}-{}", std::process::id()));
+        TaskManager::new(
+            root,
+            vec![(RuntimeKind::Process, Arc::new(ProcessRuntime) as _)],
+        )
+    }
+
+    fn shell(id: &str, script: &str, policy: RestartPolicy) -> TaskAssign {
+        TaskAssign {
+            task_id: id.into(),
+            pod_name: "p".into(),
+            runtime: RuntimeKind::Process as i32,
+            restart_policy: policy as i32,
+            containers: vec![Container {
+                name: "main".into(),
+                command: vec!["sh".into(), "-c".into(), script.into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// Reads reports until a status in a final phase arrives; returns it and the output.
+    async fn until_final(reports: &mut Reports) -> (TaskStatus, String) {
+        let mut output = String::new();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), reports.next())
+                .await
+                .expect("a report")
+            {
+                agent_message::Body::LogChunk(chunk) => {
+                    output.push_str(&String::from_utf8_lossy(&chunk.data))
+                }
+                agent_message::Body::TaskStatus(status)
+                    if ![TaskPhase::Pending as i32, TaskPhase::Running as i32]
+                        .contains(&status.phase) =>
+                {
+                    return (status, output);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_process_runs_reports_its_output_and_exit_code() {
+        let (tasks, mut reports) = manager("exit");
+        tasks.assign(
+            shell(
+                "t1",
+                "echo hello; echo oops >&2; exit 3",
+                RestartPolicy::Never,
+            ),
+            None,
+        );
+        let (status, output) = until_final(&mut reports).await;
+        assert_eq!(status.phase, TaskPhase::Failed as i32);
+        let main = &status.containers[0];
+        assert_eq!(
+            (main.state, main.exit_code, main.reason.as_str()),
+            (State::Terminated as i32, 3, "Error")
+        );
+        assert!(
+            output.contains("hello\n") && output.contains("oops\n"),
+            "{output:?}"
+        );
+        tasks.cancel("t1", Duration::ZERO);
+        assert!(tasks.snapshot().is_empty(), "a released task is forgotten");
+    }
+
+    #[tokio::test]
+    async fn a_stopped_task_gets_sigterm_then_sigkill_after_the_grace_period() {
+        let (tasks, mut reports) = manager("grace");
+        tasks.assign(
+            shell(
+                "t2",
+                "trap '' TERM; echo ready; while true; do sleep 0.1; done",
+                RestartPolicy::Always,
+            ),
+            None,
+        );
+        loop {
+            if let agent_message::Body::LogChunk(_) = reports.next().await {
+                break;
+            }
+        }
+        let started = std::time::Instant::now();
+        tasks.preempt_all(Duration::from_millis(500), "owner is back");
+        let (status, _) = until_final(&mut reports).await;
+        assert_eq!(status.phase, TaskPhase::Preempted as i32);
+        assert_eq!(
+            status.containers[0].exit_code, 137,
+            "killed after ignoring SIGTERM"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(500));
+    }
+
+    #[tokio::test]
+    async fn a_task_the_owner_cannot_take_now_is_handed_back() {
+        let (tasks, mut reports) = manager("busy");
+        tasks.assign(
+            shell("t3", "true", RestartPolicy::Never),
+            Some("owner active".into()),
+        );
+        let (status, _) = until_final(&mut reports).await;
+        assert_eq!(
+            (status.phase, status.reason.as_str()),
+            (TaskPhase::Preempted as i32, "OwnerBusy")
+        );
+    }
+}

@@ -1,0 +1,155 @@
+//! The `process` runtime: a container's command runs as a plain process of the agent's user,
+//! in its own process group. For trusted fleets only: it isolates nothing (see the README).
+//!
+//! Volumes cannot be mounted without privileges, so each mount appears under the task's root
+//! (`$DARKCORE_TASK_ROOT` + mountPath), which is also the default working directory.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Component, Path, PathBuf};
+use std::process::Stdio;
+
+use rustix::process::{Pid, Signal, kill_process_group};
+use tokio::process::{Child, Command};
+
+use crate::tasks::runtime::{Exit, Launch, Output, Runtime, StartError, Workload};
+
+/// The PATH a task gets when its pod sets none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+pub struct ProcessRuntime;
+
+/// `path` (absolute inside the pod) placed under `root` on the device; `..` is refused.
+pub fn under_root(root: &Path, path: &str) -> Result<PathBuf, String> {
+    let mut placed = root.to_path_buf();
+    for component in Path::new(path).components() {
+        match component {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(part) => placed.push(part),
+            _ => return Err(format!("path {path:?} leaves the task's directory")),
+        }
+    }
+    Ok(placed)
+}
+
+/// The task root of a launch: what `$DARKCORE_TASK_ROOT` names.
+pub fn task_root(launch: &Launch) -> PathBuf {
+    launch.task_dir.join("root")
+}
+
+#[tonic::async_trait]
+impl Runtime for ProcessRuntime {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    async fn start(&self, launch: &Launch) -> Result<Box<dyn Workload>, StartError> {
+        let container = &launch.container;
+        let config_error = |message: String| StartError {
+            reason: "CreateContainerConfigError",
+            message,
+        };
+        let Some((program, leading)) = container.command.split_first() else {
+            return Err(config_error(format!(
+                "container {:?} has no command: the process runtime runs the command on the device and does not pull the image",
+                container.name
+            )));
+        };
+        let root = task_root(launch);
+        let workdir = match container.working_dir.as_str() {
+            "" => root.clone(),
+            dir => under_root(&root, dir).map_err(config_error)?,
+        };
+        std::fs::create_dir_all(&workdir).map_err(|e| StartError {
+            reason: "CreateContainerError",
+            message: format!("creating the working directory {}: {e}", workdir.display()),
+        })?;
+        let mut command = Command::new(program);
+        command
+            .args(leading)
+            .args(&container.args)
+            .env_clear()
+            .env("PATH", DEFAULT_PATH)
+            .env("HOSTNAME", &launch.pod_name)
+            .env("HOME", &root)
+            .env("DARKCORE_TASK_ROOT", &root)
+            .envs(container.env.iter().map(|e| (&e.name, &e.value)))
+            .current_dir(&workdir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let child = command.spawn().map_err(|e| StartError {
+            reason: "RunContainerError",
+            message: format!("starting {program:?}: {e}"),
+        })?;
+        if let Some(id) = child.id() {
+            crate::tasks::workdir::record_process_group(&launch.task_dir, id);
+        }
+        let group = child.id().and_then(|id| Pid::from_raw(id as i32));
+        Ok(Box::new(Process { child, group }))
+    }
+}
+
+struct Process {
+    child: Child,
+    group: Option<Pid>,
+}
+
+impl Process {
+    fn signal(&self, signal: Signal) {
+        if let Some(group) = self.group {
+            // The group may be gone already; that is what we wanted.
+            let _ = kill_process_group(group, signal);
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Workload for Process {
+    fn take_output(&mut self) -> (Option<Output>, Option<Output>) {
+        (
+            self.child.stdout.take().map(|s| Box::new(s) as Output),
+            self.child.stderr.take().map(|s| Box::new(s) as Output),
+        )
+    }
+
+    async fn wait(&mut self) -> Exit {
+        match self.child.wait().await {
+            Ok(status) => match (status.code(), status.signal()) {
+                (Some(code), _) => Exit::from_code(code),
+                (None, Some(signal)) => Exit::from_code(128 + signal),
+                (None, None) => Exit::from_code(1),
+            },
+            Err(e) => Exit {
+                code: 1,
+                reason: "Error".into(),
+                message: format!("waiting for the process: {e}"),
+            },
+        }
+    }
+
+    fn terminate(&mut self) {
+        self.signal(Signal::TERM);
+    }
+
+    fn kill(&mut self) {
+        self.signal(Signal::KILL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_stay_under_the_task_root() {
+        let root = Path::new("/t/root");
+        assert_eq!(
+            under_root(root, "/etc/config").unwrap(),
+            Path::new("/t/root/etc/config")
+        );
+        assert_eq!(under_root(root, "data").unwrap(), Path::new("/t/root/data"));
+        assert!(under_root(root, "/etc/../../secret").is_err());
+    }
+}

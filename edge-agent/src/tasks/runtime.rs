@@ -1,0 +1,74 @@
+//! The interface every runtime plugs into (process now; OCI and WASM next): start one
+//! container of a task from a prepared `Launch`, then wait for it, signal it, or kill it.
+
+use std::path::PathBuf;
+
+use darkcore_proto::agent::v1::Container;
+use tokio::io::AsyncRead;
+
+/// Everything a runtime needs to start one container, already resolved by the operator and
+/// laid out on disk by the agent.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub task_id: String,
+    pub pod_name: String,
+    pub container: Container,
+    /// The task's private directory (0700): volumes and the container's scratch space.
+    pub task_dir: PathBuf,
+    /// Where each mount's content lives on the device: (mount path in the pod, host path).
+    pub mounts: Vec<(String, PathBuf)>,
+}
+
+/// How a container run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exit {
+    pub code: i32,
+    /// Kubernetes' words: Completed, Error, OOMKilled, ...
+    pub reason: String,
+    pub message: String,
+}
+
+impl Exit {
+    /// An exit code in Kubernetes' words: 0 is Completed, anything else Error. A signal is
+    /// reported as 128 + its number, as shells and the kubelet do.
+    pub fn from_code(code: i32) -> Exit {
+        Exit {
+            code,
+            reason: if code == 0 { "Completed" } else { "Error" }.into(),
+            message: String::new(),
+        }
+    }
+}
+
+/// One of a container's outputs (stdout or stderr), read by the log pumps.
+pub type Output = Box<dyn AsyncRead + Send + Unpin>;
+
+/// A container that is running.
+#[tonic::async_trait]
+pub trait Workload: Send {
+    /// Its standard output and error, taken once for the log pumps.
+    fn take_output(&mut self) -> (Option<Output>, Option<Output>);
+    /// Waits until it ends.
+    async fn wait(&mut self) -> Exit;
+    /// Asks it to stop (SIGTERM or the runtime's equivalent).
+    fn terminate(&mut self);
+    /// Stops it now (SIGKILL or equivalent).
+    fn kill(&mut self);
+}
+
+/// Why a container could not start; shown on the pod as waiting with this reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {message}")]
+pub struct StartError {
+    /// Kubernetes' words: CreateContainerError, RunContainerError, CreateContainerConfigError.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// A way of running containers on this device.
+#[tonic::async_trait]
+pub trait Runtime: Send + Sync {
+    /// As pods and RuntimeClasses name it: process, oci, wasm.
+    fn name(&self) -> &'static str;
+    async fn start(&self, launch: &Launch) -> Result<Box<dyn Workload>, StartError>;
+}

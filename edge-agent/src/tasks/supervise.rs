@@ -1,0 +1,431 @@
+//! One task's life on the device: init containers in order, then the containers side by side,
+//! each restarted by the pod's restartPolicy with the crash-loop back-off, until they are done
+//! or the task is stopped (SIGTERM, the grace period, then SIGKILL).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use darkcore_proto::agent::v1::{
+    Container, ContainerStatus, LogChunk, TaskAssign, TaskPhase, TaskStatus, Termination,
+    container_status::State, log_chunk, task_assign::RestartPolicy,
+};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::watch;
+
+use crate::tasks::Board;
+use crate::tasks::lifecycle::{self, BACKOFF_RESET_AFTER, Standing};
+use crate::tasks::runtime::{Exit, Launch, Runtime, Workload};
+use crate::tasks::workdir;
+
+/// A log chunk ends at a newline or at this many bytes.
+pub const LOG_CHUNK_BYTES: usize = 16 * 1024;
+/// How long output may keep flowing after a container exits (a child holding the pipe).
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+
+/// Why a task is being stopped.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stop {
+    pub grace: Duration,
+    /// Set when the owner came back: the task ends Preempted, to run elsewhere.
+    pub preempted: Option<String>,
+}
+
+pub fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn unix_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Init,
+    Regular,
+}
+
+pub struct Supervisor {
+    pub task: TaskAssign,
+    pub dir: PathBuf,
+    pub runtime: Arc<dyn Runtime>,
+    pub board: Arc<Board>,
+    pub stop: watch::Receiver<Option<Stop>>,
+}
+
+/// The task's status as its containers change it; every change is published.
+struct Shared {
+    status: Mutex<TaskStatus>,
+    board: Arc<Board>,
+}
+
+impl Shared {
+    fn update(&self, f: impl FnOnce(&mut TaskStatus)) {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut status);
+        self.board.report(status.clone());
+    }
+
+    fn container(&self, kind: Kind, index: usize, f: impl FnOnce(&mut ContainerStatus)) {
+        self.update(|status| {
+            let list = match kind {
+                Kind::Init => &mut status.init_containers,
+                Kind::Regular => &mut status.containers,
+            };
+            if let Some(c) = list.get_mut(index) {
+                f(c);
+            }
+        });
+    }
+}
+
+fn waiting(name: &str, reason: &str) -> ContainerStatus {
+    ContainerStatus {
+        name: name.into(),
+        state: State::Waiting as i32,
+        reason: reason.into(),
+        ..Default::default()
+    }
+}
+
+impl Supervisor {
+    pub async fn run(self) {
+        let task_id = self.task.task_id.clone();
+        let initial = TaskStatus {
+            task_id: task_id.clone(),
+            phase: TaskPhase::Pending as i32,
+            init_containers: self
+                .task
+                .init_containers
+                .iter()
+                .map(|c| waiting(&c.name, "PodInitializing"))
+                .collect(),
+            containers: self
+                .task
+                .containers
+                .iter()
+                .map(|c| {
+                    waiting(
+                        &c.name,
+                        if self.task.init_containers.is_empty() {
+                            "ContainerCreating"
+                        } else {
+                            "PodInitializing"
+                        },
+                    )
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let shared = Arc::new(Shared {
+            status: Mutex::new(initial.clone()),
+            board: self.board.clone(),
+        });
+        self.board.report(initial);
+        let policy =
+            RestartPolicy::try_from(self.task.restart_policy).unwrap_or(RestartPolicy::Always);
+
+        for (index, container) in self.task.init_containers.iter().enumerate() {
+            let standing = self
+                .run_container(&shared, Kind::Init, index, container, policy)
+                .await;
+            if let Some(stop) = self.stopped() {
+                self.finish(&shared, &stop);
+                return;
+            }
+            if standing != Standing::Done(0) {
+                shared.update(|s| {
+                    s.phase = TaskPhase::Failed as i32;
+                    s.reason = "InitContainerFailed".into();
+                    s.message = format!("init container {:?} failed", container.name);
+                    for c in &mut s.containers {
+                        c.reason = "PodInitializing".into();
+                    }
+                });
+                self.board.finished(&task_id);
+                return;
+            }
+        }
+        shared.update(|s| {
+            s.phase = TaskPhase::Running as i32;
+            for c in &mut s.containers {
+                if c.state == State::Waiting as i32 {
+                    c.reason = "ContainerCreating".into();
+                }
+            }
+        });
+        let runs = self
+            .task
+            .containers
+            .iter()
+            .enumerate()
+            .map(|(index, container)| {
+                self.run_container(&shared, Kind::Regular, index, container, policy)
+            });
+        let standings = futures::future::join_all(runs).await;
+        match self.stopped() {
+            Some(stop) => self.finish(&shared, &stop),
+            None => shared.update(|s| s.phase = lifecycle::phase(&standings) as i32),
+        }
+        self.board.finished(&task_id);
+    }
+
+    fn stopped(&self) -> Option<Stop> {
+        self.stop.borrow().clone()
+    }
+
+    fn finish(&self, shared: &Shared, stop: &Stop) {
+        shared.update(|s| match &stop.preempted {
+            Some(reason) => {
+                s.phase = TaskPhase::Preempted as i32;
+                s.reason = "Preempted".into();
+                s.message = reason.clone();
+            }
+            None => {
+                s.phase = TaskPhase::Failed as i32;
+                s.reason = "Stopped".into();
+                s.message = "stopped by the operator".into();
+            }
+        });
+        self.board.finished(&self.task.task_id);
+    }
+
+    /// Runs one container until it is done for good (by the restart policy) or stopped.
+    async fn run_container(
+        &self,
+        shared: &Shared,
+        kind: Kind,
+        index: usize,
+        container: &Container,
+        policy: RestartPolicy,
+    ) -> Standing {
+        let mut stop = self.stop.clone();
+        let mut streak = 0u32;
+        loop {
+            if stop.borrow().is_some() {
+                return Standing::Done(137);
+            }
+            let (exit, started_at, ran_for) = self
+                .run_once(shared, kind, index, container, &mut stop)
+                .await;
+            let finished_at = unix_ms();
+            let termination = Termination {
+                exit_code: exit.code,
+                reason: exit.reason.clone(),
+                message: exit.message.clone(),
+                started_at_unix_ms: started_at,
+                finished_at_unix_ms: finished_at,
+            };
+            shared.container(kind, index, |c| {
+                c.state = State::Terminated as i32;
+                c.exit_code = exit.code;
+                c.reason = exit.reason.clone();
+                c.message = exit.message.clone();
+                c.started_at_unix_ms = started_at;
+                c.finished_at_unix_ms = finished_at;
+            });
+            let again = match kind {
+                Kind::Init => exit.code != 0 && lifecycle::init_retries(policy),
+                Kind::Regular => lifecycle::restarts(policy, exit.code),
+            };
+            if stop.borrow().is_some() || !again {
+                return Standing::Done(exit.code);
+            }
+            streak = if ran_for >= BACKOFF_RESET_AFTER {
+                1
+            } else {
+                streak + 1
+            };
+            let delay = lifecycle::backoff(streak);
+            shared.container(kind, index, |c| {
+                c.last_termination = Some(termination.clone());
+                c.restart_count += 1;
+                c.state = State::Waiting as i32;
+                c.reason = "CrashLoopBackOff".into();
+                c.message = format!(
+                    "back-off {}s restarting failed container={} pod={}",
+                    delay.as_secs(),
+                    container.name,
+                    self.task.pod_name
+                );
+                c.exit_code = 0;
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.wait_for(|s| s.is_some()) => return Standing::Done(exit.code),
+            }
+        }
+    }
+
+    /// Starts the container once and waits for it to end or be stopped.
+    async fn run_once(
+        &self,
+        shared: &Shared,
+        kind: Kind,
+        index: usize,
+        container: &Container,
+        stop: &mut watch::Receiver<Option<Stop>>,
+    ) -> (Exit, i64, Duration) {
+        let started_at = unix_ms();
+        let mounts = match workdir::mounts(&self.dir, container) {
+            Ok(mounts) => mounts,
+            Err(error) => {
+                return (
+                    Exit {
+                        code: 128,
+                        reason: "CreateContainerError".into(),
+                        message: error.to_string(),
+                    },
+                    started_at,
+                    Duration::ZERO,
+                );
+            }
+        };
+        let launch = Launch {
+            task_id: self.task.task_id.clone(),
+            pod_name: self.task.pod_name.clone(),
+            container: container.clone(),
+            task_dir: self.dir.clone(),
+            mounts,
+        };
+        let mut workload = match self.runtime.start(&launch).await {
+            Ok(workload) => workload,
+            Err(error) => {
+                return (
+                    Exit {
+                        code: 128,
+                        reason: error.reason.into(),
+                        message: error.message,
+                    },
+                    started_at,
+                    Duration::ZERO,
+                );
+            }
+        };
+        let run = shared
+            .status
+            .lock()
+            .map(|s| {
+                let list = match kind {
+                    Kind::Init => &s.init_containers,
+                    Kind::Regular => &s.containers,
+                };
+                list.get(index).map_or(0, |c| c.restart_count)
+            })
+            .unwrap_or(0);
+        let (stdout, stderr) = workload.take_output();
+        let pumps = [
+            stdout.map(|out| {
+                tokio::spawn(pump(
+                    self.board.clone(),
+                    self.task.task_id.clone(),
+                    container.name.clone(),
+                    run,
+                    log_chunk::Stream::Stdout,
+                    out,
+                ))
+            }),
+            stderr.map(|err| {
+                tokio::spawn(pump(
+                    self.board.clone(),
+                    self.task.task_id.clone(),
+                    container.name.clone(),
+                    run,
+                    log_chunk::Stream::Stderr,
+                    err,
+                ))
+            }),
+        ];
+        shared.container(kind, index, |c| {
+            c.state = State::Running as i32;
+            c.reason.clear();
+            c.message.clear();
+            c.started_at_unix_ms = started_at;
+            c.finished_at_unix_ms = 0;
+        });
+        let began = Instant::now();
+        let exit = tokio::select! {
+            exit = workload.wait() => exit,
+            grace = grace_when_stopped(stop) => stop_workload(workload.as_mut(), grace).await,
+        };
+        for pump in pumps.into_iter().flatten() {
+            let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, pump).await;
+        }
+        (exit, started_at, began.elapsed())
+    }
+}
+
+/// Waits until the task is stopped, and returns the grace period it was given.
+async fn grace_when_stopped(stop: &mut watch::Receiver<Option<Stop>>) -> Duration {
+    let grace = match stop.wait_for(|s| s.is_some()).await {
+        Ok(stop) => stop.as_ref().map(|s| s.grace),
+        Err(_) => None,
+    };
+    match grace {
+        Some(grace) => grace,
+        // The manager is gone: the agent is exiting.
+        None => std::future::pending().await,
+    }
+}
+
+/// SIGTERM, up to `grace` for it to end, then SIGKILL.
+pub async fn stop_workload(workload: &mut dyn Workload, grace: Duration) -> Exit {
+    workload.terminate();
+    match tokio::time::timeout(grace, workload.wait()).await {
+        Ok(exit) => exit,
+        Err(_) => {
+            workload.kill();
+            workload.wait().await
+        }
+    }
+}
+
+/// Streams one output of a container to the board as log chunks that end at newlines.
+async fn pump(
+    board: Arc<Board>,
+    task_id: String,
+    container: String,
+    run: u32,
+    stream: log_chunk::Stream,
+    output: Box<dyn AsyncRead + Send + Unpin>,
+) {
+    let mut reader = BufReader::with_capacity(LOG_CHUNK_BYTES, output);
+    let mut pending = Vec::new();
+    loop {
+        let buffer = match reader.fill_buf().await {
+            Ok([]) | Err(_) => break,
+            Ok(buffer) => buffer,
+        };
+        let room = LOG_CHUNK_BYTES - pending.len();
+        let (take, line_end) = match buffer.iter().position(|b| *b == b'\n') {
+            Some(at) if at < room => (at + 1, true),
+            _ => (buffer.len().min(room), false),
+        };
+        pending.extend_from_slice(&buffer[..take]);
+        reader.consume(take);
+        if line_end || pending.len() >= LOG_CHUNK_BYTES {
+            board.log(LogChunk {
+                task_id: task_id.clone(),
+                container: container.clone(),
+                stream: stream as i32,
+                timestamp_unix_nanos: unix_nanos(),
+                data: std::mem::take(&mut pending),
+                run,
+            });
+        }
+    }
+    if !pending.is_empty() {
+        board.log(LogChunk {
+            task_id,
+            container,
+            stream: stream as i32,
+            timestamp_unix_nanos: unix_nanos(),
+            data: pending,
+            run,
+        });
+    }
+}

@@ -1,0 +1,243 @@
+//! A task's private directory on the device: `<state>/tasks/<task id>/` (0700), holding its
+//! volumes as the operator resolved them and the root its mounts appear under. Deleted when
+//! the operator releases the task.
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use darkcore_proto::agent::v1::{Container, Volume};
+
+use crate::tasks::process::under_root;
+
+/// Why a task's directory could not be laid out.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkdirError {
+    /// The task asked for something unsafe or inconsistent: its own failure.
+    #[error("{0}")]
+    Invalid(String),
+    /// The device could not write it (a full disk, for example): not the task's failure.
+    #[error("writing the task's directory {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> WorkdirError + '_ {
+    move |source| WorkdirError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Task ids come from the operator; only plain names become directories.
+pub fn valid_task_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+        && !id.starts_with('.')
+}
+
+fn private_dir(path: &Path) -> Result<(), WorkdirError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(io_error(path))
+}
+
+/// Creates the task's directory and writes its volumes into it.
+pub fn prepare(
+    tasks_root: &Path,
+    task_id: &str,
+    volumes: &[Volume],
+) -> Result<PathBuf, WorkdirError> {
+    if !valid_task_id(task_id) {
+        return Err(WorkdirError::Invalid(format!(
+            "task id {task_id:?} is not a plain name"
+        )));
+    }
+    let dir = tasks_root.join(task_id);
+    private_dir(&dir)?;
+    private_dir(&dir.join("root"))?;
+    for volume in volumes {
+        let volume_dir =
+            under_root(&dir.join("volumes"), &volume.name).map_err(WorkdirError::Invalid)?;
+        private_dir(&volume_dir)?;
+        for file in &volume.files {
+            let path = under_root(&volume_dir, &file.path).map_err(WorkdirError::Invalid)?;
+            if let Some(parent) = path.parent() {
+                private_dir(parent)?;
+            }
+            std::fs::write(&path, &file.content).map_err(io_error(&path))?;
+            let mode = if file.mode == 0 {
+                0o644
+            } else {
+                file.mode & 0o777
+            };
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                .map_err(io_error(&path))?;
+        }
+    }
+    Ok(dir)
+}
+
+/// Where each of a container's mounts lives on the device, and (for runtimes that cannot
+/// mount) a link from the task root to it.
+pub fn mounts(dir: &Path, container: &Container) -> Result<Vec<(String, PathBuf)>, WorkdirError> {
+    let root = dir.join("root");
+    let mut placed = Vec::new();
+    for mount in &container.mounts {
+        let mut source =
+            under_root(&dir.join("volumes"), &mount.volume).map_err(WorkdirError::Invalid)?;
+        if !mount.sub_path.is_empty() {
+            source = under_root(&source, &mount.sub_path).map_err(WorkdirError::Invalid)?;
+            if !source.exists() {
+                private_dir(&source)?;
+            }
+        }
+        let link = under_root(&root, &mount.mount_path).map_err(WorkdirError::Invalid)?;
+        if link == root {
+            return Err(WorkdirError::Invalid(format!(
+                "volume {:?} is mounted at the root",
+                mount.volume
+            )));
+        }
+        if let Some(parent) = link.parent() {
+            private_dir(parent)?;
+        }
+        if link.symlink_metadata().is_ok() {
+            std::fs::remove_file(&link).map_err(io_error(&link))?;
+        }
+        std::os::unix::fs::symlink(&source, &link).map_err(io_error(&link))?;
+        placed.push((mount.mount_path.clone(), source));
+    }
+    Ok(placed)
+}
+
+/// Remembers a process group a task started, so that an agent restarted after a crash can
+/// stop what its predecessor left running.
+pub fn record_process_group(dir: &Path, pgid: u32) {
+    use std::io::Write as _;
+    let path = dir.join("process-groups");
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| writeln!(f, "{pgid}"));
+    if let Err(error) = written {
+        tracing::warn!(%error, path = %path.display(), "could not record a task's process group");
+    }
+}
+
+/// Kills the process groups that tasks of an earlier agent run left behind, then deletes
+/// their directories. A group is killed only if its leader still names that task's root in
+/// its environment, so a reused pid is never hit.
+pub fn reap_stale(tasks_root: &Path) {
+    let Ok(dirs) = std::fs::read_dir(tasks_root) else {
+        return;
+    };
+    for dir in dirs.flatten().map(|d| d.path()) {
+        let groups = std::fs::read_to_string(dir.join("process-groups")).unwrap_or_default();
+        let marker = format!("DARKCORE_TASK_ROOT={}", dir.join("root").display());
+        for pgid in groups.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let environ = std::fs::read(format!("/proc/{pgid}/environ")).unwrap_or_default();
+            let ours = environ
+                .split(|b| *b == 0)
+                .any(|var| var == marker.as_bytes());
+            if let (true, Some(group)) = (ours, rustix::process::Pid::from_raw(pgid)) {
+                tracing::info!(pgid, dir = %dir.display(), "stopping a task left running by an earlier agent");
+                let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+            }
+        }
+    }
+    if let Err(error) = std::fs::remove_dir_all(tasks_root)
+        && error.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(%error, dir = %tasks_root.display(), "could not clear old task directories");
+    }
+}
+
+/// Deletes a released task's directory; a failure is logged, the task is forgotten anyway.
+pub fn remove(tasks_root: &Path, task_id: &str) {
+    if !valid_task_id(task_id) {
+        return;
+    }
+    let dir = tasks_root.join(task_id);
+    if let Err(error) = std::fs::remove_dir_all(&dir)
+        && error.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(%error, dir = %dir.display(), "could not delete a released task's directory");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use darkcore_proto::agent::v1::{VolumeFile, VolumeMount};
+    use std::os::unix::fs::MetadataExt;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("darkcore-workdir-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn volumes_are_written_privately_and_linked_under_the_root() {
+        let tasks = scratch("ok");
+        let volumes = vec![Volume {
+            name: "config".into(),
+            files: vec![VolumeFile {
+                path: "sub/key".into(),
+                content: b"value".to_vec(),
+                mode: 0o400,
+            }],
+            empty_dir: false,
+        }];
+        let dir = prepare(&tasks, "uid-1", &volumes).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        let container = Container {
+            mounts: vec![VolumeMount {
+                volume: "config".into(),
+                mount_path: "/etc/config".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        mounts(&dir, &container).unwrap();
+        let through_root = dir.join("root/etc/config/sub/key");
+        assert_eq!(std::fs::read(&through_root).unwrap(), b"value");
+        assert_eq!(
+            std::fs::metadata(&through_root).unwrap().mode() & 0o777,
+            0o400
+        );
+        remove(&tasks, "uid-1");
+        assert!(!dir.exists());
+        let _ = std::fs::remove_dir_all(&tasks);
+    }
+
+    #[test]
+    fn escaping_paths_and_odd_task_ids_are_refused() {
+        let tasks = scratch("bad");
+        let volumes = vec![Volume {
+            name: "v".into(),
+            files: vec![VolumeFile {
+                path: "../../outside".into(),
+                content: vec![],
+                mode: 0,
+            }],
+            empty_dir: false,
+        }];
+        assert!(matches!(
+            prepare(&tasks, "t", &volumes),
+            Err(WorkdirError::Invalid(_))
+        ));
+        assert!(matches!(
+            prepare(&tasks, "../t", &[]),
+            Err(WorkdirError::Invalid(_))
+        ));
+        let _ = std::fs::remove_dir_all(&tasks);
+    }
+}
