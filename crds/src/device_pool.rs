@@ -77,6 +77,12 @@ pub struct DevicePoolSpec {
     #[serde(default = "default_device_lost_after_seconds")]
     #[schemars(range(min = 5, max = 3600))]
     pub device_lost_after_seconds: u32,
+
+    /// How many times a pod's task is run again after its device was lost or its owner took
+    /// it back. One more loss fails the pod with that reason.
+    #[serde(default = "default_max_redispatches")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_redispatches: u32,
 }
 
 /// Which devices may join a pool.
@@ -289,12 +295,20 @@ impl Default for DevicePoolSpec {
             node: NodeTemplate::default(),
             allowed_namespaces: Vec::new(),
             device_lost_after_seconds: default_device_lost_after_seconds(),
+            max_redispatches: default_max_redispatches(),
         }
     }
 }
 
 fn default_runtimes() -> Vec<Runtime> {
     vec![Runtime::Oci, Runtime::Wasm]
+}
+
+/// Redispatches of a pod's task after device losses, by default.
+pub const DEFAULT_MAX_REDISPATCHES: u32 = 3;
+
+fn default_max_redispatches() -> u32 {
+    DEFAULT_MAX_REDISPATCHES
 }
 
 fn default_device_lost_after_seconds() -> u32 {

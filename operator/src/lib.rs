@@ -8,6 +8,8 @@ pub mod devices;
 pub mod enroll;
 pub mod gateway;
 pub mod http;
+pub mod kubelet;
 pub mod metrics;
+pub mod pods;
 pub mod pool;
 pub mod run;

@@ -20,11 +20,17 @@ use kube::{Api, Client};
 use crate::devices::registry::Registry;
 use crate::enroll::ca;
 use crate::enroll::revocation::{REVOKED_CONFIGMAP, revoked_ids};
-use crate::gateway::attach::{AttachService, PoolCheck};
+use crate::gateway::attach::{AttachService, PoolCheck, TaskReports};
 use crate::gateway::join::JoinService;
 use crate::gateway::{self, tls};
 use crate::http::{self, Health};
+use crate::kubelet::auth::Authorizer;
+use crate::kubelet::log_store::LogStore;
+use crate::kubelet::{self, KubeletState, PodIndex};
 use crate::metrics::Metrics;
+use crate::pods::controller::{Controller as PodController, Shared as PodShared};
+use crate::pods::runtime_class;
+use crate::pods::writer::Writer;
 use crate::pool::controller::{Context, REGISTRY_WARMUP, error_policy, reconcile};
 use crate::pool::node_status::KubeletEndpoint;
 use crate::pool::{FIELD_MANAGER, POOL_LABEL, lease};
@@ -42,6 +48,9 @@ pub struct RunArgs {
     /// Port of the kubelet API, published as each node's kubeletEndpoint.
     #[arg(long, env = "DARKCORE_KUBELET_PORT", default_value_t = 10250)]
     pub kubelet_port: i32,
+    /// The address the kubelet API listens on.
+    #[arg(long, env = "DARKCORE_KUBELET_BIND", default_value = "0.0.0.0")]
+    pub kubelet_bind: std::net::IpAddr,
     /// Serve only the DevicePools matching this label selector (for sharding, and for tests
     /// that run several operators on one cluster). Empty: every pool.
     #[arg(long, env = "DARKCORE_POOL_SELECTOR", default_value = "")]
@@ -81,8 +90,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         )
     })?;
 
+    runtime_class::ensure(&client).await.context(
+        "creating the RuntimeClasses darkcore-process, darkcore-oci and darkcore-wasm (the operator needs create/patch on runtimeclasses.node.k8s.io)",
+    )?;
+
     let metrics = Arc::new(Metrics::default());
     let registry = Registry::new();
+    let started = std::time::Instant::now();
     let ready = Arc::new(AtomicBool::new(false));
     let server = http::serve(
         args.http_addr,
@@ -122,6 +136,56 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .reconcile_on(registry.clone().changed_pools())
         .shutdown_on_signal();
 
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
+    let logs = Arc::new(LogStore::default());
+    let pod_index = Arc::new(PodIndex::default());
+    let (pod_controller, pod_inbox) = PodController::new(Arc::new(PodShared {
+        client: client.clone(),
+        registry: registry.clone(),
+        pools: pool_store.clone(),
+        nodes: nodes.clone(),
+        logs: logs.clone(),
+        index: pod_index.clone(),
+        writer: Writer::start(client.clone(), metrics.clone(), recorder.clone()),
+        warm_at: started + REGISTRY_WARMUP,
+        host_ip: args.node_address.clone(),
+    }));
+    let task_reports = TaskReports {
+        controller: pod_controller.inbox(),
+        logs: logs.clone(),
+    };
+    let pod_watches = tokio::spawn(crate::pods::watch::follow_nodes(
+        client.clone(),
+        nodes.clone(),
+        pod_controller.inbox(),
+    ));
+    let pod_loop = tokio::spawn(pod_controller.run(pod_inbox));
+    let kubelet_addr = SocketAddr::new(args.kubelet_bind, args.kubelet_port as u16);
+    let client_ca = kubelet::client_ca(&client).await.unwrap_or_else(|error| {
+        tracing::warn!(%error, "no client CA for the kubelet API: only bearer tokens will be accepted");
+        Vec::new()
+    });
+    let kubelet_identity = tls::serving_identity(&ca, std::slice::from_ref(&args.node_address))
+        .context("issuing the kubelet API's certificate")?;
+    let kubelet_api = kubelet::serve(
+        kubelet_addr,
+        kubelet_identity,
+        client_ca,
+        Arc::new(KubeletState {
+            pods: pod_index,
+            logs,
+            authorizer: Authorizer::new(client.clone()),
+        }),
+    )
+    .await?;
+    let kubelet_api = tokio::spawn(kubelet_api);
+
     let pool_served: PoolCheck = {
         let (pools, synced) = (pool_store.clone(), pools_synced.clone());
         Arc::new(move |pool: &str| {
@@ -146,6 +210,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             registry: registry.clone(),
             metrics: metrics.clone(),
             pool_served,
+            tasks: task_reports,
         },
     )
     .await?;
@@ -180,7 +245,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let ctx = Arc::new(Context {
-        registry_warm_at: std::time::Instant::now() + REGISTRY_WARMUP,
+        registry_warm_at: started + REGISTRY_WARMUP,
         client: client.clone(),
         nodes,
         nodes_synced,
@@ -190,13 +255,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         inventory: registry,
         metrics,
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: FIELD_MANAGER.into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
-        ),
+        recorder,
     });
     tracing::info!(selector = %args.pool_selector, node_address = %args.node_address, "darkcore-operator running");
     controller
@@ -212,6 +271,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "shutting down; nodes stay until their leases expire, so no pod is evicted by a restart"
     );
     renewer.abort();
+    pod_watches.abort();
+    pod_loop.abort();
+    kubelet_api.abort();
     gateway.abort();
     sweeper.abort();
     revocations.abort();

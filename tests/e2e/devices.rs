@@ -332,7 +332,13 @@ async fn a_killed_operator_is_replaced_and_the_agents_come_back_without_a_restar
     fx.operator.kill().await;
     let (http, gateway) = (fx.operator.http_port, fx.operator.gateway_port);
     let killed = Instant::now();
-    fx.operator = Operator::start_on(&fx.operator.scope.clone(), http, gateway).await;
+    fx.operator = Operator::start_on(
+        &fx.operator.scope.clone(),
+        http,
+        gateway,
+        fx.operator.kubelet_port,
+    )
+    .await;
     // The new operator starts with an empty registry; the node must come back to the sum
     // through the agents' reconnects alone.
     let mut back = false;

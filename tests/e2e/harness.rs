@@ -193,18 +193,24 @@ pub struct Operator {
     child: Option<Child>,
     pub http_port: u16,
     pub gateway_port: u16,
+    pub kubelet_port: u16,
     pub scope: String,
     pub log: PathBuf,
 }
 
 impl Operator {
     pub async fn start(scope: &str) -> Operator {
-        Operator::start_on(scope, free_port(), free_port()).await
+        Operator::start_on(scope, free_port(), free_port(), free_port()).await
     }
 
     /// Starts an operator on given ports: a restarted operator takes its predecessor's, so
     /// agents find it where they left it.
-    pub async fn start_on(scope: &str, port: u16, gateway_port: u16) -> Operator {
+    pub async fn start_on(
+        scope: &str,
+        port: u16,
+        gateway_port: u16,
+        kubelet_port: u16,
+    ) -> Operator {
         let bin = operator_bin();
         assert!(
             bin.exists(),
@@ -225,6 +231,10 @@ impl Operator {
                 &format!("127.0.0.1:{gateway_port}"),
                 "--namespace",
                 OPERATOR_NAMESPACE,
+                "--kubelet-bind",
+                "127.0.0.1",
+                "--kubelet-port",
+                &kubelet_port.to_string(),
             ])
             .env("RUST_LOG", "info,kube=warn");
         let child = spawn_logged(command, &log);
@@ -232,6 +242,7 @@ impl Operator {
             child: Some(child),
             http_port: port,
             gateway_port,
+            kubelet_port,
             scope: scope.into(),
             log,
         };

@@ -5,6 +5,7 @@ mod devices;
 mod fleet;
 mod frames;
 mod harness;
+mod pods;
 mod pools;
 mod scheduling;
 mod tokens;

@@ -153,7 +153,7 @@ async fn a_pool_becomes_a_ready_node_with_labels_taint_and_a_fresh_lease() {
             .as_ref()
             .unwrap()
             .port,
-        10250
+        i32::from(t.operator.kubelet_port)
     );
 
     let lease = t.lease().await;

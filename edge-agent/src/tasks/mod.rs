@@ -58,8 +58,8 @@ impl Board {
         {
             let mut entries = lock(&self.entries);
             match entries.get_mut(&id) {
-                Some(entry) if !entry.released => entry.status = status,
-                _ => return,
+                Some(entry) => entry.status = status,
+                None => return,
             }
         }
         lock(&self.dirty).insert(id);
@@ -73,9 +73,10 @@ impl Board {
         }
     }
 
-    /// A task's supervisor ended; a released task is forgotten now.
+    /// A task's supervisor ended. A released task is forgotten once its final status is
+    /// sent, so the operator learns that it stopped.
     pub fn finished(&self, task_id: &str) {
-        let forget = {
+        let released = {
             let mut entries = lock(&self.entries);
             match entries.get_mut(task_id) {
                 Some(entry) => {
@@ -85,8 +86,9 @@ impl Board {
                 None => false,
             }
         };
-        if forget {
-            self.forget(task_id);
+        if released {
+            lock(&self.dirty).insert(task_id.to_string());
+            self.notify.notify_one();
         }
     }
 
@@ -98,7 +100,15 @@ impl Board {
 
     fn take_dirty(&self) -> Option<TaskStatus> {
         let id = lock(&self.dirty).pop_first()?;
-        lock(&self.entries).get(&id).map(|e| e.status.clone())
+        let (status, done) = {
+            let entries = lock(&self.entries);
+            let entry = entries.get(&id)?;
+            (entry.status.clone(), entry.finished && entry.released)
+        };
+        if done {
+            self.forget(&id);
+        }
+        Some(status)
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use darkcore_crds::DevicePool;
 use darkcore_proto::agent::v1::{
-    Hello, OperatorMessage, OwnerState, Refusal, operator_message, refusal,
+    Hello, Offer, OperatorMessage, OwnerState, Refusal, operator_message, refusal,
 };
 use futures::Stream;
 use kube::ResourceExt;
@@ -40,6 +40,8 @@ struct Connection {
 struct Entry {
     device: Device,
     pool: String,
+    /// The address its stream came from, reported as its pods' IP.
+    address: Option<String>,
     agent_version: String,
     connection: Option<Connection>,
     last_seen: Instant,
@@ -126,6 +128,7 @@ impl Registry {
         id: &str,
         pool: &str,
         hello: &Hello,
+        address: Option<String>,
         sender: AgentSender,
         close: oneshot::Sender<Refusal>,
     ) -> Result<u64, AttachRefused> {
@@ -164,6 +167,7 @@ impl Registry {
                     ..device
                 };
                 entry.pool = pool.into();
+                entry.address = address;
                 entry.agent_version = hello.agent_version.clone();
                 entry.last_seen = Instant::now();
                 was_online
@@ -174,6 +178,7 @@ impl Registry {
                     Entry {
                         device,
                         pool: pool.into(),
+                        address,
                         agent_version: hello.agent_version.clone(),
                         connection: Some(connection),
                         last_seen: Instant::now(),
@@ -321,6 +326,38 @@ impl Registry {
         entry.connection.as_ref().map(|c| c.sender.clone())
     }
 
+    /// Whether a device is online now; `None` if this operator has not heard of it (yet).
+    pub fn presence(&self, id: &str) -> Option<bool> {
+        self.lock().devices.get(id).map(|e| e.device.online)
+    }
+
+    /// The address a device's stream came from.
+    pub fn address(&self, id: &str) -> Option<String> {
+        self.lock().devices.get(id).and_then(|e| e.address.clone())
+    }
+
+    /// The devices a pool may place work on now: enlisted, online, and allowed by their owner,
+    /// on the given platform.
+    pub fn offers(&self, pool: &str, os: &str, arch: &str) -> Vec<(String, Offer)> {
+        let state = self.lock();
+        let Some(enlisted) = state.enlisted.get(pool) else {
+            return Vec::new();
+        };
+        enlisted
+            .iter()
+            .filter_map(|id| state.devices.get(id).map(|e| (id, e)))
+            .filter(|(_, e)| {
+                e.pool == pool
+                    && e.device.online
+                    && e.device.available
+                    && e.connection.is_some()
+                    && e.device.capabilities.os == os
+                    && e.device.capabilities.arch == arch
+            })
+            .map(|(id, e)| (id.clone(), e.device.offer.clone()))
+            .collect()
+    }
+
     /// Live streams now.
     pub fn connections(&self) -> usize {
         let state = self.lock();
@@ -454,7 +491,7 @@ pub fn refusal_message(refusal: Refusal) -> OperatorMessage {
 mod tests {
     use super::*;
     use darkcore_crds::DevicePoolSpec;
-    use darkcore_proto::agent::v1::{Capabilities, Offer, Runtime};
+    use darkcore_proto::agent::v1::{Capabilities, Runtime};
 
     fn hello(cores: u32, available: bool) -> Hello {
         Hello {
@@ -493,7 +530,7 @@ mod tests {
     fn connect(registry: &Registry, id: &str, cores: u32) -> (u64, oneshot::Receiver<Refusal>) {
         let (tx, close, closed) = channel();
         let generation = registry
-            .attach(id, "lab", &hello(cores, true), tx, close)
+            .attach(id, "lab", &hello(cores, true), None, tx, close)
             .unwrap();
         (generation, closed)
     }
@@ -605,7 +642,7 @@ mod tests {
         assert_eq!(cpu(&registry.survey(&lab(None))), 0);
         let (tx, close, _closed) = channel();
         let err = registry
-            .attach("a", "lab", &hello(2, true), tx, close)
+            .attach("a", "lab", &hello(2, true), None, tx, close)
             .unwrap_err();
         assert!(err.to_string().contains("join with a new token"), "{err}");
     }

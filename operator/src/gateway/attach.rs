@@ -17,7 +17,9 @@ use tonic::{Code as StatusCode, Request, Response, Status, Streaming};
 
 use crate::devices::registry::{AgentSender, Registry, refusal, refusal_message};
 use crate::gateway::tls::{DeviceIdentity, identity_of};
+use crate::kubelet::log_store::LogStore;
 use crate::metrics::Metrics;
+use crate::pods::controller::Input;
 
 /// Messages queued for one agent before the sender waits (backpressure, bounded memory).
 pub const SEND_QUEUE: usize = 64;
@@ -33,6 +35,14 @@ pub struct AttachService {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub pool_served: PoolCheck,
+    pub tasks: TaskReports,
+}
+
+/// Where task reports and output from agents go: the pod controller and the log store.
+#[derive(Clone)]
+pub struct TaskReports {
+    pub controller: mpsc::Sender<Input>,
+    pub logs: Arc<LogStore>,
 }
 
 #[tonic::async_trait]
@@ -56,8 +66,11 @@ impl AgentGateway for AttachService {
                 self.metrics.refusal("bad_certificate");
                 Status::unauthenticated(reason)
             })?;
+        let address = request.remote_addr().map(|a| a.ip().to_string());
         let (sender, outbound) = mpsc::channel(SEND_QUEUE);
         let stream = AgentStream {
+            address,
+            tasks: self.tasks.clone(),
             identity,
             inbound: request.into_inner(),
             sender,
@@ -73,6 +86,8 @@ impl AgentGateway for AttachService {
 /// One agent's stream, served by its own task.
 struct AgentStream {
     identity: DeviceIdentity,
+    address: Option<String>,
+    tasks: TaskReports,
     inbound: Streaming<AgentMessage>,
     sender: AgentSender,
     registry: Arc<Registry>,
@@ -145,19 +160,19 @@ impl AgentStream {
     async fn attached(&mut self, hello: Hello) -> Ending {
         let (close, mut closed) = oneshot::channel();
         let DeviceIdentity { device_id, pool } = self.identity.clone();
-        let generation =
-            match self
-                .registry
-                .attach(&device_id, &pool, &hello, self.sender.clone(), close)
-            {
-                Ok(generation) => generation,
-                Err(refused) => {
-                    return Ending::Refused(
-                        refusal(Code::Revoked, &refused.to_string()),
-                        "revoked",
-                    );
-                }
-            };
+        let generation = match self.registry.attach(
+            &device_id,
+            &pool,
+            &hello,
+            self.address.clone(),
+            self.sender.clone(),
+            close,
+        ) {
+            Ok(generation) => generation,
+            Err(refused) => {
+                return Ending::Refused(refusal(Code::Revoked, &refused.to_string()), "revoked");
+            }
+        };
         tracing::info!(device = %device_id, %pool, agent = %hello.agent_version, "agent attached");
         let welcome = OperatorMessage {
             version: PROTOCOL_VERSION as i32,
@@ -171,6 +186,11 @@ impl AgentStream {
             self.registry.detach(&device_id, generation);
             return Ending::Closed;
         }
+        let _ = self
+            .tasks
+            .controller
+            .send(Input::Hello(device_id.clone(), hello.tasks))
+            .await;
         let ending = loop {
             tokio::select! {
                 refusal = &mut closed => {
@@ -184,7 +204,7 @@ impl AgentStream {
                     };
                 }
                 message = self.next() => match message {
-                    Ok(message) => self.dispatch(&device_id, generation, message),
+                    Ok(message) => self.dispatch(&device_id, generation, message).await,
                     Err(ending) => break ending,
                 },
             }
@@ -194,14 +214,26 @@ impl AgentStream {
         ending
     }
 
-    fn dispatch(&self, device: &str, generation: u64, message: AgentMessage) {
+    async fn dispatch(&self, device: &str, generation: u64, message: AgentMessage) {
         match message.body {
             Some(agent_message::Body::Heartbeat(_)) => self.registry.heartbeat(device, generation),
             Some(agent_message::Body::OwnerState(owner)) => {
                 self.registry.owner_state(device, generation, &owner)
             }
-            // Tasks, logs and usage arrive with pods on devices; until then they only show
-            // the device is alive.
+            Some(agent_message::Body::TaskStatus(status)) => {
+                self.registry.heartbeat(device, generation);
+                // Waiting here is backpressure on a fast reporter, never a lost report.
+                let _ = self
+                    .tasks
+                    .controller
+                    .send(Input::Report(device.to_string(), status))
+                    .await;
+            }
+            Some(agent_message::Body::LogChunk(chunk)) => {
+                self.registry.heartbeat(device, generation);
+                self.tasks.logs.append(&chunk);
+            }
+            // Usage is accounted with issue 7; until then it shows the device is alive.
             Some(_) => self.registry.heartbeat(device, generation),
             None => self.metrics.frame_rejected("empty"),
         }

@@ -1,0 +1,346 @@
+//! The kubelet API's routes: `/containerLogs/{ns}/{pod}/{container}` with the kubelet's query
+//! options, `/pods` and `/runningpods/`. Every route authenticates and authorizes first.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::kubelet::KubeletState;
+use crate::kubelet::auth::{Denied, User};
+use crate::kubelet::log_store::Line;
+
+/// How often a follower re-checks that its pod still exists while no output comes.
+const FOLLOW_RECHECK: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+struct Caller {
+    state: Arc<KubeletState>,
+    certificate: Option<User>,
+}
+
+pub fn router(state: Arc<KubeletState>, certificate: Option<User>) -> Router {
+    Router::new()
+        .route(
+            "/containerLogs/{namespace}/{pod}/{container}",
+            get(container_logs),
+        )
+        .route("/pods", get(pods))
+        .route("/pods/", get(pods))
+        .route("/runningpods/", get(running_pods))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(Caller { state, certificate })
+}
+
+fn text(status: StatusCode, message: String) -> Response {
+    (status, message).into_response()
+}
+
+async fn check(
+    caller: &Caller,
+    headers: &HeaderMap,
+    subresource: &'static str,
+    node: &str,
+) -> Result<(), Response> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let authorizer = &caller.state.authorizer;
+    let outcome = match authorizer
+        .authenticate(caller.certificate.as_ref(), bearer)
+        .await
+    {
+        Ok(user) => authorizer.authorize(&user, subresource, node).await,
+        Err(denied) => Err(denied),
+    };
+    outcome.map_err(|denied| match denied {
+        Denied::Unauthenticated(m) => {
+            text(StatusCode::UNAUTHORIZED, format!("Unauthorized: {m}\n"))
+        }
+        Denied::Forbidden(m) => text(StatusCode::FORBIDDEN, format!("Forbidden: {m}\n")),
+    })
+}
+
+/// The kubelet's log options.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogOptions {
+    pub follow: Option<String>,
+    pub previous: Option<String>,
+    pub timestamps: Option<String>,
+    pub tail_lines: Option<i64>,
+    pub since_seconds: Option<i64>,
+    pub since_time: Option<String>,
+    pub limit_bytes: Option<i64>,
+}
+
+fn flag(value: &Option<String>) -> bool {
+    matches!(value.as_deref(), Some("true" | "1" | ""))
+}
+
+/// Lines after the cut-off time, the last `tail` of them (pure).
+pub fn select(lines: Vec<Line>, since_nanos: Option<i64>, tail: Option<i64>) -> Vec<Line> {
+    let mut lines: Vec<Line> = lines
+        .into_iter()
+        .filter(|l| since_nanos.is_none_or(|since| l.timestamp_unix_nanos >= since))
+        .collect();
+    if let Some(tail) = tail.filter(|t| *t >= 0) {
+        let keep = (tail as usize).min(lines.len());
+        lines.drain(..lines.len() - keep);
+    }
+    lines
+}
+
+/// A line as written: with its RFC 3339 time first when asked.
+pub fn render(line: &Line, timestamps: bool) -> Vec<u8> {
+    if !timestamps {
+        return line.data.clone();
+    }
+    let stamp = Timestamp::from_nanosecond(i128::from(line.timestamp_unix_nanos))
+        .unwrap_or(Timestamp::UNIX_EPOCH);
+    let mut out = format!("{stamp} ").into_bytes();
+    out.extend_from_slice(&line.data);
+    out
+}
+
+async fn container_logs(
+    State(caller): State<Caller>,
+    Path((namespace, pod_name, container)): Path<(String, String, String)>,
+    Query(options): Query<LogOptions>,
+    headers: HeaderMap,
+) -> Response {
+    let state = caller.state.clone();
+    let Some(pod) = state.pods.get(&namespace, &pod_name) else {
+        // Check access before saying whether the pod exists.
+        if let Err(denied) = check(&caller, &headers, "proxy", "").await {
+            return denied;
+        }
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("pod {namespace}/{pod_name} is not on a darkcore node\n"),
+        );
+    };
+    let node = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default();
+    if let Err(denied) = check(&caller, &headers, "proxy", &node).await {
+        return denied;
+    }
+    let known = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers))
+        .any(|c| c.name == container);
+    if !known {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("container {container} is not in pod {namespace}/{pod_name}\n"),
+        );
+    }
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let previous = flag(&options.previous);
+    let Some(first) = state.logs.read(&uid, &container, previous, 0) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "previous terminated container \"{container}\" in pod \"{pod_name}\" not found\n"
+            ),
+        );
+    };
+    let since = options
+        .since_time
+        .as_deref()
+        .and_then(|t| t.parse::<Timestamp>().ok())
+        .map(|t| t.as_nanosecond() as i64)
+        .or_else(|| {
+            options
+                .since_seconds
+                .map(|s| Timestamp::now().as_nanosecond() as i64 - s * 1_000_000_000)
+        });
+    let timestamps = flag(&options.timestamps);
+    let mut budget = options.limit_bytes.filter(|l| *l > 0).map(|l| l as usize);
+    let mut take = move |lines: Vec<Line>| -> (Vec<u8>, bool) {
+        let mut out = Vec::new();
+        for line in lines {
+            let rendered = render(&line, timestamps);
+            if let Some(left) = budget.as_mut() {
+                if rendered.len() >= *left {
+                    out.extend_from_slice(&rendered[..*left]);
+                    *left = 0;
+                    return (out, true);
+                }
+                *left -= rendered.len();
+            }
+            out.extend_from_slice(&rendered);
+        }
+        (out, false)
+    };
+    let (body, exhausted) = take(select(first.lines, since, options.tail_lines));
+    let plain = [(header::CONTENT_TYPE, "text/plain")];
+    if !flag(&options.follow) || previous || exhausted || first.ended {
+        return (plain, body).into_response();
+    }
+    // Follow: what is there now, then new lines as they come, until the run ends.
+    let stream = futures::stream::unfold(
+        (
+            Some(body),
+            first.next,
+            take,
+            state,
+            uid,
+            container,
+            since,
+            namespace,
+            pod_name,
+        ),
+        |(pending, from, mut take, state, uid, container, since, namespace, pod_name)| async move {
+            if let Some(body) = pending {
+                return Some((
+                    Ok::<Bytes, Infallible>(Bytes::from(body)),
+                    (
+                        None, from, take, state, uid, container, since, namespace, pod_name,
+                    ),
+                ));
+            }
+            loop {
+                let read = state.logs.read(&uid, &container, false, from)?;
+                let notified = read.changed.notified();
+                if !read.lines.is_empty() {
+                    let (body, exhausted) = take(select(read.lines, since, None));
+                    if exhausted {
+                        return Some((
+                            Ok(Bytes::from(body)),
+                            (
+                                None,
+                                u64::MAX,
+                                take,
+                                state,
+                                uid,
+                                container,
+                                since,
+                                namespace,
+                                pod_name,
+                            ),
+                        ));
+                    }
+                    return Some((
+                        Ok(Bytes::from(body)),
+                        (
+                            None, read.next, take, state, uid, container, since, namespace,
+                            pod_name,
+                        ),
+                    ));
+                }
+                if read.ended
+                    || from == u64::MAX
+                    || state
+                        .pods
+                        .get(&namespace, &pod_name)
+                        .is_none_or(|p| p.metadata.uid.as_deref() != Some(uid.as_str()))
+                {
+                    return None;
+                }
+                let _ = tokio::time::timeout(FOLLOW_RECHECK, notified).await;
+            }
+        },
+    );
+    (plain, Body::from_stream(stream)).into_response()
+}
+
+fn pod_list(pods: Vec<Pod>) -> Response {
+    let list =
+        serde_json::json!({ "kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": pods });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_vec(&list).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+async fn pods(State(caller): State<Caller>, headers: HeaderMap) -> Response {
+    if let Err(denied) = check(&caller, &headers, "proxy", "").await {
+        return denied;
+    }
+    pod_list(caller.state.pods.all())
+}
+
+async fn running_pods(
+    State(caller): State<Caller>,
+    headers: HeaderMap,
+    Query(_): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(denied) = check(&caller, &headers, "proxy", "").await {
+        return denied;
+    }
+    let running = caller
+        .state
+        .pods
+        .all()
+        .into_iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .map(|p| {
+            let mut slim = Pod::default();
+            slim.metadata.name = p.metadata.name;
+            slim.metadata.namespace = p.metadata.namespace;
+            slim.metadata.uid = p.metadata.uid;
+            slim.spec = p.spec.map(|s| k8s_openapi::api::core::v1::PodSpec {
+                containers: s
+                    .containers
+                    .into_iter()
+                    .map(|c| k8s_openapi::api::core::v1::Container {
+                        name: c.name,
+                        image: c.image,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            });
+            slim
+        })
+        .collect();
+    pod_list(running)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(at: i64, text: &str) -> Line {
+        Line {
+            timestamp_unix_nanos: at,
+            data: text.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn tail_and_since_pick_the_lines() {
+        let lines = vec![line(1, "a\n"), line(2, "b\n"), line(3, "c\n")];
+        assert_eq!(
+            select(lines.clone(), None, Some(2)),
+            vec![line(2, "b\n"), line(3, "c\n")]
+        );
+        assert_eq!(select(lines.clone(), Some(3), None), vec![line(3, "c\n")]);
+        assert_eq!(select(lines, None, Some(0)), vec![]);
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_before_the_line() {
+        let rendered = render(&line(1_700_000_000_123_456_789, "x\n"), true);
+        assert_eq!(
+            String::from_utf8(rendered).unwrap(),
+            "2023-11-14T22:13:20.123456789Z x\n"
+        );
+    }
+}

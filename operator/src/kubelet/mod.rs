@@ -1,0 +1,167 @@
+//! The kubelet API of darkcore's nodes, served over TLS on the port every node advertises, so
+//! that `kubectl logs` (through the apiserver) works as on any node.
+//!
+//! ```text
+//!  apiserver / kubectl ──TLS──> serve (client cert or bearer) ──> auth (TokenReview, SAR)
+//!                                                          └────> api: /containerLogs, /pods, /runningpods
+//!  agents' LogChunks ──> LogStore (bounded per container run) ──┘
+//! ```
+
+pub mod api;
+pub mod auth;
+pub mod log_store;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context as _;
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::{Api, Client};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use rustls::server::WebPkiClientVerifier;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::gateway::tls::ServingIdentity;
+use crate::kubelet::auth::{Authorizer, User, user_of_certificate};
+use crate::kubelet::log_store::LogStore;
+
+/// The pods on darkcore's nodes by namespace and name, as the pod controller last saw them.
+#[derive(Default)]
+pub struct PodIndex {
+    pods: RwLock<HashMap<(String, String), Pod>>,
+}
+
+impl PodIndex {
+    pub fn set(&self, pod: &Pod) {
+        let key = (
+            pod.metadata.namespace.clone().unwrap_or_default(),
+            pod.metadata.name.clone().unwrap_or_default(),
+        );
+        self.pods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, pod.clone());
+    }
+
+    pub fn remove(&self, pod: &Pod) {
+        let key = (
+            pod.metadata.namespace.clone().unwrap_or_default(),
+            pod.metadata.name.clone().unwrap_or_default(),
+        );
+        let mut pods = self.pods.write().unwrap_or_else(|e| e.into_inner());
+        if pods.get(&key).and_then(|p| p.metadata.uid.as_ref()) == pod.metadata.uid.as_ref() {
+            pods.remove(&key);
+        }
+    }
+
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Pod> {
+        self.pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    pub fn all(&self) -> Vec<Pod> {
+        let mut pods: Vec<Pod> = self
+            .pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        pods.sort_by(|a, b| {
+            (&a.metadata.namespace, &a.metadata.name)
+                .cmp(&(&b.metadata.namespace, &b.metadata.name))
+        });
+        pods
+    }
+}
+
+pub struct KubeletState {
+    pub pods: Arc<PodIndex>,
+    pub logs: Arc<LogStore>,
+    pub authorizer: Authorizer,
+}
+
+/// The CA that signs the cluster's client certificates (the apiserver's among them), from the
+/// ConfigMap every apiserver publishes for extension servers.
+pub async fn client_ca(client: &Client) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-system");
+    let map = maps
+        .get("extension-apiserver-authentication")
+        .await
+        .context("reading kube-system/extension-apiserver-authentication")?;
+    let pem = map
+        .data
+        .and_then(|d| d.get("client-ca-file").cloned())
+        .context("extension-apiserver-authentication has no client-ca-file: the apiserver runs without --client-ca-file")?;
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("parsing the cluster's client CA")
+}
+
+/// Binds the kubelet API and returns the future that serves it.
+pub async fn serve(
+    addr: SocketAddr,
+    identity: ServingIdentity,
+    client_ca: Vec<CertificateDer<'static>>,
+    state: Arc<KubeletState>,
+) -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in client_ca {
+        roots.add(cert).context("adding the cluster's client CA")?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .context("building the client certificate verifier")?;
+    let chain = CertificateDer::pem_slice_iter(identity.chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("parsing the kubelet API certificate")?;
+    let key = PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes())
+        .context("parsing the kubelet API key")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .context("the kubelet API certificate")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind(addr).await.with_context(|| {
+        format!("binding the kubelet API to {addr} (set --kubelet-port to a free port)")
+    })?;
+    tracing::info!(%addr, "kubelet API listening");
+    Ok(async move {
+        loop {
+            let Ok((tcp, _peer)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, state) = (acceptor.clone(), state.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let user: Option<User> = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|certs| certs.first())
+                    .and_then(|cert| user_of_certificate(cert.as_ref()));
+                let app = api::router(state, user);
+                let service = hyper::service::service_fn(move |request| {
+                    let app = app.clone();
+                    async move { tower::ServiceExt::oneshot(app, request).await }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    })
+}

@@ -1,0 +1,826 @@
+//! The pod controller: one task that owns what darkcore knows about the pods on its nodes and
+//! moves each along: admit -> resolve -> place -> dispatch -> follow the agent's reports ->
+//! write status -> release; and on deletion, stop the task then delete the pod.
+//!
+//! Inputs arrive on one channel (pod watches, agent reports, resolutions, a 1 s tick). The
+//! decisions use the pure modules beside this one; API calls go to the `Writer`, off the loop.
+//! Durable state is the pods themselves: each status records its attempt in the containerID,
+//! and agents report what they hold in Hello, so a restarted operator adopts running tasks.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use darkcore_crds::{DevicePool, Runtime};
+use darkcore_proto::agent::v1::{
+    OperatorMessage, TaskAssign, TaskCancel, TaskPhase, TaskStatus, operator_message,
+    task_assign::RestartPolicy,
+};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::mpsc;
+
+use crate::devices::registry::Registry;
+use crate::kubelet::PodIndex;
+use crate::kubelet::log_store::{LogStore, parse_task_id};
+use crate::pods::admission::{self, Refusal};
+use crate::pods::placement::{self, Candidate, Need};
+use crate::pods::resolve::{self, Lookups, Placement, Resolved};
+use crate::pods::status::{self, Loss, RunView};
+use crate::pods::writer::Writer;
+use crate::pool::POOL_LABEL;
+
+/// How often a pod blocked on a missing ConfigMap or Secret is tried again.
+pub const RESOLVE_RETRY: Duration = Duration::from_secs(10);
+/// How long past its grace period a stopping task may take before its pod is deleted anyway.
+pub const STOP_SLACK: Duration = Duration::from_secs(10);
+
+pub enum Input {
+    PodApplied(Pod),
+    PodDeleted(Pod),
+    /// A node's pods as first listed (or relisted after a watch gap).
+    NodeListed(String, Vec<Pod>),
+    /// A device said Hello with the tasks it holds.
+    Hello(String, Vec<TaskStatus>),
+    Report(String, TaskStatus),
+    Resolved(
+        String,
+        Box<(Result<Resolved, resolve::Blocked>, Vec<resolve::Warning>)>,
+    ),
+}
+
+/// What the controller needs from the rest of the operator.
+pub struct Shared {
+    pub client: Client,
+    pub registry: Arc<Registry>,
+    pub pools: Store<DevicePool>,
+    pub nodes: Store<Node>,
+    pub logs: Arc<LogStore>,
+    /// The pods as the kubelet API serves them.
+    pub index: Arc<PodIndex>,
+    pub writer: Arc<Writer>,
+    /// Until then, agents are still reconnecting after an operator start: recorded attempts
+    /// are not declared lost, and unrecorded pods are not placed (they may be running).
+    pub warm_at: Instant,
+    /// The address published as each node's InternalIP (the pods' hostIP).
+    pub host_ip: String,
+}
+
+struct Attempt {
+    number: u32,
+    task_id: String,
+    device: String,
+    millicores: u64,
+    memory: u64,
+    report: Option<TaskStatus>,
+    /// Stop sent (deletion or release).
+    cancelled: bool,
+}
+
+#[derive(Default)]
+struct Entry {
+    pod: Pod,
+    runtime: Option<Runtime>,
+    refused: Option<Refusal>,
+    resolved: Option<Resolved>,
+    resolving: bool,
+    blocked: Option<String>,
+    next_resolve: Option<Instant>,
+    attempt: Option<Attempt>,
+    /// The number the next attempt gets.
+    next_number: u32,
+    last_loss: Option<Loss>,
+    failed: Option<(String, String)>,
+    unplaced: Option<(String, String)>,
+    /// Events already published, so a condition that lasts is reported once.
+    announced: HashSet<String>,
+    delete_by: Option<Instant>,
+    deleted: bool,
+}
+
+pub struct Controller {
+    shared: Arc<Shared>,
+    inbox: mpsc::Sender<Input>,
+    pods: HashMap<String, Entry>,
+    /// Tasks agents reported for pods not (yet) seen, until the pods are listed.
+    orphans: Vec<(String, TaskStatus)>,
+}
+
+fn uid_of(pod: &Pod) -> String {
+    pod.metadata.uid.clone().unwrap_or_default()
+}
+
+fn send(registry: &Registry, device: &str, body: operator_message::Body) {
+    if let Some(sender) = registry.sender(device) {
+        let message = OperatorMessage {
+            version: darkcore_proto::PROTOCOL_VERSION as i32,
+            body: Some(body),
+        };
+        if sender.try_send(Ok(message)).is_err() {
+            tracing::warn!(%device, "the device's queue is full; the message is dropped and the task will be reconciled");
+        }
+    }
+}
+
+fn cancel(registry: &Registry, device: &str, task_id: &str, grace: u32, reason: &str) {
+    send(
+        registry,
+        device,
+        operator_message::Body::TaskCancel(TaskCancel {
+            task_id: task_id.into(),
+            grace_seconds: grace,
+            reason: reason.into(),
+        }),
+    );
+}
+
+fn phase_of(report: Option<&TaskStatus>) -> TaskPhase {
+    report
+        .and_then(|r| TaskPhase::try_from(r.phase).ok())
+        .unwrap_or(TaskPhase::Unspecified)
+}
+
+fn terminal(phase: TaskPhase) -> bool {
+    matches!(phase, TaskPhase::Succeeded | TaskPhase::Failed)
+}
+
+impl Controller {
+    pub fn new(shared: Arc<Shared>) -> (Controller, mpsc::Receiver<Input>) {
+        let (inbox, receiver) = mpsc::channel(4096);
+        (
+            Controller {
+                shared,
+                inbox,
+                pods: HashMap::new(),
+                orphans: Vec::new(),
+            },
+            receiver,
+        )
+    }
+
+    pub fn inbox(&self) -> mpsc::Sender<Input> {
+        self.inbox.clone()
+    }
+
+    pub async fn run(mut self, mut receiver: mpsc::Receiver<Input>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                input = receiver.recv() => match input {
+                    Some(input) => self.handle(input),
+                    None => return,
+                },
+                _ = tick.tick() => {
+                    let uids: Vec<String> = self.pods.keys().cloned().collect();
+                    for uid in uids {
+                        self.reconcile(&uid);
+                    }
+                    self.settle_orphans();
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::PodApplied(pod) => self.applied(pod),
+            Input::PodDeleted(pod) => self.deleted(&uid_of(&pod)),
+            Input::NodeListed(node, pods) => {
+                let listed: HashSet<String> = pods.iter().map(uid_of).collect();
+                let gone: Vec<String> = self
+                    .pods
+                    .iter()
+                    .filter(|(uid, e)| {
+                        e.pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                            == Some(node.as_str())
+                            && !listed.contains(*uid)
+                    })
+                    .map(|(uid, _)| uid.clone())
+                    .collect();
+                for uid in gone {
+                    self.deleted(&uid);
+                }
+                for pod in pods {
+                    self.applied(pod);
+                }
+            }
+            Input::Hello(device, tasks) => self.hello(&device, tasks),
+            Input::Report(device, report) => self.report(&device, report),
+            Input::Resolved(uid, outcome) => {
+                let (result, warnings) = *outcome;
+                if let Some(entry) = self.pods.get_mut(&uid) {
+                    entry.resolving = false;
+                    for warning in warnings {
+                        if entry
+                            .announced
+                            .insert(format!("{}:{}", warning.reason, warning.message))
+                        {
+                            self.shared.writer.event(
+                                &entry.pod,
+                                true,
+                                warning.reason,
+                                warning.message,
+                            );
+                        }
+                    }
+                    match result {
+                        Ok(resolved) => {
+                            entry.resolved = Some(resolved);
+                            entry.blocked = None;
+                        }
+                        Err(blocked) => {
+                            entry.blocked = Some(blocked.message);
+                            entry.next_resolve = Some(Instant::now() + RESOLVE_RETRY);
+                        }
+                    }
+                    self.reconcile(&uid);
+                }
+            }
+        }
+    }
+
+    fn applied(&mut self, pod: Pod) {
+        let uid = uid_of(&pod);
+        let entry = self.pods.entry(uid.clone()).or_insert_with(|| {
+            let mut entry = Entry {
+                next_number: 1,
+                ..Default::default()
+            };
+            // A pod darkcore placed before a restart: assume its attempt still runs there
+            // until its device says otherwise or stays away.
+            if let Some((task_id, device)) = status::recorded_attempt(&pod)
+                && let Some((_, number)) = parse_task_id(&task_id)
+            {
+                entry.next_number = number + 1;
+                if !pod_finished(&pod) {
+                    entry.attempt = Some(Attempt {
+                        number,
+                        task_id,
+                        device,
+                        millicores: 0,
+                        memory: 0,
+                        report: None,
+                        cancelled: false,
+                    });
+                }
+            }
+            entry
+        });
+        self.shared.index.set(&pod);
+        entry.pod = pod;
+        self.reconcile(&uid);
+    }
+
+    fn deleted(&mut self, uid: &str) {
+        if let Some(entry) = self.pods.remove(uid) {
+            self.shared.index.remove(&entry.pod);
+            if let Some(attempt) = entry
+                .attempt
+                .filter(|a| !a.cancelled || !terminal(phase_of(a.report.as_ref())))
+            {
+                cancel(
+                    &self.shared.registry,
+                    &attempt.device,
+                    &attempt.task_id,
+                    0,
+                    "the pod was deleted",
+                );
+            }
+            self.shared.logs.forget(uid);
+        }
+    }
+
+    /// A device's Hello lists what it holds: adopt what we expect there, stop the rest, and
+    /// count what it no longer has as lost.
+    fn hello(&mut self, device: &str, tasks: Vec<TaskStatus>) {
+        let held: HashSet<String> = tasks.iter().map(|t| t.task_id.clone()).collect();
+        let expected: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(_, e)| {
+                e.attempt
+                    .as_ref()
+                    .is_some_and(|a| a.device == device && !held.contains(&a.task_id))
+            })
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in expected {
+            self.lose(
+                &uid,
+                "DeviceLost",
+                format!("device {device} restarted without the task"),
+            );
+        }
+        for task in tasks {
+            self.report(device, task);
+        }
+    }
+
+    fn report(&mut self, device: &str, report: TaskStatus) {
+        let Some((uid, number)) = parse_task_id(&report.task_id).map(|(u, n)| (u.to_string(), n))
+        else {
+            cancel(
+                &self.shared.registry,
+                device,
+                &report.task_id,
+                0,
+                "not a task of this operator",
+            );
+            return;
+        };
+        let Some(entry) = self.pods.get_mut(&uid) else {
+            self.orphans.push((device.to_string(), report));
+            return;
+        };
+        let current = entry
+            .attempt
+            .as_ref()
+            .is_some_and(|a| a.task_id == report.task_id && a.device == device);
+        let adoptable = entry.attempt.is_none()
+            && !pod_finished(&entry.pod)
+            && entry.failed.is_none()
+            && number + 1 >= entry.next_number;
+        match (current, adoptable) {
+            (true, _) => {
+                if let Some(attempt) = entry.attempt.as_mut() {
+                    attempt.report = Some(report);
+                }
+            }
+            (false, true) => {
+                // A running task this operator did not know about (it restarted before recording
+                // the attempt): adopt it rather than run the pod twice.
+                tracing::info!(%uid, task = %report.task_id, %device, "adopting a task its device still runs");
+                entry.next_number = number + 1;
+                entry.attempt = Some(Attempt {
+                    number,
+                    task_id: report.task_id.clone(),
+                    device: device.to_string(),
+                    millicores: 0,
+                    memory: 0,
+                    report: Some(report),
+                    cancelled: false,
+                });
+            }
+            (false, false) => {
+                tracing::info!(%uid, task = %report.task_id, %device, "ignoring a report from an abandoned attempt; stopping it");
+                cancel(
+                    &self.shared.registry,
+                    device,
+                    &report.task_id,
+                    0,
+                    "this attempt was abandoned",
+                );
+                return;
+            }
+        }
+        self.reconcile(&uid);
+    }
+
+    /// Orphan reports whose pods are still unknown once warm: their pods are gone.
+    fn settle_orphans(&mut self) {
+        if self.orphans.is_empty() {
+            return;
+        }
+        let orphans = std::mem::take(&mut self.orphans);
+        for (device, report) in orphans {
+            let known =
+                parse_task_id(&report.task_id).is_some_and(|(uid, _)| self.pods.contains_key(uid));
+            if known {
+                self.report(&device, report);
+            } else if Instant::now() >= self.shared.warm_at {
+                cancel(
+                    &self.shared.registry,
+                    &device,
+                    &report.task_id,
+                    0,
+                    "its pod no longer exists",
+                );
+            } else {
+                self.orphans.push((device, report));
+            }
+        }
+    }
+
+    /// The attempt ended without the pod's doing: run it again, or fail the pod past the
+    /// pool's maximum.
+    fn lose(&mut self, uid: &str, reason: &str, message: String) {
+        let max = self
+            .pool_of(uid)
+            .map_or(darkcore_crds::device_pool::DEFAULT_MAX_REDISPATCHES, |p| {
+                p.spec.max_redispatches
+            });
+        let Some(entry) = self.pods.get_mut(uid) else {
+            return;
+        };
+        let Some(attempt) = entry.attempt.take() else {
+            return;
+        };
+        cancel(
+            &self.shared.registry,
+            &attempt.device,
+            &attempt.task_id,
+            0,
+            "this attempt was abandoned",
+        );
+        tracing::info!(%uid, task = %attempt.task_id, device = %attempt.device, reason, "attempt lost; the task runs again elsewhere");
+        entry.next_number = entry.next_number.max(attempt.number + 1);
+        entry.last_loss = Some(Loss {
+            reason: reason.into(),
+            message: message.clone(),
+            at_unix_ms: now_ms(),
+        });
+        self.shared.writer.event(
+            &entry.pod,
+            true,
+            reason,
+            format!("{message}; attempt {} of the task ended", attempt.number),
+        );
+        if attempt.number > max {
+            entry.failed = Some((
+                reason.into(),
+                format!(
+                    "{message}; the task was dispatched {} times, more than the pool's maxRedispatches ({max}) allows",
+                    attempt.number
+                ),
+            ));
+        }
+        self.reconcile(uid);
+    }
+
+    fn pool_of(&self, uid: &str) -> Option<Arc<DevicePool>> {
+        let entry = self.pods.get(uid)?;
+        let node = self.shared.nodes.get(&ObjectRef::new(
+            entry.pod.spec.as_ref()?.node_name.as_deref()?,
+        ))?;
+        let pool = node.labels().get(POOL_LABEL)?.clone();
+        self.shared.pools.get(&ObjectRef::new(&pool))
+    }
+
+    fn reconcile(&mut self, uid: &str) {
+        let pool = self.pool_of(uid);
+        let shared = self.shared.clone();
+        let registry = &shared.registry;
+        let now = Instant::now();
+        let load = self.pods_load();
+        let Some(entry) = self.pods.get_mut(uid) else {
+            return;
+        };
+
+        // Deletion: stop the task within the grace period, then delete the pod.
+        if entry.pod.metadata.deletion_timestamp.is_some() {
+            if entry.deleted {
+                return;
+            }
+            let grace = entry
+                .pod
+                .metadata
+                .deletion_grace_period_seconds
+                .unwrap_or(30)
+                .max(0) as u32;
+            let running = entry.attempt.as_ref().is_some_and(|a| {
+                !terminal(phase_of(a.report.as_ref()))
+                    && phase_of(a.report.as_ref()) != TaskPhase::Preempted
+            });
+            let device_online = entry
+                .attempt
+                .as_ref()
+                .is_some_and(|a| registry.presence(&a.device) == Some(true));
+            if let Some(attempt) = entry.attempt.as_mut().filter(|a| !a.cancelled) {
+                cancel(
+                    registry,
+                    &attempt.device,
+                    &attempt.task_id,
+                    grace,
+                    "the pod is being deleted",
+                );
+                attempt.cancelled = true;
+                entry.delete_by = Some(now + Duration::from_secs(u64::from(grace)) + STOP_SLACK);
+            }
+            let stopped = !running || !device_online || entry.delete_by.is_some_and(|by| now >= by);
+            if stopped {
+                tracing::info!(pod = %format!("{}/{}", entry.pod.namespace().unwrap_or_default(), entry.pod.name_any()), running, device_online, "the pod's task has stopped; deleting the pod");
+                entry.deleted = true;
+                shared.writer.delete(&entry.pod);
+            }
+            return;
+        }
+        if pod_finished(&entry.pod) && entry.attempt.as_ref().is_none_or(|a| a.cancelled) {
+            return;
+        }
+
+        // Admission, once.
+        if entry.runtime.is_none() && entry.refused.is_none() {
+            match pool.as_ref() {
+                None => return, // its pool or node is not in the cache yet
+                Some(pool) => match admission::admit(&pool.name_any(), &pool.spec, &entry.pod) {
+                    Ok(runtime) => entry.runtime = Some(runtime),
+                    Err(refusal) => {
+                        shared.writer.event(
+                            &entry.pod,
+                            true,
+                            refusal.reason,
+                            refusal.message.clone(),
+                        );
+                        entry.failed = Some((refusal.reason.into(), refusal.message.clone()));
+                        entry.refused = Some(refusal);
+                    }
+                },
+            }
+        }
+
+        if entry.failed.is_none() && entry.attempt.is_none() {
+            // Resolve env and volumes, again while blocked.
+            if entry.resolved.is_none() {
+                if !entry.resolving && entry.next_resolve.is_none_or(|at| now >= at) {
+                    entry.resolving = true;
+                    tokio::spawn(resolve_pod(
+                        shared.clone(),
+                        entry.pod.clone(),
+                        self.inbox.clone(),
+                    ));
+                }
+            } else if now >= shared.warm_at {
+                let placed = place(&shared, pool.as_deref(), entry, &load);
+                match placed {
+                    Ok(attempt) => {
+                        entry.unplaced = None;
+                        entry.next_number = attempt.number + 1;
+                        entry.attempt = Some(attempt);
+                    }
+                    Err(why) => {
+                        if entry.announced.insert(format!("NoDeviceFits:{why}")) {
+                            shared
+                                .writer
+                                .event(&entry.pod, true, "NoDeviceFits", why.clone());
+                        }
+                        entry.unplaced = Some(("NoDeviceFits".into(), why));
+                    }
+                }
+            }
+        }
+        let entry = self.pods.get_mut(uid).expect("present");
+
+        // Follow the attempt: lost devices, preemption, the end.
+        if let Some(attempt) = &entry.attempt {
+            let presence = registry.presence(&attempt.device);
+            let lost = match presence {
+                Some(online) => !online,
+                None => now >= shared.warm_at,
+            };
+            let phase = phase_of(attempt.report.as_ref());
+            if lost && !terminal(phase) {
+                let device = attempt.device.clone();
+                self.lose(uid, "DeviceLost", format!("device {device} was lost (no heartbeat within the pool's deviceLostAfterSeconds)"));
+                return;
+            }
+            if phase == TaskPhase::Preempted {
+                let report = attempt.report.clone().unwrap_or_default();
+                let device = attempt.device.clone();
+                let words = if report.message.is_empty() {
+                    report.reason.clone()
+                } else {
+                    report.message.clone()
+                };
+                self.lose(
+                    uid,
+                    "Preempted",
+                    format!("device {device} handed the task back: {words}"),
+                );
+                return;
+            }
+        }
+        let entry = self.pods.get_mut(uid).expect("present");
+        let view = RunView {
+            attempt: entry
+                .attempt
+                .as_ref()
+                .map(|a| (a.number, a.device.clone(), a.task_id.clone())),
+            report: entry.attempt.as_ref().and_then(|a| a.report.clone()),
+            last_loss: entry.last_loss.clone(),
+            unplaced: entry.unplaced.clone(),
+            config_error: entry.blocked.clone(),
+            failed: entry.failed.clone(),
+            pod_ip: entry
+                .attempt
+                .as_ref()
+                .and_then(|a| registry.address(&a.device)),
+            host_ip: Some(shared.host_ip.clone()),
+        };
+        let desired = status::render(
+            &entry.pod,
+            &view,
+            &Time(k8s_openapi::jiff::Timestamp::now()),
+        );
+        if status::differs(&entry.pod, &desired) {
+            shared.writer.status(&entry.pod, desired.clone());
+            // Assume it lands, so the next pass compares against it (the watch confirms).
+            entry.pod.status = Some(desired);
+        }
+        // A finished task is released on its device once its outcome is recorded.
+        if let Some(attempt) = entry
+            .attempt
+            .as_mut()
+            .filter(|a| terminal(phase_of(a.report.as_ref())) && !a.cancelled)
+        {
+            for container in entry.pod.spec.iter().flat_map(|s| s.containers.iter()) {
+                shared.logs.end(uid, &container.name);
+            }
+            cancel(
+                registry,
+                &attempt.device,
+                &attempt.task_id,
+                0,
+                "its outcome is recorded",
+            );
+            attempt.cancelled = true;
+        }
+    }
+
+    /// What each device carries now: requested millicores, memory and task count.
+    fn pods_load(&self) -> HashMap<String, (u64, u64, usize)> {
+        let mut load: HashMap<String, (u64, u64, usize)> = HashMap::new();
+        for attempt in self.pods.values().filter_map(|e| e.attempt.as_ref()) {
+            if terminal(phase_of(attempt.report.as_ref())) {
+                continue;
+            }
+            let l = load.entry(attempt.device.clone()).or_default();
+            l.0 += attempt.millicores;
+            l.1 += attempt.memory;
+            l.2 += 1;
+        }
+        load
+    }
+}
+
+fn pod_finished(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn proto_runtime(runtime: Runtime) -> darkcore_proto::agent::v1::Runtime {
+    use darkcore_proto::agent::v1::Runtime as P;
+    match runtime {
+        Runtime::Process => P::Process,
+        Runtime::Oci => P::Oci,
+        Runtime::Wasm => P::Wasm,
+    }
+}
+
+/// Picks a device and sends the task there.
+fn place(
+    shared: &Shared,
+    pool: Option<&DevicePool>,
+    entry: &Entry,
+    load: &HashMap<String, (u64, u64, usize)>,
+) -> Result<Attempt, String> {
+    let pool = pool.ok_or("the pod's pool is not known yet")?;
+    let runtime = entry.runtime.ok_or("not admitted yet")?;
+    let resolved = entry.resolved.as_ref().ok_or("not resolved yet")?;
+    let node_name = entry
+        .pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default();
+    let node = shared
+        .nodes
+        .get(&ObjectRef::new(&node_name))
+        .ok_or("the pod's node is not known yet")?;
+    let os = node
+        .labels()
+        .get("kubernetes.io/os")
+        .cloned()
+        .unwrap_or_default();
+    let arch = node
+        .labels()
+        .get("kubernetes.io/arch")
+        .cloned()
+        .unwrap_or_default();
+    // A pod's request is the larger of its init containers' and the sum of its containers'.
+    let sum = |f: fn(&darkcore_proto::agent::v1::Resources) -> u64| -> u64 {
+        let regular: u64 = resolved
+            .containers
+            .iter()
+            .filter_map(|c| c.resources.as_ref())
+            .map(f)
+            .sum();
+        let init = resolved
+            .init_containers
+            .iter()
+            .filter_map(|c| c.resources.as_ref())
+            .map(f)
+            .max()
+            .unwrap_or(0);
+        regular.max(init)
+    };
+    let proto = proto_runtime(runtime);
+    let need = Need {
+        millicores: sum(|r| u64::from(r.request_millicores)),
+        memory: sum(|r| r.request_memory_bytes),
+        runtime: proto as i32,
+        runtime_name: runtime.as_str(),
+    };
+    let candidates: Vec<Candidate> = shared
+        .registry
+        .offers(&pool.name_any(), &os, &arch)
+        .into_iter()
+        .map(|(id, offer)| {
+            let (used_millicores, used_memory, tasks) = load.get(&id).copied().unwrap_or_default();
+            Candidate {
+                id,
+                offer_millicores: u64::from(offer.millicores),
+                offer_memory: offer.memory_bytes,
+                runtimes: offer.runtimes,
+                used_millicores,
+                used_memory,
+                tasks,
+            }
+        })
+        .collect();
+    let device = placement::place(&need, &candidates)?;
+    let number = entry.next_number.max(1);
+    let uid = uid_of(&entry.pod);
+    let task_id = format!("{uid}.{number}");
+    let spec = entry.pod.spec.clone().unwrap_or_default();
+    let assign = TaskAssign {
+        task_id: task_id.clone(),
+        namespace: entry.pod.namespace().unwrap_or_default(),
+        pod_name: entry.pod.name_any(),
+        pod_uid: uid.clone(),
+        runtime: proto as i32,
+        init_containers: resolved.init_containers.clone(),
+        containers: resolved.containers.clone(),
+        volumes: resolved.volumes.clone(),
+        restart_policy: match spec.restart_policy.as_deref() {
+            Some("Never") => RestartPolicy::Never,
+            Some("OnFailure") => RestartPolicy::OnFailure,
+            _ => RestartPolicy::Always,
+        } as i32,
+        termination_grace_seconds: spec.termination_grace_period_seconds.unwrap_or(30).max(0)
+            as u32,
+        pull_credentials: Vec::new(),
+    };
+    tracing::info!(pod = %format!("{}/{}", assign.namespace, assign.pod_name), task = %task_id, %device, "dispatching");
+    send(
+        &shared.registry,
+        &device,
+        operator_message::Body::TaskAssign(assign),
+    );
+    Ok(Attempt {
+        number,
+        task_id,
+        device,
+        millicores: need.millicores,
+        memory: need.memory,
+        report: None,
+        cancelled: false,
+    })
+}
+
+/// Fetches the ConfigMaps and Secrets a pod names, then resolves it (off the loop).
+async fn resolve_pod(shared: Arc<Shared>, pod: Pod, inbox: mpsc::Sender<Input>) {
+    let namespace = pod.namespace().unwrap_or_default();
+    let (maps, secrets) = resolve::referenced(&pod);
+    let mut lookups = Lookups::default();
+    let config_maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(shared.client.clone(), &namespace);
+    for name in maps {
+        let found = config_maps.get_opt(&name).await.unwrap_or_else(|error| {
+            tracing::warn!(%error, %name, "reading a ConfigMap for a pod");
+            None
+        });
+        lookups.config_maps.insert(name, found);
+    }
+    let secret_api: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(shared.client.clone(), &namespace);
+    for name in secrets {
+        let found = secret_api.get_opt(&name).await.unwrap_or_else(|error| {
+            tracing::warn!(%error, %name, "reading a Secret for a pod");
+            None
+        });
+        lookups.secrets.insert(name, found);
+    }
+    let placement = Placement {
+        node_name: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default(),
+        pod_ip: String::new(),
+        host_ip: shared.host_ip.clone(),
+    };
+    let outcome = resolve::resolve(&pod, &lookups, &placement);
+    let _ = inbox
+        .send(Input::Resolved(uid_of(&pod), Box::new(outcome)))
+        .await;
+}

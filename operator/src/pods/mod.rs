@@ -1,0 +1,17 @@
+//! Pods on darkcore nodes become tasks on devices.
+//!
+//! ```text
+//!  pod watch per node ─┐                         ┌─> Writer: status (SSA, coalesced), delete, Events
+//!  agent Hello/reports ┼─> controller (one task) ┼─> TaskAssign / TaskCancel to agents
+//!  1 s tick ───────────┘   admission, resolve,   └─> LogStore (ends of runs)
+//!                          placement, status (pure)
+//! ```
+
+pub mod admission;
+pub mod controller;
+pub mod placement;
+pub mod resolve;
+pub mod runtime_class;
+pub mod status;
+pub mod watch;
+pub mod writer;

@@ -1,0 +1,447 @@
+//! A pod's status as darkcore reports it (pure): phase, conditions, container states with
+//! restart counts across devices, and the attempt record in each containerID
+//! (`darkcore://<device>/<task id>`), which is how a restarted operator knows which attempt
+//! the pod is on. Written only when it differs from what the pod already shows.
+
+use darkcore_proto::agent::v1::{
+    ContainerStatus as TaskContainerStatus, TaskPhase, TaskStatus, Termination,
+    container_status::State,
+};
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
+    ContainerStatus, HostIP, Pod, PodCondition, PodIP, PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::conditions::{status_word, transition_time};
+
+/// The condition that says whether darkcore has placed the pod on a device, and why not.
+pub const PLACED_CONDITION: &str = "darkcore.io/Placed";
+const CONTAINER_ID_SCHEME: &str = "darkcore://";
+
+/// Why an attempt ended without the pod's own doing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Loss {
+    /// `DeviceLost` or `Preempted`.
+    pub reason: String,
+    pub message: String,
+    pub at_unix_ms: i64,
+}
+
+/// What the operator knows about the pod's run: everything its status is rendered from.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunView {
+    /// The attempt on a device: its number (1 for the first), device and task id.
+    pub attempt: Option<(u32, String, String)>,
+    /// The agent's latest report of that attempt.
+    pub report: Option<TaskStatus>,
+    /// How the previous attempt was lost, while this one has no restart of its own.
+    pub last_loss: Option<Loss>,
+    /// Not placed: why (the Placed condition's reason and message).
+    pub unplaced: Option<(String, String)>,
+    /// The containers cannot be created (CreateContainerConfigError), with the message.
+    pub config_error: Option<String>,
+    /// The pod is finished without running on: reason and message (refused, lost too often).
+    pub failed: Option<(String, String)>,
+    pub pod_ip: Option<String>,
+    pub host_ip: Option<String>,
+}
+
+/// The task id and device recorded in a pod's status, if it was ever placed.
+pub fn recorded_attempt(pod: &Pod) -> Option<(String, String)> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    statuses.iter().find_map(|s| {
+        let id = s
+            .container_id
+            .as_deref()?
+            .strip_prefix(CONTAINER_ID_SCHEME)?;
+        let (device, task) = id.split_once('/')?;
+        Some((task.to_string(), device.to_string()))
+    })
+}
+
+pub fn time_ms(ms: i64) -> Option<Time> {
+    (ms > 0)
+        .then(|| Timestamp::from_millisecond(ms).ok().map(Time))
+        .flatten()
+}
+
+fn terminated(t: &Termination, container_id: Option<String>) -> ContainerState {
+    ContainerState {
+        terminated: Some(ContainerStateTerminated {
+            exit_code: t.exit_code,
+            reason: Some(t.reason.clone()).filter(|r| !r.is_empty()),
+            message: Some(t.message.clone()).filter(|m| !m.is_empty()),
+            started_at: time_ms(t.started_at_unix_ms),
+            finished_at: time_ms(t.finished_at_unix_ms),
+            container_id,
+            signal: None,
+        }),
+        ..Default::default()
+    }
+}
+
+fn waiting(reason: &str, message: Option<String>) -> ContainerState {
+    ContainerState {
+        waiting: Some(ContainerStateWaiting {
+            reason: Some(reason.into()),
+            message,
+        }),
+        ..Default::default()
+    }
+}
+
+fn state_of(report: &TaskContainerStatus, container_id: &Option<String>) -> ContainerState {
+    match State::try_from(report.state).unwrap_or(State::Unspecified) {
+        State::Running => ContainerState {
+            running: Some(ContainerStateRunning {
+                started_at: time_ms(report.started_at_unix_ms),
+            }),
+            ..Default::default()
+        },
+        State::Terminated => terminated(
+            &Termination {
+                exit_code: report.exit_code,
+                reason: report.reason.clone(),
+                message: report.message.clone(),
+                started_at_unix_ms: report.started_at_unix_ms,
+                finished_at_unix_ms: report.finished_at_unix_ms,
+            },
+            container_id.clone(),
+        ),
+        _ => waiting(
+            if report.reason.is_empty() {
+                "ContainerCreating"
+            } else {
+                &report.reason
+            },
+            Some(report.message.clone()).filter(|m| !m.is_empty()),
+        ),
+    }
+}
+
+/// The status of one container list (init or regular) of the pod.
+fn containers(
+    specs: &[k8s_openapi::api::core::v1::Container],
+    reports: &[TaskContainerStatus],
+    view: &RunView,
+) -> Vec<ContainerStatus> {
+    let (base, container_id) = match &view.attempt {
+        Some((number, device, task)) => (
+            number.saturating_sub(1) as i32,
+            Some(format!("{CONTAINER_ID_SCHEME}{device}/{task}")),
+        ),
+        None => (0, None),
+    };
+    specs
+        .iter()
+        .map(|spec| {
+            let report = reports.iter().find(|r| r.name == spec.name);
+            let state = match (report, &view.config_error, &view.failed) {
+                (Some(report), _, _) => state_of(report, &container_id),
+                (None, Some(message), _) => {
+                    waiting("CreateContainerConfigError", Some(message.clone()))
+                }
+                (None, None, Some((reason, message))) => terminated(
+                    &Termination {
+                        exit_code: 137,
+                        reason: reason.clone(),
+                        message: message.clone(),
+                        ..Default::default()
+                    },
+                    None,
+                ),
+                (None, None, None) => waiting("ContainerCreating", None),
+            };
+            let last_state = match (
+                report.and_then(|r| r.last_termination.as_ref()),
+                &view.last_loss,
+            ) {
+                (Some(own), _) => Some(terminated(own, container_id.clone())),
+                (None, Some(loss)) => Some(terminated(
+                    &Termination {
+                        exit_code: 137,
+                        reason: loss.reason.clone(),
+                        message: loss.message.clone(),
+                        finished_at_unix_ms: loss.at_unix_ms,
+                        ..Default::default()
+                    },
+                    None,
+                )),
+                (None, None) => None,
+            };
+            let running = state.running.is_some();
+            ContainerStatus {
+                name: spec.name.clone(),
+                image: spec.image.clone().unwrap_or_default(),
+                image_id: report.map(|r| r.image_id.clone()).unwrap_or_default(),
+                container_id: container_id.clone(),
+                ready: running,
+                started: Some(running),
+                restart_count: base + report.map_or(0, |r| r.restart_count as i32),
+                state: Some(state),
+                last_state,
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
+fn phase_word(view: &RunView) -> &'static str {
+    if view.failed.is_some() {
+        return "Failed";
+    }
+    match view
+        .report
+        .as_ref()
+        .and_then(|r| TaskPhase::try_from(r.phase).ok())
+    {
+        Some(TaskPhase::Running) => "Running",
+        Some(TaskPhase::Succeeded) => "Succeeded",
+        Some(TaskPhase::Failed) => "Failed",
+        _ => "Pending",
+    }
+}
+
+/// The status darkcore wants the pod to show. Conditions keep their transition times while
+/// their status holds; `startTime` is kept once set.
+pub fn render(pod: &Pod, view: &RunView, now: &Time) -> PodStatus {
+    let current = pod.status.as_ref();
+    let spec = pod.spec.clone().unwrap_or_default();
+    let empty = Vec::new();
+    let report = view.report.as_ref();
+    let init_statuses = containers(
+        spec.init_containers.as_deref().unwrap_or_default(),
+        report.map_or(&empty, |r| &r.init_containers),
+        view,
+    );
+    let statuses = containers(
+        &spec.containers,
+        report.map_or(&empty, |r| &r.containers),
+        view,
+    );
+    let phase = phase_word(view);
+    let initialized = init_statuses.iter().all(|s| {
+        s.state
+            .as_ref()
+            .and_then(|st| st.terminated.as_ref())
+            .is_some_and(|t| t.exit_code == 0)
+    }) && (view.attempt.is_some() || init_statuses.is_empty());
+    let ready = phase == "Running" && statuses.iter().all(|s| s.ready);
+    let previous = |type_: &str| {
+        current
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == type_))
+            .map(|c| (c.status.as_str(), c.last_transition_time.as_ref()))
+    };
+    let condition =
+        |type_: &str, value: bool, reason: Option<String>, message: Option<String>| PodCondition {
+            type_: type_.into(),
+            status: status_word(value).into(),
+            last_transition_time: Some(transition_time(previous(type_), status_word(value), now)),
+            reason,
+            message,
+            ..Default::default()
+        };
+    let placed = match (&view.attempt, &view.unplaced) {
+        (Some((number, device, _)), _) => condition(
+            PLACED_CONDITION,
+            true,
+            Some("Placed".into()),
+            Some(format!("attempt {number} on device {device}")),
+        ),
+        (None, Some((reason, message))) => condition(
+            PLACED_CONDITION,
+            false,
+            Some(reason.clone()),
+            Some(message.clone()),
+        ),
+        (None, None) => condition(PLACED_CONDITION, false, Some("Placing".into()), None),
+    };
+    let not_ready_reason = (!ready).then(|| "ContainersNotReady".to_string());
+    let mut conditions = vec![
+        condition("Initialized", initialized, None, None),
+        condition("ContainersReady", ready, not_ready_reason.clone(), None),
+        condition("Ready", ready, not_ready_reason, None),
+        placed,
+    ];
+    if let Some(scheduled) = current
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "PodScheduled"))
+    {
+        conditions.insert(0, scheduled.clone());
+    }
+    let (reason, message) = match (&view.failed, report) {
+        (Some((reason, message)), _) => (Some(reason.clone()), Some(message.clone())),
+        (None, Some(r)) if phase == "Failed" && !r.reason.is_empty() => {
+            (Some(r.reason.clone()), Some(r.message.clone()))
+        }
+        _ => (None, None),
+    };
+    PodStatus {
+        phase: Some(phase.into()),
+        conditions: Some(conditions),
+        reason,
+        message,
+        start_time: current
+            .and_then(|s| s.start_time.clone())
+            .or_else(|| Some(now.clone())),
+        host_ip: view.host_ip.clone(),
+        host_ips: view.host_ip.clone().map(|ip| vec![HostIP { ip }]),
+        pod_ip: view.pod_ip.clone(),
+        pod_ips: view.pod_ip.clone().map(|ip| vec![PodIP { ip }]),
+        init_container_statuses: (!init_statuses.is_empty()).then_some(init_statuses),
+        container_statuses: Some(statuses),
+        qos_class: current.and_then(|s| s.qos_class.clone()),
+        ..Default::default()
+    }
+}
+
+/// Whether `desired` would change what the pod shows (conditions compared without times).
+pub fn differs(pod: &Pod, desired: &PodStatus) -> bool {
+    let Some(current) = pod.status.as_ref() else {
+        return true;
+    };
+    let strip = |s: &PodStatus| {
+        let mut s = s.clone();
+        for c in s.conditions.iter_mut().flatten() {
+            c.last_probe_time = None;
+        }
+        s.conditions
+            .iter_mut()
+            .for_each(|cs| cs.sort_by(|a, b| a.type_.cmp(&b.type_)));
+        s.nominated_node_name = None;
+        s.resize = None;
+        s.resource_claim_statuses = None;
+        s.observed_generation = None;
+        s
+    };
+    strip(current) != strip(desired)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Container, PodSpec};
+
+    fn pod() -> Pod {
+        Pod {
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "main".into(),
+                    image: Some("busybox".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn now() -> Time {
+        Time(Timestamp::from_second(1_000).unwrap())
+    }
+
+    fn report(phase: TaskPhase, state: State, restarts: u32) -> TaskStatus {
+        TaskStatus {
+            task_id: "uid.2".into(),
+            phase: phase as i32,
+            containers: vec![TaskContainerStatus {
+                name: "main".into(),
+                state: state as i32,
+                restart_count: restarts,
+                started_at_unix_ms: 900_000,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_running_attempt_shows_running_ready_and_records_itself() {
+        let view = RunView {
+            attempt: Some((2, "dev-a".into(), "uid.2".into())),
+            report: Some(report(TaskPhase::Running, State::Running, 1)),
+            last_loss: Some(Loss {
+                reason: "DeviceLost".into(),
+                message: "device dev-b was lost".into(),
+                at_unix_ms: 1,
+            }),
+            pod_ip: Some("10.0.0.7".into()),
+            ..Default::default()
+        };
+        let status = render(&pod(), &view, &now());
+        assert_eq!(status.phase.as_deref(), Some("Running"));
+        let main = &status.container_statuses.as_ref().unwrap()[0];
+        assert_eq!(
+            main.restart_count, 2,
+            "one loss plus one restart on the device"
+        );
+        assert!(main.ready);
+        assert_eq!(
+            main.last_state
+                .as_ref()
+                .unwrap()
+                .terminated
+                .as_ref()
+                .unwrap()
+                .reason
+                .as_deref(),
+            Some("DeviceLost")
+        );
+        let mut written = pod();
+        written.status = Some(status.clone());
+        assert_eq!(
+            recorded_attempt(&written),
+            Some(("uid.2".into(), "dev-a".into()))
+        );
+        assert!(
+            !differs(
+                &written,
+                &render(
+                    &written,
+                    &view,
+                    &Time(Timestamp::from_second(2_000).unwrap())
+                )
+            ),
+            "nothing changed, nothing to write"
+        );
+    }
+
+    #[test]
+    fn an_unplaced_pod_is_pending_and_says_why() {
+        let view = RunView {
+            unplaced: Some((
+                "NoDeviceFits".into(),
+                "no enlisted device offers 8 CPUs; the largest offers 4".into(),
+            )),
+            ..Default::default()
+        };
+        let status = render(&pod(), &view, &now());
+        assert_eq!(status.phase.as_deref(), Some("Pending"));
+        let placed = status
+            .conditions
+            .unwrap()
+            .into_iter()
+            .find(|c| c.type_ == PLACED_CONDITION)
+            .unwrap();
+        assert_eq!(
+            (placed.status.as_str(), placed.reason.as_deref()),
+            ("False", Some("NoDeviceFits"))
+        );
+    }
+
+    #[test]
+    fn a_pod_lost_too_often_fails_with_the_reason() {
+        let view = RunView {
+            failed: Some(("DeviceLost".into(), "lost 4 times".into())),
+            ..Default::default()
+        };
+        let status = render(&pod(), &view, &now());
+        assert_eq!(
+            (status.phase.as_deref(), status.reason.as_deref()),
+            (Some("Failed"), Some("DeviceLost"))
+        );
+    }
+}

@@ -1,0 +1,167 @@
+//! The pod controller's writes, off its loop: status by server-side apply (coalesced per pod:
+//! only the latest wanted status is written, by a few workers), final deletions with a UID
+//! precondition, and Events.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource};
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+use crate::pool::FIELD_MANAGER;
+
+/// Status writes in flight at once.
+pub const WRITERS: usize = 8;
+
+struct Wanted {
+    namespace: String,
+    name: String,
+    uid: String,
+    status: PodStatus,
+}
+
+pub struct Writer {
+    client: Client,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+    wanted: Mutex<HashMap<String, Wanted>>,
+    queue: mpsc::UnboundedSender<String>,
+}
+
+impl Writer {
+    pub fn start(client: Client, metrics: Arc<Metrics>, recorder: Recorder) -> Arc<Writer> {
+        let (queue, receiver) = mpsc::unbounded_channel();
+        let writer = Arc::new(Writer {
+            client,
+            metrics,
+            recorder,
+            wanted: Mutex::default(),
+            queue,
+        });
+        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+        for _ in 0..WRITERS {
+            let (writer, receiver) = (writer.clone(), receiver.clone());
+            tokio::spawn(async move {
+                loop {
+                    let Some(uid) = receiver.lock().await.recv().await else {
+                        return;
+                    };
+                    writer.write(&uid).await;
+                }
+            });
+        }
+        writer
+    }
+
+    /// Asks for the pod's status to become `status`; a later call before the write replaces it.
+    pub fn status(&self, pod: &Pod, status: PodStatus) {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let wanted = Wanted {
+            namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            uid: uid.clone(),
+            status,
+        };
+        let queued = self
+            .wanted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uid.clone(), wanted)
+            .is_some();
+        if !queued {
+            let _ = self.queue.send(uid);
+        }
+    }
+
+    async fn write(&self, uid: &str) {
+        let Some(wanted) = self
+            .wanted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid)
+        else {
+            return;
+        };
+        let mut status = wanted.status;
+        // PodScheduled belongs to the scheduler.
+        if let Some(conditions) = status.conditions.as_mut() {
+            conditions.retain(|c| c.type_ != "PodScheduled");
+        }
+        let patch = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": wanted.name, "namespace": wanted.namespace, "uid": wanted.uid },
+            "status": status,
+        });
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &wanted.namespace);
+        self.metrics.api_write("pod_status", "apply");
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        if let Err(error) = api
+            .patch_status(&wanted.name, &params, &Patch::Apply(&patch))
+            .await
+        {
+            match &error {
+                kube::Error::Api(s) if s.code == 404 || s.code == 409 => {}
+                _ => {
+                    tracing::warn!(pod = %format!("{}/{}", wanted.namespace, wanted.name), %error, "writing pod status")
+                }
+            }
+        }
+    }
+
+    /// Deletes a pod whose task has stopped, with grace 0 and its UID as precondition.
+    pub fn delete(&self, pod: &Pod) {
+        let (client, metrics) = (self.client.clone(), self.metrics.clone());
+        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let uid = pod.metadata.uid.clone();
+        tokio::spawn(async move {
+            let api: Api<Pod> = Api::namespaced(client, &namespace);
+            let params = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(Preconditions {
+                    uid,
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            metrics.api_write("pod", "delete");
+            if let Err(error) = api.delete(&name, &params).await {
+                match &error {
+                    kube::Error::Api(s) if s.code == 404 || s.code == 409 => {}
+                    _ => {
+                        tracing::warn!(pod = %format!("{namespace}/{name}"), %error, "deleting a stopped pod")
+                    }
+                }
+            }
+        });
+    }
+
+    /// Publishes an Event on the pod.
+    pub fn event(&self, pod: &Pod, warning: bool, reason: &str, note: String) {
+        let recorder = self.recorder.clone();
+        let reference = pod.object_ref(&());
+        let metrics = self.metrics.clone();
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        tokio::spawn(async move {
+            metrics.api_write("event", "create");
+            if let Err(error) = recorder.publish(&event, &reference).await {
+                tracing::debug!(%error, "publishing a pod event");
+            }
+        });
+    }
+}

@@ -1,0 +1,686 @@
+//! Pods on devices: real agents run `darkcore-process` pods; status, logs through the real
+//! apiserver (`kubectl logs`, which reaches the operator's kubelet API), restarts, deletion,
+//! devices lost and owners coming back.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use darkcore_crds::DevicePoolSpec;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret};
+use kube::api::{ListParams, PostParams};
+use kube::{Api, ResourceExt};
+
+use crate::devices::process_pool;
+use crate::fleet::{self, Agent, token};
+use crate::harness::{PoolFixture, TestNamespace, wait_for};
+
+/// A pool of process-runtime agents and a namespace for its pods.
+struct Bench {
+    fx: PoolFixture,
+    ns: TestNamespace,
+    agents: Vec<Agent>,
+}
+
+impl Bench {
+    async fn start(prefix: &str, agents: usize, spec: DevicePoolSpec) -> Bench {
+        let fx = PoolFixture::start(prefix, spec).await;
+        let ns = TestNamespace::create(&fx.client, prefix).await;
+        let token = token(&fx.pool, &["--uses", "10"]);
+        let mut started = Vec::new();
+        for _ in 0..agents {
+            started.push(Agent::start(fx.operator.gateway_port, &token, 1.0).await);
+        }
+        fleet::node_cpu_is(
+            &fx.nodes(),
+            &fx.node,
+            1000 * agents as u64,
+            Duration::from_secs(30),
+        )
+        .await;
+        Bench {
+            fx,
+            ns,
+            agents: started,
+        }
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.fx.client.clone(), &self.ns.name)
+    }
+
+    /// A `darkcore-process` pod for this pool running `script` in sh.
+    fn pod(&self, name: &str, script: &str, restart: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": name },
+            "spec": {
+                "runtimeClassName": "darkcore-process",
+                "nodeSelector": { "darkcore.io/pool": self.fx.pool },
+                "restartPolicy": restart,
+                "terminationGracePeriodSeconds": 5,
+                "containers": [{ "name": "main", "image": "busybox", "command": ["sh", "-c", script] }]
+            }
+        }))
+        .unwrap()
+    }
+
+    async fn create(&self, pod: Pod) -> Pod {
+        self.pods()
+            .create(&PostParams::default(), &pod)
+            .await
+            .unwrap()
+    }
+
+    async fn phase_is(&self, name: &str, phase: &'static str, timeout: Duration) -> Pod {
+        wait_for(
+            &self.pods(),
+            name,
+            move |p: Option<&Pod>| {
+                p.and_then(|p| p.status.as_ref()?.phase.as_deref()) == Some(phase)
+            },
+            timeout,
+            &format!("phase {phase}"),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn kubectl(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("kubectl")
+            .args(["-n", &self.ns.name])
+            .args(args)
+            .output()
+            .expect("kubectl runs");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    async fn events(&self, pod: &str) -> Vec<(String, String)> {
+        let events: Api<Event> = Api::namespaced(self.fx.client.clone(), &self.ns.name);
+        events
+            .list(&ListParams::default().fields(&format!("involvedObject.name={pod}")))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+            .collect()
+    }
+
+    async fn finish(self) {
+        self.ns.delete().await;
+        self.fx.finish().await;
+    }
+}
+
+fn placed_on(pod: &Pod) -> Option<String> {
+    let message = pod
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "darkcore.io/Placed")?
+        .message
+        .clone()?;
+    message.split_whitespace().last().map(String::from)
+}
+
+fn main_status(pod: &Pod) -> k8s_openapi::api::core::v1::ContainerStatus {
+    pod.status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
+        .clone()
+}
+
+#[tokio::test]
+async fn a_pod_runs_succeeds_and_kubectl_logs_shows_and_follows_its_output() {
+    let bench = Bench::start("podrun", 1, process_pool()).await;
+    bench
+        .create(bench.pod(
+            "hello",
+            "echo hello from $HOSTNAME; echo to stderr >&2",
+            "Never",
+        ))
+        .await;
+    let pod = bench
+        .phase_is("hello", "Succeeded", Duration::from_secs(60))
+        .await;
+    let main = main_status(&pod);
+    let done = main.state.unwrap().terminated.unwrap();
+    assert_eq!(
+        (done.exit_code, done.reason.as_deref()),
+        (0, Some("Completed"))
+    );
+    assert_eq!(
+        placed_on(&pod).as_deref(),
+        Some(bench.agents[0].device_id.as_str())
+    );
+    let logs = bench.kubectl(&["logs", "hello"]);
+    assert!(
+        logs.contains("hello from hello\n") && logs.contains("to stderr\n"),
+        "kubectl logs: {logs}"
+    );
+    let stamped = bench.kubectl(&["logs", "hello", "--timestamps", "--tail", "1"]);
+    assert_eq!(stamped.lines().count(), 1, "{stamped}");
+    assert!(
+        stamped.starts_with("20"),
+        "an RFC 3339 time first: {stamped}"
+    );
+
+    // logs -f streams while the container writes, and returns when it ends.
+    bench
+        .create(bench.pod(
+            "ticker",
+            "for i in 1 2 3 4 5; do echo tick $i; sleep 1; done",
+            "Never",
+        ))
+        .await;
+    bench
+        .phase_is("ticker", "Running", Duration::from_secs(60))
+        .await;
+    let started = Instant::now();
+    let followed = bench.kubectl(&["logs", "-f", "ticker"]);
+    assert!(
+        followed.contains("tick 1\n") && followed.contains("tick 5\n"),
+        "logs -f: {followed}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "logs -f waited for the output"
+    );
+
+    // The kubelet API refuses callers without a certificate or token.
+    let code = std::process::Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!(
+            "https://127.0.0.1:{}/containerLogs/{}/hello/main",
+            bench.fx.operator.kubelet_port, bench.ns.name
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&code.stdout), "401");
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn env_and_volumes_come_from_configmaps_secrets_and_fields() {
+    let bench = Bench::start("podenv", 1, process_pool()).await;
+    let maps: Api<ConfigMap> = Api::namespaced(bench.fx.client.clone(), &bench.ns.name);
+    let mut settings = ConfigMap::default();
+    settings.metadata.name = Some("settings".into());
+    settings.data = Some(BTreeMap::from([("greeting".into(), "hola".into())]));
+    maps.create(&PostParams::default(), &settings)
+        .await
+        .unwrap();
+    let secrets: Api<Secret> = Api::namespaced(bench.fx.client.clone(), &bench.ns.name);
+    let mut creds = Secret::default();
+    creds.metadata.name = Some("creds".into());
+    creds.string_data = Some(BTreeMap::from([("token".into(), "s3cret".into())]));
+    secrets
+        .create(&PostParams::default(), &creds)
+        .await
+        .unwrap();
+
+    let script = "echo GREETING=$GREETING TOKEN=$TOKEN NAME=$NAME; cat $DARKCORE_TASK_ROOT/etc/settings/greeting; echo; cat $DARKCORE_TASK_ROOT/etc/creds/token";
+    let mut pod = bench.pod("reader", script, "Never");
+    let spec = serde_json::json!({
+        "env": [
+            { "name": "GREETING", "valueFrom": { "configMapKeyRef": { "name": "settings", "key": "greeting" } } },
+            { "name": "TOKEN", "valueFrom": { "secretKeyRef": { "name": "creds", "key": "token" } } },
+            { "name": "NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }
+        ],
+        "volumeMounts": [
+            { "name": "settings", "mountPath": "/etc/settings" },
+            { "name": "creds", "mountPath": "/etc/creds" }
+        ]
+    });
+    let container = &mut pod.spec.as_mut().unwrap().containers[0];
+    container.env = serde_json::from_value(spec["env"].clone()).unwrap();
+    container.volume_mounts = serde_json::from_value(spec["volumeMounts"].clone()).unwrap();
+    pod.spec.as_mut().unwrap().volumes = serde_json::from_value(serde_json::json!([
+        { "name": "settings", "configMap": { "name": "settings" } },
+        { "name": "creds", "secret": { "secretName": "creds" } }
+    ]))
+    .unwrap();
+    bench.create(pod).await;
+    bench
+        .phase_is("reader", "Succeeded", Duration::from_secs(60))
+        .await;
+    let logs = bench.kubectl(&["logs", "reader"]);
+    assert!(
+        logs.contains("GREETING=hola TOKEN=s3cret NAME=reader"),
+        "{logs}"
+    );
+    assert!(logs.contains("hola\ns3cret"), "volume files: {logs}");
+
+    // A missing mandatory ConfigMap holds the pod with an Event; creating it lets it run.
+    let mut waiting = bench.pod("waiting", "echo $LATE", "Never");
+    waiting.spec.as_mut().unwrap().containers[0].env = serde_json::from_value(serde_json::json!([
+        { "name": "LATE", "valueFrom": { "configMapKeyRef": { "name": "late", "key": "k" } } }
+    ]))
+    .unwrap();
+    bench.create(waiting).await;
+    let pending = wait_for(
+        &bench.pods(),
+        "waiting",
+        |p: Option<&Pod>| {
+            p.and_then(|p| {
+                p.status
+                    .as_ref()?
+                    .container_statuses
+                    .as_ref()?
+                    .first()?
+                    .state
+                    .as_ref()?
+                    .waiting
+                    .as_ref()?
+                    .reason
+                    .clone()
+            })
+            .as_deref()
+                == Some("CreateContainerConfigError")
+        },
+        Duration::from_secs(60),
+        "CreateContainerConfigError",
+    )
+    .await
+    .unwrap();
+    assert_eq!(pending.status.unwrap().phase.as_deref(), Some("Pending"));
+    let events = bench.events("waiting").await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, _)| r == "MandatoryConfigMapNotFound"),
+        "{events:?}"
+    );
+    let mut late = ConfigMap::default();
+    late.metadata.name = Some("late".into());
+    late.data = Some(BTreeMap::from([("k".into(), "arrived".into())]));
+    maps.create(&PostParams::default(), &late).await.unwrap();
+    bench
+        .phase_is("waiting", "Succeeded", Duration::from_secs(60))
+        .await;
+    assert!(bench.kubectl(&["logs", "waiting"]).contains("arrived"));
+
+    // A missing optional one is a Warning, and the pod runs.
+    let mut optional = bench.pod("optional", "echo ran", "Never");
+    optional.spec.as_mut().unwrap().containers[0].env_from =
+        serde_json::from_value(serde_json::json!([
+            { "secretRef": { "name": "absent", "optional": true } }
+        ]))
+        .unwrap();
+    bench.create(optional).await;
+    bench
+        .phase_is("optional", "Succeeded", Duration::from_secs(60))
+        .await;
+    let events = bench.events("optional").await;
+    assert!(
+        events.iter().any(|(r, _)| r == "OptionalSecretNotFound"),
+        "{events:?}"
+    );
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn an_indexed_job_completes_across_three_agents() {
+    let bench = Bench::start("podjob", 3, process_pool()).await;
+    let job: Job = serde_json::from_value(serde_json::json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": { "name": "squares" },
+        "spec": {
+            "completions": 20,
+            "parallelism": 5,
+            "completionMode": "Indexed",
+            "backoffLimit": 0,
+            "template": {
+                "spec": {
+                    "runtimeClassName": "darkcore-process",
+                    "nodeSelector": { "darkcore.io/pool": bench.fx.pool },
+                    "restartPolicy": "Never",
+                    "containers": [{
+                        "name": "main",
+                        "image": "busybox",
+                        "command": ["sh", "-c", "sleep 0.5; echo index $JOB_COMPLETION_INDEX squared $((JOB_COMPLETION_INDEX * JOB_COMPLETION_INDEX))"]
+                    }]
+                }
+            }
+        }
+    }))
+    .unwrap();
+    let jobs: Api<Job> = Api::namespaced(bench.fx.client.clone(), &bench.ns.name);
+    jobs.create(&PostParams::default(), &job).await.unwrap();
+    wait_for(
+        &jobs,
+        "squares",
+        |j: Option<&Job>| j.and_then(|j| j.status.as_ref()?.succeeded) == Some(20),
+        Duration::from_secs(180),
+        "20 succeeded",
+    )
+    .await;
+    let pods = bench
+        .pods()
+        .list(&ListParams::default().labels("job-name=squares"))
+        .await
+        .unwrap();
+    let mut devices = std::collections::BTreeSet::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for pod in pods
+        .items
+        .iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
+    {
+        let index: u64 = pod.annotations()["batch.kubernetes.io/job-completion-index"]
+            .parse()
+            .unwrap();
+        let logs = bench.kubectl(&["logs", &pod.name_any()]);
+        assert_eq!(
+            logs.trim(),
+            format!("index {index} squared {}", index * index),
+            "pod {}",
+            pod.name_any()
+        );
+        devices.insert(placed_on(pod).unwrap());
+        seen.insert(index);
+    }
+    assert_eq!(seen.len(), 20, "every index ran");
+    assert_eq!(
+        devices.len(),
+        3,
+        "the work spread over all three agents: {devices:?}"
+    );
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn exit_codes_and_restart_policies() {
+    let bench = Bench::start("podlife", 1, process_pool()).await;
+    bench.create(bench.pod("fails", "exit 3", "Never")).await;
+    let failed = bench
+        .phase_is("fails", "Failed", Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        main_status(&failed)
+            .state
+            .unwrap()
+            .terminated
+            .unwrap()
+            .exit_code,
+        3
+    );
+
+    // OnFailure: fails once (a marker in an emptyDir survives), then succeeds.
+    let mut flaky = bench.pod("flaky", "if [ -e $DARKCORE_TASK_ROOT/scratch/once ]; then echo second; else touch $DARKCORE_TASK_ROOT/scratch/once; exit 1; fi", "OnFailure");
+    flaky.spec.as_mut().unwrap().volumes =
+        serde_json::from_value(serde_json::json!([{ "name": "scratch", "emptyDir": {} }])).unwrap();
+    flaky.spec.as_mut().unwrap().containers[0].volume_mounts =
+        serde_json::from_value(serde_json::json!([{ "name": "scratch", "mountPath": "/scratch" }]))
+            .unwrap();
+    bench.create(flaky).await;
+    let flaky = bench
+        .phase_is("flaky", "Succeeded", Duration::from_secs(60))
+        .await;
+    let status = main_status(&flaky);
+    assert_eq!(status.restart_count, 1);
+    assert_eq!(status.last_state.unwrap().terminated.unwrap().exit_code, 1);
+
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn a_lost_device_or_a_returning_owner_moves_the_task_elsewhere() {
+    let spec = DevicePoolSpec {
+        device_lost_after_seconds: 5,
+        ..process_pool()
+    };
+    let mut bench = Bench::start("podlost", 2, spec).await;
+    bench
+        .create(bench.pod("survivor", "sleep 4; echo finished", "Never"))
+        .await;
+    let running = bench
+        .phase_is("survivor", "Running", Duration::from_secs(60))
+        .await;
+    let first = placed_on(&running).unwrap();
+    let victim = bench
+        .agents
+        .iter_mut()
+        .find(|a| a.device_id == first)
+        .unwrap();
+    victim.kill().await;
+    let done = bench
+        .phase_is("survivor", "Succeeded", Duration::from_secs(90))
+        .await;
+    assert_ne!(
+        placed_on(&done).unwrap(),
+        first,
+        "it finished on the other device"
+    );
+    let status = main_status(&done);
+    assert_eq!(status.restart_count, 1);
+    assert_eq!(
+        status
+            .last_state
+            .unwrap()
+            .terminated
+            .unwrap()
+            .reason
+            .as_deref(),
+        Some("DeviceLost")
+    );
+    assert!(bench.kubectl(&["logs", "survivor"]).contains("finished"));
+
+    // The owner of the device running it comes back: it is preempted and finishes elsewhere.
+    let survivor = bench
+        .agents
+        .iter()
+        .position(|a| a.device_id != first)
+        .unwrap();
+    bench.agents.retain(|a| a.device_id != first);
+    let token = token(&bench.fx.pool, &[]);
+    bench
+        .agents
+        .push(Agent::start(bench.fx.operator.gateway_port, &token, 1.0).await);
+    let _ = survivor;
+    fleet::node_cpu_is(
+        &bench.fx.nodes(),
+        &bench.fx.node,
+        2000,
+        Duration::from_secs(30),
+    )
+    .await;
+    bench
+        .create(bench.pod("preempted", "sleep 4; echo finished", "Never"))
+        .await;
+    let running = bench
+        .phase_is("preempted", "Running", Duration::from_secs(60))
+        .await;
+    let owner = placed_on(&running).unwrap();
+    bench
+        .agents
+        .iter()
+        .find(|a| a.device_id == owner)
+        .unwrap()
+        .owner_active(true);
+    let done = bench
+        .phase_is("preempted", "Succeeded", Duration::from_secs(90))
+        .await;
+    assert_ne!(placed_on(&done).unwrap(), owner);
+    let status = main_status(&done);
+    assert_eq!(
+        status
+            .last_state
+            .unwrap()
+            .terminated
+            .unwrap()
+            .reason
+            .as_deref(),
+        Some("Preempted")
+    );
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn pods_that_cannot_run_say_why_on_the_pod() {
+    let fx_spec = DevicePoolSpec { ..process_pool() };
+    let bench = Bench::start("podwhy", 1, fx_spec).await;
+    let mut big = bench.pod("big", "true", "Never");
+    big.spec.as_mut().unwrap().containers[0].resources =
+        serde_json::from_value(serde_json::json!({ "requests": { "cpu": "8" } })).unwrap();
+    // The node offers 1 CPU, so the scheduler would not bind it: bind it by nodeName, as a
+    // controller that skips the scheduler does, to reach darkcore's own placement.
+    big.spec.as_mut().unwrap().node_name = Some(bench.fx.node.clone());
+    big.spec.as_mut().unwrap().tolerations =
+        serde_json::from_value(serde_json::json!([{ "operator": "Exists" }])).unwrap();
+    bench.create(big).await;
+    wait_for(
+        &bench.pods(),
+        "big",
+        |p: Option<&Pod>| {
+            p.and_then(|p| {
+                p.status
+                    .as_ref()?
+                    .conditions
+                    .as_ref()?
+                    .iter()
+                    .find(|c| c.type_ == "darkcore.io/Placed")?
+                    .reason
+                    .clone()
+            })
+            .as_deref()
+                == Some("NoDeviceFits")
+        },
+        Duration::from_secs(60),
+        "NoDeviceFits",
+    )
+    .await;
+    let described = bench.kubectl(&["describe", "pod", "big"]);
+    assert!(
+        described.contains("no enlisted device offers 8 CPUs; the largest offers 1"),
+        "{described}"
+    );
+
+    // No RuntimeClass means oci, which this pool does not allow.
+    let mut oci = bench.pod("oci", "true", "Never");
+    oci.spec.as_mut().unwrap().runtime_class_name = None;
+    oci.spec.as_mut().unwrap().tolerations =
+        serde_json::from_value(serde_json::json!([{ "operator": "Exists" }])).unwrap();
+    bench.create(oci).await;
+    let refused = bench
+        .phase_is("oci", "Failed", Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        refused.status.as_ref().unwrap().reason.as_deref(),
+        Some("RuntimeNotAllowed")
+    );
+    assert!(
+        bench
+            .events("oci")
+            .await
+            .iter()
+            .any(|(r, _)| r == "RuntimeNotAllowed")
+    );
+
+    let mut host = bench.pod("host", "true", "Never");
+    host.spec.as_mut().unwrap().host_network = Some(true);
+    bench.create(host).await;
+    let refused = bench
+        .phase_is("host", "Failed", Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        refused.status.as_ref().unwrap().reason.as_deref(),
+        Some("UnsupportedPodFeature")
+    );
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn a_job_survives_an_operator_kill_without_running_any_index_twice() {
+    let mut bench = Bench::start("podcrash", 3, process_pool()).await;
+    let job: Job = serde_json::from_value(serde_json::json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": { "name": "steady" },
+        "spec": {
+            "completions": 10,
+            "parallelism": 5,
+            "completionMode": "Indexed",
+            "backoffLimit": 0,
+            "template": {
+                "spec": {
+                    "runtimeClassName": "darkcore-process",
+                    "nodeSelector": { "darkcore.io/pool": bench.fx.pool },
+                    "restartPolicy": "Never",
+                    "containers": [{
+                        "name": "main",
+                        "image": "busybox",
+                        "command": ["sh", "-c", "echo ran $JOB_COMPLETION_INDEX; sleep 3"]
+                    }]
+                }
+            }
+        }
+    }))
+    .unwrap();
+    let jobs: Api<Job> = Api::namespaced(bench.fx.client.clone(), &bench.ns.name);
+    jobs.create(&PostParams::default(), &job).await.unwrap();
+    wait_for(
+        &jobs,
+        "steady",
+        |j: Option<&Job>| j.and_then(|j| j.status.as_ref()?.ready).unwrap_or(0) >= 3,
+        Duration::from_secs(60),
+        "three pods running",
+    )
+    .await;
+    bench.fx.operator.kill().await;
+    let op = &bench.fx.operator;
+    let (scope, http, gateway, kubelet) = (
+        op.scope.clone(),
+        op.http_port,
+        op.gateway_port,
+        op.kubelet_port,
+    );
+    bench.fx.operator = crate::harness::Operator::start_on(&scope, http, gateway, kubelet).await;
+    wait_for(
+        &jobs,
+        "steady",
+        |j: Option<&Job>| j.and_then(|j| j.status.as_ref()?.succeeded) == Some(10),
+        Duration::from_secs(120),
+        "10 succeeded",
+    )
+    .await;
+    let pods = bench
+        .pods()
+        .list(&ListParams::default().labels("job-name=steady"))
+        .await
+        .unwrap();
+    assert_eq!(pods.items.len(), 10, "no pod failed and was replaced");
+    for pod in &pods.items {
+        assert_eq!(
+            main_status(pod).restart_count,
+            0,
+            "pod {} ran once",
+            pod.name_any()
+        );
+    }
+    let log = std::fs::read_to_string(&bench.fx.operator.log).unwrap();
+    let dispatches = log
+        .lines()
+        .filter(|l| l.contains("dispatching") && l.contains(&bench.ns.name))
+        .count();
+    assert_eq!(
+        dispatches, 10,
+        "each index was dispatched once across both operators"
+    );
+    assert!(
+        log.contains("adopting") || log.lines().filter(|l| l.contains("dispatching")).count() == 10
+    );
+    bench.finish().await;
+}
