@@ -73,6 +73,33 @@ impl Bench {
             .unwrap()
     }
 
+    /// Creates an indexed Job of `darkcore-process` pods on this pool running `script` in sh,
+    /// with no retries, and returns the Jobs API of the namespace.
+    async fn indexed_job(
+        &self,
+        name: &str,
+        completions: i32,
+        parallelism: i32,
+        script: &str,
+    ) -> Api<Job> {
+        let job: Job = serde_json::from_value(serde_json::json!({
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": { "name": name },
+            "spec": {
+                "completions": completions,
+                "parallelism": parallelism,
+                "completionMode": "Indexed",
+                "backoffLimit": 0,
+                "template": { "spec": self.pod(name, script, "Never").spec }
+            }
+        }))
+        .unwrap();
+        let jobs: Api<Job> = Api::namespaced(self.fx.client.clone(), &self.ns.name);
+        jobs.create(&PostParams::default(), &job).await.unwrap();
+        jobs
+    }
+
     async fn phase_is(&self, name: &str, phase: &'static str, timeout: Duration) -> Pod {
         wait_for(
             &self.pods(),
@@ -333,32 +360,7 @@ async fn env_and_volumes_come_from_configmaps_secrets_and_fields() {
 #[tokio::test]
 async fn an_indexed_job_completes_across_three_agents() {
     let bench = Bench::start("podjob", 3, process_pool()).await;
-    let job: Job = serde_json::from_value(serde_json::json!({
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": { "name": "squares" },
-        "spec": {
-            "completions": 20,
-            "parallelism": 5,
-            "completionMode": "Indexed",
-            "backoffLimit": 0,
-            "template": {
-                "spec": {
-                    "runtimeClassName": "darkcore-process",
-                    "nodeSelector": { "darkcore.io/pool": bench.fx.pool },
-                    "restartPolicy": "Never",
-                    "containers": [{
-                        "name": "main",
-                        "image": "busybox",
-                        "command": ["sh", "-c", "sleep 0.5; echo index $JOB_COMPLETION_INDEX squared $((JOB_COMPLETION_INDEX * JOB_COMPLETION_INDEX))"]
-                    }]
-                }
-            }
-        }
-    }))
-    .unwrap();
-    let jobs: Api<Job> = Api::namespaced(bench.fx.client.clone(), &bench.ns.name);
-    jobs.create(&PostParams::default(), &job).await.unwrap();
+    let jobs = bench.indexed_job("squares", 20, 5, "sleep 0.5; echo index $JOB_COMPLETION_INDEX squared $((JOB_COMPLETION_INDEX * JOB_COMPLETION_INDEX))").await;
     wait_for(
         &jobs,
         "squares",
@@ -605,32 +607,9 @@ async fn pods_that_cannot_run_say_why_on_the_pod() {
 #[tokio::test]
 async fn a_job_survives_an_operator_kill_without_running_any_index_twice() {
     let mut bench = Bench::start("podcrash", 3, process_pool()).await;
-    let job: Job = serde_json::from_value(serde_json::json!({
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": { "name": "steady" },
-        "spec": {
-            "completions": 10,
-            "parallelism": 5,
-            "completionMode": "Indexed",
-            "backoffLimit": 0,
-            "template": {
-                "spec": {
-                    "runtimeClassName": "darkcore-process",
-                    "nodeSelector": { "darkcore.io/pool": bench.fx.pool },
-                    "restartPolicy": "Never",
-                    "containers": [{
-                        "name": "main",
-                        "image": "busybox",
-                        "command": ["sh", "-c", "echo ran $JOB_COMPLETION_INDEX; sleep 3"]
-                    }]
-                }
-            }
-        }
-    }))
-    .unwrap();
-    let jobs: Api<Job> = Api::namespaced(bench.fx.client.clone(), &bench.ns.name);
-    jobs.create(&PostParams::default(), &job).await.unwrap();
+    let jobs = bench
+        .indexed_job("steady", 10, 5, "echo ran $JOB_COMPLETION_INDEX; sleep 3")
+        .await;
     wait_for(
         &jobs,
         "steady",

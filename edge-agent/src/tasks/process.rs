@@ -5,31 +5,19 @@
 //! (`$DARKCORE_TASK_ROOT` + mountPath), which is also the default working directory.
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 
 use rustix::process::{Pid, Signal, kill_process_group};
 use tokio::process::{Child, Command};
 
 use crate::tasks::runtime::{Exit, Launch, Output, Runtime, StartError, Workload};
+use crate::tasks::workdir::under_root;
 
 /// The PATH a task gets when its pod sets none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 pub struct ProcessRuntime;
-
-/// `path` (absolute inside the pod) placed under `root` on the device; `..` is refused.
-pub fn under_root(root: &Path, path: &str) -> Result<PathBuf, String> {
-    let mut placed = root.to_path_buf();
-    for component in Path::new(path).components() {
-        match component {
-            Component::RootDir | Component::CurDir => {}
-            Component::Normal(part) => placed.push(part),
-            _ => return Err(format!("path {path:?} leaves the task's directory")),
-        }
-    }
-    Ok(placed)
-}
 
 /// The task root of a launch: what `$DARKCORE_TASK_ROOT` names.
 pub fn task_root(launch: &Launch) -> PathBuf {
@@ -135,21 +123,5 @@ impl Workload for Process {
 
     fn kill(&mut self) {
         self.signal(Signal::KILL);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn paths_stay_under_the_task_root() {
-        let root = Path::new("/t/root");
-        assert_eq!(
-            under_root(root, "/etc/config").unwrap(),
-            Path::new("/t/root/etc/config")
-        );
-        assert_eq!(under_root(root, "data").unwrap(), Path::new("/t/root/data"));
-        assert!(under_root(root, "/etc/../../secret").is_err());
     }
 }

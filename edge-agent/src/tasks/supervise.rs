@@ -10,12 +10,12 @@ use darkcore_proto::agent::v1::{
     Container, ContainerStatus, LogChunk, TaskAssign, TaskPhase, TaskStatus, Termination,
     container_status::State, log_chunk, task_assign::RestartPolicy,
 };
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 
 use crate::tasks::Board;
 use crate::tasks::lifecycle::{self, BACKOFF_RESET_AFTER, Standing};
-use crate::tasks::runtime::{Exit, Launch, Runtime, Workload};
+use crate::tasks::runtime::{Exit, Launch, Output, Runtime, Workload};
 use crate::tasks::workdir;
 
 /// A log chunk ends at a newline or at this many bytes.
@@ -318,27 +318,17 @@ impl Supervisor {
             })
             .unwrap_or(0);
         let (stdout, stderr) = workload.take_output();
+        let spawn_pump = |stream, output| {
+            let (board, task_id, name) = (
+                self.board.clone(),
+                self.task.task_id.clone(),
+                container.name.clone(),
+            );
+            tokio::spawn(pump(board, task_id, name, run, stream, output))
+        };
         let pumps = [
-            stdout.map(|out| {
-                tokio::spawn(pump(
-                    self.board.clone(),
-                    self.task.task_id.clone(),
-                    container.name.clone(),
-                    run,
-                    log_chunk::Stream::Stdout,
-                    out,
-                ))
-            }),
-            stderr.map(|err| {
-                tokio::spawn(pump(
-                    self.board.clone(),
-                    self.task.task_id.clone(),
-                    container.name.clone(),
-                    run,
-                    log_chunk::Stream::Stderr,
-                    err,
-                ))
-            }),
+            stdout.map(|out| spawn_pump(log_chunk::Stream::Stdout, out)),
+            stderr.map(|err| spawn_pump(log_chunk::Stream::Stderr, err)),
         ];
         shared.container(kind, index, |c| {
             c.state = State::Running as i32;
@@ -391,8 +381,18 @@ async fn pump(
     container: String,
     run: u32,
     stream: log_chunk::Stream,
-    output: Box<dyn AsyncRead + Send + Unpin>,
+    output: Output,
 ) {
+    let emit = |data: Vec<u8>| {
+        board.log(LogChunk {
+            task_id: task_id.clone(),
+            container: container.clone(),
+            stream: stream as i32,
+            timestamp_unix_nanos: unix_nanos(),
+            data,
+            run,
+        })
+    };
     let mut reader = BufReader::with_capacity(LOG_CHUNK_BYTES, output);
     let mut pending = Vec::new();
     loop {
@@ -408,24 +408,10 @@ async fn pump(
         pending.extend_from_slice(&buffer[..take]);
         reader.consume(take);
         if line_end || pending.len() >= LOG_CHUNK_BYTES {
-            board.log(LogChunk {
-                task_id: task_id.clone(),
-                container: container.clone(),
-                stream: stream as i32,
-                timestamp_unix_nanos: unix_nanos(),
-                data: std::mem::take(&mut pending),
-                run,
-            });
+            emit(std::mem::take(&mut pending));
         }
     }
     if !pending.is_empty() {
-        board.log(LogChunk {
-            task_id,
-            container,
-            stream: stream as i32,
-            timestamp_unix_nanos: unix_nanos(),
-            data: pending,
-            run,
-        });
+        emit(pending);
     }
 }

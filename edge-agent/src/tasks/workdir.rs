@@ -4,11 +4,9 @@
 
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use darkcore_proto::agent::v1::{Container, Volume};
-
-use crate::tasks::process::under_root;
 
 /// Why a task's directory could not be laid out.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +24,19 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> WorkdirError + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// `path` (absolute inside the pod) placed under `root` on the device; `..` is refused.
+pub fn under_root(root: &Path, path: &str) -> Result<PathBuf, String> {
+    let mut placed = root.to_path_buf();
+    for component in Path::new(path).components() {
+        match component {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(part) => placed.push(part),
+            _ => return Err(format!("path {path:?} leaves the task's directory")),
+        }
+    }
+    Ok(placed)
 }
 
 /// Task ids come from the operator; only plain names become directories.
@@ -182,6 +193,17 @@ mod tests {
             std::env::temp_dir().join(format!("darkcore-workdir-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
+    }
+
+    #[test]
+    fn paths_stay_under_the_task_root() {
+        let root = Path::new("/t/root");
+        assert_eq!(
+            under_root(root, "/etc/config").unwrap(),
+            Path::new("/t/root/etc/config")
+        );
+        assert_eq!(under_root(root, "data").unwrap(), Path::new("/t/root/data"));
+        assert!(under_root(root, "/etc/../../secret").is_err());
     }
 
     #[test]

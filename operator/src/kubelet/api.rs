@@ -12,6 +12,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 
@@ -193,70 +194,63 @@ async fn container_logs(
         return (plain, body).into_response();
     }
     // Follow: what is there now, then new lines as they come, until the run ends.
-    let stream = futures::stream::unfold(
-        (
-            Some(body),
-            first.next,
-            take,
-            state,
-            uid,
-            container,
-            since,
-            namespace,
-            pod_name,
-        ),
-        |(pending, from, mut take, state, uid, container, since, namespace, pod_name)| async move {
-            if let Some(body) = pending {
-                return Some((
-                    Ok::<Bytes, Infallible>(Bytes::from(body)),
-                    (
-                        None, from, take, state, uid, container, since, namespace, pod_name,
-                    ),
-                ));
-            }
-            loop {
-                let read = state.logs.read(&uid, &container, false, from)?;
-                let notified = read.changed.notified();
-                if !read.lines.is_empty() {
-                    let (body, exhausted) = take(select(read.lines, since, None));
-                    if exhausted {
-                        return Some((
-                            Ok(Bytes::from(body)),
-                            (
-                                None,
-                                u64::MAX,
-                                take,
-                                state,
-                                uid,
-                                container,
-                                since,
-                                namespace,
-                                pod_name,
-                            ),
-                        ));
-                    }
-                    return Some((
-                        Ok(Bytes::from(body)),
-                        (
-                            None, read.next, take, state, uid, container, since, namespace,
-                            pod_name,
-                        ),
-                    ));
-                }
-                if read.ended
-                    || from == u64::MAX
-                    || state
-                        .pods
-                        .get(&namespace, &pod_name)
-                        .is_none_or(|p| p.metadata.uid.as_deref() != Some(uid.as_str()))
-                {
-                    return None;
-                }
-                let _ = tokio::time::timeout(FOLLOW_RECHECK, notified).await;
-            }
-        },
-    );
+    let follower = Follower {
+        state,
+        uid,
+        container,
+        namespace,
+        pod_name,
+        since,
+        from: Some(first.next),
+        take,
+    };
+    let rest = futures::stream::unfold(follower, |mut follower| async move {
+        let body = follower.next().await?;
+        Some((Ok::<Bytes, Infallible>(Bytes::from(body)), follower))
+    });
+    let stream = futures::stream::once(async move { Ok(Bytes::from(body)) }).chain(rest);
     (plain, Body::from_stream(stream)).into_response()
+}
+
+/// A `logs -f` reader: where it is in the container's current run, and how it renders.
+struct Follower<F> {
+    state: Arc<KubeletState>,
+    uid: String,
+    container: String,
+    namespace: String,
+    pod_name: String,
+    since: Option<i64>,
+    /// Lines read so far; `None` once `limitBytes` is used up.
+    from: Option<u64>,
+    take: F,
+}
+
+impl<F: FnMut(Vec<Line>) -> (Vec<u8>, bool)> Follower<F> {
+    /// The next output, waiting for it; `None` when the run ended or the pod is gone.
+    async fn next(&mut self) -> Option<Vec<u8>> {
+        loop {
+            let from = self.from?;
+            let read = self
+                .state
+                .logs
+                .read(&self.uid, &self.container, false, from)?;
+            let notified = read.changed.notified();
+            if !read.lines.is_empty() {
+                let (body, exhausted) = (self.take)(select(read.lines, self.since, None));
+                self.from = (!exhausted).then_some(read.next);
+                return Some(body);
+            }
+            let pod_gone = self
+                .state
+                .pods
+                .get(&self.namespace, &self.pod_name)
+                .is_none_or(|p| p.metadata.uid.as_deref() != Some(self.uid.as_str()));
+            if read.ended || pod_gone {
+                return None;
+            }
+            let _ = tokio::time::timeout(FOLLOW_RECHECK, notified).await;
+        }
+    }
 }
 
 fn pod_list(pods: Vec<Pod>) -> Response {

@@ -439,29 +439,23 @@ impl Resolver<'_> {
             volume.empty_dir = true;
         } else if let Some(cm) = &v.config_map {
             let mode = mode_or_default(cm.default_mode);
-            if let Some(data) = self.source(Kind::ConfigMap, &cm.name, cm.optional == Some(true))? {
-                volume.files = self.project(
-                    Kind::ConfigMap,
-                    &cm.name,
-                    &data,
-                    cm.items.as_deref(),
-                    mode,
-                    cm.optional == Some(true),
-                )?;
-            }
+            volume.files = self.files(
+                Kind::ConfigMap,
+                &cm.name,
+                cm.items.as_deref(),
+                mode,
+                cm.optional,
+            )?;
         } else if let Some(secret) = &v.secret {
             let name = secret.secret_name.clone().unwrap_or_default();
             let mode = mode_or_default(secret.default_mode);
-            if let Some(data) = self.source(Kind::Secret, &name, secret.optional == Some(true))? {
-                volume.files = self.project(
-                    Kind::Secret,
-                    &name,
-                    &data,
-                    secret.items.as_deref(),
-                    mode,
-                    secret.optional == Some(true),
-                )?;
-            }
+            volume.files = self.files(
+                Kind::Secret,
+                &name,
+                secret.items.as_deref(),
+                mode,
+                secret.optional,
+            )?;
         } else if let Some(downward) = &v.downward_api {
             let mode = mode_or_default(downward.default_mode);
             volume.files = self.downward(downward.items.as_deref().unwrap_or_default(), mode)?;
@@ -469,30 +463,24 @@ impl Resolver<'_> {
             let mode = mode_or_default(projected.default_mode);
             for source in projected.sources.iter().flatten() {
                 if let Some(cm) = &source.config_map {
-                    let optional = cm.optional == Some(true);
-                    if let Some(data) = self.source(Kind::ConfigMap, &cm.name, optional)? {
-                        volume.files.extend(self.project(
-                            Kind::ConfigMap,
-                            &cm.name,
-                            &data,
-                            cm.items.as_deref(),
-                            mode,
-                            optional,
-                        )?);
-                    }
+                    let files = self.files(
+                        Kind::ConfigMap,
+                        &cm.name,
+                        cm.items.as_deref(),
+                        mode,
+                        cm.optional,
+                    )?;
+                    volume.files.extend(files);
                 }
-                if let Some(s) = &source.secret {
-                    let optional = s.optional == Some(true);
-                    if let Some(data) = self.source(Kind::Secret, &s.name, optional)? {
-                        volume.files.extend(self.project(
-                            Kind::Secret,
-                            &s.name,
-                            &data,
-                            s.items.as_deref(),
-                            mode,
-                            optional,
-                        )?);
-                    }
+                if let Some(secret) = &source.secret {
+                    let files = self.files(
+                        Kind::Secret,
+                        &secret.name,
+                        secret.items.as_deref(),
+                        mode,
+                        secret.optional,
+                    )?;
+                    volume.files.extend(files);
                 }
                 if let Some(d) = &source.downward_api {
                     volume
@@ -513,7 +501,22 @@ impl Resolver<'_> {
         Ok(volume)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// A ConfigMap's or Secret's keys as volume files; none when it is optional and missing.
+    fn files(
+        &mut self,
+        kind: Kind,
+        name: &str,
+        items: Option<&[KeyToPath]>,
+        mode: u32,
+        optional: Option<bool>,
+    ) -> Result<Vec<VolumeFile>, Blocked> {
+        let optional = optional == Some(true);
+        match self.source(kind, name, optional)? {
+            Some(data) => self.project(kind, name, &data, items, mode, optional),
+            None => Ok(Vec::new()),
+        }
+    }
+
     fn project(
         &self,
         kind: Kind,
