@@ -162,6 +162,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let pod_watches = tokio::spawn(crate::pods::watch::follow_nodes(
         client.clone(),
+        pool_store.clone(),
         nodes.clone(),
         pod_controller.inbox(),
     ));

@@ -474,6 +474,26 @@ impl PoolFixture {
         pool.unwrap().status.unwrap()
     }
 
+    /// Waits until the pool has an Event of each of `reasons` (Events are published apart from
+    /// the changes they describe), and returns the pool's Events.
+    pub async fn pool_events_include(&self, reasons: &[&str]) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let events = self.pool_events().await;
+            if reasons
+                .iter()
+                .all(|r| events.iter().any(|e| e.starts_with(&format!("{r}:"))))
+            {
+                return events;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the pool never had Events {reasons:?}: {events:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// The pool's Events as "Reason: note", oldest first.
     pub async fn pool_events(&self) -> Vec<String> {
         let events: Api<k8s_openapi::api::core::v1::Event> = Api::all(self.client.clone());

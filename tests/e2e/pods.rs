@@ -127,6 +127,38 @@ impl Bench {
         )
     }
 
+    /// Waits until `kubectl logs` of the pod shows `text`, and returns the logs.
+    async fn logs_show(&self, pod: &str, text: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let logs = self.kubectl(&["logs", pod]);
+            if logs.contains(text) {
+                return logs;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{pod}'s logs never showed {text:?}: {logs}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Deletes the pod as kubectl does (its own grace period), waits until it is gone, and
+    /// returns how long that took.
+    async fn delete_and_time(&self, pod: &str) -> Duration {
+        let started = Instant::now();
+        self.pods().delete(pod, &Default::default()).await.unwrap();
+        wait_for(
+            &self.pods(),
+            pod,
+            |p: Option<&Pod>| p.is_none(),
+            Duration::from_secs(30),
+            "deletion",
+        )
+        .await;
+        started.elapsed()
+    }
+
     async fn events(&self, pod: &str) -> Vec<(String, String)> {
         let events: Api<Event> = Api::namespaced(self.fx.client.clone(), &self.ns.name);
         events
@@ -435,6 +467,64 @@ async fn exit_codes_and_restart_policies() {
     assert_eq!(status.restart_count, 1);
     assert_eq!(status.last_state.unwrap().terminated.unwrap().exit_code, 1);
 
+    bench.finish().await;
+}
+
+/// The pid that a pod printed after `ready`.
+fn ready_pid(logs: &str) -> u32 {
+    logs.lines()
+        .find_map(|l| l.strip_prefix("ready "))
+        .and_then(|pid| pid.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no 'ready <pid>' line in {logs}"))
+}
+
+#[tokio::test]
+async fn deletion_stops_the_task_within_its_grace_period() {
+    let bench = Bench::start("poddel", 1, process_pool()).await;
+    // Traps SIGTERM and takes 2 s to finish: it gets that time, well inside its 5 s grace.
+    bench
+        .create(bench.pod(
+            "polite",
+            "trap 'echo stopping; sleep 2; echo stopped; exit 0' TERM; echo ready $$$$; while true; do sleep 0.1; done",
+            "Never",
+        ))
+        .await;
+    // Ignores SIGTERM: killed when its 5 s grace runs out.
+    bench
+        .create(bench.pod(
+            "stubborn",
+            "trap '' TERM; echo ready $$$$; while true; do sleep 0.1; done",
+            "Never",
+        ))
+        .await;
+    let polite = ready_pid(
+        &bench
+            .logs_show("polite", "ready ", Duration::from_secs(60))
+            .await,
+    );
+    let stubborn = ready_pid(
+        &bench
+            .logs_show("stubborn", "ready ", Duration::from_secs(60))
+            .await,
+    );
+    let (polite_took, stubborn_took) = tokio::join!(
+        bench.delete_and_time("polite"),
+        bench.delete_and_time("stubborn")
+    );
+    assert!(
+        polite_took >= Duration::from_secs(2) && polite_took < Duration::from_secs(15),
+        "the polite pod got its 2 s handler and no more than its grace plus slack: {polite_took:?}"
+    );
+    assert!(
+        stubborn_took >= Duration::from_secs(5) && stubborn_took < Duration::from_secs(15),
+        "the stubborn pod was killed after its 5 s grace: {stubborn_took:?}"
+    );
+    for pid in [polite, stubborn] {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} is gone once its pod is"
+        );
+    }
     bench.finish().await;
 }
 

@@ -1,8 +1,10 @@
-//! One pod watch per darkcore node (`spec.nodeName=<node>`), started and stopped as pools
-//! publish and remove nodes, so the operator never lists pods that are not its own.
+//! One pod watch per node of the pools this operator serves (`spec.nodeName=<node>`), started
+//! and stopped as pools publish and remove nodes, so the operator never sees pods not its own
+//! (nor those of another operator's pools, when pools are sharded by label selector).
 
 use std::collections::HashMap;
 
+use darkcore_crds::DevicePool;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::reflector::Store;
@@ -12,14 +14,31 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::pods::controller::Input;
+use crate::pool::POOL_LABEL;
 
-/// Keeps a watch running for every node in `nodes`, feeding `inbox`.
-pub async fn follow_nodes(client: Client, nodes: Store<Node>, inbox: mpsc::Sender<Input>) {
+/// Keeps a watch running for every node in `nodes` that belongs to a pool in `pools`, feeding
+/// `inbox`.
+pub async fn follow_nodes(
+    client: Client,
+    pools: Store<DevicePool>,
+    nodes: Store<Node>,
+    inbox: mpsc::Sender<Input>,
+) {
     let mut watches: HashMap<String, JoinHandle<()>> = HashMap::new();
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
         tick.tick().await;
-        let names: Vec<String> = nodes.state().iter().map(|n| n.name_any()).collect();
+        let served: Vec<String> = pools.state().iter().map(|p| p.name_any()).collect();
+        let names: Vec<String> = nodes
+            .state()
+            .iter()
+            .filter(|n| {
+                n.labels()
+                    .get(POOL_LABEL)
+                    .is_some_and(|p| served.contains(p))
+            })
+            .map(|n| n.name_any())
+            .collect();
         for name in &names {
             if !watches.contains_key(name) {
                 tracing::debug!(node = %name, "watching the node's pods");

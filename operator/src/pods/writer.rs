@@ -1,8 +1,8 @@
 //! The pod controller's writes, off its loop: status by server-side apply (coalesced per pod:
-//! only the latest wanted status is written, by a few workers), final deletions with a UID
-//! precondition, and Events.
+//! only the latest wanted status is written, one write per pod at a time, by a few workers),
+//! final deletions with a UID precondition, and Events.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
@@ -24,11 +24,19 @@ struct Wanted {
     status: PodStatus,
 }
 
+/// Statuses waiting to be written, and the pods whose write is in flight. A pod is queued at
+/// most once and written by one worker at a time, so writes for one pod land in order.
+#[derive(Default)]
+struct Pending {
+    wanted: HashMap<String, Wanted>,
+    writing: HashSet<String>,
+}
+
 pub struct Writer {
     client: Client,
     metrics: Arc<Metrics>,
     recorder: Recorder,
-    wanted: Mutex<HashMap<String, Wanted>>,
+    pending: Mutex<Pending>,
     queue: mpsc::UnboundedSender<String>,
 }
 
@@ -39,7 +47,7 @@ impl Writer {
             client,
             metrics,
             recorder,
-            wanted: Mutex::default(),
+            pending: Mutex::default(),
             queue,
         });
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
@@ -66,26 +74,36 @@ impl Writer {
             uid: uid.clone(),
             status,
         };
-        let queued = self
-            .wanted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(uid.clone(), wanted)
-            .is_some();
-        if !queued {
+        let mut pending = self.pending();
+        let queued = pending.wanted.insert(uid.clone(), wanted).is_some();
+        if !queued && !pending.writing.contains(&uid) {
             let _ = self.queue.send(uid);
         }
     }
 
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes the pod's latest wanted status; one that arrived meanwhile is queued again after.
     async fn write(&self, uid: &str) {
-        let Some(wanted) = self
-            .wanted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(uid)
-        else {
-            return;
+        let wanted = {
+            let mut pending = self.pending();
+            let Some(wanted) = pending.wanted.remove(uid) else {
+                return;
+            };
+            pending.writing.insert(uid.to_string());
+            wanted
         };
+        self.apply(wanted).await;
+        let mut pending = self.pending();
+        pending.writing.remove(uid);
+        if pending.wanted.contains_key(uid) {
+            let _ = self.queue.send(uid.to_string());
+        }
+    }
+
+    async fn apply(&self, wanted: Wanted) {
         let mut status = wanted.status;
         // PodScheduled belongs to the scheduler.
         if let Some(conditions) = status.conditions.as_mut() {
