@@ -1,6 +1,7 @@
 //! Reads the sensors into an `Observation` and applies the owner's policy to it. CPU load is
-//! measured between two checks from /proc/stat, so a check costs two small file reads;
-//! keyboard and mouse idle time comes from `input`.
+//! measured between two checks from /proc/stat, less what the agent's own tasks used (from
+//! /proc/<pid>/stat), so a busy task never makes its device look busy; keyboard and mouse
+//! idle time comes from `input`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -16,6 +17,9 @@ pub struct PolicyMonitor {
     pub config: AgentConfig,
     pub capabilities: Capabilities,
     last_cpu: Option<CpuTimes>,
+    /// Ticks of the agent's tasks: at the last check, and when the agent started.
+    last_task_ticks: u64,
+    first_task_ticks: u64,
     input: InputSensor,
 }
 
@@ -25,6 +29,8 @@ impl PolicyMonitor {
             config,
             capabilities,
             last_cpu: read_cpu(),
+            last_task_ticks: sensors::read_task_ticks(),
+            first_task_ticks: sensors::read_task_ticks(),
             input: InputSensor::start(Path::new("/sys/class/input"), Path::new("/dev/input")),
         }
     }
@@ -33,6 +39,7 @@ impl PolicyMonitor {
     /// judge by.
     pub async fn prime(&mut self) {
         self.last_cpu = read_cpu();
+        self.last_task_ticks = sensors::read_task_ticks();
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
@@ -44,22 +51,37 @@ impl PolicyMonitor {
     /// Reads the sensors and decides.
     pub fn check(&mut self) -> Decision {
         let now_cpu = read_cpu();
-        let host_cpu_busy = match (self.last_cpu, now_cpu) {
-            (Some(before), Some(after)) => sensors::busy_fraction(before, after),
-            _ => 0.0,
+        let task_ticks = sensors::read_task_ticks();
+        let (host_cpu_busy, task_cpu_busy) = match (self.last_cpu, now_cpu) {
+            (Some(before), Some(after)) => (
+                sensors::busy_fraction(before, after),
+                sensors::share_of(
+                    task_ticks.saturating_sub(self.last_task_ticks),
+                    before,
+                    after,
+                ),
+            ),
+            _ => (0.0, 0.0),
         };
         self.last_cpu = now_cpu;
+        self.last_task_ticks = task_ticks;
         let observation = Observation {
             now: LocalTime::now(),
             input: self.input(),
             host_cpu_busy,
-            // No task runs on this agent yet; with tasks, their CPU is subtracted here.
-            task_cpu_busy: 0.0,
+            task_cpu_busy,
             on_battery: sensors::on_battery(&sensors::read_power_supplies(Path::new(
                 "/sys/class/power_supply",
             ))),
         };
         decide(&self.config.policy, &self.capabilities, &observation)
+    }
+
+    /// CPU time the agent's tasks have used since it started, in core-seconds (as of the
+    /// last check).
+    pub fn core_seconds_given(&self) -> f64 {
+        self.last_task_ticks.saturating_sub(self.first_task_ticks) as f64
+            / rustix::param::clock_ticks_per_second() as f64
     }
 
     fn input(&self) -> InputIdle {

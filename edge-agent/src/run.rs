@@ -75,7 +75,7 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
     tracing::info!(device = %identity.device.device_id, pool = %identity.device.pool, server = %identity.device.server, "darkcore-agent running");
     loop {
         let decision = policy.check();
-        status.policy(&decision);
+        status.policy(&decision, policy.core_seconds_given());
         let hello = Hello {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             capabilities: Some(capabilities.clone()),
@@ -119,7 +119,7 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
                         _ = tokio::time::sleep_until(until) => break,
                         _ = check.tick() => {
                             let decision = policy.check();
-                            status.policy(&decision);
+                            status.policy(&decision, policy.core_seconds_given());
                             step_aside(&decision, &policy, &tasks);
                         }
                         _ = stop.changed() => {

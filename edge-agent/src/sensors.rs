@@ -1,5 +1,6 @@
-//! Reading the host for the owner policy: CPU busy from /proc/stat and battery state from
-//! /sys/class/power_supply. Parsing is pure and tested; only `read_*` touch the system.
+//! Reading the host for the owner policy: CPU busy from /proc/stat, the CPU of the agent's
+//! tasks from /proc/<pid>/stat, and battery state from /sys/class/power_supply. Parsing is
+//! pure and tested; only `read_*` touch the system.
 
 use std::path::Path;
 use std::time::Duration;
@@ -33,11 +34,16 @@ pub fn parse_proc_stat(text: &str) -> Option<CpuTimes> {
 
 /// The fraction of all cores that was busy between two samples (0.0 to 1.0).
 pub fn busy_fraction(before: CpuTimes, after: CpuTimes) -> f64 {
+    share_of(after.busy.saturating_sub(before.busy), before, after)
+}
+
+/// `ticks` as a fraction of all cores' ticks between two samples (0.0 to 1.0).
+pub fn share_of(ticks: u64, before: CpuTimes, after: CpuTimes) -> f64 {
     let total = after.total.saturating_sub(before.total);
     if total == 0 {
         return 0.0;
     }
-    after.busy.saturating_sub(before.busy) as f64 / total as f64
+    (ticks as f64 / total as f64).min(1.0)
 }
 
 /// Samples /proc/stat twice, `over` apart.
@@ -50,6 +56,70 @@ pub fn read_cpu_busy(over: Duration) -> std::io::Result<f64> {
     let before = read()?;
     std::thread::sleep(over);
     Ok(busy_fraction(before, read()?))
+}
+
+/// A process's line of /proc/<pid>/stat: its parent, and its CPU ticks (user + system) spent
+/// by itself and by the children it has reaped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessTicks {
+    pub pid: i32,
+    pub ppid: i32,
+    pub own: u64,
+    pub reaped_children: u64,
+}
+
+/// Parses /proc/<pid>/stat. The command name may hold spaces and parentheses, so fields are
+/// counted from the last `)`.
+pub fn parse_pid_stat(text: &str) -> Option<ProcessTicks> {
+    let (head, tail) = text.rsplit_once(')')?;
+    let pid = head.split_whitespace().next()?.parse().ok()?;
+    let fields: Vec<&str> = tail.split_whitespace().collect();
+    let number = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    Some(ProcessTicks {
+        pid,
+        ppid: fields.get(1)?.parse().ok()?,
+        own: number(11)? + number(12)?,
+        reaped_children: number(13)? + number(14)?,
+    })
+}
+
+/// CPU ticks used by everything `root` started: its reaped children, and every living
+/// descendant with what that descendant reaped. A descendant's ticks move to its parent's
+/// reaped count when it ends, so the sum only grows (unless a descendant is orphaned).
+pub fn descendant_ticks(root: i32, processes: &[ProcessTicks]) -> u64 {
+    let mut total = 0;
+    let mut parents = vec![root];
+    while let Some(parent) = parents.pop() {
+        for p in processes
+            .iter()
+            .filter(|p| p.ppid == parent && p.pid != root)
+        {
+            total += p.own + p.reaped_children;
+            parents.push(p.pid);
+        }
+    }
+    total
+        + processes
+            .iter()
+            .find(|p| p.pid == root)
+            .map_or(0, |p| p.reaped_children)
+}
+
+/// The CPU ticks of everything this process started (its tasks), read from /proc.
+pub fn read_task_ticks() -> u64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let processes: Vec<ProcessTicks> = entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter_map(|e| parse_pid_stat(&std::fs::read_to_string(e.path().join("stat")).ok()?))
+        .collect();
+    descendant_ticks(std::process::id() as i32, &processes)
 }
 
 /// One entry of /sys/class/power_supply: its `type`, and `status` or `online`.
@@ -130,6 +200,41 @@ mod tests {
         };
         assert_eq!(busy_fraction(before, after), 0.25);
         assert_eq!(busy_fraction(after, after), 0.0);
+    }
+
+    #[test]
+    fn pid_stat_gives_parent_and_ticks_even_with_odd_command_names() {
+        let text = "4242 (my (odd) cmd) S 17 4242 4242 0 -1 4194304 100 0 0 0 30 12 5 3 20 0 1 0 99 1000 50 18446744073709551615\n";
+        assert_eq!(
+            parse_pid_stat(text),
+            Some(ProcessTicks {
+                pid: 4242,
+                ppid: 17,
+                own: 42,
+                reaped_children: 8
+            })
+        );
+        assert_eq!(parse_pid_stat("4242 (truncated) S 17 1 2"), None);
+    }
+
+    #[test]
+    fn descendant_ticks_sum_the_tree_below_the_agent_and_what_it_reaped() {
+        let p = |pid, ppid, own, reaped_children| ProcessTicks {
+            pid,
+            ppid,
+            own,
+            reaped_children,
+        };
+        let processes = [
+            p(1, 0, 1000, 0),
+            p(10, 1, 500, 7), // the agent: its own ticks are not its tasks'
+            p(11, 10, 30, 2), // a task's shell
+            p(12, 11, 40, 0), // the shell's child
+            p(13, 10, 5, 0),  // another task
+            p(20, 1, 900, 0), // the owner's program
+        ];
+        assert_eq!(descendant_ticks(10, &processes), 7 + 32 + 40 + 5);
+        assert_eq!(descendant_ticks(99, &processes), 0);
     }
 
     fn supply(kind: &str, status: Option<&str>, online: Option<bool>) -> PowerSupply {

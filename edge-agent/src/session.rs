@@ -167,7 +167,7 @@ pub async fn attach(
             }
             _ = check.tick() => {
                 decision = policy.check();
-                status.policy(&decision);
+                status.policy(&decision, policy.core_seconds_given());
                 step_aside(&decision, policy, tasks);
                 status.tasks(tasks.running());
                 if last_sent.as_ref() != Some(&offered(&decision)) {

@@ -52,8 +52,10 @@ impl StatusFile {
         }
     }
 
-    pub fn policy(&mut self, decision: &Decision) {
+    /// Records the latest decision, and the core-seconds given so far.
+    pub fn policy(&mut self, decision: &Decision, core_seconds_given: f64) {
         self.status.available = decision.available;
+        self.status.core_seconds_given = core_seconds_given;
         self.status.policy = decision.reason.clone();
         self.status.offer_millicores = decision.offer.millicores;
         self.status.offer_memory_bytes = decision.offer.memory_bytes;

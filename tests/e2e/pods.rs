@@ -470,6 +470,65 @@ async fn exit_codes_and_restart_policies() {
     bench.finish().await;
 }
 
+/// The number before `what` in `text`, as in "darkcore's tasks 48%" or "12.5 core-seconds".
+fn number_before(text: &str, what: &str) -> Option<f64> {
+    let head = &text[..text.find(what)?];
+    head.split_whitespace()
+        .last()?
+        .trim_end_matches('%')
+        .parse()
+        .ok()
+}
+
+#[tokio::test]
+async fn a_busy_task_counts_as_darkcores_cpu_not_the_owners() {
+    let bench = Bench::start("podcpu", 1, process_pool()).await;
+    bench
+        .create(bench.pod(
+            "burner",
+            "end=$$(( $$(date +%s) + 5 )); while [ $$(date +%s) -lt $$end ]; do :; done; echo burnt",
+            "Never",
+        ))
+        .await;
+    bench
+        .phase_is("burner", "Running", Duration::from_secs(60))
+        .await;
+    // One core of a multi-core machine, less what the tests beside this one take from it.
+    let agent = &bench.agents[0];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = agent.status();
+        let share = number_before(&status, "%)").unwrap_or(0.0);
+        if status.contains("darkcore's tasks") && share >= 20.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never counted the busy task as its own CPU: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let done = bench
+        .phase_is("burner", "Succeeded", Duration::from_secs(60))
+        .await;
+    assert_eq!(main_status(&done).restart_count, 0);
+    // The core-seconds given include the burner's, counted at the agent's next check.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = agent.status();
+        let given = number_before(&status, "core-seconds").unwrap_or(0.0);
+        if given >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent counted no core-seconds given: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    bench.finish().await;
+}
+
 /// The pid that a pod printed after `ready`.
 fn ready_pid(logs: &str) -> u32 {
     logs.lines()

@@ -104,8 +104,9 @@ pub fn decide(policy: &OwnerPolicy, caps: &Capabilities, obs: &Observation) -> D
     Decision {
         available: true,
         reason: format!(
-            "idle ({input}, the owner's programs use {:.0}% of the CPU)",
-            owner_cpu * 100.0
+            "idle ({input}, the owner's programs use {:.0}% of the CPU, darkcore's tasks {:.0}%)",
+            owner_cpu * 100.0,
+            obs.task_cpu_busy.clamp(0.0, 1.0) * 100.0
         ),
         offer,
     }
