@@ -499,10 +499,14 @@ impl Controller {
                 entry.delete_by = Some(now + Duration::from_secs(u64::from(grace)) + STOP_SLACK);
             }
             let stopped = !running || !device_online || entry.delete_by.is_some_and(|by| now >= by);
+            // With grace 0 (force deletion, or a finished pod) the apiserver removes the pod
+            // in the same request: deleting it again would only cost a 404.
             if stopped {
-                tracing::info!(pod = %format!("{}/{}", entry.pod.namespace().unwrap_or_default(), entry.pod.name_any()), running, device_online, "the pod's task has stopped; deleting the pod");
                 entry.deleted = true;
-                shared.writer.delete(&entry.pod);
+                if grace > 0 {
+                    tracing::info!(pod = %format!("{}/{}", entry.pod.namespace().unwrap_or_default(), entry.pod.name_any()), running, device_online, "the pod's task has stopped; deleting the pod");
+                    shared.writer.delete(&entry.pod);
+                }
             }
             return;
         }

@@ -1,0 +1,78 @@
+# Shared by the measure-* benchmarks: release binaries, the local control plane, an operator
+# serving one labelled pool, and real agents joined to it. Source it after setting ROOT, WORK,
+# HTTP, GATEWAY, POOL and SELECTOR (the pool's label, as key=value).
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/darkcore/target}"
+source "$ROOT/tests/cluster/versions.env"
+export PATH="$PATH:$HOME/.cache/darkcore/k8s-$K8S_VERSION"
+BIN="$CARGO_TARGET_DIR/release"
+OUT="$ROOT/target/bench"
+NODE="darkcore-$POOL-linux-amd64"
+rm -rf "$WORK" && mkdir -p "$WORK"
+say() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  kubectl delete devicepool "$POOL" --ignore-not-found --timeout=30s >/dev/null 2>&1 || true
+  [ -n "${OPERATOR_PID:-}" ] && kill -TERM "$OPERATOR_PID" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# Builds the release binaries and brings up the cluster and the CRD.
+bench_setup() {
+  say "building release binaries"
+  cargo build --release -q -p darkcore-operator -p darkcore-agent -p darkcore-e2e --bins
+  "$ROOT/tests/cluster/up" >/dev/null
+  export KUBECONFIG="${DARKCORE_CLUSTER_DIR:-$ROOT/target/cluster}/kubeconfig"
+  kubectl create namespace darkcore-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  "$BIN/darkcore-operator" crds | kubectl apply --server-side -f - >/dev/null
+}
+
+rss_kib() { awk '/VmRSS/ { print $2 }' "/proc/$1/status"; }
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+cpu_seconds_over() { # pid seconds -> CPU seconds used in that window
+  local a b; a=$(cpu_ticks "$1"); sleep "$2"; b=$(cpu_ticks "$1")
+  awk -v a="$a" -v b="$b" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.3f", (b - a) / hz }'
+}
+
+# Starts the operator (appending to $WORK/operator.log) and waits until it is ready.
+start_operator() {
+  "$BIN/darkcore-operator" run --http-addr "$HTTP" --gateway-addr "$GATEWAY" \
+    --pool-selector "$SELECTOR" "$@" >>"$WORK/operator.log" 2>&1 &
+  OPERATOR_PID=$!
+  until curl -fsS "http://$HTTP/readyz" >/dev/null 2>&1; do
+    kill -0 "$OPERATOR_PID" 2>/dev/null || { tail -5 "$WORK/operator.log" >&2; exit 1; }
+    sleep 0.1
+  done
+}
+
+# Creates the pool (process runtime), waits for its node, and sets $token.
+create_pool() {
+  kubectl apply -f - >/dev/null <<YAML
+apiVersion: darkcore.io/v1alpha1
+kind: DevicePool
+metadata: { name: $POOL, labels: { ${SELECTOR%%=*}: ${SELECTOR#*=} } }
+spec: { runtimes: [process] }
+YAML
+  kubectl wait --for=create "node/$NODE" --timeout=60s >/dev/null
+  token=$("$BIN/darkcore-operator" token create --pool "$POOL" 2>/dev/null)
+}
+
+# Joins and runs `count` real agents giving one core each; their pids go to agent_pids.
+start_agents() {
+  local count=$1 i dir
+  agent_pids=()
+  for i in $(seq 1 "$count"); do
+    dir="$WORK/agent-$i"; mkdir -p "$dir"
+    printf '[policy]\nmax_cores = 1\nmax_memory = "1Gi"\nruntimes = ["process"]\n[policy.idle]\nmax_owner_cpu_percent = 100\n' >"$dir/agent.toml"
+    "$BIN/darkcore-agent" join --server "$GATEWAY" --token "$token" --state-dir "$dir/state" --config "$dir/agent.toml" >/dev/null 2>&1
+    "$BIN/darkcore-agent" run --state-dir "$dir/state" --config "$dir/agent.toml" >"$dir/agent.log" 2>&1 &
+    pids+=($!); agent_pids+=($!)
+  done
+}
+
+# N cores as the API server writes them: 1000 is 1k, 1500 stays 1500.
+canonical() { local n=$1 s=""; for suffix in k M G; do [ $((n % 1000)) -eq 0 ] && [ "$n" -ne 0 ] || break; n=$((n / 1000)); s=$suffix; done; echo "$n$s"; }
+wait_cpu() {
+  kubectl wait --for=jsonpath="{.status.capacity.cpu}=$1" "node/$NODE" --timeout=120s >/dev/null || {
+    echo "node capacity is $(kubectl get node "$NODE" -o jsonpath="{.status.capacity}"), wanted cpu=$1" >&2; exit 1; }
+}
