@@ -331,6 +331,11 @@ impl Registry {
         self.lock().devices.get(id).map(|e| e.device.online)
     }
 
+    /// The pool a device joined.
+    pub fn pool(&self, id: &str) -> Option<String> {
+        self.lock().devices.get(id).map(|e| e.pool.clone())
+    }
+
     /// The address a device's stream came from.
     pub fn address(&self, id: &str) -> Option<String> {
         self.lock().devices.get(id).and_then(|e| e.address.clone())

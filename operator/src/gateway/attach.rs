@@ -17,7 +17,7 @@ use tonic::{Code as StatusCode, Request, Response, Status, Streaming};
 
 use crate::devices::registry::{AgentSender, Registry, refusal, refusal_message};
 use crate::gateway::tls::{DeviceIdentity, identity_of};
-use crate::kubelet::log_store::LogStore;
+use crate::kubelet::log_store::{LogStore, Refused};
 use crate::metrics::Metrics;
 use crate::pods::controller::Input;
 
@@ -231,7 +231,13 @@ impl AgentStream {
             }
             Some(agent_message::Body::LogChunk(chunk)) => {
                 self.registry.heartbeat(device, generation);
-                self.tasks.logs.append(&chunk);
+                if let Err(refused) = self.tasks.logs.append(device, &chunk) {
+                    tracing::debug!(%device, task = %chunk.task_id, %refused, "log chunk refused");
+                    self.metrics.frame_rejected(match refused {
+                        Refused::BadTaskId => "log_bad_task_id",
+                        Refused::NotHolder => "log_not_held",
+                    });
+                }
             }
             // Usage is accounted with issue 7; until then it shows the device is alive.
             Some(_) => self.registry.heartbeat(device, generation),

@@ -4,6 +4,9 @@
 //! to [`RUN_BYTES`]; beyond that the oldest lines of a run are dropped first. A finished
 //! container's output stays until its pod is deleted. Output written while an agent could not
 //! reach the gateway beyond the agent's own queue is lost.
+//!
+//! Only the device an attempt was given to may write its output: the pod controller records
+//! each attempt's device here, and chunks from any other device are refused.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -41,6 +44,17 @@ struct ContainerLogs {
 struct State {
     /// By pod uid, then container name.
     pods: HashMap<String, HashMap<String, ContainerLogs>>,
+    /// By pod uid, then attempt number: the device holding that attempt.
+    holders: HashMap<String, HashMap<u32, String>>,
+}
+
+/// Why a chunk was not kept.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("the task id is not <pod uid>.<attempt>")]
+    BadTaskId,
+    #[error("the task was not given to this device")]
+    NotHolder,
 }
 
 #[derive(Default)]
@@ -67,13 +81,27 @@ impl LogStore {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds a chunk of output; it may hold several lines.
-    pub fn append(&self, chunk: &LogChunk) {
-        let Some((uid, attempt)) = parse_task_id(&chunk.task_id) else {
-            return;
-        };
+    /// Records that the task (an attempt of a pod) was given to `device`, the only one whose
+    /// output for it is kept.
+    pub fn assign(&self, task_id: &str, device: &str) {
+        if let Some((uid, attempt)) = parse_task_id(task_id) {
+            self.lock()
+                .holders
+                .entry(uid.to_string())
+                .or_default()
+                .insert(attempt, device.to_string());
+        }
+    }
+
+    /// Adds a chunk of output from `device`; it may hold several lines.
+    pub fn append(&self, device: &str, chunk: &LogChunk) -> Result<(), Refused> {
+        let (uid, attempt) = parse_task_id(&chunk.task_id).ok_or(Refused::BadTaskId)?;
         let id = (attempt, chunk.run);
         let mut state = self.lock();
+        let holder = state.holders.get(uid).and_then(|h| h.get(&attempt));
+        if holder.map(String::as_str) != Some(device) {
+            return Err(Refused::NotHolder);
+        }
         let logs = state
             .pods
             .entry(uid.to_string())
@@ -93,7 +121,7 @@ impl LogStore {
             }
         }
         let Some(run) = logs.runs.iter_mut().find(|r| r.id == id) else {
-            return;
+            return Ok(()); // a run older than the two kept
         };
         for piece in chunk.data.split_inclusive(|b| *b == b'\n') {
             run.bytes += piece.len();
@@ -110,6 +138,7 @@ impl LogStore {
             }
         }
         logs.changed.notify_waiters();
+        Ok(())
     }
 
     /// The container's current run ended (or the pod finished): followers stop after it.
@@ -125,7 +154,9 @@ impl LogStore {
 
     /// Forgets a deleted pod's output.
     pub fn forget(&self, uid: &str) {
-        if let Some(pod) = self.lock().pods.remove(uid) {
+        let mut state = self.lock();
+        state.holders.remove(uid);
+        if let Some(pod) = state.pods.remove(uid) {
             for logs in pod.values() {
                 logs.changed.notify_waiters();
             }
@@ -184,6 +215,15 @@ mod tests {
         }
     }
 
+    /// A store in which device "dev" holds these tasks.
+    fn held(tasks: &[&str]) -> LogStore {
+        let store = LogStore::default();
+        for task in tasks {
+            store.assign(task, "dev");
+        }
+        store
+    }
+
     fn text(read: &Read) -> String {
         read.lines
             .iter()
@@ -193,11 +233,11 @@ mod tests {
 
     #[test]
     fn lines_accumulate_and_followers_resume_where_they_were() {
-        let store = LogStore::default();
-        store.append(&chunk("uid.1", 0, "a\nb\n"));
+        let store = held(&["uid.1", "uid.2"]);
+        store.append("dev", &chunk("uid.1", 0, "a\nb\n")).unwrap();
         let first = store.read("uid", "main", false, 0).unwrap();
         assert_eq!(text(&first), "a\nb\n");
-        store.append(&chunk("uid.1", 0, "c\n"));
+        store.append("dev", &chunk("uid.1", 0, "c\n")).unwrap();
         let next = store.read("uid", "main", false, first.next).unwrap();
         assert_eq!(text(&next), "c\n");
         assert!(!next.ended);
@@ -207,9 +247,9 @@ mod tests {
 
     #[test]
     fn a_new_run_keeps_the_previous_one_for_previous() {
-        let store = LogStore::default();
-        store.append(&chunk("uid.1", 0, "first\n"));
-        store.append(&chunk("uid.2", 0, "second\n"));
+        let store = held(&["uid.1", "uid.2"]);
+        store.append("dev", &chunk("uid.1", 0, "first\n")).unwrap();
+        store.append("dev", &chunk("uid.2", 0, "second\n")).unwrap();
         assert_eq!(
             text(&store.read("uid", "main", true, 0).unwrap()),
             "first\n"
@@ -218,7 +258,7 @@ mod tests {
             text(&store.read("uid", "main", false, 0).unwrap()),
             "second\n"
         );
-        store.append(&chunk("uid.2", 1, "third\n"));
+        store.append("dev", &chunk("uid.2", 1, "third\n")).unwrap();
         assert_eq!(
             text(&store.read("uid", "main", true, 0).unwrap()),
             "second\n"
@@ -228,13 +268,45 @@ mod tests {
 
     #[test]
     fn the_oldest_lines_go_first_beyond_the_bound() {
-        let store = LogStore::default();
+        let store = held(&["uid.1", "uid.2"]);
         let line = "x".repeat(1023) + "\n";
         for _ in 0..(RUN_BYTES / 1024 + 10) {
-            store.append(&chunk("uid.1", 0, &line));
+            store.append("dev", &chunk("uid.1", 0, &line)).unwrap();
         }
         let read = store.read("uid", "main", false, 0).unwrap();
         assert_eq!(read.lines.len(), RUN_BYTES / 1024);
         assert_eq!(read.next, (RUN_BYTES / 1024 + 10) as u64);
+    }
+
+    #[test]
+    fn only_the_device_holding_an_attempt_writes_its_output() {
+        let store = held(&["uid.1"]);
+        store.assign("uid.2", "other-dev");
+        assert_eq!(
+            store.append("intruder", &chunk("uid.1", 0, "forged\n")),
+            Err(Refused::NotHolder)
+        );
+        assert_eq!(
+            store.append("dev", &chunk("uid.2", 0, "not mine\n")),
+            Err(Refused::NotHolder)
+        );
+        assert_eq!(
+            store.append("dev", &chunk("uid.9", 0, "never given\n")),
+            Err(Refused::NotHolder)
+        );
+        assert_eq!(
+            store.append("dev", &chunk("no-attempt", 0, "x\n")),
+            Err(Refused::BadTaskId)
+        );
+        store.append("dev", &chunk("uid.1", 0, "mine\n")).unwrap();
+        assert_eq!(
+            text(&store.read("uid", "main", false, 0).unwrap()),
+            "mine\n"
+        );
+        store.forget("uid");
+        assert_eq!(
+            store.append("dev", &chunk("uid.1", 0, "after\n")),
+            Err(Refused::NotHolder)
+        );
     }
 }

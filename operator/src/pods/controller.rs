@@ -254,6 +254,7 @@ impl Controller {
                 && let Some((_, number)) = parse_task_id(&task_id)
             {
                 entry.next_number = number + 1;
+                self.shared.logs.assign(&task_id, &device);
                 if !pod_finished(&pod) {
                     entry.attempt = Some(Attempt {
                         number,
@@ -330,6 +331,11 @@ impl Controller {
             );
             return;
         };
+        // Only a device of the pod's own pool may claim a task this operator did not record.
+        let same_pool = match (self.pool_of(&uid), self.shared.registry.pool(device)) {
+            (Some(pool), Some(joined)) => pool.name_any() == joined,
+            _ => false,
+        };
         let Some(entry) = self.pods.get_mut(&uid) else {
             self.orphans.push((device.to_string(), report));
             return;
@@ -339,6 +345,7 @@ impl Controller {
             .as_ref()
             .is_some_and(|a| a.task_id == report.task_id && a.device == device);
         let adoptable = entry.attempt.is_none()
+            && same_pool
             && !pod_finished(&entry.pod)
             && entry.failed.is_none()
             && number + 1 >= entry.next_number;
@@ -352,6 +359,7 @@ impl Controller {
                 // A running task this operator did not know about (it restarted before recording
                 // the attempt): adopt it rather than run the pod twice.
                 tracing::info!(%uid, task = %report.task_id, %device, "adopting a task its device still runs");
+                self.shared.logs.assign(&report.task_id, device);
                 entry.next_number = number + 1;
                 entry.attempt = Some(Attempt {
                     number,
@@ -775,6 +783,7 @@ fn place(
         pull_credentials: Vec::new(),
     };
     tracing::info!(pod = %format!("{}/{}", assign.namespace, assign.pod_name), task = %task_id, %device, "dispatching");
+    shared.logs.assign(&task_id, &device);
     send(
         &shared.registry,
         &device,
