@@ -471,7 +471,20 @@ impl Controller {
         let shared = self.shared.clone();
         let registry = &shared.registry;
         let now = Instant::now();
-        let load = self.pods_load();
+        // What each device already runs, counted only for a pod that may be placed now (an
+        // O(pods) walk: done for every pod, each tick would cost O(pods²)).
+        let placeable = self.pods.get(uid).is_some_and(|e| {
+            e.attempt.is_none()
+                && e.failed.is_none()
+                && e.resolved.is_some()
+                && e.pod.metadata.deletion_timestamp.is_none()
+                && !pod_finished(&e.pod)
+        });
+        let load = if placeable && now >= shared.warm_at {
+            self.pods_load()
+        } else {
+            HashMap::new()
+        };
         let Some(entry) = self.pods.get_mut(uid) else {
             return;
         };
