@@ -159,6 +159,27 @@ impl Bench {
         started.elapsed()
     }
 
+    /// Starts the operator again on the same ports and scope, after a kill.
+    async fn restart_operator(&mut self) {
+        let op = &self.fx.operator;
+        let (scope, http, gateway, kubelet) = (
+            op.scope.clone(),
+            op.http_port,
+            op.gateway_port,
+            op.kubelet_port,
+        );
+        self.fx.operator = crate::harness::Operator::start_on(&scope, http, gateway, kubelet).await;
+    }
+
+    /// Force-deletes the pod (grace 0), as `kubectl delete --force --grace-period=0` does.
+    async fn force_delete(&self, pod: &str) {
+        let params = kube::api::DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        };
+        self.pods().delete(pod, &params).await.unwrap();
+    }
+
     async fn events(&self, pod: &str) -> Vec<(String, String)> {
         let events: Api<Event> = Api::namespaced(self.fx.client.clone(), &self.ns.name);
         events
@@ -529,6 +550,18 @@ async fn a_busy_task_counts_as_darkcores_cpu_not_the_owners() {
     bench.finish().await;
 }
 
+/// Waits until the process has exited (its /proc entry is gone).
+async fn process_exits(pid: u32, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} still runs after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The pid that a pod printed after `ready`.
 fn ready_pid(logs: &str) -> u32 {
     logs.lines()
@@ -566,9 +599,26 @@ async fn deletion_stops_the_task_within_its_grace_period() {
             .logs_show("stubborn", "ready ", Duration::from_secs(60))
             .await,
     );
-    let (polite_took, stubborn_took) = tokio::join!(
+    // Ignores SIGTERM, and is force-deleted: gone from the API at once, killed on the device.
+    bench
+        .create(bench.pod(
+            "forced",
+            "trap '' TERM; echo ready $$$$; while true; do sleep 0.1; done",
+            "Never",
+        ))
+        .await;
+    let forced = ready_pid(
+        &bench
+            .logs_show("forced", "ready ", Duration::from_secs(60))
+            .await,
+    );
+    let (polite_took, stubborn_took, ()) = tokio::join!(
         bench.delete_and_time("polite"),
-        bench.delete_and_time("stubborn")
+        bench.delete_and_time("stubborn"),
+        async {
+            bench.force_delete("forced").await;
+            process_exits(forced, Duration::from_secs(10)).await;
+        }
     );
     assert!(
         polite_took >= Duration::from_secs(2) && polite_took < Duration::from_secs(15),
@@ -584,6 +634,34 @@ async fn deletion_stops_the_task_within_its_grace_period() {
             "process {pid} is gone once its pod is"
         );
     }
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn a_pod_force_deleted_while_the_operator_is_down_is_stopped_when_it_returns() {
+    let mut bench = Bench::start("podgone", 1, process_pool()).await;
+    bench
+        .create(bench.pod(
+            "forgotten",
+            "echo ready $$$$; while true; do sleep 0.1; done",
+            "Never",
+        ))
+        .await;
+    let pid = ready_pid(
+        &bench
+            .logs_show("forgotten", "ready ", Duration::from_secs(60))
+            .await,
+    );
+    bench.fx.operator.kill().await;
+    bench.force_delete("forgotten").await;
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the agent keeps its task while the operator is away"
+    );
+    bench.restart_operator().await;
+    // The restarted operator hears of the task in the agent's Hello, finds no pod for it once
+    // its 10 s warm-up is over, and stops it.
+    process_exits(pid, Duration::from_secs(30)).await;
     bench.finish().await;
 }
 
@@ -768,14 +846,7 @@ async fn a_job_survives_an_operator_kill_without_running_any_index_twice() {
     )
     .await;
     bench.fx.operator.kill().await;
-    let op = &bench.fx.operator;
-    let (scope, http, gateway, kubelet) = (
-        op.scope.clone(),
-        op.http_port,
-        op.gateway_port,
-        op.kubelet_port,
-    );
-    bench.fx.operator = crate::harness::Operator::start_on(&scope, http, gateway, kubelet).await;
+    bench.restart_operator().await;
     wait_for(
         &jobs,
         "steady",
