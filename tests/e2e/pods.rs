@@ -278,7 +278,8 @@ async fn a_pod_runs_succeeds_and_kubectl_logs_shows_and_follows_its_output() {
         "logs -f waited for the output"
     );
 
-    // The kubelet API refuses callers without a certificate or token.
+    // The kubelet API refuses callers without a certificate or token (401), and callers that
+    // may not read node logs (403).
     let code = std::process::Command::new("curl")
         .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
         .arg(format!(
@@ -288,6 +289,20 @@ async fn a_pod_runs_succeeds_and_kubectl_logs_shows_and_follows_its_output() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&code.stdout), "401");
+    // A valid token for a ServiceAccount without nodes/proxy: authenticated, not authorized.
+    bench.kubectl(&["create", "serviceaccount", "nobody"]);
+    let token = bench.kubectl(&["create", "token", "nobody"]);
+    let code = std::process::Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {}", token.trim()))
+        .arg(format!(
+            "https://127.0.0.1:{}/containerLogs/{}/hello/main",
+            bench.fx.operator.kubelet_port, bench.ns.name
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&code.stdout), "403");
     bench.finish().await;
 }
 
