@@ -34,8 +34,6 @@ pub fn detect() -> Result<Capabilities, Error> {
     })
 }
 
-/// Runtimes this device can run: `process` always; `oci` where runc or crun is on PATH.
-/// `wasm` joins when the wasmtime runtime is built in.
 /// Free space for tasks on the file system holding `path` (the state dir, where images and
 /// volumes go), or `None` where it cannot be read.
 pub fn available_disk(path: &std::path::Path) -> Option<u64> {
@@ -44,8 +42,10 @@ pub fn available_disk(path: &std::path::Path) -> Option<u64> {
     stat.f_bavail.checked_mul(stat.f_frsize)
 }
 
+/// Runtimes this device can run: `process` and `wasm` (wasmtime is built in) always; `oci`
+/// where runc or crun is on PATH.
 pub fn installed_runtimes() -> Vec<i32> {
-    let mut runtimes = vec![Runtime::Process as i32];
+    let mut runtimes = vec![Runtime::Process as i32, Runtime::Wasm as i32];
     if ["runc", "crun"].iter().any(|bin| on_path(bin)) {
         runtimes.push(Runtime::Oci as i32);
     }

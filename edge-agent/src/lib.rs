@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod capabilities;
 pub mod gateway;
 pub mod identity;
+pub mod images;
 pub mod input;
 pub mod join;
 pub mod observe;

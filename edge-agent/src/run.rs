@@ -3,6 +3,7 @@
 //! unsupported version), which stops the agent with the gateway's reason.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -13,6 +14,7 @@ use crate::backoff::Backoff;
 use crate::capabilities;
 use crate::gateway;
 use crate::identity::Identity;
+use crate::images::ImageStore;
 use crate::observe::PolicyMonitor;
 use crate::policy::AgentConfig;
 use crate::policy::decide::to_owner_state;
@@ -20,6 +22,7 @@ use crate::session::{self, Agent, SessionEnd, SessionError, step_aside};
 use crate::status::{AgentStatus, StatusFile};
 use crate::tasks::TaskManager;
 use crate::tasks::process::ProcessRuntime;
+use crate::tasks::wasm::WasmRuntime;
 use darkcore_proto::agent::v1::Runtime as RuntimeKind;
 
 /// Reconnect delays start here and double up to `MAX_BACKOFF`.
@@ -60,12 +63,18 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
 
+    let images = Arc::new(ImageStore::new(
+        state_dir,
+        policy.config.policy.max_disk.0,
+        policy.config.images.insecure_registries.clone(),
+    ));
+    let wasm = WasmRuntime::new(images).context("starting the wasm runtime (wasmtime)")?;
     let (tasks, mut reports) = TaskManager::new(
         state_dir.join("tasks"),
-        vec![(
-            RuntimeKind::Process,
-            std::sync::Arc::new(ProcessRuntime) as _,
-        )],
+        vec![
+            (RuntimeKind::Process, Arc::new(ProcessRuntime) as _),
+            (RuntimeKind::Wasm, Arc::new(wasm) as _),
+        ],
     );
     crate::tasks::workdir::reap_stale(&state_dir.join("tasks"));
 

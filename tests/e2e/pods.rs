@@ -16,14 +16,14 @@ use crate::fleet::{self, Agent, token};
 use crate::harness::{PoolFixture, TestNamespace, wait_for};
 
 /// A pool of process-runtime agents and a namespace for its pods.
-struct Bench {
-    fx: PoolFixture,
-    ns: TestNamespace,
-    agents: Vec<Agent>,
+pub struct Bench {
+    pub fx: PoolFixture,
+    pub ns: TestNamespace,
+    pub agents: Vec<Agent>,
 }
 
 impl Bench {
-    async fn start(prefix: &str, agents: usize, spec: DevicePoolSpec) -> Bench {
+    pub async fn start(prefix: &str, agents: usize, spec: DevicePoolSpec) -> Bench {
         let fx = PoolFixture::start(prefix, spec).await;
         let ns = TestNamespace::create(&fx.client, prefix).await;
         let token = token(&fx.pool, &["--uses", "10"]);
@@ -45,7 +45,7 @@ impl Bench {
         }
     }
 
-    fn pods(&self) -> Api<Pod> {
+    pub fn pods(&self) -> Api<Pod> {
         Api::namespaced(self.fx.client.clone(), &self.ns.name)
     }
 
@@ -66,7 +66,7 @@ impl Bench {
         .unwrap()
     }
 
-    async fn create(&self, pod: Pod) -> Pod {
+    pub async fn create(&self, pod: Pod) -> Pod {
         self.pods()
             .create(&PostParams::default(), &pod)
             .await
@@ -100,7 +100,7 @@ impl Bench {
         jobs
     }
 
-    async fn phase_is(&self, name: &str, phase: &'static str, timeout: Duration) -> Pod {
+    pub async fn phase_is(&self, name: &str, phase: &'static str, timeout: Duration) -> Pod {
         wait_for(
             &self.pods(),
             name,
@@ -114,7 +114,7 @@ impl Bench {
         .unwrap()
     }
 
-    fn kubectl(&self, args: &[&str]) -> String {
+    pub fn kubectl(&self, args: &[&str]) -> String {
         let out = std::process::Command::new("kubectl")
             .args(["-n", &self.ns.name])
             .args(args)
@@ -128,7 +128,7 @@ impl Bench {
     }
 
     /// Waits until `kubectl logs` of the pod shows `text`, and returns the logs.
-    async fn logs_show(&self, pod: &str, text: &str, timeout: Duration) -> String {
+    pub async fn logs_show(&self, pod: &str, text: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let logs = self.kubectl(&["logs", pod]);
@@ -192,13 +192,13 @@ impl Bench {
             .collect()
     }
 
-    async fn finish(self) {
+    pub async fn finish(self) {
         self.ns.delete().await;
         self.fx.finish().await;
     }
 }
 
-fn placed_on(pod: &Pod) -> Option<String> {
+pub fn placed_on(pod: &Pod) -> Option<String> {
     let message = pod
         .status
         .as_ref()?
@@ -211,7 +211,7 @@ fn placed_on(pod: &Pod) -> Option<String> {
     message.split_whitespace().last().map(String::from)
 }
 
-fn main_status(pod: &Pod) -> k8s_openapi::api::core::v1::ContainerStatus {
+pub fn main_status(pod: &Pod) -> k8s_openapi::api::core::v1::ContainerStatus {
     pod.status
         .as_ref()
         .unwrap()

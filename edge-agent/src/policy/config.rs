@@ -18,9 +18,19 @@ pub struct AgentConfig {
     /// Labels on this device, which pools select by (`spec.selector.matchLabels`).
     pub labels: BTreeMap<String, String>,
     pub policy: OwnerPolicy,
+    pub images: ImagesConfig,
     /// Hooks for tests: they stand in for sensors that a test cannot drive. Never needed in
     /// production.
     pub testing: TestHooks,
+}
+
+/// Where images come from.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// Registries (host:port) spoken to over plain HTTP instead of HTTPS, such as one on
+    /// loopback. Credentials sent to them travel in the clear.
+    pub insecure_registries: Vec<String>,
 }
 
 /// Sensor stand-ins for tests.

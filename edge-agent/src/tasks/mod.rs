@@ -9,6 +9,7 @@ pub mod lifecycle;
 pub mod process;
 pub mod runtime;
 pub mod supervise;
+pub mod wasm;
 pub mod workdir;
 
 use std::collections::{BTreeSet, HashMap};

@@ -1,10 +1,14 @@
-//! The interface every runtime plugs into (process now; OCI and WASM next): start one
-//! container of a task from a prepared `Launch`, then wait for it, signal it, or kill it.
+//! The interface every runtime plugs into (process, wasm; OCI next): start one container of
+//! a task from a prepared `Launch` (its image already pulled), then wait for it, signal it, or
+//! kill it.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use darkcore_proto::agent::v1::Container;
 use tokio::io::AsyncRead;
+
+use crate::images::{Image, ImageStore};
 
 /// Everything a runtime needs to start one container, already resolved by the operator and
 /// laid out on disk by the agent.
@@ -17,6 +21,8 @@ pub struct Launch {
     pub task_dir: PathBuf,
     /// Where each mount's content lives on the device: (mount path in the pod, host path).
     pub mounts: Vec<(String, PathBuf)>,
+    /// The container's image, pulled before the start, for runtimes that use images.
+    pub image: Option<Image>,
 }
 
 /// How a container run ended.
@@ -70,5 +76,9 @@ pub struct StartError {
 pub trait Runtime: Send + Sync {
     /// As pods and RuntimeClasses name it: process, oci, wasm.
     fn name(&self) -> &'static str;
+    /// Where this runtime's images come from; `None` for a runtime that runs no image.
+    fn images(&self) -> Option<Arc<ImageStore>> {
+        None
+    }
     async fn start(&self, launch: &Launch) -> Result<Box<dyn Workload>, StartError>;
 }

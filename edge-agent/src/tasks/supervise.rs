@@ -13,6 +13,7 @@ use darkcore_proto::agent::v1::{
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 
+use crate::images::Image;
 use crate::tasks::Board;
 use crate::tasks::lifecycle::{self, BACKOFF_RESET_AFTER, Standing};
 use crate::tasks::runtime::{Exit, Launch, Output, Runtime, Workload};
@@ -22,6 +23,8 @@ use crate::tasks::workdir;
 pub const LOG_CHUNK_BYTES: usize = 16 * 1024;
 /// How long output may keep flowing after a container exits (a child holding the pipe).
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+/// How long a failed pull shows `ErrImagePull` before `ImagePullBackOff`.
+const PULL_ERROR_SHOWN: Duration = Duration::from_secs(3);
 
 /// Why a task is being stopped.
 #[derive(Clone, Debug, PartialEq)]
@@ -150,8 +153,9 @@ impl Supervisor {
                 return;
             }
         }
+        // The task stays Pending (as a pod does while its images are pulled) until a
+        // container runs.
         shared.update(|s| {
-            s.phase = TaskPhase::Running as i32;
             for c in &mut s.containers {
                 if c.state == State::Waiting as i32 {
                     c.reason = "ContainerCreating".into();
@@ -204,13 +208,16 @@ impl Supervisor {
         policy: RestartPolicy,
     ) -> Standing {
         let mut stop = self.stop.clone();
+        let Some(image) = self.pull(shared, kind, index, container, &mut stop).await else {
+            return Standing::Done(137);
+        };
         let mut streak = 0u32;
         loop {
             if stop.borrow().is_some() {
                 return Standing::Done(137);
             }
             let (exit, started_at, ran_for) = self
-                .run_once(shared, kind, index, container, &mut stop)
+                .run_once(shared, kind, index, container, image.clone(), &mut stop)
                 .await;
             let finished_at = unix_ms();
             let termination = Termination {
@@ -261,6 +268,72 @@ impl Supervisor {
         }
     }
 
+    /// Pulls the container's image, if its runtime uses one, as the kubelet does: waiting in
+    /// `ContainerCreating`, then `ErrImagePull` and `ImagePullBackOff` (with the registry's
+    /// message) between tries, which go on until the pull works or the task is stopped. A bad
+    /// name or a `Never` policy is not retried. `None` means stopped.
+    async fn pull(
+        &self,
+        shared: &Shared,
+        kind: Kind,
+        index: usize,
+        container: &Container,
+        stop: &mut watch::Receiver<Option<Stop>>,
+    ) -> Option<Option<Image>> {
+        let Some(images) = self.runtime.images() else {
+            return Some(None);
+        };
+        let set = |reason: &str, message: String| {
+            shared.container(kind, index, |c| {
+                c.state = State::Waiting as i32;
+                c.reason = reason.into();
+                c.message = message;
+            })
+        };
+        let mut streak = 0u32;
+        loop {
+            set(
+                "ContainerCreating",
+                format!("pulling image {:?}", container.image),
+            );
+            let policy = container.pull_policy();
+            let pulling = images.pull(&container.image, policy, &self.task.pull_credentials);
+            let result = tokio::select! {
+                result = pulling => result,
+                _ = stop.wait_for(|s| s.is_some()) => return None,
+            };
+            let error = match result {
+                Ok(image) => {
+                    shared.container(kind, index, |c| c.image_id = image.digest.clone());
+                    return Some(Some(image));
+                }
+                Err(error) => error,
+            };
+            tracing::info!(task = %self.task.task_id, container = %container.name, %error, "image pull failed");
+            set(error.reason(), error.to_string());
+            if !error.retryable() {
+                let _ = stop.wait_for(|s| s.is_some()).await;
+                return None;
+            }
+            streak += 1;
+            let delay = lifecycle::backoff(streak);
+            // ErrImagePull stands for a moment, then the back-off shows, as on a kubelet.
+            let shown = PULL_ERROR_SHOWN.min(delay);
+            tokio::select! {
+                _ = tokio::time::sleep(shown) => {}
+                _ = stop.wait_for(|s| s.is_some()) => return None,
+            }
+            set(
+                "ImagePullBackOff",
+                format!("Back-off pulling image {:?}: {error}", container.image),
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(delay - shown) => {}
+                _ = stop.wait_for(|s| s.is_some()) => return None,
+            }
+        }
+    }
+
     /// Starts the container once and waits for it to end or be stopped.
     async fn run_once(
         &self,
@@ -268,6 +341,7 @@ impl Supervisor {
         kind: Kind,
         index: usize,
         container: &Container,
+        image: Option<Image>,
         stop: &mut watch::Receiver<Option<Stop>>,
     ) -> (Exit, i64, Duration) {
         let started_at = unix_ms();
@@ -291,6 +365,7 @@ impl Supervisor {
             container: container.clone(),
             task_dir: self.dir.clone(),
             mounts,
+            image,
         };
         let mut workload = match self.runtime.start(&launch).await {
             Ok(workload) => workload,
@@ -330,6 +405,11 @@ impl Supervisor {
             stdout.map(|out| spawn_pump(log_chunk::Stream::Stdout, out)),
             stderr.map(|err| spawn_pump(log_chunk::Stream::Stderr, err)),
         ];
+        shared.update(|s| {
+            if matches!(kind, Kind::Regular) && s.phase == TaskPhase::Pending as i32 {
+                s.phase = TaskPhase::Running as i32;
+            }
+        });
         shared.container(kind, index, |c| {
             c.state = State::Running as i32;
             c.reason.clear();

@@ -1,0 +1,472 @@
+//! Images on the device: pulled by reference from OCI registries (an index resolved to this
+//! device's platform, or to WASI for WebAssembly), every blob checked against its digest, kept
+//! in one cache shared by all tasks, bounded in size and evicted least recently used first.
+//!
+//! Layout under the state dir: `images/blobs/sha256/<hex>` holds verified blobs (a download in
+//! progress is `<hex>.partial`, resumed after a network blip); `images/refs/<hash of the
+//! reference>.json` records what a reference last resolved to, for `IfNotPresent` and `Never`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use darkcore_proto::agent::v1::RegistryCredential;
+use darkcore_proto::agent::v1::container::PullPolicy;
+use futures::StreamExt;
+use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::manifest::{ImageIndexEntry, OciDescriptor};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+
+/// Attempts per blob before a pull fails; each resumes where the last one stopped.
+const BLOB_ATTEMPTS: u32 = 4;
+
+/// An image on this device, ready for a runtime.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    pub reference: String,
+    /// The manifest's digest: the container status's imageID.
+    pub digest: String,
+    pub config_media_type: String,
+    /// The image config (JSON), as the registry served it.
+    pub config: String,
+    pub layers: Vec<Layer>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+}
+
+/// Why an image could not be had, in Kubernetes' words: `reason` is what the container's
+/// waiting state shows.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("invalid image name {reference:?}: {why}")]
+    InvalidName { reference: String, why: String },
+    #[error("image {0:?} is not present on the device and its imagePullPolicy is Never")]
+    NotPresent(String),
+    #[error("pulling {reference}: {message}")]
+    Registry { reference: String, message: String },
+    #[error("storing {reference}: {source}")]
+    Disk {
+        reference: String,
+        source: std::io::Error,
+    },
+}
+
+impl PullError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PullError::InvalidName { .. } => "InvalidImageName",
+            PullError::NotPresent(_) => "ErrImageNeverPull",
+            PullError::Registry { .. } | PullError::Disk { .. } => "ErrImagePull",
+        }
+    }
+
+    /// Whether trying again could help (a bad name or policy Never will not change).
+    pub fn retryable(&self) -> bool {
+        matches!(self, PullError::Registry { .. } | PullError::Disk { .. })
+    }
+}
+
+/// The device's image cache and its registry client.
+pub struct ImageStore {
+    root: PathBuf,
+    /// Bytes of blobs kept; beyond it, the least recently used go first.
+    bound_bytes: u64,
+    client: Client,
+}
+
+/// Picks this device's entry of an image index, else a WASI one (WebAssembly runs anywhere).
+fn platform_resolver(entries: &[ImageIndexEntry]) -> Option<String> {
+    let platform = |e: &&ImageIndexEntry| {
+        e.platform
+            .as_ref()
+            .map(|p| (p.os.to_string(), p.architecture.to_string()))
+    };
+    let here = (
+        std::env::consts::OS.to_string(),
+        crate::capabilities::kubernetes_arch(std::env::consts::ARCH).to_string(),
+    );
+    entries
+        .iter()
+        .find(|e| platform(e).as_ref() == Some(&here))
+        .or_else(|| {
+            entries
+                .iter()
+                .find(|e| platform(e).is_some_and(|(_, arch)| arch == "wasm"))
+        })
+        .map(|e| e.digest.clone())
+}
+
+/// Parses an image reference as the kubelet does: a repository must be lowercase.
+fn parse_reference(reference: &str) -> Result<Reference, PullError> {
+    let invalid = |why: String| PullError::InvalidName {
+        reference: reference.into(),
+        why,
+    };
+    let parsed: Reference = reference.parse().map_err(|e| invalid(format!("{e}")))?;
+    if parsed.repository().chars().any(|c| c.is_ascii_uppercase()) {
+        return Err(invalid("repository name must be lowercase".into()));
+    }
+    Ok(parsed)
+}
+
+fn hex_of(digest: &str) -> Option<&str> {
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The credentials of `credentials` for the reference's registry, if any.
+fn auth_for(reference: &Reference, credentials: &[RegistryCredential]) -> RegistryAuth {
+    let registry = reference.resolve_registry();
+    credentials
+        .iter()
+        .find(|c| c.registry == registry || c.registry == reference.registry())
+        .map_or(RegistryAuth::Anonymous, |c| {
+            RegistryAuth::Basic(c.username.clone(), c.password.clone())
+        })
+}
+
+impl ImageStore {
+    /// `insecure` lists registries (host:port) spoken to over plain HTTP, such as a registry
+    /// on loopback.
+    pub fn new(state_dir: &Path, bound_bytes: u64, insecure: Vec<String>) -> ImageStore {
+        let config = ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(insecure),
+            platform_resolver: Some(Box::new(platform_resolver)),
+            connect_timeout: Some(Duration::from_secs(10)),
+            read_timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        ImageStore {
+            root: state_dir.join("images"),
+            bound_bytes,
+            client: Client::new(config),
+        }
+    }
+
+    /// Where a verified blob lives.
+    pub fn blob_path(&self, digest: &str) -> Option<PathBuf> {
+        Some(self.root.join("blobs/sha256").join(hex_of(digest)?))
+    }
+
+    fn record_path(&self, reference: &str) -> PathBuf {
+        self.root
+            .join("refs")
+            .join(format!("{}.json", sha256_hex(reference.as_bytes())))
+    }
+
+    /// The image as last pulled, if all its blobs are still here.
+    fn present(&self, reference: &str) -> Option<Image> {
+        let text = std::fs::read_to_string(self.record_path(reference)).ok()?;
+        let image: Image = serde_json::from_str(&text).ok()?;
+        image
+            .layers
+            .iter()
+            .all(|l| self.blob_path(&l.digest).is_some_and(|p| p.exists()))
+            .then_some(image)
+    }
+
+    /// Makes the image available as `policy` says, and returns it.
+    pub async fn pull(
+        &self,
+        reference: &str,
+        policy: PullPolicy,
+        credentials: &[RegistryCredential],
+    ) -> Result<Image, PullError> {
+        let parsed = parse_reference(reference)?;
+        // As the kubelet: `:latest` or no tag means Always unless the pod says otherwise.
+        let policy = match policy {
+            PullPolicy::Unspecified
+                if parsed.digest().is_none() && parsed.tag().is_none_or(|t| t == "latest") =>
+            {
+                PullPolicy::Always
+            }
+            PullPolicy::Unspecified => PullPolicy::IfNotPresent,
+            other => other,
+        };
+        if policy != PullPolicy::Always
+            && let Some(image) = self.present(reference)
+        {
+            self.touch(&image);
+            return Ok(image);
+        }
+        if policy == PullPolicy::Never {
+            return Err(PullError::NotPresent(reference.into()));
+        }
+        let registry = |e: OciDistributionError| PullError::Registry {
+            reference: reference.into(),
+            message: e.to_string(),
+        };
+        let disk = |source| PullError::Disk {
+            reference: reference.into(),
+            source,
+        };
+        let auth = auth_for(&parsed, credentials);
+        let (manifest, digest, config) = {
+            let (manifest, digest, config, _) = self
+                .client
+                .pull_manifest_and_config_and_list_digest(&parsed, &auth)
+                .await
+                .map_err(registry)?;
+            (manifest, digest, config)
+        };
+        for layer in &manifest.layers {
+            self.fetch_blob(&parsed, layer).await.map_err(|e| match e {
+                Fetch::Registry(e) => registry(e),
+                Fetch::Disk(e) => disk(e),
+            })?;
+        }
+        let image = Image {
+            reference: reference.into(),
+            digest,
+            config_media_type: manifest.config.media_type.clone(),
+            config,
+            layers: manifest
+                .layers
+                .iter()
+                .map(|l| Layer {
+                    media_type: l.media_type.clone(),
+                    digest: l.digest.clone(),
+                    size: l.size.max(0) as u64,
+                })
+                .collect(),
+        };
+        let record = self.record_path(reference);
+        std::fs::create_dir_all(record.parent().unwrap_or(&self.root)).map_err(disk)?;
+        let text = serde_json::to_string(&image).unwrap_or_default();
+        let partial = record.with_extension("json.partial");
+        std::fs::write(&partial, text)
+            .and_then(|()| std::fs::rename(&partial, &record))
+            .map_err(disk)?;
+        self.touch(&image);
+        self.evict(&image);
+        Ok(image)
+    }
+
+    /// Downloads one blob unless it is here, resuming a partial download, and verifies it.
+    async fn fetch_blob(&self, image: &Reference, layer: &OciDescriptor) -> Result<(), Fetch> {
+        let path = self.blob_path(&layer.digest).ok_or_else(|| {
+            Fetch::Registry(OciDistributionError::GenericError(Some(format!(
+                "unsupported digest {:?} (only sha256)",
+                layer.digest
+            ))))
+        })?;
+        if path.exists() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(path.parent().unwrap_or(&self.root)).map_err(Fetch::Disk)?;
+        let partial = path.with_extension("partial");
+        let mut last = None;
+        for attempt in 0..BLOB_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
+            }
+            match self.download(image, layer, &partial).await {
+                Ok(()) => {
+                    let bytes = std::fs::read(&partial).map_err(Fetch::Disk)?;
+                    if Some(sha256_hex(&bytes).as_str()) != hex_of(&layer.digest) {
+                        let _ = std::fs::remove_file(&partial);
+                        last = Some(Fetch::Registry(OciDistributionError::GenericError(Some(
+                            format!("blob {} does not match its digest", layer.digest),
+                        ))));
+                        continue;
+                    }
+                    std::fs::rename(&partial, &path).map_err(Fetch::Disk)?;
+                    return Ok(());
+                }
+                Err(Fetch::Disk(e)) => return Err(Fetch::Disk(e)),
+                Err(e) => {
+                    tracing::info!(blob = %layer.digest, attempt, error = %e, "blob download interrupted; resuming");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or(Fetch::Registry(OciDistributionError::GenericError(None))))
+    }
+
+    /// Appends the rest of the blob to `partial` (all of it if the registry ignores ranges).
+    async fn download(
+        &self,
+        image: &Reference,
+        layer: &OciDescriptor,
+        partial: &Path,
+    ) -> Result<(), Fetch> {
+        let offset = std::fs::metadata(partial).map_or(0, |m| m.len());
+        let response = self
+            .client
+            .pull_blob_stream_partial(image, layer, offset, None)
+            .await
+            .map_err(Fetch::Registry)?;
+        let (mut stream, append) = match response {
+            BlobResponse::Full(stream) => (stream, false),
+            BlobResponse::Partial(stream) => (stream, true),
+        };
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(partial)
+            .await
+            .map_err(Fetch::Disk)?;
+        while let Some(bytes) = stream.next().await {
+            let bytes = bytes.map_err(|e| Fetch::Registry(OciDistributionError::IoError(e)))?;
+            file.write_all(&bytes).await.map_err(Fetch::Disk)?;
+        }
+        file.flush().await.map_err(Fetch::Disk)?;
+        Ok(())
+    }
+
+    /// Marks the image's blobs as just used.
+    fn touch(&self, image: &Image) {
+        let now = SystemTime::now();
+        for layer in &image.layers {
+            if let Some(path) = self.blob_path(&layer.digest)
+                && let Ok(file) = std::fs::File::options().append(true).open(&path)
+            {
+                let _ = file.set_modified(now);
+            }
+        }
+    }
+
+    /// Deletes the least recently used blobs until the cache is within its bound, never one
+    /// of `keep`.
+    fn evict(&self, keep: &Image) {
+        let Ok(entries) = std::fs::read_dir(self.root.join("blobs/sha256")) else {
+            return;
+        };
+        let blobs: Vec<(PathBuf, u64, SystemTime)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let meta = e.metadata().ok()?;
+                Some((e.path(), meta.len(), meta.modified().ok()?))
+            })
+            .collect();
+        let keep: Vec<PathBuf> = keep
+            .layers
+            .iter()
+            .filter_map(|l| self.blob_path(&l.digest))
+            .collect();
+        for path in evictable(blobs, &keep, self.bound_bytes) {
+            tracing::info!(blob = %path.display(), "evicting a least recently used image blob");
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Which blobs to delete, oldest use first, to bring the total within `bound`.
+fn evictable(
+    mut blobs: Vec<(PathBuf, u64, SystemTime)>,
+    keep: &[PathBuf],
+    bound: u64,
+) -> Vec<PathBuf> {
+    let mut total: u64 = blobs.iter().map(|b| b.1).sum();
+    blobs.sort_by_key(|b| b.2);
+    let mut gone = Vec::new();
+    for (path, size, _) in blobs {
+        if total <= bound {
+            break;
+        }
+        if keep.contains(&path) {
+            continue;
+        }
+        total -= size;
+        gone.push(path);
+    }
+    gone
+}
+
+enum Fetch {
+    Registry(OciDistributionError),
+    Disk(std::io::Error),
+}
+
+impl std::fmt::Display for Fetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fetch::Registry(e) => write!(f, "{e}"),
+            Fetch::Disk(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eviction_drops_the_least_recently_used_first_and_keeps_the_current_image() {
+        let t = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        let blobs = vec![
+            (PathBuf::from("new"), 40, t(30)),
+            (PathBuf::from("old"), 40, t(10)),
+            (PathBuf::from("current"), 40, t(5)),
+            (PathBuf::from("mid"), 40, t(20)),
+        ];
+        let gone = evictable(blobs.clone(), &[PathBuf::from("current")], 90);
+        assert_eq!(gone, vec![PathBuf::from("old"), PathBuf::from("mid")]);
+        assert!(evictable(blobs, &[], 1000).is_empty());
+    }
+
+    #[test]
+    fn references_parse_as_the_kubelet_parses_them() {
+        assert!(parse_reference("127.0.0.1:5000/e2e/hello:v1").is_ok());
+        assert!(parse_reference("busybox").is_ok());
+        for bad in ["UPPER/case:v1", "", "a b"] {
+            let error = parse_reference(bad).unwrap_err();
+            assert_eq!(error.reason(), "InvalidImageName", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_sha256_digests_name_blobs() {
+        let hex = "a".repeat(64);
+        assert_eq!(hex_of(&format!("sha256:{hex}")), Some(hex.as_str()));
+        assert_eq!(hex_of("sha256:../../etc/passwd"), None);
+        assert_eq!(hex_of(&format!("sha512:{hex}")), None);
+    }
+
+    #[test]
+    fn pull_errors_speak_kubernetes() {
+        let invalid = PullError::InvalidName {
+            reference: "UPPER/Case".into(),
+            why: "bad".into(),
+        };
+        assert_eq!(invalid.reason(), "InvalidImageName");
+        assert!(!invalid.retryable());
+        let registry = PullError::Registry {
+            reference: "r".into(),
+            message: "404".into(),
+        };
+        assert_eq!(registry.reason(), "ErrImagePull");
+        assert!(registry.retryable());
+    }
+
+    #[test]
+    fn credentials_match_the_reference_registry() {
+        let reference: Reference = "127.0.0.1:5000/private/app:1".parse().unwrap();
+        let creds = vec![RegistryCredential {
+            registry: "127.0.0.1:5000".into(),
+            username: "u".into(),
+            password: "p".into(),
+        }];
+        assert!(matches!(auth_for(&reference, &creds), RegistryAuth::Basic(u, _) if u == "u"));
+        let other: Reference = "example.com/app:1".parse().unwrap();
+        assert!(matches!(auth_for(&other, &creds), RegistryAuth::Anonymous));
+    }
+}

@@ -1,0 +1,243 @@
+//! The `wasm` runtime: a WASI preview 1 module run by wasmtime inside the agent. The module
+//! sees only its task's volumes (preopened at their mount paths), the pod's env and args, and
+//! stdout/stderr piped to the log pumps; memory is capped by the pod's limit. Stopping uses
+//! epoch interruption: WASI has no signals, so SIGTERM's grace passes, then the module traps.
+//!
+//! The module is the image's `application/wasm` layer (the wasm OCI artifact layout).
+//! argv is the container's command and args; with no command, argv[0] is the container name.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use wasmtime::{Config, Engine, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::cli::AsyncStdoutStream;
+use wasmtime_wasi::p1::{self, WasiP1Ctx};
+use wasmtime_wasi::{DirPerms, FilePerms, WasiCtxBuilder};
+
+use crate::images::{Image, ImageStore};
+use crate::tasks::runtime::{Exit, Launch, Output, Runtime, StartError, Workload};
+
+/// The media type of a WebAssembly module layer.
+pub const WASM_LAYER: &str = "application/wasm";
+/// How often a running module checks whether it must stop.
+const EPOCH_TICK: Duration = Duration::from_millis(50);
+/// Bytes buffered between a module's output and its log pump.
+const PIPE_BYTES: usize = 64 * 1024;
+
+pub struct WasmRuntime {
+    engine: Engine,
+    images: Arc<ImageStore>,
+}
+
+struct State {
+    wasi: WasiP1Ctx,
+    limits: StoreLimits,
+}
+
+impl WasmRuntime {
+    pub fn new(images: Arc<ImageStore>) -> anyhow::Result<WasmRuntime> {
+        let mut config = Config::new();
+        config.async_support(true).epoch_interruption(true);
+        Ok(WasmRuntime {
+            engine: Engine::new(&config)?,
+            images,
+        })
+    }
+}
+
+/// The module layer of a pulled image.
+fn module_layer(image: &Image) -> Result<&str, String> {
+    image
+        .layers
+        .iter()
+        .find(|l| l.media_type == WASM_LAYER)
+        .map(|l| l.digest.as_str())
+        .ok_or_else(|| {
+            format!(
+                "image {} has no {WASM_LAYER} layer (its layers: {}); the wasm runtime runs wasm OCI artifacts",
+                image.reference,
+                image
+                    .layers
+                    .iter()
+                    .map(|l| l.media_type.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
+
+#[tonic::async_trait]
+impl Runtime for WasmRuntime {
+    fn name(&self) -> &'static str {
+        "wasm"
+    }
+
+    fn images(&self) -> Option<Arc<ImageStore>> {
+        Some(self.images.clone())
+    }
+
+    async fn start(&self, launch: &Launch) -> Result<Box<dyn Workload>, StartError> {
+        let create = |message: String| StartError {
+            reason: "CreateContainerError",
+            message,
+        };
+        let container = &launch.container;
+        let image = launch
+            .image
+            .as_ref()
+            .ok_or_else(|| create("the image was not pulled".into()))?;
+        let digest = module_layer(image).map_err(create)?;
+        let path = self
+            .images
+            .blob_path(digest)
+            .ok_or_else(|| create(format!("bad layer digest {digest}")))?;
+        let engine = self.engine.clone();
+        let module = tokio::task::spawn_blocking(move || Module::from_file(&engine, &path))
+            .await
+            .map_err(|e| create(e.to_string()))?
+            .map_err(|e| create(format!("compiling the module: {e:#}")))?;
+
+        let (stdout_reader, stdout_writer) = tokio::io::simplex(PIPE_BYTES);
+        let (stderr_reader, stderr_writer) = tokio::io::simplex(PIPE_BYTES);
+        let mut wasi = WasiCtxBuilder::new();
+        let mut argv: Vec<String> = if container.command.is_empty() {
+            vec![container.name.clone()]
+        } else {
+            container.command.clone()
+        };
+        argv.extend(container.args.iter().cloned());
+        wasi.args(&argv)
+            .stdout(AsyncStdoutStream::new(PIPE_BYTES, stdout_writer))
+            .stderr(AsyncStdoutStream::new(PIPE_BYTES, stderr_writer));
+        for env in &container.env {
+            wasi.env(&env.name, &env.value);
+        }
+        for (mount_path, host_path) in &launch.mounts {
+            wasi.preopened_dir(host_path, mount_path, DirPerms::all(), FilePerms::all())
+                .map_err(|e| create(format!("opening volume {mount_path}: {e:#}")))?;
+        }
+        let memory = container
+            .resources
+            .as_ref()
+            .map(|r| r.limit_memory_bytes)
+            .filter(|m| *m > 0);
+        let mut limits = StoreLimitsBuilder::new();
+        if let Some(bytes) = memory {
+            limits = limits.memory_size(bytes as usize);
+        }
+        let mut store = Store::new(
+            &self.engine,
+            State {
+                wasi: wasi.build_p1(),
+                limits: limits.build(),
+            },
+        );
+        store.limiter(|s| &mut s.limits);
+        let killed = Arc::new(AtomicBool::new(false));
+        let check = killed.clone();
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if check.load(Ordering::Relaxed) {
+                anyhow::bail!("stopped: the grace period ran out")
+            }
+            Ok(wasmtime::UpdateDeadline::Yield(1))
+        });
+        let mut linker: Linker<State> = Linker::new(&self.engine);
+        p1::add_to_linker_async(&mut linker, |s| &mut s.wasi)
+            .map_err(|e| create(format!("{e:#}")))?;
+        let instance = linker
+            .instantiate_async(&mut store, &module)
+            .await
+            .map_err(|e| create(format!("instantiating the module: {e:#}")))?;
+        let start = instance
+            .get_typed_func::<(), ()>(&mut store, "_start")
+            .map_err(|e| create(format!("the module has no WASI _start: {e:#}")))?;
+
+        let (done, exit) = oneshot::channel();
+        let ticker_engine = self.engine.clone();
+        tokio::spawn(async move {
+            let ticker = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(EPOCH_TICK).await;
+                    ticker_engine.increment_epoch();
+                }
+            });
+            let result = start.call_async(&mut store, ()).await;
+            ticker.abort();
+            // Dropping the store closes the pipes, so the log pumps see the end.
+            drop(store);
+            let _ = done.send(exit_of(result, memory));
+        });
+        Ok(Box::new(WasmWorkload {
+            stdout: Some(Box::new(stdout_reader)),
+            stderr: Some(Box::new(stderr_reader)),
+            exit: Some(exit),
+            killed,
+        }))
+    }
+}
+
+/// How a module's `_start` ended, in Kubernetes' words.
+fn exit_of(result: anyhow::Result<()>, memory: Option<u64>) -> Exit {
+    let error = match result {
+        Ok(()) => return Exit::from_code(0),
+        Err(error) => error,
+    };
+    if let Some(exit) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return Exit::from_code(exit.0);
+    }
+    let message = format!("{error:#}");
+    if memory.is_some() && message.contains("memory") && message.contains("grow") {
+        return Exit {
+            code: 137,
+            reason: "OOMKilled".into(),
+            message,
+        };
+    }
+    if message.contains("stopped: the grace period ran out") {
+        return Exit {
+            code: 137,
+            reason: "Error".into(),
+            message: "killed after the grace period".into(),
+        };
+    }
+    Exit {
+        code: 1,
+        reason: "Error".into(),
+        message: format!("wasm trap: {message}"),
+    }
+}
+
+struct WasmWorkload {
+    stdout: Option<Output>,
+    stderr: Option<Output>,
+    exit: Option<oneshot::Receiver<Exit>>,
+    killed: Arc<AtomicBool>,
+}
+
+#[tonic::async_trait]
+impl Workload for WasmWorkload {
+    fn take_output(&mut self) -> (Option<Output>, Option<Output>) {
+        (self.stdout.take(), self.stderr.take())
+    }
+
+    async fn wait(&mut self) -> Exit {
+        match self.exit.take() {
+            Some(exit) => exit.await.unwrap_or_else(|_| Exit {
+                code: 1,
+                reason: "Error".into(),
+                message: "the module's runner ended without an outcome".into(),
+            }),
+            None => Exit::from_code(1),
+        }
+    }
+
+    /// WASI has no signals: the module runs on until the grace period ends.
+    fn terminate(&mut self) {}
+
+    fn kill(&mut self) {
+        self.killed.store(true, Ordering::Relaxed);
+    }
+}

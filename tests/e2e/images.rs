@@ -1,0 +1,71 @@
+//! The tests' images, built at test time and pushed to the registry that tests/cluster/up
+//! runs on loopback: WebAssembly modules written as WAT, pushed as wasm OCI artifacts.
+
+use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+
+/// The loopback registry's host:port, from the cluster's ports.env (beside KUBECONFIG).
+pub fn registry() -> String {
+    let kubeconfig = std::env::var("KUBECONFIG").expect("KUBECONFIG is set by make test");
+    let ports = std::path::Path::new(&kubeconfig).with_file_name("ports.env");
+    let text = std::fs::read_to_string(&ports)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", ports.display()));
+    let port = text
+        .lines()
+        .find_map(|l| l.strip_prefix("REGISTRY_PORT="))
+        .unwrap_or_else(|| {
+            panic!(
+                "no REGISTRY_PORT in {}: run tests/cluster/up",
+                ports.display()
+            )
+        });
+    format!("127.0.0.1:{port}")
+}
+
+/// Assembles `wat` and pushes it as a wasm OCI artifact at `<registry>/<repository>:<tag>`;
+/// returns the full reference and the manifest URL.
+pub async fn push_wasm(repository_and_tag: &str, wat: &str) -> (String, String) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let module = wat::parse_str(wat).expect("the test's WAT assembles");
+    let reference = format!("{}/{repository_and_tag}", registry());
+    let parsed: Reference = reference.parse().unwrap();
+    let client = Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..Default::default()
+    });
+    let layer = ImageLayer::new(module, "application/wasm".into(), None);
+    let config = Config::new(
+        b"{}".to_vec(),
+        "application/vnd.wasm.config.v0+json".into(),
+        None,
+    );
+    let pushed = client
+        .push(&parsed, &[layer], config, &RegistryAuth::Anonymous, None)
+        .await
+        .unwrap_or_else(|e| panic!("pushing {reference}: {e}"));
+    (reference, pushed.manifest_url)
+}
+
+/// A WASI command that writes `text` to stdout (fd 1) and exits with `code`.
+pub fn wat_printing(text: &str, code: i32) -> String {
+    let bytes: String = text.bytes().map(|b| format!("\\{b:02x}")).collect();
+    format!(
+        r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "{bytes}")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const {len}))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 32)))
+    (call $proc_exit (i32.const {code}))))"#,
+        len = text.len()
+    )
+}
+
+/// A module whose `_start` traps (unreachable).
+pub const WAT_TRAP: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "_start") unreachable))"#;

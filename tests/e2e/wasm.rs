@@ -1,0 +1,118 @@
+//! The `wasm` runtime: modules written as WAT, pushed to the loopback registry as wasm OCI
+//! artifacts, pulled by real agents and run in wasmtime; their output through `kubectl logs`,
+//! traps and bad references shown on the pod.
+
+use std::time::Duration;
+
+use darkcore_crds::{DevicePoolSpec, Runtime};
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::harness::wait_for;
+use crate::images::{WAT_TRAP, push_wasm, registry, wat_printing};
+use crate::pods::{Bench, main_status};
+
+fn wasm_pool() -> DevicePoolSpec {
+    DevicePoolSpec {
+        runtimes: vec![Runtime::Wasm],
+        ..Default::default()
+    }
+}
+
+/// A `darkcore-wasm` pod on the bench's pool running `image`.
+fn wasm_pod(bench: &Bench, name: &str, image: &str) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": name },
+        "spec": {
+            "runtimeClassName": "darkcore-wasm",
+            "nodeSelector": { "darkcore.io/pool": bench.fx.pool },
+            "restartPolicy": "Never",
+            "containers": [{ "name": "main", "image": image }]
+        }
+    }))
+    .unwrap()
+}
+
+/// The main container's waiting reason and message, if it is waiting.
+fn waiting(pod: &Pod) -> Option<(String, String)> {
+    let status = pod.status.as_ref()?.container_statuses.as_ref()?.first()?;
+    let waiting = status.state.as_ref()?.waiting.clone()?;
+    Some((waiting.reason?, waiting.message.unwrap_or_default()))
+}
+
+#[tokio::test]
+async fn wasm_modules_run_from_the_registry_and_traps_fail_with_their_message() {
+    let bench = Bench::start("wasmrun", 1, wasm_pool()).await;
+    let (hello, _) = push_wasm("e2e/hello:v1", &wat_printing("hello from wasm\n", 0)).await;
+    let (trap, _) = push_wasm("e2e/trap:v1", WAT_TRAP).await;
+    bench.create(wasm_pod(&bench, "hello", &hello)).await;
+    bench.create(wasm_pod(&bench, "trap", &trap)).await;
+
+    let done = bench
+        .phase_is("hello", "Succeeded", Duration::from_secs(90))
+        .await;
+    let status = main_status(&done);
+    assert!(
+        status.image_id.starts_with("sha256:"),
+        "imageID carries the resolved digest: {:?}",
+        status.image_id
+    );
+    let logs = bench
+        .logs_show("hello", "hello from wasm", Duration::from_secs(10))
+        .await;
+    assert_eq!(logs, "hello from wasm\n");
+
+    let trapped = bench
+        .phase_is("trap", "Failed", Duration::from_secs(90))
+        .await;
+    let terminated = main_status(&trapped).state.unwrap().terminated.unwrap();
+    let message = terminated.message.unwrap_or_default();
+    assert!(
+        message.contains("wasm trap") && message.contains("unreachable"),
+        "the trap's message is on the pod: {message:?}"
+    );
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn a_bad_image_reference_shows_err_image_pull_then_back_off_with_the_registry_message() {
+    let bench = Bench::start("wasmpull", 1, wasm_pool()).await;
+    let missing = format!("{}/e2e/missing:v1", registry());
+    bench.create(wasm_pod(&bench, "missing", &missing)).await;
+    bench
+        .create(wasm_pod(&bench, "invalid", "UPPER/case:v1"))
+        .await;
+    for reason in ["ErrImagePull", "ImagePullBackOff"] {
+        let pod = wait_for(
+            &bench.pods(),
+            "missing",
+            move |p: Option<&Pod>| p.and_then(waiting).is_some_and(|(r, _)| r == reason),
+            Duration::from_secs(60),
+            reason,
+        )
+        .await
+        .unwrap();
+        let (_, message) = waiting(&pod).unwrap();
+        assert!(
+            message.contains("e2e/missing:v1") && message.to_lowercase().contains("unknown"),
+            "the registry's message names the image and what is wrong: {message:?}"
+        );
+    }
+    let described = bench.kubectl(&["describe", "pod", "missing"]);
+    assert!(described.contains("ImagePullBackOff"), "{described}");
+    let pod = wait_for(
+        &bench.pods(),
+        "invalid",
+        |p: Option<&Pod>| {
+            p.and_then(waiting)
+                .is_some_and(|(r, _)| r == "InvalidImageName")
+        },
+        Duration::from_secs(60),
+        "InvalidImageName",
+    )
+    .await
+    .unwrap();
+    assert_eq!(pod.status.unwrap().phase.as_deref(), Some("Pending"));
+    bench.finish().await;
+}
