@@ -122,12 +122,27 @@ fn hex_of(digest: &str) -> Option<&str> {
     (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
 }
 
+fn hex(digest: ring::digest::Digest) -> String {
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes))
+}
+
+/// The sha256 of a file, read in small pieces: a layer may be larger than a small device's
+/// spare memory.
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        match file.read(&mut buffer)? {
+            0 => return Ok(hex(context.finish())),
+            n => context.update(&buffer[..n]),
+        }
+    }
 }
 
 /// The credentials of `credentials` for the reference's registry, if any.
@@ -278,8 +293,12 @@ impl ImageStore {
             }
             match self.download(image, layer, &partial).await {
                 Ok(()) => {
-                    let bytes = std::fs::read(&partial).map_err(Fetch::Disk)?;
-                    if Some(sha256_hex(&bytes).as_str()) != hex_of(&layer.digest) {
+                    let file = partial.clone();
+                    let digest = tokio::task::spawn_blocking(move || sha256_file(&file))
+                        .await
+                        .map_err(|e| Fetch::Disk(std::io::Error::other(e)))?
+                        .map_err(Fetch::Disk)?;
+                    if Some(digest.as_str()) != hex_of(&layer.digest) {
                         let _ = std::fs::remove_file(&partial);
                         last = Some(Fetch::Registry(OciDistributionError::GenericError(Some(
                             format!("blob {} does not match its digest", layer.digest),
@@ -391,18 +410,12 @@ fn evictable(
     gone
 }
 
+#[derive(Debug, thiserror::Error)]
 enum Fetch {
+    #[error("{0}")]
     Registry(OciDistributionError),
+    #[error("{0}")]
     Disk(std::io::Error),
-}
-
-impl std::fmt::Display for Fetch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Fetch::Registry(e) => write!(f, "{e}"),
-            Fetch::Disk(e) => write!(f, "{e}"),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -431,6 +444,15 @@ mod tests {
             let error = parse_reference(bad).unwrap_err();
             assert_eq!(error.reason(), "InvalidImageName", "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_file_hashes_as_its_bytes_do() {
+        let path = std::env::temp_dir().join(format!("darkcore-sha-{}", std::process::id()));
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(sha256_file(&path).unwrap(), sha256_hex(&bytes));
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
