@@ -105,6 +105,26 @@ where
     }
 }
 
+/// Asks `probe` every 200 ms until it answers `Ok`, for things no watch can follow (logs, a
+/// process, an agent's status file). Panics after `timeout` with `what` and the last answer.
+pub async fn poll_until<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(last) => assert!(
+                Instant::now() < deadline,
+                "{what} within {timeout:?}; last seen: {last}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 pub fn node_ready_status(node: &Node) -> Option<String> {
     node.status
         .as_ref()?
@@ -477,21 +497,19 @@ impl PoolFixture {
     /// Waits until the pool has an Event of each of `reasons` (Events are published apart from
     /// the changes they describe), and returns the pool's Events.
     pub async fn pool_events_include(&self, reasons: &[&str]) -> Vec<String> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        let what = format!("the pool has Events {reasons:?}");
+        poll_until(&what, Duration::from_secs(30), || async move {
             let events = self.pool_events().await;
-            if reasons
+            let all = reasons
                 .iter()
-                .all(|r| events.iter().any(|e| e.starts_with(&format!("{r}:"))))
-            {
-                return events;
+                .all(|r| events.iter().any(|e| e.starts_with(&format!("{r}:"))));
+            if all {
+                Ok(events)
+            } else {
+                Err(format!("{events:?}"))
             }
-            assert!(
-                Instant::now() < deadline,
-                "the pool never had Events {reasons:?}: {events:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        })
+        .await
     }
 
     /// The pool's Events as "Reason: note", oldest first.

@@ -13,7 +13,7 @@ use kube::{Api, ResourceExt};
 
 use crate::devices::process_pool;
 use crate::fleet::{self, Agent, token};
-use crate::harness::{PoolFixture, TestNamespace, wait_for};
+use crate::harness::{PoolFixture, TestNamespace, poll_until, wait_for};
 
 /// A pool of process-runtime agents and a namespace for its pods.
 pub struct Bench {
@@ -49,21 +49,36 @@ impl Bench {
         Api::namespaced(self.fx.client.clone(), &self.ns.name)
     }
 
-    /// A `darkcore-process` pod for this pool running `script` in sh.
-    fn pod(&self, name: &str, script: &str, restart: &str) -> Pod {
+    /// A pod for this pool in `runtime_class` with one container `main` (given as JSON without
+    /// its name) and a 5 s grace period.
+    pub fn pod_in(
+        &self,
+        runtime_class: &str,
+        name: &str,
+        container: serde_json::Value,
+        restart: &str,
+    ) -> Pod {
+        let mut container = container;
+        container["name"] = "main".into();
         serde_json::from_value(serde_json::json!({
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": { "name": name },
             "spec": {
-                "runtimeClassName": "darkcore-process",
+                "runtimeClassName": runtime_class,
                 "nodeSelector": { "darkcore.io/pool": self.fx.pool },
                 "restartPolicy": restart,
                 "terminationGracePeriodSeconds": 5,
-                "containers": [{ "name": "main", "image": "busybox", "command": ["sh", "-c", script] }]
+                "containers": [container]
             }
         }))
         .unwrap()
+    }
+
+    /// A `darkcore-process` pod for this pool running `script` in sh.
+    fn pod(&self, name: &str, script: &str, restart: &str) -> Pod {
+        let container = serde_json::json!({ "image": "busybox", "command": ["sh", "-c", script] });
+        self.pod_in("darkcore-process", name, container, restart)
     }
 
     pub async fn create(&self, pod: Pod) -> Pod {
@@ -100,6 +115,31 @@ impl Bench {
         jobs
     }
 
+    /// Waits until the Job has `completions` succeeded, and returns its pods.
+    async fn job_succeeds(
+        &self,
+        jobs: &Api<Job>,
+        job: &str,
+        completions: i32,
+        timeout: Duration,
+    ) -> Vec<Pod> {
+        wait_for(
+            jobs,
+            job,
+            move |j: Option<&Job>| {
+                j.and_then(|j| j.status.as_ref()?.succeeded) == Some(completions)
+            },
+            timeout,
+            &format!("{completions} succeeded"),
+        )
+        .await;
+        self.pods()
+            .list(&ListParams::default().labels(&format!("job-name={job}")))
+            .await
+            .unwrap()
+            .items
+    }
+
     pub async fn phase_is(&self, name: &str, phase: &'static str, timeout: Duration) -> Pod {
         wait_for(
             &self.pods(),
@@ -129,18 +169,16 @@ impl Bench {
 
     /// Waits until `kubectl logs` of the pod shows `text`, and returns the logs.
     pub async fn logs_show(&self, pod: &str, text: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let what = format!("{pod}'s logs show {text:?}");
+        poll_until(&what, timeout, || async move {
             let logs = self.kubectl(&["logs", pod]);
             if logs.contains(text) {
-                return logs;
+                Ok(logs)
+            } else {
+                Err(logs)
             }
-            assert!(
-                Instant::now() < deadline,
-                "{pod}'s logs never showed {text:?}: {logs}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        })
+        .await
     }
 
     /// Deletes the pod as kubectl does (its own grace period), waits until it is gone, and
@@ -196,6 +234,24 @@ impl Bench {
         self.ns.delete().await;
         self.fx.finish().await;
     }
+}
+
+/// The HTTP status the operator's kubelet API answers to a direct request for the pod's logs,
+/// with `bearer` as the token, if any, and no client certificate.
+fn kubelet_logs_status(bench: &Bench, pod: &str, bearer: Option<&str>) -> String {
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"]);
+    if let Some(token) = bearer {
+        curl.arg("-H").arg(format!("Authorization: Bearer {token}"));
+    }
+    let out = curl
+        .arg(format!(
+            "https://127.0.0.1:{}/containerLogs/{}/{pod}/main",
+            bench.fx.operator.kubelet_port, bench.ns.name
+        ))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 pub fn placed_on(pod: &Pod) -> Option<String> {
@@ -280,29 +336,14 @@ async fn a_pod_runs_succeeds_and_kubectl_logs_shows_and_follows_its_output() {
 
     // The kubelet API refuses callers without a certificate or token (401), and callers that
     // may not read node logs (403).
-    let code = std::process::Command::new("curl")
-        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
-        .arg(format!(
-            "https://127.0.0.1:{}/containerLogs/{}/hello/main",
-            bench.fx.operator.kubelet_port, bench.ns.name
-        ))
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&code.stdout), "401");
+    assert_eq!(kubelet_logs_status(&bench, "hello", None), "401");
     // A valid token for a ServiceAccount without nodes/proxy: authenticated, not authorized.
     bench.kubectl(&["create", "serviceaccount", "nobody"]);
     let token = bench.kubectl(&["create", "token", "nobody"]);
-    let code = std::process::Command::new("curl")
-        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
-        .arg("-H")
-        .arg(format!("Authorization: Bearer {}", token.trim()))
-        .arg(format!(
-            "https://127.0.0.1:{}/containerLogs/{}/hello/main",
-            bench.fx.operator.kubelet_port, bench.ns.name
-        ))
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&code.stdout), "403");
+    assert_eq!(
+        kubelet_logs_status(&bench, "hello", Some(token.trim())),
+        "403"
+    );
     bench.finish().await;
 }
 
@@ -429,23 +470,12 @@ async fn env_and_volumes_come_from_configmaps_secrets_and_fields() {
 async fn an_indexed_job_completes_across_three_agents() {
     let bench = Bench::start("podjob", 3, process_pool()).await;
     let jobs = bench.indexed_job("squares", 20, 5, "sleep 0.5; echo index $JOB_COMPLETION_INDEX squared $((JOB_COMPLETION_INDEX * JOB_COMPLETION_INDEX))").await;
-    wait_for(
-        &jobs,
-        "squares",
-        |j: Option<&Job>| j.and_then(|j| j.status.as_ref()?.succeeded) == Some(20),
-        Duration::from_secs(180),
-        "20 succeeded",
-    )
-    .await;
     let pods = bench
-        .pods()
-        .list(&ListParams::default().labels("job-name=squares"))
-        .await
-        .unwrap();
+        .job_succeeds(&jobs, "squares", 20, Duration::from_secs(180))
+        .await;
     let mut devices = std::collections::BTreeSet::new();
     let mut seen = std::collections::BTreeSet::new();
     for pod in pods
-        .items
         .iter()
         .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
     {
@@ -531,50 +561,47 @@ async fn a_busy_task_counts_as_darkcores_cpu_not_the_owners() {
         .await;
     // One core of a multi-core machine, less what the tests beside this one take from it.
     let agent = &bench.agents[0];
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = agent.status();
-        let share = number_before(&status, "%)").unwrap_or(0.0);
-        if status.contains("darkcore's tasks") && share >= 20.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent never counted the busy task as its own CPU: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    poll_until(
+        "the agent counts the busy task as its own CPU",
+        Duration::from_secs(20),
+        || async {
+            let status = agent.status();
+            let share = number_before(&status, "%)").unwrap_or(0.0);
+            if status.contains("darkcore's tasks") && share >= 20.0 {
+                Ok(())
+            } else {
+                Err(status)
+            }
+        },
+    )
+    .await;
     let done = bench
         .phase_is("burner", "Succeeded", Duration::from_secs(60))
         .await;
     assert_eq!(main_status(&done).restart_count, 0);
     // The core-seconds given include the burner's, counted at the agent's next check.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = agent.status();
-        let given = number_before(&status, "core-seconds").unwrap_or(0.0);
-        if given >= 1.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent counted no core-seconds given: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    poll_until(
+        "the agent counts core-seconds given",
+        Duration::from_secs(10),
+        || async {
+            let status = agent.status();
+            let given = number_before(&status, "core-seconds").unwrap_or(0.0);
+            if given >= 1.0 { Ok(()) } else { Err(status) }
+        },
+    )
+    .await;
     bench.finish().await;
 }
 
 /// Waits until the process has exited (its /proc entry is gone).
 async fn process_exits(pid: u32, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        assert!(
-            Instant::now() < deadline,
-            "process {pid} still runs after {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll_until(&format!("process {pid} exits"), timeout, || async {
+        match std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            true => Err("still running".to_string()),
+            false => Ok(()),
+        }
+    })
+    .await
 }
 
 /// The pid that a pod printed after `ready`.
@@ -862,21 +889,11 @@ async fn a_job_survives_an_operator_kill_without_running_any_index_twice() {
     .await;
     bench.fx.operator.kill().await;
     bench.restart_operator().await;
-    wait_for(
-        &jobs,
-        "steady",
-        |j: Option<&Job>| j.and_then(|j| j.status.as_ref()?.succeeded) == Some(10),
-        Duration::from_secs(120),
-        "10 succeeded",
-    )
-    .await;
     let pods = bench
-        .pods()
-        .list(&ListParams::default().labels("job-name=steady"))
-        .await
-        .unwrap();
-    assert_eq!(pods.items.len(), 10, "no pod failed and was replaced");
-    for pod in &pods.items {
+        .job_succeeds(&jobs, "steady", 10, Duration::from_secs(120))
+        .await;
+    assert_eq!(pods.len(), 10, "no pod failed and was replaced");
+    for pod in &pods {
         assert_eq!(
             main_status(pod).restart_count,
             0,

@@ -20,18 +20,8 @@ fn wasm_pool() -> DevicePoolSpec {
 
 /// A `darkcore-wasm` pod on the bench's pool running `image`.
 fn wasm_pod(bench: &Bench, name: &str, image: &str) -> Pod {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": { "name": name },
-        "spec": {
-            "runtimeClassName": "darkcore-wasm",
-            "nodeSelector": { "darkcore.io/pool": bench.fx.pool },
-            "restartPolicy": "Never",
-            "containers": [{ "name": "main", "image": image }]
-        }
-    }))
-    .unwrap()
+    let container = serde_json::json!({ "image": image });
+    bench.pod_in("darkcore-wasm", name, container, "Never")
 }
 
 /// The main container's waiting reason and message, if it is waiting.
