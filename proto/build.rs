@@ -3,7 +3,10 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["proto/darkcore/agent/v1/agent.proto"];
     let descriptors = protox::compile(protos, ["proto"])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // Credentials print redacted (see lib.rs), so a `{:?}` of a task never leaks them.
+    tonic_prost_build::configure()
+        .skip_debug([".darkcore.agent.v1.RegistryCredential"])
+        .compile_fds(descriptors)?;
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -33,6 +33,10 @@ pub struct Image {
     /// The image config (JSON), as the registry served it.
     pub config: String,
     pub layers: Vec<Layer>,
+    /// Who may use this copy without asking the registry again: `None` when it was pulled
+    /// anonymously (anyone), else the fingerprints of the credentials that pulled it.
+    #[serde(default)]
+    pub granted_to: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,12 +78,13 @@ impl PullError {
     }
 }
 
-/// The device's image cache and its registry client.
+/// The device's image cache, and how it reaches registries.
 pub struct ImageStore {
     root: PathBuf,
     /// Bytes of blobs kept; beyond it, the least recently used go first.
     bound_bytes: u64,
-    client: Client,
+    /// Registries (host:port) spoken to over plain HTTP.
+    insecure: Vec<String>,
 }
 
 /// Picks this device's entry of an image index, else a WASI one (WebAssembly runs anywhere).
@@ -156,22 +161,66 @@ fn auth_for(reference: &Reference, credentials: &[RegistryCredential]) -> Regist
         })
 }
 
+/// A one-way fingerprint of the credentials a pull used (`None`: anonymous), kept with the
+/// image to decide who may reuse it.
+fn fingerprint(auth: &RegistryAuth) -> Option<String> {
+    match auth {
+        RegistryAuth::Basic(user, password) => {
+            Some(sha256_hex(format!("{user}\0{password}").as_bytes()))
+        }
+        _ => None,
+    }
+}
+
+/// Whether a pull with `fingerprint` may use the cached `image` without the registry. As the
+/// kubelet's "ensure secret pulled images": an image pulled with credentials is lent only to
+/// the same credentials; any other pod's pull asks the registry again (only the manifest: the
+/// layers are here).
+fn may_reuse(image: &Image, fingerprint: Option<&str>) -> bool {
+    match &image.granted_to {
+        None => true,
+        Some(granted) => fingerprint.is_some_and(|f| granted.iter().any(|g| g == f)),
+    }
+}
+
+/// Who may reuse an image just pulled with `fingerprint` (`previous`: the record it replaces).
+fn granted_after(
+    previous: Option<&Image>,
+    digest: &str,
+    fingerprint: Option<String>,
+) -> Option<Vec<String>> {
+    let fingerprint = fingerprint?;
+    let mut granted = previous
+        .filter(|p| p.digest == digest)
+        .and_then(|p| p.granted_to.clone())
+        .unwrap_or_default();
+    if !granted.contains(&fingerprint) {
+        granted.push(fingerprint);
+    }
+    Some(granted)
+}
+
 impl ImageStore {
     /// `insecure` lists registries (host:port) spoken to over plain HTTP, such as a registry
     /// on loopback.
     pub fn new(state_dir: &Path, bound_bytes: u64, insecure: Vec<String>) -> ImageStore {
-        let config = ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(insecure),
+        ImageStore {
+            root: state_dir.join("images"),
+            bound_bytes,
+            insecure,
+        }
+    }
+
+    /// A registry client for one pull. oci-client caches credentials and tokens per registry
+    /// for a client's life, so a shared client would lend one pod's pull secret to the next.
+    fn client(&self) -> Client {
+        Client::new(ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(self.insecure.clone()),
             platform_resolver: Some(Box::new(platform_resolver)),
             connect_timeout: Some(Duration::from_secs(10)),
             read_timeout: Some(Duration::from_secs(60)),
             ..Default::default()
-        };
-        ImageStore {
-            root: state_dir.join("images"),
-            bound_bytes,
-            client: Client::new(config),
-        }
+        })
     }
 
     /// Where a verified blob lives.
@@ -214,11 +263,15 @@ impl ImageStore {
             PullPolicy::Unspecified => PullPolicy::IfNotPresent,
             other => other,
         };
+        let auth = auth_for(&parsed, credentials);
+        let fingerprint = fingerprint(&auth);
+        let present = self.present(reference);
         if policy != PullPolicy::Always
-            && let Some(image) = self.present(reference)
+            && let Some(image) = &present
+            && may_reuse(image, fingerprint.as_deref())
         {
-            self.touch(&image);
-            return Ok(image);
+            self.touch(image);
+            return Ok(image.clone());
         }
         if policy == PullPolicy::Never {
             return Err(PullError::NotPresent(reference.into()));
@@ -231,21 +284,23 @@ impl ImageStore {
             reference: reference.into(),
             source,
         };
-        let auth = auth_for(&parsed, credentials);
+        let client = self.client();
         let (manifest, digest, config) = {
-            let (manifest, digest, config, _) = self
-                .client
+            let (manifest, digest, config, _) = client
                 .pull_manifest_and_config_and_list_digest(&parsed, &auth)
                 .await
                 .map_err(registry)?;
             (manifest, digest, config)
         };
         for layer in &manifest.layers {
-            self.fetch_blob(&parsed, layer).await.map_err(|e| match e {
-                Fetch::Registry(e) => registry(e),
-                Fetch::Disk(e) => disk(e),
-            })?;
+            self.fetch_blob(&client, &parsed, layer)
+                .await
+                .map_err(|e| match e {
+                    Fetch::Registry(e) => registry(e),
+                    Fetch::Disk(e) => disk(e),
+                })?;
         }
+        let granted_to = granted_after(present.as_ref(), &digest, fingerprint);
         let image = Image {
             reference: reference.into(),
             digest,
@@ -260,6 +315,7 @@ impl ImageStore {
                     size: l.size.max(0) as u64,
                 })
                 .collect(),
+            granted_to,
         };
         let record = self.record_path(reference);
         std::fs::create_dir_all(record.parent().unwrap_or(&self.root)).map_err(disk)?;
@@ -274,7 +330,12 @@ impl ImageStore {
     }
 
     /// Downloads one blob unless it is here, resuming a partial download, and verifies it.
-    async fn fetch_blob(&self, image: &Reference, layer: &OciDescriptor) -> Result<(), Fetch> {
+    async fn fetch_blob(
+        &self,
+        client: &Client,
+        image: &Reference,
+        layer: &OciDescriptor,
+    ) -> Result<(), Fetch> {
         let path = self.blob_path(&layer.digest).ok_or_else(|| {
             Fetch::Registry(OciDistributionError::GenericError(Some(format!(
                 "unsupported digest {:?} (only sha256)",
@@ -291,7 +352,7 @@ impl ImageStore {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
             }
-            match self.download(image, layer, &partial).await {
+            match self.download(client, image, layer, &partial).await {
                 Ok(()) => {
                     let file = partial.clone();
                     let digest = tokio::task::spawn_blocking(move || sha256_file(&file))
@@ -321,13 +382,13 @@ impl ImageStore {
     /// Appends the rest of the blob to `partial` (all of it if the registry ignores ranges).
     async fn download(
         &self,
+        client: &Client,
         image: &Reference,
         layer: &OciDescriptor,
         partial: &Path,
     ) -> Result<(), Fetch> {
         let offset = std::fs::metadata(partial).map_or(0, |m| m.len());
-        let response = self
-            .client
+        let response = client
             .pull_blob_stream_partial(image, layer, offset, None)
             .await
             .map_err(Fetch::Registry)?;
@@ -421,6 +482,38 @@ enum Fetch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_image_pulled_with_credentials_is_lent_only_to_the_same_credentials() {
+        let alice = fingerprint(&RegistryAuth::Basic("alice".into(), "a".into()));
+        let bob = fingerprint(&RegistryAuth::Basic("bob".into(), "b".into()));
+        let image = |granted_to| Image {
+            reference: "r/x:1".into(),
+            digest: "sha256:1".into(),
+            config_media_type: String::new(),
+            config: String::new(),
+            layers: Vec::new(),
+            granted_to,
+        };
+        let public = image(granted_after(None, "sha256:1", None));
+        assert!(may_reuse(&public, None) && may_reuse(&public, bob.as_deref()));
+
+        let private = image(granted_after(None, "sha256:1", alice.clone()));
+        assert!(may_reuse(&private, alice.as_deref()));
+        assert!(
+            !may_reuse(&private, None),
+            "an anonymous pull asks the registry"
+        );
+        assert!(!may_reuse(&private, bob.as_deref()));
+
+        let both = image(granted_after(Some(&private), "sha256:1", bob.clone()));
+        assert!(may_reuse(&both, alice.as_deref()) && may_reuse(&both, bob.as_deref()));
+        let moved = image(granted_after(Some(&both), "sha256:2", bob.clone()));
+        assert!(
+            !may_reuse(&moved, alice.as_deref()),
+            "a new digest starts afresh"
+        );
+    }
 
     #[test]
     fn eviction_drops_the_least_recently_used_first_and_keeps_the_current_image() {

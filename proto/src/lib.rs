@@ -10,6 +10,17 @@ pub mod agent {
 
 pub mod join_token;
 
+/// Registry credentials print without their password.
+impl std::fmt::Debug for agent::v1::RegistryCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryCredential")
+            .field("registry", &self.registry)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
 use agent::v1::ProtocolVersion;
 
 /// The protocol version this build speaks.
@@ -49,6 +60,20 @@ pub fn check_version(theirs: i32, ours_side: &'static str) -> Result<(), Unsuppo
 mod tests {
     use super::agent::v1::{AgentMessage, Capabilities, Hello, Runtime, agent_message};
     use super::*;
+
+    #[test]
+    fn credentials_print_without_their_password() {
+        let credential = agent::v1::RegistryCredential {
+            registry: "r.example".into(),
+            username: "alice".into(),
+            password: "hunter2".into(),
+        };
+        let printed = format!("{credential:?}");
+        assert!(
+            printed.contains("alice") && !printed.contains("hunter2"),
+            "{printed}"
+        );
+    }
     use prost::Message;
 
     fn hello() -> AgentMessage {

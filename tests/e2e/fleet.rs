@@ -45,16 +45,17 @@ pub struct JoinOutcome {
 
 /// Writes an agent config: `max_cores` given, the `process` and `wasm` runtimes allowed,
 /// idle-only with CPU load never deciding (tests share one busy machine), checked every
-/// second, and the loopback registry spoken to over plain HTTP.
+/// second, and the loopback registries spoken to over plain HTTP.
 fn write_config(dir: &Path, max_cores: f64) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let config = dir.join("agent.toml");
     let text = format!(
         "[policy]\nmax_cores = {max_cores}\nmax_memory = \"1Gi\"\nruntimes = [\"process\", \"wasm\"]\ncheck_seconds = 1\n\
          [policy.idle]\nonly_when_idle = true\ninput_idle_minutes = 1\nmax_owner_cpu_percent = 100\n\
-         [images]\ninsecure_registries = [\"{}\"]\n\
+         [images]\ninsecure_registries = [\"{}\", \"{}\"]\n\
          [testing]\nowner_active_file = \"{}\"\n",
         crate::images::registry(),
+        crate::images::private_registry(),
         dir.join("owner-active").display()
     );
     std::fs::write(&config, text).unwrap();

@@ -5,10 +5,14 @@
 use std::time::Duration;
 
 use darkcore_crds::{DevicePoolSpec, Runtime};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{LocalObjectReference, Pod};
+use oci_client::secrets::RegistryAuth;
 
 use crate::harness::wait_for;
-use crate::images::{WAT_TRAP, push_wasm, registry, wat_printing};
+use crate::images::{
+    PRIVATE_PASSWORD, PRIVATE_USER, WAT_TRAP, private_registry, push_wasm, push_wasm_to, registry,
+    wat_printing,
+};
 use crate::pods::{Bench, main_status};
 
 fn wasm_pool() -> DevicePoolSpec {
@@ -104,5 +108,68 @@ async fn a_bad_image_reference_shows_err_image_pull_then_back_off_with_the_regis
     .await
     .unwrap();
     assert_eq!(pod.status.unwrap().phase.as_deref(), Some("Pending"));
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn a_private_image_pulls_with_its_image_pull_secret_and_fails_without() {
+    let bench = Bench::start("wasmauth", 1, wasm_pool()).await;
+    let auth = RegistryAuth::Basic(PRIVATE_USER.into(), PRIVATE_PASSWORD.into());
+    let (image, _) = push_wasm_to(
+        &private_registry(),
+        auth,
+        "e2e/private:v1",
+        &wat_printing("private hello\n", 0),
+    )
+    .await;
+    bench.kubectl(&[
+        "create",
+        "secret",
+        "docker-registry",
+        "pull",
+        &format!("--docker-server={}", private_registry()),
+        &format!("--docker-username={PRIVATE_USER}"),
+        &format!("--docker-password={PRIVATE_PASSWORD}"),
+    ]);
+    let mut with_secret = wasm_pod(&bench, "with-secret", &image);
+    with_secret.spec.as_mut().unwrap().image_pull_secrets = Some(vec![LocalObjectReference {
+        name: "pull".into(),
+    }]);
+    bench.create(with_secret).await;
+    bench
+        .phase_is("with-secret", "Succeeded", Duration::from_secs(90))
+        .await;
+    bench
+        .logs_show("with-secret", "private hello", Duration::from_secs(10))
+        .await;
+
+    // The image is now on the device (one agent), pulled with the secret: a pod without the
+    // secret must not be lent it.
+    bench.create(wasm_pod(&bench, "without", &image)).await;
+    let pod = wait_for(
+        &bench.pods(),
+        "without",
+        |p: Option<&Pod>| {
+            p.and_then(waiting)
+                .is_some_and(|(r, _)| r == "ErrImagePull")
+        },
+        Duration::from_secs(60),
+        "a failed pull",
+    )
+    .await
+    .unwrap();
+    let (_, message) = waiting(&pod).unwrap();
+    assert!(
+        message.to_lowercase().contains("not authorized"),
+        "the registry's refusal is on the pod: {message:?}"
+    );
+    for log in [&bench.fx.operator.log, &bench.agents[0].log] {
+        let text = std::fs::read_to_string(log).unwrap();
+        assert!(
+            !text.contains(PRIVATE_PASSWORD),
+            "{} shows the pull secret's password",
+            log.display()
+        );
+    }
     bench.finish().await;
 }

@@ -793,7 +793,7 @@ fn place(
         } as i32,
         termination_grace_seconds: spec.termination_grace_period_seconds.unwrap_or(30).max(0)
             as u32,
-        pull_credentials: Vec::new(),
+        pull_credentials: resolved.pull_credentials.clone(),
     };
     tracing::info!(pod = %format!("{}/{}", assign.namespace, assign.pod_name), task = %task_id, %device, "dispatching");
     shared.logs.assign(&task_id, &device);

@@ -10,6 +10,7 @@
 pub mod admission;
 pub mod controller;
 pub mod placement;
+pub mod pull_secrets;
 pub mod resolve;
 pub mod runtime_class;
 pub mod status;

@@ -8,14 +8,15 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use darkcore_proto::agent::v1::{
-    Container as TaskContainer, EnvVar, Resources, SecurityContext, Volume, VolumeFile,
-    VolumeMount, container::PullPolicy,
+    Container as TaskContainer, EnvVar, RegistryCredential, Resources, SecurityContext, Volume,
+    VolumeFile, VolumeMount, container::PullPolicy,
 };
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, DownwardAPIVolumeFile, KeyToPath, ObjectFieldSelector, Pod,
     ResourceFieldSelector, Secret,
 };
 
+use super::pull_secrets;
 use crate::pool::capacity::{cpu_millis, parse_memory};
 
 /// Mode of volume files when the pod sets none (as the kubelet: 0644).
@@ -57,6 +58,8 @@ pub struct Resolved {
     pub init_containers: Vec<TaskContainer>,
     pub containers: Vec<TaskContainer>,
     pub volumes: Vec<Volume>,
+    /// From the pod's `imagePullSecrets`, for the device that runs it only.
+    pub pull_credentials: Vec<RegistryCredential>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -124,6 +127,9 @@ pub fn referenced(pod: &Pod) -> (HashSet<String>, HashSet<String>) {
             }
         }
     }
+    for reference in spec.image_pull_secrets.iter().flatten() {
+        secrets.insert(reference.name.clone());
+    }
     (maps, secrets)
 }
 
@@ -166,7 +172,32 @@ impl Resolver<'_> {
         for v in spec.volumes.iter().flatten() {
             resolved.volumes.push(self.volume(v)?);
         }
+        for reference in spec.image_pull_secrets.iter().flatten() {
+            resolved
+                .pull_credentials
+                .extend(self.pull_secret(&reference.name));
+        }
         Ok(resolved)
+    }
+
+    /// The credentials of one pull secret. Like the kubelet, a secret that is missing or
+    /// unreadable is a warning, and the pull goes ahead without it.
+    fn pull_secret(&mut self, name: &str) -> Vec<RegistryCredential> {
+        let namespace = self.pod.metadata.namespace.as_deref().unwrap_or("default");
+        let problem = match self.lookups.secrets.get(name).cloned().flatten() {
+            None => "it was not found".to_string(),
+            Some(secret) => match pull_secrets::credentials(&secret) {
+                Ok(found) => return found,
+                Err(problem) => problem,
+            },
+        };
+        self.warnings.push(Warning {
+            reason: "FailedToRetrieveImagePullSecret",
+            message: format!(
+                "image pull secret {namespace}/{name} is not used, because {problem}; pulls go ahead without it"
+            ),
+        });
+        Vec::new()
     }
 
     /// The data of a ConfigMap or Secret as bytes per key, or what to do when it is missing.
