@@ -45,25 +45,28 @@ start_operator() {
   done
 }
 
-# Creates the pool (process runtime), waits for its node, and sets $token.
+# Creates the pool (runtimes: $1, default process), waits for its node, and sets $token.
 create_pool() {
   kubectl apply -f - >/dev/null <<YAML
 apiVersion: darkcore.io/v1alpha1
 kind: DevicePool
 metadata: { name: $POOL, labels: { ${SELECTOR%%=*}: ${SELECTOR#*=} } }
-spec: { runtimes: [process] }
+spec: { runtimes: [${1:-process}] }
 YAML
   kubectl wait --for=create "node/$NODE" --timeout=60s >/dev/null
   token=$("$BIN/darkcore-operator" token create --pool "$POOL" 2>/dev/null)
 }
 
 # Joins and runs `count` real agents giving one core each; their pids go to agent_pids.
+# AGENT_RUNTIMES (TOML list items, default "process") and REGISTRY (a plain-HTTP registry the
+# agents may pull from) shape their config.
 start_agents() {
   local count=$1 i dir
   agent_pids=()
   for i in $(seq 1 "$count"); do
     dir="$WORK/agent-$i"; mkdir -p "$dir"
-    printf '[policy]\nmax_cores = 1\nmax_memory = "1Gi"\nruntimes = ["process"]\n[policy.idle]\nmax_owner_cpu_percent = 100\n' >"$dir/agent.toml"
+    printf '[policy]\nmax_cores = 1\nmax_memory = "1Gi"\nruntimes = [%s]\n[policy.idle]\nmax_owner_cpu_percent = 100\n[images]\ninsecure_registries = ["%s"]\n' \
+      "${AGENT_RUNTIMES:-\"process\"}" "${REGISTRY:-}" >"$dir/agent.toml"
     "$BIN/darkcore-agent" join --server "$GATEWAY" --token "$token" --state-dir "$dir/state" --config "$dir/agent.toml" >/dev/null 2>&1
     "$BIN/darkcore-agent" run --state-dir "$dir/state" --config "$dir/agent.toml" >"$dir/agent.log" 2>&1 &
     pids+=($!); agent_pids+=($!)

@@ -43,18 +43,13 @@ pub fn available_disk(path: &std::path::Path) -> Option<u64> {
 }
 
 /// Runtimes this device can run: `process` and `wasm` (wasmtime is built in) always; `oci`
-/// where runc or crun is on PATH.
+/// where runc or crun is on PATH and the agent is root.
 pub fn installed_runtimes() -> Vec<i32> {
     let mut runtimes = vec![Runtime::Process as i32, Runtime::Wasm as i32];
-    if ["runc", "crun"].iter().any(|bin| on_path(bin)) {
+    if crate::tasks::oci::unavailable().is_none() {
         runtimes.push(Runtime::Oci as i32);
     }
     runtimes
-}
-
-fn on_path(bin: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(bin).is_file()))
 }
 
 /// Rust's name for a CPU architecture, as `kubernetes.io/arch` (Go's GOARCH) spells it.

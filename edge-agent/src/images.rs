@@ -6,7 +6,9 @@
 //! progress is `<hex>.partial`, resumed after a network blip); `images/refs/<hash of the
 //! reference>.json` records what a reference last resolved to, for `IfNotPresent` and `Never`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use darkcore_proto::agent::v1::RegistryCredential;
@@ -85,6 +87,8 @@ pub struct ImageStore {
     bound_bytes: u64,
     /// Registries (host:port) spoken to over plain HTTP.
     insecure: Vec<String>,
+    /// One lock per reference or blob being pulled: two pods of one image wait for one pull.
+    locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Picks this device's entry of an image index, else a WASI one (WebAssembly runs anywhere).
@@ -208,7 +212,15 @@ impl ImageStore {
             root: state_dir.join("images"),
             bound_bytes,
             insecure,
+            locks: Default::default(),
         }
+    }
+
+    /// The lock of a reference or blob (idle locks are dropped on the way).
+    fn lock_for(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        locks.entry(key.to_string()).or_default().clone()
     }
 
     /// A registry client for one pull. oci-client caches credentials and tokens per registry
@@ -265,6 +277,8 @@ impl ImageStore {
         };
         let auth = auth_for(&parsed, credentials);
         let fingerprint = fingerprint(&auth);
+        let lock = self.lock_for(reference);
+        let _pulling = lock.lock().await;
         let present = self.present(reference);
         if policy != PullPolicy::Always
             && let Some(image) = &present
@@ -342,6 +356,8 @@ impl ImageStore {
                 layer.digest
             ))))
         })?;
+        let lock = self.lock_for(&layer.digest);
+        let _fetching = lock.lock().await;
         if path.exists() {
             return Ok(());
         }

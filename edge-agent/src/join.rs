@@ -52,6 +52,7 @@ pub async fn join(
         .map_err(JoinError::Key)?;
     let mut capabilities = capabilities::detect()?;
     capabilities.disk_bytes = capabilities::available_disk(state_dir).unwrap_or(0);
+    config.testing.apply(&mut capabilities);
     let request = JoinRequest {
         version: PROTOCOL_VERSION as i32,
         token: token.to_string(),

@@ -17,10 +17,12 @@ use crate::identity::Identity;
 use crate::images::ImageStore;
 use crate::observe::PolicyMonitor;
 use crate::policy::AgentConfig;
+use crate::policy::config::RuntimeName;
 use crate::policy::decide::to_owner_state;
 use crate::session::{self, Agent, SessionEnd, SessionError, step_aside};
 use crate::status::{AgentStatus, StatusFile};
 use crate::tasks::TaskManager;
+use crate::tasks::oci::OciRuntime;
 use crate::tasks::process::ProcessRuntime;
 use crate::tasks::wasm::WasmRuntime;
 use darkcore_proto::agent::v1::Runtime as RuntimeKind;
@@ -42,6 +44,7 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
     let mut capabilities =
         capabilities::detect().context("detecting this device's capabilities")?;
     capabilities.disk_bytes = capabilities::available_disk(state_dir).unwrap_or(0);
+    config.testing.apply(&mut capabilities);
     let labels = config.labels.clone();
     let mut policy = PolicyMonitor::new(config, capabilities.clone());
     let mut status = StatusFile::new(
@@ -68,14 +71,22 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
         policy.config.policy.max_disk.0,
         policy.config.images.insecure_registries.clone(),
     ));
-    let wasm = WasmRuntime::new(images).context("starting the wasm runtime (wasmtime)")?;
-    let (tasks, mut reports) = TaskManager::new(
-        state_dir.join("tasks"),
-        vec![
-            (RuntimeKind::Process, Arc::new(ProcessRuntime) as _),
-            (RuntimeKind::Wasm, Arc::new(wasm) as _),
-        ],
-    );
+    let wasm = WasmRuntime::new(images.clone()).context("starting the wasm runtime (wasmtime)")?;
+    let mut runtimes: Vec<(RuntimeKind, Arc<dyn crate::tasks::runtime::Runtime>)> = vec![
+        (RuntimeKind::Process, Arc::new(ProcessRuntime) as _),
+        (RuntimeKind::Wasm, Arc::new(wasm) as _),
+    ];
+    // Containers without limits get what the owner gives, never the whole device.
+    let offer = crate::policy::decide::offer(&policy.config.policy, &capabilities);
+    match OciRuntime::new(state_dir, images, offer.millicores, offer.memory_bytes) {
+        Some(oci) => runtimes.push((RuntimeKind::Oci, Arc::new(oci) as _)),
+        None if policy.config.policy.runtimes.contains(&RuntimeName::Oci) => {
+            let why = crate::tasks::oci::unavailable().unwrap_or_default();
+            tracing::warn!(%why, "the owner allows the oci runtime, but this device cannot run it");
+        }
+        None => {}
+    }
+    let (tasks, mut reports) = TaskManager::new(state_dir.join("tasks"), runtimes);
     crate::tasks::workdir::reap_stale(&state_dir.join("tasks"));
 
     let seed = seed(&identity.device.device_id);

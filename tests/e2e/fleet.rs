@@ -46,14 +46,15 @@ pub struct JoinOutcome {
 /// Writes an agent config: `max_cores` given, the `process` and `wasm` runtimes allowed,
 /// idle-only with CPU load never deciding (tests share one busy machine), checked every
 /// second, and the loopback registries spoken to over plain HTTP.
-fn write_config(dir: &Path, max_cores: f64) -> PathBuf {
+/// `testing` is more of the `[testing]` section (TOML lines).
+fn write_config(dir: &Path, max_cores: f64, testing: &str) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let config = dir.join("agent.toml");
     let text = format!(
-        "[policy]\nmax_cores = {max_cores}\nmax_memory = \"1Gi\"\nruntimes = [\"process\", \"wasm\"]\ncheck_seconds = 1\n\
+        "[policy]\nmax_cores = {max_cores}\nmax_memory = \"1Gi\"\nruntimes = [\"process\", \"wasm\", \"oci\"]\ncheck_seconds = 1\n\
          [policy.idle]\nonly_when_idle = true\ninput_idle_minutes = 1\nmax_owner_cpu_percent = 100\n\
          [images]\ninsecure_registries = [\"{}\", \"{}\"]\n\
-         [testing]\nowner_active_file = \"{}\"\n",
+         [testing]\nowner_active_file = \"{}\"\n{testing}",
         crate::images::registry(),
         crate::images::private_registry(),
         dir.join("owner-active").display()
@@ -64,10 +65,15 @@ fn write_config(dir: &Path, max_cores: f64) -> PathBuf {
 
 /// Runs `darkcore-agent join` against the gateway on `gateway_port`.
 pub fn join(gateway_port: u16, token: &str, max_cores: f64) -> JoinOutcome {
+    join_with(gateway_port, token, max_cores, "")
+}
+
+/// As `join`, with more `[testing]` hooks in the agent's config.
+fn join_with(gateway_port: u16, token: &str, max_cores: f64, testing: &str) -> JoinOutcome {
     let root = harness::workspace()
         .join("target/e2e-agents")
         .join(unique("agent"));
-    let config = write_config(&root, max_cores);
+    let config = write_config(&root, max_cores, testing);
     let state_dir = root.join("state");
     let out = std::process::Command::new(agent_bin())
         .args([
@@ -99,7 +105,17 @@ pub fn join(gateway_port: u16, token: &str, max_cores: f64) -> JoinOutcome {
 impl Agent {
     /// Joins and starts `run`.
     pub async fn start(gateway_port: u16, token: &str, max_cores: f64) -> Agent {
-        let joined = join(gateway_port, token, max_cores);
+        Agent::start_with(gateway_port, token, max_cores, "").await
+    }
+
+    /// Joins and starts `run` as a device that reports `arch` (one machine cannot be two).
+    pub async fn start_as_arch(gateway_port: u16, token: &str, arch: &str) -> Agent {
+        let testing = format!("report_arch = \"{arch}\"\n");
+        Agent::start_with(gateway_port, token, 1.0, &testing).await
+    }
+
+    async fn start_with(gateway_port: u16, token: &str, max_cores: f64, testing: &str) -> Agent {
+        let joined = join_with(gateway_port, token, max_cores, testing);
         assert!(joined.ok, "join failed: {}", joined.output);
         let device_id = joined
             .output

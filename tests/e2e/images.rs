@@ -1,5 +1,6 @@
 //! The tests' images, built at test time and pushed to the registry that tests/cluster/up
-//! runs on loopback: WebAssembly modules written as WAT, pushed as wasm OCI artifacts.
+//! runs on loopback: WebAssembly modules written as WAT, pushed as wasm OCI artifacts, and a
+//! container image made from the machine's static busybox, pushed as a multi-arch index.
 
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use oci_client::secrets::RegistryAuth;
@@ -71,6 +72,35 @@ pub async fn push_wasm_to(
     (reference, pushed.manifest_url)
 }
 
+/// Pushes an image of one gzip layer and an OCI image config.
+async fn push_image(
+    client: &Client,
+    reference: &Reference,
+    layer: Vec<u8>,
+    config: &serde_json::Value,
+) {
+    let layer = ImageLayer::new(
+        layer,
+        "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+        None,
+    );
+    let config = Config::new(
+        config.to_string().into_bytes(),
+        "application/vnd.oci.image.config.v1+json".into(),
+        None,
+    );
+    client
+        .push(reference, &[layer], config, &RegistryAuth::Anonymous, None)
+        .await
+        .unwrap_or_else(|e| panic!("pushing {reference}: {e}"));
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, bytes).unwrap();
+    gz.finish().unwrap()
+}
+
 fn client() -> Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     Client::new(ClientConfig {
@@ -79,9 +109,41 @@ fn client() -> Client {
     })
 }
 
+/// Pushes `wat`, assembled, as a plain image: one gzip tar layer holding the module at
+/// `path`, and a config whose Entrypoint is `path`. Returns the reference.
+pub async fn push_wasm_in_layer(repository_and_tag: &str, wat: &str, path: &str) -> String {
+    let module = wat::parse_str(wat).expect("the test's WAT assembles");
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_mode(0o644);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
+    header.set_size(module.len() as u64);
+    builder
+        .append_data(&mut header, path.trim_start_matches('/'), module.as_slice())
+        .unwrap();
+    let tar = builder.into_inner().unwrap();
+    let config = serde_json::json!({
+        "architecture": "wasm",
+        "os": "wasip1",
+        "config": { "Entrypoint": [path] },
+        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&tar))] },
+    });
+    let reference = format!("{}/{repository_and_tag}", registry());
+    push_image(&client(), &reference.parse().unwrap(), gzip(&tar), &config).await;
+    reference
+}
+
+/// `text` as the body of a WAT string literal.
+fn wat_bytes(text: &str) -> String {
+    text.bytes().map(|b| format!("\\{b:02x}")).collect()
+}
+
 /// A WASI command that writes `text` to stdout (fd 1) and exits with `code`.
 pub fn wat_printing(text: &str, code: i32) -> String {
-    let bytes: String = text.bytes().map(|b| format!("\\{b:02x}")).collect();
+    let bytes = wat_bytes(text);
     format!(
         r#"(module
   (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
@@ -101,3 +163,200 @@ pub fn wat_printing(text: &str, code: i32) -> String {
 pub const WAT_TRAP: &str = r#"(module
   (memory (export "memory") 1)
   (func (export "_start") unreachable))"#;
+
+/// The user a container image's `/etc/passwd` names besides root.
+pub const IMAGE_USER_UID: u32 = 1000;
+
+/// Builds a container image from this machine's static busybox (Debian's busybox-static,
+/// which tests/cluster/up installs) and pushes it as a multi-arch index with an entry for
+/// this machine's platform. Its config: Cmd `sh -c 'echo image default'`, Env `FROM_IMAGE=yes`
+/// and `SHARED=image`, WorkingDir `/home/app`. Returns the reference and the layer's digest.
+pub async fn push_busybox(repository_and_tag: &str) -> (String, String) {
+    push_busybox_to(&registry(), repository_and_tag).await
+}
+
+/// As `push_busybox`, to the given (plain-HTTP) registry.
+pub async fn push_busybox_to(registry: &str, repository_and_tag: &str) -> (String, String) {
+    use oci_client::manifest::OciImageIndex;
+    let (layer, diff_id) = busybox_layer();
+    let layer_digest = format!("sha256:{}", sha256_hex(&layer));
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let config = serde_json::json!({
+        "architecture": arch,
+        "os": "linux",
+        "config": {
+            "Cmd": ["sh", "-c", "echo image default"],
+            "Env": ["PATH=/bin", "FROM_IMAGE=yes", "SHARED=image"],
+            "WorkingDir": "/home/app",
+        },
+        "rootfs": { "type": "layers", "diff_ids": [diff_id] },
+    });
+    let reference = format!("{registry}/{repository_and_tag}");
+    let platform_ref: Reference = format!("{reference}-linux-{arch}").parse().unwrap();
+    let client = client();
+    let auth = RegistryAuth::Anonymous;
+    push_image(&client, &platform_ref, layer, &config).await;
+    let (manifest, digest) = client
+        .pull_manifest_raw(
+            &platform_ref,
+            &auth,
+            &["application/vnd.oci.image.manifest.v1+json"],
+        )
+        .await
+        .unwrap();
+    let index: OciImageIndex = serde_json::from_value(serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest,
+            "size": manifest.len(),
+            "platform": { "architecture": arch, "os": "linux" },
+        }],
+    }))
+    .unwrap();
+    client
+        .push_manifest_list(&reference.parse().unwrap(), &auth, index)
+        .await
+        .unwrap_or_else(|e| panic!("pushing the index {reference}: {e}"));
+    (reference, layer_digest)
+}
+
+/// How often the loopback registry has served the blob `digest` of `repository` (its access
+/// log is cluster/logs/registry.log, beside KUBECONFIG).
+pub fn blob_fetches(repository: &str, digest: &str) -> usize {
+    let kubeconfig = std::env::var("KUBECONFIG").expect("KUBECONFIG is set by make test");
+    let log = std::path::Path::new(&kubeconfig).with_file_name("logs/registry.log");
+    let needle = format!("\"GET /v2/{repository}/blobs/{digest} ");
+    std::fs::read_to_string(&log)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", log.display()))
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .count()
+}
+
+/// One gzip layer: busybox with its applets as symlinks, a passwd with `app` (uid 1000), and
+/// the directories a container expects. Returns the layer and its diff id.
+fn busybox_layer() -> (Vec<u8>, String) {
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("/bin/busybox (Debian's busybox-static) is installed by tests/cluster/up");
+    let mut builder = tar::Builder::new(Vec::new());
+    let header = |kind, mode, uid, size| {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_mode(mode);
+        header.set_uid(uid);
+        header.set_gid(uid);
+        header.set_mtime(0);
+        header.set_size(size);
+        header
+    };
+    let mut dir = |path: &str, mode: u32, uid: u64| {
+        let mut header = header(tar::EntryType::Directory, mode, uid, 0);
+        builder
+            .append_data(&mut header, path, std::io::empty())
+            .unwrap();
+    };
+    for (path, mode, uid) in [
+        ("bin", 0o755, 0),
+        ("etc", 0o755, 0),
+        ("home", 0o755, 0),
+        ("home/app", 0o755, u64::from(IMAGE_USER_UID)),
+        ("root", 0o700, 0),
+        ("tmp", 0o1777, 0),
+    ] {
+        dir(path, mode, uid);
+    }
+    let mut file = |path: &str, mode: u32, content: &[u8]| {
+        let mut header = header(tar::EntryType::Regular, mode, 0, content.len() as u64);
+        builder.append_data(&mut header, path, content).unwrap();
+    };
+    file("bin/busybox", 0o755, &busybox);
+    file(
+        "etc/passwd",
+        0o644,
+        format!("root:x:0:0:root:/root:/bin/sh\napp:x:{IMAGE_USER_UID}:{IMAGE_USER_UID}:app:/home/app:/bin/sh\n").as_bytes(),
+    );
+    file(
+        "etc/group",
+        0o644,
+        format!("root:x:0:\napp:x:{IMAGE_USER_UID}:\n").as_bytes(),
+    );
+    for applet in [
+        "sh", "echo", "cat", "sleep", "dd", "head", "id", "ls", "touch", "pwd", "test", "true",
+        "mkdir", "stat",
+    ] {
+        let mut header = header(tar::EntryType::Symlink, 0o777, 0, 0);
+        builder
+            .append_link(&mut header, format!("bin/{applet}"), "busybox")
+            .unwrap();
+    }
+    let tar = builder.into_inner().unwrap();
+    let diff_id = format!("sha256:{}", sha256_hex(&tar));
+    (gzip(&tar), diff_id)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A module that grows its memory by `pages` of 64 KiB, then prints "grew".
+pub fn wat_growing(pages: u32) -> String {
+    format!(
+        r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "grew\0a")
+  (func (export "_start")
+    (drop (memory.grow (i32.const {pages})))
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const 5))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 32)))))"#
+    )
+}
+
+/// A module that tries to open each of `escapes` through its first preopened directory (a
+/// volume) and exits 1 if any opens; then creates `inside` there (exit 2 if it cannot), and
+/// prints "escape refused, volume written".
+pub fn wat_escape_probe(escapes: &[&str]) -> String {
+    let mut data = String::new();
+    let mut tries = String::new();
+    let mut at = 1024;
+    for path in escapes {
+        let bytes = wat_bytes(path);
+        data.push_str(&format!("  (data (i32.const {at}) \"{bytes}\")\n"));
+        tries.push_str(&format!(
+            "    (if (i32.eqz (call $path_open (i32.const 3) (i32.const 0) (i32.const {at}) (i32.const {len}) (i32.const 0) (i64.const 2) (i64.const 0) (i32.const 0) (i32.const 8)))
+      (then (call $proc_exit (i32.const 1))))\n",
+            len = path.len()
+        ));
+        at += path.len() + 16;
+    }
+    let message = "escape refused, volume written\n";
+    format!(
+        r#"(module
+  (import "wasi_snapshot_preview1" "path_open" (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (memory (export "memory") 1)
+{data}  (data (i32.const 400) "inside")
+  (data (i32.const 500) "{message_bytes}")
+  (func (export "_start")
+{tries}    (if (call $path_open (i32.const 3) (i32.const 0) (i32.const 400) (i32.const 6) (i32.const 1) (i64.const 64) (i64.const 0) (i32.const 0) (i32.const 8))
+      (then (call $proc_exit (i32.const 2))))
+    (i32.store (i32.const 16) (i32.const 500))
+    (i32.store (i32.const 20) (i32.const {message_len}))
+    (drop (call $fd_write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 32)))
+    (call $proc_exit (i32.const 0))))"#,
+        message_bytes = wat_bytes(message),
+        message_len = message.len()
+    )
+}

@@ -6,6 +6,7 @@ mod fleet;
 mod frames;
 mod harness;
 mod images;
+mod oci;
 mod pods;
 mod pools;
 mod scheduling;

@@ -97,6 +97,20 @@ impl Bench {
         parallelism: i32,
         script: &str,
     ) -> Api<Job> {
+        let pod = self.pod(name, script, "Never");
+        self.indexed_job_of(name, completions, parallelism, pod)
+            .await
+    }
+
+    /// Creates an indexed Job whose pods are like `pod` (its spec is the template), with no
+    /// retries, and returns the Jobs API of the namespace.
+    pub async fn indexed_job_of(
+        &self,
+        name: &str,
+        completions: i32,
+        parallelism: i32,
+        pod: Pod,
+    ) -> Api<Job> {
         let job: Job = serde_json::from_value(serde_json::json!({
             "apiVersion": "batch/v1",
             "kind": "Job",
@@ -106,7 +120,7 @@ impl Bench {
                 "parallelism": parallelism,
                 "completionMode": "Indexed",
                 "backoffLimit": 0,
-                "template": { "spec": self.pod(name, script, "Never").spec }
+                "template": { "spec": pod.spec }
             }
         }))
         .unwrap();
@@ -116,7 +130,49 @@ impl Bench {
     }
 
     /// Waits until the Job has `completions` succeeded, and returns its pods.
-    async fn job_succeeds(
+    /// Checks that each of `completions` indexes of an indexed Job's `pods` succeeded once
+    /// with the logs `expected(index)`, and returns the devices they ran on.
+    pub async fn indexed_outputs_are(
+        &self,
+        pods: &[Pod],
+        completions: u64,
+        expected: impl Fn(u64) -> String,
+    ) -> std::collections::BTreeSet<String> {
+        let mut devices = std::collections::BTreeSet::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for pod in pods
+            .iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
+        {
+            let index: u64 = pod.annotations()["batch.kubernetes.io/job-completion-index"]
+                .parse()
+                .unwrap();
+            let want = expected(index);
+            let logs = self
+                .logs_show(&pod.name_any(), &want, Duration::from_secs(10))
+                .await;
+            assert_eq!(logs, want, "pod {}", pod.name_any());
+            devices.insert(placed_on(pod).unwrap());
+            seen.insert(index);
+        }
+        assert_eq!(seen.len() as u64, completions, "every index ran once");
+        devices
+    }
+
+    /// Adds an emptyDir volume `name` to `pod`.
+    pub fn with_empty_dir(mut pod: Pod, name: &str) -> Pod {
+        let volume =
+            serde_json::from_value(serde_json::json!({ "name": name, "emptyDir": {} })).unwrap();
+        pod.spec
+            .as_mut()
+            .unwrap()
+            .volumes
+            .get_or_insert_with(Vec::new)
+            .push(volume);
+        pod
+    }
+
+    pub async fn job_succeeds(
         &self,
         jobs: &Api<Job>,
         job: &str,
@@ -473,26 +529,11 @@ async fn an_indexed_job_completes_across_three_agents() {
     let pods = bench
         .job_succeeds(&jobs, "squares", 20, Duration::from_secs(180))
         .await;
-    let mut devices = std::collections::BTreeSet::new();
-    let mut seen = std::collections::BTreeSet::new();
-    for pod in pods
-        .iter()
-        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
-    {
-        let index: u64 = pod.annotations()["batch.kubernetes.io/job-completion-index"]
-            .parse()
-            .unwrap();
-        let logs = bench.kubectl(&["logs", &pod.name_any()]);
-        assert_eq!(
-            logs.trim(),
-            format!("index {index} squared {}", index * index),
-            "pod {}",
-            pod.name_any()
-        );
-        devices.insert(placed_on(pod).unwrap());
-        seen.insert(index);
-    }
-    assert_eq!(seen.len(), 20, "every index ran");
+    let devices = bench
+        .indexed_outputs_are(&pods, 20, |index| {
+            format!("index {index} squared {}\n", index * index)
+        })
+        .await;
     assert_eq!(
         devices.len(),
         3,

@@ -4,16 +4,17 @@
 
 use std::time::Duration;
 
-use darkcore_crds::{DevicePoolSpec, Runtime};
+use darkcore_crds::{Arch, DevicePoolSpec, DeviceSelector, Runtime};
 use k8s_openapi::api::core::v1::{LocalObjectReference, Pod};
 use oci_client::secrets::RegistryAuth;
 
+use crate::fleet::{self, Agent};
 use crate::harness::wait_for;
 use crate::images::{
-    PRIVATE_PASSWORD, PRIVATE_USER, WAT_TRAP, private_registry, push_wasm, push_wasm_to, registry,
-    wat_printing,
+    PRIVATE_PASSWORD, PRIVATE_USER, WAT_TRAP, private_registry, push_wasm, push_wasm_in_layer,
+    push_wasm_to, registry, wat_escape_probe, wat_growing, wat_printing,
 };
-use crate::pods::{Bench, main_status};
+use crate::pods::{Bench, main_status, placed_on};
 
 fn wasm_pool() -> DevicePoolSpec {
     DevicePoolSpec {
@@ -36,12 +37,19 @@ fn waiting(pod: &Pod) -> Option<(String, String)> {
 }
 
 #[tokio::test]
-async fn wasm_modules_run_from_the_registry_and_traps_fail_with_their_message() {
+async fn wasm_modules_run_from_artifacts_and_image_layers_and_traps_fail_with_their_message() {
     let bench = Bench::start("wasmrun", 1, wasm_pool()).await;
     let (hello, _) = push_wasm("e2e/hello:v1", &wat_printing("hello from wasm\n", 0)).await;
     let (trap, _) = push_wasm("e2e/trap:v1", WAT_TRAP).await;
+    let in_layer = push_wasm_in_layer(
+        "e2e/in-layer:v1",
+        &wat_printing("hello from a layer\n", 0),
+        "/app/hello.wasm",
+    )
+    .await;
     bench.create(wasm_pod(&bench, "hello", &hello)).await;
     bench.create(wasm_pod(&bench, "trap", &trap)).await;
+    bench.create(wasm_pod(&bench, "in-layer", &in_layer)).await;
 
     let done = bench
         .phase_is("hello", "Succeeded", Duration::from_secs(90))
@@ -56,6 +64,14 @@ async fn wasm_modules_run_from_the_registry_and_traps_fail_with_their_message() 
         .logs_show("hello", "hello from wasm", Duration::from_secs(10))
         .await;
     assert_eq!(logs, "hello from wasm\n");
+
+    // A plain image whose one layer holds the .wasm file its Entrypoint names.
+    bench
+        .phase_is("in-layer", "Succeeded", Duration::from_secs(90))
+        .await;
+    bench
+        .logs_show("in-layer", "hello from a layer", Duration::from_secs(10))
+        .await;
 
     let trapped = bench
         .phase_is("trap", "Failed", Duration::from_secs(90))
@@ -171,5 +187,160 @@ async fn a_private_image_pulls_with_its_image_pull_secret_and_fails_without() {
             log.display()
         );
     }
+    bench.finish().await;
+}
+
+/// What examples/pi.wat prints for one piece: its xorshift64* and seed, in Rust.
+fn pi_piece(index: u64, darts: u64) -> String {
+    let mut seed = (index + 1)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(1);
+    let mut uniform = move || {
+        seed ^= seed >> 12;
+        seed ^= seed << 25;
+        seed ^= seed >> 27;
+        (seed.wrapping_mul(2_685_821_657_736_338_717) >> 11) as f64 * 2f64.powi(-53)
+    };
+    let inside = (0..darts)
+        .filter(|_| {
+            let (x, y) = (uniform(), uniform());
+            x * x + y * y <= 1.0
+        })
+        .count();
+    format!("piece {index}: {inside} of {darts} darts inside\n")
+}
+
+#[tokio::test]
+async fn an_indexed_job_on_darkcore_wasm_completes_across_three_agents() {
+    let bench = Bench::start("wasmjob", 3, wasm_pool()).await;
+    // The demo's module (make demo runs it with more darts).
+    let wat = std::fs::read_to_string(crate::harness::workspace().join("examples/pi.wat")).unwrap();
+    let (module, _) = push_wasm(&format!("e2e/{}/pi:v1", bench.ns.name), &wat).await;
+    let container = serde_json::json!({
+        "image": module,
+        "args": ["$(JOB_COMPLETION_INDEX)", "20000"],
+    });
+    let pod = bench.pod_in("darkcore-wasm", "pieces", container, "Never");
+    let jobs = bench.indexed_job_of("pieces", 9, 9, pod).await;
+    let pods = bench
+        .job_succeeds(&jobs, "pieces", 9, Duration::from_secs(180))
+        .await;
+    let devices = bench
+        .indexed_outputs_are(&pods, 9, |index| pi_piece(index, 20000))
+        .await;
+    assert_eq!(
+        devices.len(),
+        3,
+        "the pieces spread over all three agents: {devices:?}"
+    );
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn a_module_over_its_memory_limit_is_oom_killed_and_cannot_leave_its_volumes() {
+    let bench = Bench::start("wasmbox", 1, wasm_pool()).await;
+    let (grow, _) = push_wasm(&format!("e2e/{}/grow:v1", bench.ns.name), &wat_growing(256)).await;
+    let hog = serde_json::json!({
+        "image": grow,
+        "resources": { "limits": { "memory": "4Mi" } },
+    });
+    bench.create(wasm_pod(&bench, "hog", &grow)).await;
+    bench
+        .create(bench.pod_in("darkcore-wasm", "capped", hog, "Never"))
+        .await;
+
+    // The device's files: the agent's identity beside the task directories, and a file of
+    // the owner's beside the agent's state.
+    let agent = &bench.agents[0];
+    let secret = agent.state_dir.parent().unwrap().join("owner-secret.txt");
+    std::fs::write(&secret, "the owner's").unwrap();
+    let secret = secret.display().to_string();
+    // The volume is <state>/tasks/<task>/volumes/data: three levels up is the state dir.
+    let probe_module = wat_escape_probe(&[
+        "../../../device.key",
+        "../../../../owner-secret.txt",
+        &secret,
+        "/etc/passwd",
+    ]);
+    let (probe, _) = push_wasm(&format!("e2e/{}/probe:v1", bench.ns.name), &probe_module).await;
+    let pod = bench.pod_in(
+        "darkcore-wasm",
+        "probe",
+        serde_json::json!({
+            "image": probe,
+            "volumeMounts": [{ "name": "data", "mountPath": "/data" }],
+        }),
+        "Never",
+    );
+    bench.create(Bench::with_empty_dir(pod, "data")).await;
+
+    bench
+        .phase_is("hog", "Succeeded", Duration::from_secs(90))
+        .await;
+    let capped = bench
+        .phase_is("capped", "Failed", Duration::from_secs(90))
+        .await;
+    let state = main_status(&capped).state.unwrap().terminated.unwrap();
+    assert_eq!(
+        (state.reason.as_deref(), state.exit_code),
+        (Some("OOMKilled"), 137),
+        "{state:?}"
+    );
+    bench
+        .phase_is("probe", "Succeeded", Duration::from_secs(90))
+        .await;
+    bench
+        .logs_show(
+            "probe",
+            "escape refused, volume written",
+            Duration::from_secs(10),
+        )
+        .await;
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn wasm_pods_run_on_devices_of_any_arch() {
+    let two_arches = DevicePoolSpec {
+        selector: DeviceSelector {
+            arch: vec![Arch::Amd64, Arch::Arm64],
+            ..Default::default()
+        },
+        ..wasm_pool()
+    };
+    let bench = Bench::start("wasmarch", 1, two_arches).await;
+    let token = fleet::token(&bench.fx.pool, &["--uses", "1"]);
+    let mut arm = Agent::start_as_arch(bench.fx.operator.gateway_port, &token, "arm64").await;
+    let arm_node = format!("darkcore-{}-linux-arm64", bench.fx.pool);
+    fleet::node_cpu_is(&bench.fx.nodes(), &arm_node, 1000, Duration::from_secs(30)).await;
+    let (module, _) = push_wasm(
+        &format!("e2e/{}/anywhere:v1", bench.ns.name),
+        &wat_printing("hello from any arch\n", 0),
+    )
+    .await;
+    // The RuntimeClass does not pin an arch, so a pod may ask for either node; each runs on
+    // a device of its node's arch.
+    let amd = bench.agents[0].device_id.clone();
+    for (name, arch, device) in [
+        ("on-arm", "arm64", &arm.device_id),
+        ("on-amd", "amd64", &amd),
+    ] {
+        let mut pod = wasm_pod(&bench, name, &module);
+        pod.spec
+            .as_mut()
+            .unwrap()
+            .node_selector
+            .get_or_insert_with(Default::default)
+            .insert("kubernetes.io/arch".into(), arch.into());
+        bench.create(pod).await;
+        let done = bench
+            .phase_is(name, "Succeeded", Duration::from_secs(90))
+            .await;
+        assert_eq!(placed_on(&done).as_ref(), Some(device), "{name}");
+        bench
+            .logs_show(name, "hello from any arch", Duration::from_secs(10))
+            .await;
+    }
+    arm.kill().await;
     bench.finish().await;
 }

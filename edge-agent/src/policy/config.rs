@@ -40,6 +40,18 @@ pub struct TestHooks {
     /// While this file exists, the owner counts as active at the keyboard (as if they had
     /// just typed), so the policy of an idle-only device takes its offer away.
     pub owner_active_file: Option<PathBuf>,
+    /// Report this arch instead of the machine's (tests of mixed-arch pools, which one
+    /// machine cannot otherwise make; only `wasm` tasks run right on such a device).
+    pub report_arch: Option<String>,
+}
+
+impl TestHooks {
+    /// Applies the hooks to what the device reports of itself.
+    pub fn apply(&self, capabilities: &mut darkcore_proto::agent::v1::Capabilities) {
+        if let Some(arch) = &self.report_arch {
+            capabilities.arch = arch.clone();
+        }
+    }
 }
 
 /// When and how much this device gives.

@@ -1,4 +1,4 @@
-//! The interface every runtime plugs into (process, wasm; OCI next): start one container of
+//! The interface every runtime plugs into (process, oci, wasm): start one container of
 //! a task from a prepared `Launch` (its image already pulled), then wait for it, signal it, or
 //! kill it.
 

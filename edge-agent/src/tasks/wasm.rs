@@ -47,25 +47,49 @@ impl WasmRuntime {
     }
 }
 
-/// The module layer of a pulled image.
-fn module_layer(image: &Image) -> Result<&str, String> {
-    image
-        .layers
-        .iter()
-        .find(|l| l.media_type == WASM_LAYER)
-        .map(|l| l.digest.as_str())
-        .ok_or_else(|| {
-            format!(
-                "image {} has no {WASM_LAYER} layer (its layers: {}); the wasm runtime runs wasm OCI artifacts",
-                image.reference,
-                image
-                    .layers
-                    .iter()
-                    .map(|l| l.media_type.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })
+/// Where a pulled image keeps its module.
+enum ModuleSource {
+    /// A wasm OCI artifact's `application/wasm` layer (a blob in the image store).
+    Layer(String),
+    /// A container image whose single layer holds the `.wasm` file its argv[0] names.
+    FileInLayer { layer: String, path: String },
+}
+
+/// Where the module is: an `application/wasm` layer, else the `.wasm` file that argv[0] (the
+/// image's Entrypoint, or the pod's command) names in the image's single layer.
+fn module_source(image: &Image, argv: &[String]) -> Result<ModuleSource, String> {
+    if let Some(layer) = image.layers.iter().find(|l| l.media_type == WASM_LAYER) {
+        return Ok(ModuleSource::Layer(layer.digest.clone()));
+    }
+    match (image.layers.as_slice(), argv.first()) {
+        ([layer], Some(path)) if path.ends_with(".wasm") => Ok(ModuleSource::FileInLayer {
+            layer: layer.digest.clone(),
+            path: path.clone(),
+        }),
+        _ => Err(format!(
+            "image {} has no {WASM_LAYER} layer (its layers: {}), nor one layer with the .wasm file its entrypoint names; the wasm runtime runs wasm OCI artifacts",
+            image.reference,
+            image
+                .layers
+                .iter()
+                .map(|l| l.media_type.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// The argv of a module: the pod's command and args merged with the image's Entrypoint and
+/// Cmd as Kubernetes merges them; with neither, the container's name alone.
+fn module_argv(image: &Image, container: &darkcore_proto::agent::v1::Container) -> Vec<String> {
+    let config = crate::tasks::oci::spec::image_config(&image.config).unwrap_or_default();
+    let argv = crate::tasks::oci::spec::argv(&config, &container.command, &container.args);
+    if container.command.is_empty() && config.entrypoint.is_none() && config.cmd.is_none() {
+        return std::iter::once(container.name.clone())
+            .chain(container.args.iter().cloned())
+            .collect();
+    }
+    argv
 }
 
 #[tonic::async_trait]
@@ -88,26 +112,34 @@ impl Runtime for WasmRuntime {
             .image
             .as_ref()
             .ok_or_else(|| create("the image was not pulled".into()))?;
-        let digest = module_layer(image).map_err(create)?;
-        let path = self
-            .images
-            .blob_path(digest)
-            .ok_or_else(|| create(format!("bad layer digest {digest}")))?;
-        let engine = self.engine.clone();
-        let module = tokio::task::spawn_blocking(move || Module::from_file(&engine, &path))
-            .await
-            .map_err(|e| create(e.to_string()))?
-            .map_err(|e| create(format!("compiling the module: {e:#}")))?;
+        let argv = module_argv(image, container);
+        let source = module_source(image, &argv).map_err(create)?;
+        let (engine, images) = (self.engine.clone(), self.images.clone());
+        let module = tokio::task::spawn_blocking(move || {
+            let blob = |digest: &str| {
+                images
+                    .blob_path(digest)
+                    .ok_or_else(|| format!("bad layer digest {digest}"))
+            };
+            match source {
+                ModuleSource::Layer(digest) => Module::from_file(&engine, blob(&digest)?)
+                    .map_err(|e| format!("compiling the module: {e:#}")),
+                ModuleSource::FileInLayer { layer, path } => {
+                    let bytes = crate::tasks::oci::rootfs::read_file(&blob(&layer)?, &path)
+                        .map_err(|e| e.to_string())?
+                        .ok_or_else(|| format!("the image's layer has no file {path}"))?;
+                    Module::new(&engine, bytes)
+                        .map_err(|e| format!("compiling the module {path}: {e:#}"))
+                }
+            }
+        })
+        .await
+        .map_err(|e| create(e.to_string()))?
+        .map_err(create)?;
 
         let (stdout_reader, stdout_writer) = tokio::io::simplex(PIPE_BYTES);
         let (stderr_reader, stderr_writer) = tokio::io::simplex(PIPE_BYTES);
         let mut wasi = WasiCtxBuilder::new();
-        let mut argv: Vec<String> = if container.command.is_empty() {
-            vec![container.name.clone()]
-        } else {
-            container.command.clone()
-        };
-        argv.extend(container.args.iter().cloned());
         wasi.args(&argv)
             .stdout(AsyncStdoutStream::new(PIPE_BYTES, stdout_writer))
             .stderr(AsyncStdoutStream::new(PIPE_BYTES, stderr_writer));
@@ -123,7 +155,9 @@ impl Runtime for WasmRuntime {
             .as_ref()
             .map(|r| r.limit_memory_bytes)
             .filter(|m| *m > 0);
-        let mut limits = StoreLimitsBuilder::new();
+        // Growing past the limit ends the module, as the kernel's OOM killer ends a process
+        // (a failed grow that the module could ignore would hide the limit).
+        let mut limits = StoreLimitsBuilder::new().trap_on_grow_failure(true);
         if let Some(bytes) = memory {
             limits = limits.memory_size(bytes as usize);
         }
@@ -189,7 +223,7 @@ fn exit_of(result: anyhow::Result<()>, memory: Option<u64>) -> Exit {
         return Exit::from_code(exit.0);
     }
     let message = format!("{error:#}");
-    if memory.is_some() && message.contains("memory") && message.contains("grow") {
+    if memory.is_some() && message.contains("growing memory") {
         return Exit {
             code: 137,
             reason: "OOMKilled".into(),

@@ -57,6 +57,10 @@ fn private_dir(path: &Path) -> Result<(), WorkdirError> {
         .map_err(io_error(path))
 }
 
+fn set_mode(path: &Path, mode: u32) -> Result<(), WorkdirError> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_error(path))
+}
+
 /// Creates the task's directory and writes its volumes into it.
 pub fn prepare(
     tasks_root: &Path,
@@ -74,11 +78,23 @@ pub fn prepare(
     for volume in volumes {
         let volume_dir =
             under_root(&dir.join("volumes"), &volume.name).map_err(WorkdirError::Invalid)?;
+        // Inside the private task directory, a volume is open to the container's user,
+        // whoever that is (as on a kubelet: emptyDir 0777, the others 0755).
         private_dir(&volume_dir)?;
+        let open = if volume.empty_dir { 0o777 } else { 0o755 };
+        set_mode(&volume_dir, open)?;
         for file in &volume.files {
             let path = under_root(&volume_dir, &file.path).map_err(WorkdirError::Invalid)?;
-            if let Some(parent) = path.parent() {
+            if let Some(parent) = path.parent()
+                && !parent.exists()
+            {
                 private_dir(parent)?;
+                for dir in parent
+                    .ancestors()
+                    .take_while(|d| d.starts_with(&volume_dir))
+                {
+                    set_mode(dir, open)?;
+                }
             }
             std::fs::write(&path, &file.content).map_err(io_error(&path))?;
             let mode = if file.mode == 0 {

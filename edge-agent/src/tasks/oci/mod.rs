@@ -1,0 +1,446 @@
+//! The `oci` runtime: each container runs from its image's unpacked rootfs under the runc or
+//! crun found on the device, sandboxed by the spec in `spec.rs`, as `<runtime> run` whose
+//! stdout and stderr are the container's own.
+//!
+//! Per container start: `<task dir>/oci/<container>/` holds the bundle (config.json, rootfs,
+//! hosts, hostname, resolv.conf); runc's state lives in `<state dir>/runc`, and the cgroup at
+//! `/darkcore/<container id>`, where the OOM killer's count is read once the container ends.
+
+pub mod rootfs;
+pub mod spec;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+
+use tokio::process::{Child, Command};
+
+use crate::images::ImageStore;
+use crate::tasks::runtime::{Exit, Launch, Output, Runtime, StartError, Workload};
+use spec::{Bind, SpecInput};
+
+/// The container runners the agent looks for, in order of preference.
+pub const RUNNERS: &[&str] = &["runc", "crun"];
+
+#[derive(Clone)]
+pub struct OciRuntime {
+    runner: PathBuf,
+    /// runc's `--root`: this agent's containers only, so agents sharing a machine never meet.
+    state_root: PathBuf,
+    images: Arc<ImageStore>,
+    /// A container without limits gets what the owner gives (cores as millicores, bytes).
+    default_millicores: u32,
+    default_memory: u64,
+}
+
+/// Why the `oci` runtime cannot run on this device; said once at start, and on every pod
+/// placed here anyway.
+pub fn unavailable() -> Option<String> {
+    if find_runner().is_none() {
+        return Some("neither runc nor crun is on PATH: install one (Debian: apt install runc) to run OCI containers".into());
+    }
+    if !rustix::process::geteuid().is_root() {
+        return Some("the agent does not run as root, and rootless containers are not supported yet: run the agent as root to run OCI containers".into());
+    }
+    None
+}
+
+fn find_runner() -> Option<PathBuf> {
+    let paths = std::env::var_os("PATH")?;
+    RUNNERS.iter().find_map(|bin| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(bin))
+            .find(|p| p.is_file())
+    })
+}
+
+impl OciRuntime {
+    /// `None` when the device cannot run containers (see `unavailable`).
+    pub fn new(
+        state_dir: &Path,
+        images: Arc<ImageStore>,
+        default_millicores: u32,
+        default_memory: u64,
+    ) -> Option<OciRuntime> {
+        if unavailable().is_some() {
+            return None;
+        }
+        let runtime = OciRuntime {
+            runner: find_runner()?,
+            state_root: state_dir.join("runc"),
+            images,
+            default_millicores,
+            default_memory,
+        };
+        runtime.reap_stale();
+        Some(runtime)
+    }
+
+    fn runner(&self) -> Command {
+        let mut command = Command::new(&self.runner);
+        command.arg("--root").arg(&self.state_root);
+        command
+    }
+
+    /// Deletes the containers an earlier run of the agent left (killing what still runs).
+    fn reap_stale(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.state_root) else {
+            return;
+        };
+        for id in entries.flatten().map(|e| e.file_name()) {
+            tracing::info!(container = %id.to_string_lossy(), "deleting a container left by an earlier agent");
+            let _ = std::process::Command::new(&self.runner)
+                .arg("--root")
+                .arg(&self.state_root)
+                .args(["delete", "--force"])
+                .arg(&id)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+
+    /// Lays out the bundle: rootfs from the image's layers, the files the agent provides,
+    /// and config.json.
+    fn bundle(&self, launch: &Launch, bundle: &Path, id: &str) -> Result<(), StartError> {
+        let create = |message: String| StartError {
+            reason: "CreateContainerError",
+            message,
+        };
+        let config_error = |message: String| StartError {
+            reason: "CreateContainerConfigError",
+            message,
+        };
+        let image = launch
+            .image
+            .as_ref()
+            .ok_or_else(|| create("no image was pulled for this container".into()))?;
+        if image.config_media_type.starts_with("application/vnd.wasm") {
+            return Err(config_error(format!(
+                "image {:?} is a WebAssembly module: run it with runtimeClassName darkcore-wasm",
+                image.reference
+            )));
+        }
+        match std::fs::remove_dir_all(bundle) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(create(format!("clearing {}: {e}", bundle.display())));
+            }
+            _ => {}
+        }
+        let rootfs = bundle.join("rootfs");
+        std::fs::create_dir_all(&rootfs)
+            .map_err(|e| create(format!("creating {}: {e}", rootfs.display())))?;
+        let layers: Vec<PathBuf> = image
+            .layers
+            .iter()
+            .filter_map(|l| self.images.blob_path(&l.digest))
+            .collect();
+        rootfs::unpack(&layers, &rootfs, true)
+            .map_err(|e| create(format!("unpacking image {:?}: {e}", image.reference)))?;
+
+        let container = &launch.container;
+        let config = spec::image_config(&image.config).map_err(create)?;
+        let read = |path: &str| std::fs::read_to_string(rootfs.join(path)).unwrap_or_default();
+        let security = container.security_context.unwrap_or_default();
+        let user = spec::user(
+            config.user.as_deref().unwrap_or(""),
+            &read("etc/passwd"),
+            &read("etc/group"),
+            security.run_as_user,
+            security.run_as_group,
+        )
+        .map_err(create)?;
+        let argv = spec::argv(&config, &container.command, &container.args);
+        if argv.is_empty() {
+            return Err(config_error(format!(
+                "container {:?} has no command, and its image sets no Entrypoint or Cmd",
+                container.name
+            )));
+        }
+        let cwd = [
+            container.working_dir.as_str(),
+            config.working_dir.as_deref().unwrap_or(""),
+        ]
+        .into_iter()
+        .find(|d| !d.is_empty())
+        .unwrap_or("/")
+        .to_string();
+        if !cwd.starts_with('/') {
+            return Err(config_error(format!("workingDir {cwd:?} is not absolute")));
+        }
+
+        let mut binds: Vec<Bind> = launch
+            .mounts
+            .iter()
+            .zip(&container.mounts)
+            .map(|((path, source), mount)| Bind {
+                source: source.display().to_string(),
+                destination: path.clone(),
+                read_only: mount.read_only,
+            })
+            .collect();
+        for (name, content) in etc_files(&launch.pod_name) {
+            let path = bundle.join(name);
+            std::fs::write(&path, content)
+                .map_err(|e| create(format!("writing {}: {e}", path.display())))?;
+            binds.push(Bind {
+                source: path.display().to_string(),
+                destination: format!("/etc/{name}"),
+                read_only: false,
+            });
+        }
+        let limits = container.resources.unwrap_or_default();
+        let spec = spec::runtime_spec(&SpecInput {
+            argv,
+            env: spec::env(&config, container, &launch.pod_name, &user.home),
+            cwd,
+            user,
+            hostname: &launch.pod_name,
+            read_only_rootfs: security.read_only_root_filesystem,
+            binds,
+            cgroups_path: format!("/darkcore/{id}"),
+            memory_limit: if limits.limit_memory_bytes > 0 {
+                limits.limit_memory_bytes
+            } else {
+                self.default_memory
+            },
+            cpu_limit_millicores: if limits.limit_millicores > 0 {
+                limits.limit_millicores
+            } else {
+                self.default_millicores
+            },
+        });
+        let path = bundle.join("config.json");
+        std::fs::write(&path, spec.to_string())
+            .map_err(|e| create(format!("writing {}: {e}", path.display())))
+    }
+}
+
+/// /etc/hosts, /etc/hostname and /etc/resolv.conf as the container sees them: written by the
+/// agent (resolv.conf copied from the device's), so no device file is mounted in.
+fn etc_files(hostname: &str) -> Vec<(&'static str, String)> {
+    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    vec![
+        (
+            "hosts",
+            format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
+        ),
+        ("hostname", format!("{hostname}\n")),
+        ("resolv.conf", resolv),
+    ]
+}
+
+/// The runner's name for a container: task id and container name, in its alphabet.
+fn container_id(task_id: &str, container: &str) -> String {
+    format!("{task_id}-{container}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl Runtime for OciRuntime {
+    fn name(&self) -> &'static str {
+        "oci"
+    }
+
+    fn images(&self) -> Option<Arc<ImageStore>> {
+        Some(self.images.clone())
+    }
+
+    async fn start(&self, launch: &Launch) -> Result<Box<dyn Workload>, StartError> {
+        let id = container_id(&launch.task_id, &launch.container.name);
+        let bundle = launch.task_dir.join("oci").join(&launch.container.name);
+        // A restarted container starts from a fresh rootfs, as on a kubelet.
+        let _ = self
+            .runner()
+            .args(["delete", "--force", &id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await;
+        let prepared = {
+            let (runtime, launch, bundle, id) =
+                (self.clone(), launch.clone(), bundle.clone(), id.clone());
+            tokio::task::spawn_blocking(move || runtime.bundle(&launch, &bundle, &id)).await
+        };
+        prepared.map_err(|e| StartError {
+            reason: "CreateContainerError",
+            message: format!("preparing the bundle: {e}"),
+        })??;
+        let mut command = self.runner();
+        command
+            .arg("--log")
+            .arg(bundle.join("runc.log"))
+            .args(["--log-format", "json", "run", "--keep", "--pid-file"])
+            .arg(bundle.join("pid"))
+            .arg("--bundle")
+            .arg(&bundle)
+            .arg(&id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = command.spawn().map_err(|e| StartError {
+            reason: "RunContainerError",
+            message: format!("starting {}: {e}", self.runner.display()),
+        })?;
+        Ok(Box::new(Container {
+            child,
+            id,
+            bundle,
+            runner: self.runner.clone(),
+            state_root: self.state_root.clone(),
+        }))
+    }
+}
+
+/// A container that is running under the runner.
+struct Container {
+    /// `<runner> run`, which lives as long as the container and exits with its status.
+    child: Child,
+    id: String,
+    bundle: PathBuf,
+    runner: PathBuf,
+    state_root: PathBuf,
+}
+
+impl Container {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.runner);
+        command
+            .arg("--root")
+            .arg(&self.state_root)
+            .args(args)
+            .arg(&self.id)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        command
+    }
+
+    /// Signals the container's first process, as the kubelet does; with it gone, the kernel
+    /// ends the rest of the pid namespace. Fire and forget: tokio reaps the child, and a
+    /// container already gone is fine.
+    fn signal(&self, signal: &str) {
+        let _ = self.command(&["kill"]).arg(signal).spawn();
+    }
+
+    /// How many processes the kernel's OOM killer took from the container's cgroup.
+    fn oom_kills(&self) -> u64 {
+        let cgroup = format!("darkcore/{}", self.id);
+        let v1 = format!("/sys/fs/cgroup/memory/{cgroup}/memory.oom_control");
+        let v2 = format!("/sys/fs/cgroup/{cgroup}/memory.events");
+        [v1, v2]
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .find_map(|text| oom_kill_count(&text))
+            .unwrap_or(0)
+    }
+}
+
+/// The `oom_kill` count of a memory.oom_control (v1) or memory.events (v2) file.
+fn oom_kill_count(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// The runner's own error (from its JSON log), when it failed before the container ran.
+fn runner_error(log: &str) -> Option<String> {
+    log.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["level"] == "error")
+        .find_map(|v| v["msg"].as_str().map(str::to_string))
+}
+
+#[tonic::async_trait]
+impl Workload for Container {
+    fn take_output(&mut self) -> (Option<Output>, Option<Output>) {
+        (
+            self.child.stdout.take().map(|s| Box::new(s) as Output),
+            self.child.stderr.take().map(|s| Box::new(s) as Output),
+        )
+    }
+
+    async fn wait(&mut self) -> Exit {
+        let status = self.child.wait().await;
+        let started = self.bundle.join("pid").exists();
+        let oom = self.oom_kills();
+        let log = std::fs::read_to_string(self.bundle.join("runc.log")).unwrap_or_default();
+        let _ = self.command(&["delete", "--force"]).status().await;
+        let code = match status {
+            Ok(status) => {
+                use std::os::unix::process::ExitStatusExt;
+                status
+                    .code()
+                    .or(status.signal().map(|s| 128 + s))
+                    .unwrap_or(1)
+            }
+            Err(e) => {
+                return Exit {
+                    code: 1,
+                    reason: "Error".into(),
+                    message: format!("waiting for the container: {e}"),
+                };
+            }
+        };
+        if oom > 0 {
+            return Exit {
+                code: if code == 0 { 137 } else { code },
+                reason: "OOMKilled".into(),
+                message: String::new(),
+            };
+        }
+        match runner_error(&log) {
+            // The runner failed before or at exec: Kubernetes' StartError, exit code 128.
+            Some(error) if code != 0 && (!started || error.contains("unable to start")) => Exit {
+                code: 128,
+                reason: "StartError".into(),
+                message: error,
+            },
+            _ => Exit::from_code(code),
+        }
+    }
+
+    fn terminate(&mut self) {
+        self.signal("TERM");
+    }
+
+    fn kill(&mut self) {
+        self.signal("KILL");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_ids_are_plain() {
+        assert_eq!(container_id("0b1c.1", "main"), "0b1c.1-main");
+        assert_eq!(container_id("t.2", "a/b c"), "t.2-a_b_c");
+    }
+
+    #[test]
+    fn oom_kills_read_from_either_cgroup_version() {
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n";
+        let v2 = "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n";
+        assert_eq!(oom_kill_count(v1), Some(2));
+        assert_eq!(oom_kill_count(v2), Some(1));
+        assert_eq!(oom_kill_count("oom 1\n"), None);
+    }
+
+    #[test]
+    fn the_runners_last_error_is_its_message() {
+        let log = r#"{"level":"warning","msg":"ignored","time":"t"}
+{"level":"error","msg":"runc run failed: unable to start container process: exec: \"/nope\": stat /nope: no such file or directory","time":"t"}"#;
+        assert!(runner_error(log).unwrap().contains("exec: \"/nope\""));
+        assert_eq!(runner_error(""), None);
+    }
+}

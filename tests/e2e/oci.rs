@@ -1,0 +1,174 @@
+//! The `oci` runtime: a busybox-static image pushed to the loopback registry as a multi-arch
+//! index, pulled by real agents and run under Debian's runc: the image config merged with the
+//! pod, the layer cache reused, the memory limit enforced, and the device's files out of reach.
+
+use std::time::Duration;
+
+use darkcore_crds::{DevicePoolSpec, Runtime};
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::images::{IMAGE_USER_UID, blob_fetches, push_busybox};
+use crate::pods::{Bench, main_status};
+
+fn oci_pool() -> DevicePoolSpec {
+    DevicePoolSpec {
+        runtimes: vec![Runtime::Oci],
+        ..Default::default()
+    }
+}
+
+/// A `darkcore-oci` pod on the bench's pool; `container` is JSON without its name.
+fn oci_pod(bench: &Bench, name: &str, container: serde_json::Value) -> Pod {
+    bench.pod_in("darkcore-oci", name, container, "Never")
+}
+
+/// The main container's terminated reason and exit code (its message goes to the test log).
+fn terminated(pod: &Pod) -> (String, i32) {
+    let state = main_status(pod).state.unwrap().terminated.unwrap();
+    eprintln!(
+        "{} terminated: {state:?}",
+        pod.metadata.name.as_deref().unwrap_or_default()
+    );
+    (state.reason.unwrap_or_default(), state.exit_code)
+}
+
+#[tokio::test]
+async fn containers_merge_the_image_config_with_the_pod_and_reuse_cached_layers() {
+    let bench = Bench::start("ocirun", 1, oci_pool()).await;
+    let repository = format!("e2e/{}/busybox", bench.ns.name);
+    let (image, layer) = push_busybox(&format!("{repository}:v1")).await;
+
+    // The image's own Cmd, Env and WorkingDir.
+    let defaults = serde_json::json!({ "image": image });
+    bench.create(oci_pod(&bench, "defaults", defaults)).await;
+    let done = bench
+        .phase_is("defaults", "Succeeded", Duration::from_secs(120))
+        .await;
+    assert!(main_status(&done).image_id.starts_with("sha256:"));
+    assert_eq!(
+        bench
+            .logs_show("defaults", "image default", Duration::from_secs(10))
+            .await,
+        "image default\n"
+    );
+    assert_eq!(blob_fetches(&repository, &layer), 1);
+
+    // The pod's command, env, workingDir and user win; its exit code is reported. Pulled
+    // again (Always): the manifest is fetched, the layer comes from the device's cache.
+    let script = "echo $FROM_IMAGE $SHARED; pwd; id -u; id -g; cat /etc/hostname; exit 3";
+    let overrides = serde_json::json!({
+        "image": image,
+        "imagePullPolicy": "Always",
+        "command": ["sh", "-c", script],
+        "env": [{ "name": "SHARED", "value": "pod" }],
+        "workingDir": "/tmp",
+        "securityContext": { "runAsUser": IMAGE_USER_UID, "runAsGroup": 2000 },
+    });
+    bench.create(oci_pod(&bench, "overrides", overrides)).await;
+    let failed = bench
+        .phase_is("overrides", "Failed", Duration::from_secs(120))
+        .await;
+    assert_eq!(terminated(&failed), ("Error".to_string(), 3));
+    let logs = bench
+        .logs_show("overrides", "overrides", Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        logs,
+        format!("yes pod\n/tmp\n{IMAGE_USER_UID}\n2000\noverrides\n")
+    );
+    assert_eq!(
+        blob_fetches(&repository, &layer),
+        1,
+        "the second pod pulled no layer again"
+    );
+
+    // A read-only root filesystem, when the pod asks for one; the container is still
+    // writable where the pod mounts a volume.
+    let readonly = oci_pod(
+        &bench,
+        "readonly",
+        serde_json::json!({
+            "image": image,
+            "command": ["sh", "-c", "echo ok > /scratch/file && cat /scratch/file; touch /etc/x"],
+            "securityContext": { "readOnlyRootFilesystem": true },
+            "volumeMounts": [{ "name": "scratch", "mountPath": "/scratch" }],
+        }),
+    );
+    bench
+        .create(Bench::with_empty_dir(readonly, "scratch"))
+        .await;
+    let failed = bench
+        .phase_is("readonly", "Failed", Duration::from_secs(120))
+        .await;
+    assert_eq!(terminated(&failed).1, 1);
+    let logs = bench
+        .logs_show("readonly", "Read-only file system", Duration::from_secs(10))
+        .await;
+    // stdout and stderr are two streams: their lines may interleave either way.
+    assert!(logs.lines().any(|l| l == "ok"), "{logs:?}");
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn a_container_over_its_memory_limit_is_oom_killed() {
+    let bench = Bench::start("ocioom", 1, oci_pool()).await;
+    let (image, _) = push_busybox(&format!("e2e/{}/busybox:v1", bench.ns.name)).await;
+    // dd allocates its 64 MiB block and fills it: past a 32 MiB limit.
+    let hog = serde_json::json!({
+        "image": image,
+        "command": ["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+        "resources": { "limits": { "memory": "32Mi" } },
+    });
+    bench.create(oci_pod(&bench, "hog", hog)).await;
+    let failed = bench
+        .phase_is("hog", "Failed", Duration::from_secs(120))
+        .await;
+    assert_eq!(terminated(&failed), ("OOMKilled".to_string(), 137));
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn a_container_cannot_reach_the_devices_files() {
+    let bench = Bench::start("ocibox", 1, oci_pool()).await;
+    let (image, _) = push_busybox(&format!("e2e/{}/busybox:v1", bench.ns.name)).await;
+    let agent = &bench.agents[0];
+    let home = agent.state_dir.parent().unwrap();
+    let secret = home.join("owner-secret.txt");
+    std::fs::write(&secret, "the owner's").unwrap();
+    let planted = home.join("planted.txt");
+    let script = "cat $SECRET && echo READ-SECRET; cat $STATE/device.key && echo READ-KEY; \
+                  ls $STATE && echo SAW-STATE; echo x > $PLANT && echo PLANTED; \
+                  echo ok > /data/inside && echo VOLUME-OK";
+    let probe = oci_pod(
+        &bench,
+        "probe",
+        serde_json::json!({
+            "image": image,
+            "command": ["sh", "-c", script],
+            "env": [
+                { "name": "SECRET", "value": secret.display().to_string() },
+                { "name": "STATE", "value": agent.state_dir.display().to_string() },
+                { "name": "PLANT", "value": planted.display().to_string() },
+            ],
+            "volumeMounts": [{ "name": "data", "mountPath": "/data" }],
+        }),
+    );
+    bench.create(Bench::with_empty_dir(probe, "data")).await;
+    bench
+        .phase_is("probe", "Succeeded", Duration::from_secs(120))
+        .await;
+    let logs = bench
+        .logs_show("probe", "VOLUME-OK", Duration::from_secs(10))
+        .await;
+    for leak in [
+        "READ-SECRET",
+        "READ-KEY",
+        "SAW-STATE",
+        "PLANTED",
+        "the owner's",
+    ] {
+        assert!(!logs.contains(leak), "{leak} in {logs:?}");
+    }
+    assert!(!planted.exists(), "the container wrote a device file");
+    bench.finish().await;
+}
