@@ -172,3 +172,51 @@ async fn a_container_cannot_reach_the_devices_files() {
     assert!(!planted.exists(), "the container wrote a device file");
     bench.finish().await;
 }
+
+#[tokio::test]
+async fn a_deleted_container_gets_sigterm_then_sigkill_after_its_grace() {
+    let bench = Bench::start("ocistop", 1, oci_pool()).await;
+    let (image, _) = push_busybox(&format!("e2e/{}/busybox:v1", bench.ns.name)).await;
+    // Traps SIGTERM and takes 2 s to finish, well inside its 5 s grace.
+    let polite =
+        "trap 'echo stopping; sleep 2; exit 0' TERM; echo ready; while true; do sleep 0.1; done";
+    // The first process of a pid namespace ignores a signal it has no handler for, as
+    // `sleep` as a container's PID 1 ignores SIGTERM: killed when the grace runs out.
+    for (name, command) in [
+        ("polite", serde_json::json!(["sh", "-c", polite])),
+        (
+            "stubborn",
+            serde_json::json!(["sh", "-c", "echo ready; exec sleep 3600"]),
+        ),
+    ] {
+        let container = serde_json::json!({ "image": image, "command": command });
+        bench.create(oci_pod(&bench, name, container)).await;
+        bench
+            .logs_show(name, "ready", Duration::from_secs(120))
+            .await;
+    }
+    let (polite_took, stubborn_took) = tokio::join!(
+        bench.delete_and_time("polite"),
+        bench.delete_and_time("stubborn")
+    );
+    assert!(
+        polite_took >= Duration::from_secs(2) && polite_took < Duration::from_secs(15),
+        "the polite container got its 2 s handler: {polite_took:?}"
+    );
+    assert!(
+        stubborn_took >= Duration::from_secs(5) && stubborn_took < Duration::from_secs(15),
+        "the stubborn container was killed after its 5 s grace: {stubborn_took:?}"
+    );
+    let listed = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(bench.agents[0].state_dir.join("runc"))
+        .args(["list", "-q"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout).trim(),
+        "",
+        "no container is left once its pod is gone"
+    );
+    bench.finish().await;
+}

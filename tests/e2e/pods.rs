@@ -239,7 +239,7 @@ impl Bench {
 
     /// Deletes the pod as kubectl does (its own grace period), waits until it is gone, and
     /// returns how long that took.
-    async fn delete_and_time(&self, pod: &str) -> Duration {
+    pub async fn delete_and_time(&self, pod: &str) -> Duration {
         let started = Instant::now();
         self.pods().delete(pod, &Default::default()).await.unwrap();
         wait_for(
