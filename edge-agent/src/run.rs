@@ -79,12 +79,11 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
     // Containers without limits get what the owner gives, never the whole device.
     let offer = crate::policy::decide::offer(&policy.config.policy, &capabilities);
     match OciRuntime::new(state_dir, images, offer.millicores, offer.memory_bytes) {
-        Some(oci) => runtimes.push((RuntimeKind::Oci, Arc::new(oci) as _)),
-        None if policy.config.policy.runtimes.contains(&RuntimeName::Oci) => {
-            let why = crate::tasks::oci::unavailable().unwrap_or_default();
+        Ok(oci) => runtimes.push((RuntimeKind::Oci, Arc::new(oci) as _)),
+        Err(why) if policy.config.policy.runtimes.contains(&RuntimeName::Oci) => {
             tracing::warn!(%why, "the owner allows the oci runtime, but this device cannot run it");
         }
-        None => {}
+        Err(_) => {}
     }
     let (tasks, mut reports) = TaskManager::new(state_dir.join("tasks"), runtimes);
     crate::tasks::workdir::reap_stale(&state_dir.join("tasks"));

@@ -36,6 +36,20 @@ fn waiting(pod: &Pod) -> Option<(String, String)> {
     Some((waiting.reason?, waiting.message.unwrap_or_default()))
 }
 
+/// Waits until the pod's main container waits with `reason`; returns its message and the pod.
+async fn waits_with(bench: &Bench, pod: &str, reason: &'static str) -> (String, Pod) {
+    let pod = wait_for(
+        &bench.pods(),
+        pod,
+        move |p: Option<&Pod>| p.and_then(waiting).is_some_and(|(r, _)| r == reason),
+        Duration::from_secs(60),
+        reason,
+    )
+    .await
+    .unwrap();
+    (waiting(&pod).unwrap().1, pod)
+}
+
 #[tokio::test]
 async fn wasm_modules_run_from_artifacts_and_image_layers_and_traps_fail_with_their_message() {
     let bench = Bench::start("wasmrun", 1, wasm_pool()).await;
@@ -94,16 +108,7 @@ async fn a_bad_image_reference_shows_err_image_pull_then_back_off_with_the_regis
         .create(wasm_pod(&bench, "invalid", "UPPER/case:v1"))
         .await;
     for reason in ["ErrImagePull", "ImagePullBackOff"] {
-        let pod = wait_for(
-            &bench.pods(),
-            "missing",
-            move |p: Option<&Pod>| p.and_then(waiting).is_some_and(|(r, _)| r == reason),
-            Duration::from_secs(60),
-            reason,
-        )
-        .await
-        .unwrap();
-        let (_, message) = waiting(&pod).unwrap();
+        let (message, _) = waits_with(&bench, "missing", reason).await;
         assert!(
             message.contains("e2e/missing:v1") && message.to_lowercase().contains("unknown"),
             "the registry's message names the image and what is wrong: {message:?}"
@@ -111,18 +116,7 @@ async fn a_bad_image_reference_shows_err_image_pull_then_back_off_with_the_regis
     }
     let described = bench.kubectl(&["describe", "pod", "missing"]);
     assert!(described.contains("ImagePullBackOff"), "{described}");
-    let pod = wait_for(
-        &bench.pods(),
-        "invalid",
-        |p: Option<&Pod>| {
-            p.and_then(waiting)
-                .is_some_and(|(r, _)| r == "InvalidImageName")
-        },
-        Duration::from_secs(60),
-        "InvalidImageName",
-    )
-    .await
-    .unwrap();
+    let (_, pod) = waits_with(&bench, "invalid", "InvalidImageName").await;
     assert_eq!(pod.status.unwrap().phase.as_deref(), Some("Pending"));
     bench.finish().await;
 }
@@ -162,19 +156,7 @@ async fn a_private_image_pulls_with_its_image_pull_secret_and_fails_without() {
     // The image is now on the device (one agent), pulled with the secret: a pod without the
     // secret must not be lent it.
     bench.create(wasm_pod(&bench, "without", &image)).await;
-    let pod = wait_for(
-        &bench.pods(),
-        "without",
-        |p: Option<&Pod>| {
-            p.and_then(waiting)
-                .is_some_and(|(r, _)| r == "ErrImagePull")
-        },
-        Duration::from_secs(60),
-        "a failed pull",
-    )
-    .await
-    .unwrap();
-    let (_, message) = waiting(&pod).unwrap();
+    let (message, _) = waits_with(&bench, "without", "ErrImagePull").await;
     assert!(
         message.to_lowercase().contains("not authorized"),
         "the registry's refusal is on the pod: {message:?}"

@@ -83,13 +83,12 @@ fn module_source(image: &Image, argv: &[String]) -> Result<ModuleSource, String>
 /// Cmd as Kubernetes merges them; with neither, the container's name alone.
 fn module_argv(image: &Image, container: &darkcore_proto::agent::v1::Container) -> Vec<String> {
     let config = crate::tasks::oci::spec::image_config(&image.config).unwrap_or_default();
-    let argv = crate::tasks::oci::spec::argv(&config, &container.command, &container.args);
     if container.command.is_empty() && config.entrypoint.is_none() && config.cmd.is_none() {
         return std::iter::once(container.name.clone())
             .chain(container.args.iter().cloned())
             .collect();
     }
-    argv
+    crate::tasks::oci::spec::argv(&config, &container.command, &container.args)
 }
 
 #[tonic::async_trait]

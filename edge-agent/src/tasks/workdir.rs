@@ -102,8 +102,7 @@ pub fn prepare(
             } else {
                 file.mode & 0o777
             };
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
-                .map_err(io_error(&path))?;
+            set_mode(&path, mode)?;
         }
     }
     Ok(dir)

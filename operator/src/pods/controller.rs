@@ -813,29 +813,33 @@ fn place(
     })
 }
 
+/// Each named object of `api`: `None` when it is not found, or cannot be read (warned).
+async fn fetch_named<K>(
+    api: &Api<K>,
+    names: std::collections::HashSet<String>,
+) -> HashMap<String, Option<K>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut found = HashMap::new();
+    for name in names {
+        let object = api.get_opt(&name).await.unwrap_or_else(|error| {
+            tracing::warn!(%error, %name, kind = %K::kind(&()), "reading an object a pod names");
+            None
+        });
+        found.insert(name, object);
+    }
+    found
+}
+
 /// Fetches the ConfigMaps and Secrets a pod names, then resolves it (off the loop).
 async fn resolve_pod(shared: Arc<Shared>, pod: Pod, inbox: mpsc::Sender<Input>) {
     let namespace = pod.namespace().unwrap_or_default();
     let (maps, secrets) = resolve::referenced(&pod);
-    let mut lookups = Lookups::default();
-    let config_maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
-        Api::namespaced(shared.client.clone(), &namespace);
-    for name in maps {
-        let found = config_maps.get_opt(&name).await.unwrap_or_else(|error| {
-            tracing::warn!(%error, %name, "reading a ConfigMap for a pod");
-            None
-        });
-        lookups.config_maps.insert(name, found);
-    }
-    let secret_api: Api<k8s_openapi::api::core::v1::Secret> =
-        Api::namespaced(shared.client.clone(), &namespace);
-    for name in secrets {
-        let found = secret_api.get_opt(&name).await.unwrap_or_else(|error| {
-            tracing::warn!(%error, %name, "reading a Secret for a pod");
-            None
-        });
-        lookups.secrets.insert(name, found);
-    }
+    let lookups = Lookups {
+        config_maps: fetch_named(&Api::namespaced(shared.client.clone(), &namespace), maps).await,
+        secrets: fetch_named(&Api::namespaced(shared.client.clone(), &namespace), secrets).await,
+    };
     let placement = Placement {
         node_name: pod
             .spec

@@ -35,24 +35,13 @@ struct Entry {
 /// The registry credentials in one pull secret, or why none could be read. The error never
 /// quotes the secret's content.
 pub fn credentials(secret: &Secret) -> Result<Vec<RegistryCredential>, String> {
-    let data = secret.data.as_ref();
-    let bytes_of = |key: &str| {
-        data.and_then(|d| d.get(key))
-            .map(|b| b.0.clone())
-            .or_else(|| {
-                secret
-                    .string_data
-                    .as_ref()
-                    .and_then(|d| d.get(key))
-                    .map(|s| s.clone().into_bytes())
-            })
-    };
-    let auths: BTreeMap<String, Entry> = if let Some(bytes) = bytes_of(DOCKER_CONFIG_JSON) {
-        serde_json::from_slice::<DockerConfig>(&bytes)
+    let data = super::resolve::secret_data(secret);
+    let auths: BTreeMap<String, Entry> = if let Some(bytes) = data.get(DOCKER_CONFIG_JSON) {
+        serde_json::from_slice::<DockerConfig>(bytes)
             .map_err(|e| format!("its {DOCKER_CONFIG_JSON} is not a Docker config: {e}"))?
             .auths
-    } else if let Some(bytes) = bytes_of(DOCKER_CFG) {
-        serde_json::from_slice(&bytes)
+    } else if let Some(bytes) = data.get(DOCKER_CFG) {
+        serde_json::from_slice(bytes)
             .map_err(|e| format!("its {DOCKER_CFG} is not a Docker config: {e}"))?
     } else {
         return Err(format!(

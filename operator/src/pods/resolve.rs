@@ -229,21 +229,11 @@ impl Resolver<'_> {
                     );
                     data
                 }),
-            Kind::Secret => self.lookups.secrets.get(name).cloned().flatten().map(|s| {
-                let mut data: BTreeMap<String, Vec<u8>> = s
-                    .data
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(k, v)| (k, v.0))
-                    .collect();
-                data.extend(
-                    s.string_data
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|(k, v)| (k, v.into_bytes())),
-                );
-                data
-            }),
+            Kind::Secret => self
+                .lookups
+                .secrets
+                .get(name)
+                .and_then(|s| s.as_ref().map(secret_data)),
         };
         if data.is_some() {
             return Ok(data);
@@ -621,6 +611,24 @@ impl Resolver<'_> {
         }
         Ok(files)
     }
+}
+
+/// A Secret's data as bytes per key, `stringData` over `data` as the apiserver merges them.
+pub fn secret_data(secret: &Secret) -> BTreeMap<String, Vec<u8>> {
+    let mut data: BTreeMap<String, Vec<u8>> = secret
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
+        .collect();
+    data.extend(
+        secret
+            .string_data
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone().into_bytes())),
+    );
+    data
 }
 
 fn mode_or_default(mode: Option<i32>) -> u32 {

@@ -24,79 +24,88 @@ pub const RUNNERS: &[&str] = &["runc", "crun"];
 
 #[derive(Clone)]
 pub struct OciRuntime {
-    runner: PathBuf,
-    /// runc's `--root`: this agent's containers only, so agents sharing a machine never meet.
-    state_root: PathBuf,
+    runner: Runner,
     images: Arc<ImageStore>,
     /// A container without limits gets what the owner gives (cores as millicores, bytes).
     default_millicores: u32,
     default_memory: u64,
 }
 
-/// Why the `oci` runtime cannot run on this device; said once at start, and on every pod
-/// placed here anyway.
+/// Why the `oci` runtime cannot run on this device, if it cannot: the device then does not
+/// offer it, and the agent says why at start.
 pub fn unavailable() -> Option<String> {
-    if find_runner().is_none() {
-        return Some("neither runc nor crun is on PATH: install one (Debian: apt install runc) to run OCI containers".into());
-    }
-    if !rustix::process::geteuid().is_root() {
-        return Some("the agent does not run as root, and rootless containers are not supported yet: run the agent as root to run OCI containers".into());
-    }
-    None
+    usable_runner().err()
 }
 
-fn find_runner() -> Option<PathBuf> {
-    let paths = std::env::var_os("PATH")?;
-    RUNNERS.iter().find_map(|bin| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(bin))
-            .find(|p| p.is_file())
-    })
+/// The runc or crun on PATH, if the agent may use it (rootless containers are not supported).
+fn usable_runner() -> Result<PathBuf, String> {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        RUNNERS.iter().find_map(|bin| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(bin))
+                .find(|p| p.is_file())
+        })
+    });
+    let runner = on_path.ok_or("neither runc nor crun is on PATH: install one (Debian: apt install runc) to run OCI containers")?;
+    if !rustix::process::geteuid().is_root() {
+        return Err("the agent does not run as root, and rootless containers are not supported yet: run the agent as root to run OCI containers".into());
+    }
+    Ok(runner)
+}
+
+/// The runner binary with this agent's state root: every runc or crun command goes through
+/// here.
+#[derive(Clone)]
+struct Runner {
+    bin: PathBuf,
+    /// runc's `--root`: this agent's containers only, so agents sharing a machine never meet.
+    root: PathBuf,
+}
+
+impl Runner {
+    /// `<runner> --root <root> <args>`, its output discarded unless the caller says otherwise.
+    fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new(&self.bin);
+        command
+            .arg("--root")
+            .arg(&self.root)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        command
+    }
 }
 
 impl OciRuntime {
-    /// `None` when the device cannot run containers (see `unavailable`).
+    /// Why not, when the device cannot run containers (see `unavailable`).
     pub fn new(
         state_dir: &Path,
         images: Arc<ImageStore>,
         default_millicores: u32,
         default_memory: u64,
-    ) -> Option<OciRuntime> {
-        if unavailable().is_some() {
-            return None;
-        }
+    ) -> Result<OciRuntime, String> {
         let runtime = OciRuntime {
-            runner: find_runner()?,
-            state_root: state_dir.join("runc"),
+            runner: Runner {
+                bin: usable_runner()?,
+                root: state_dir.join("runc"),
+            },
             images,
             default_millicores,
             default_memory,
         };
         runtime.reap_stale();
-        Some(runtime)
-    }
-
-    fn runner(&self) -> Command {
-        let mut command = Command::new(&self.runner);
-        command.arg("--root").arg(&self.state_root);
-        command
+        Ok(runtime)
     }
 
     /// Deletes the containers an earlier run of the agent left (killing what still runs).
     fn reap_stale(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.state_root) else {
+        let Ok(entries) = std::fs::read_dir(&self.runner.root) else {
             return;
         };
         for id in entries.flatten().map(|e| e.file_name()) {
-            tracing::info!(container = %id.to_string_lossy(), "deleting a container left by an earlier agent");
-            let _ = std::process::Command::new(&self.runner)
-                .arg("--root")
-                .arg(&self.state_root)
-                .args(["delete", "--force"])
-                .arg(&id)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            let id = id.to_string_lossy();
+            tracing::info!(container = %id, "deleting a container left by an earlier agent");
+            let _ = self.runner.command(&["delete", "--force", &id]).status();
         }
     }
 
@@ -257,12 +266,8 @@ impl Runtime for OciRuntime {
     async fn start(&self, launch: &Launch) -> Result<Box<dyn Workload>, StartError> {
         let id = container_id(&launch.task_id, &launch.container.name);
         let bundle = launch.task_dir.join("oci").join(&launch.container.name);
-        // A restarted container starts from a fresh rootfs, as on a kubelet.
-        let _ = self
-            .runner()
-            .args(["delete", "--force", &id])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        // A container of this id whose delete failed at its end would block `run`.
+        let _ = Command::from(self.runner.command(&["delete", "--force", &id]))
             .status()
             .await;
         let prepared = {
@@ -274,7 +279,7 @@ impl Runtime for OciRuntime {
             reason: "CreateContainerError",
             message: format!("preparing the bundle: {e}"),
         })??;
-        let mut command = self.runner();
+        let mut command = Command::from(self.runner.command(&[]));
         command
             .arg("--log")
             .arg(bundle.join("runc.log"))
@@ -288,14 +293,13 @@ impl Runtime for OciRuntime {
             .stderr(Stdio::piped());
         let child = command.spawn().map_err(|e| StartError {
             reason: "RunContainerError",
-            message: format!("starting {}: {e}", self.runner.display()),
+            message: format!("starting {}: {e}", self.runner.bin.display()),
         })?;
         Ok(Box::new(Container {
             child,
             id,
             bundle,
             runner: self.runner.clone(),
-            state_root: self.state_root.clone(),
         }))
     }
 }
@@ -306,20 +310,14 @@ struct Container {
     child: Child,
     id: String,
     bundle: PathBuf,
-    runner: PathBuf,
-    state_root: PathBuf,
+    runner: Runner,
 }
 
 impl Container {
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(&self.runner);
-        command
-            .arg("--root")
-            .arg(&self.state_root)
-            .args(args)
-            .arg(&self.id)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+    /// `<runner> <verb> <this container> <rest>`.
+    fn command(&self, verb: &[&str], rest: &[&str]) -> Command {
+        let mut command = Command::from(self.runner.command(verb));
+        command.arg(&self.id).args(rest);
         command
     }
 
@@ -327,7 +325,7 @@ impl Container {
     /// ends the rest of the pid namespace. Fire and forget: tokio reaps the child, and a
     /// container already gone is fine.
     fn signal(&self, signal: &str) {
-        let _ = self.command(&["kill"]).arg(signal).spawn();
+        let _ = self.command(&["kill"], &[signal]).spawn();
     }
 
     /// How many processes the kernel's OOM killer took from the container's cgroup.
@@ -373,7 +371,7 @@ impl Workload for Container {
         let started = self.bundle.join("pid").exists();
         let oom = self.oom_kills();
         let log = std::fs::read_to_string(self.bundle.join("runc.log")).unwrap_or_default();
-        let _ = self.command(&["delete", "--force"]).status().await;
+        let _ = self.command(&["delete", "--force"], &[]).status().await;
         let code = match status {
             Ok(status) => {
                 use std::os::unix::process::ExitStatusExt;
