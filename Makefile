@@ -8,7 +8,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/darkcore/target
 export DARKCORE_CLUSTER_DIR ?= $(CURDIR)/target/cluster
 # The pinned control-plane versions; the kubectl built with them serves where none is installed.
 include tests/cluster/versions.env
-export PATH := $(PATH):$(HOME)/.cache/darkcore/k8s-$(K8S_VERSION)
+export PATH := $(PATH):$(HOME)/.cache/darkcore/k8s-$(K8S_VERSION):$(HOME)/.cache/darkcore/helm-$(HELM_VERSION)
 OPERATOR := $(CARGO_TARGET_DIR)/debug/darkcore-operator
 
 .PHONY: test demo demo-down fmt-check clippy unit build e2e crds cluster-up cluster-down
@@ -27,13 +27,18 @@ unit:
 build:
 	cargo build --workspace --bins
 
+# The chart's tests first, one at a time: their uninstall takes away the release that the e2e
+# tests share (and reinstall).
 e2e: build cluster-up
 	KUBECONFIG=$(DARKCORE_CLUSTER_DIR)/kubeconfig DARKCORE_OPERATOR_BIN=$(OPERATOR) \
-	  cargo test -p darkcore-e2e -- --test-threads=8
+	  cargo test -p darkcore-e2e --test chart -- --test-threads=1
+	KUBECONFIG=$(DARKCORE_CLUSTER_DIR)/kubeconfig DARKCORE_OPERATOR_BIN=$(OPERATOR) \
+	  cargo test -p darkcore-e2e --test e2e -- --test-threads=8
 
-# Regenerate the committed CRD YAML from the Rust types in crds/src.
+# Regenerate the committed CRD YAML from the Rust types in crds/src, and the chart's copy.
 crds: build
 	$(OPERATOR) crds > crds/generated/devicepools.darkcore.io.yaml
+	cp crds/generated/devicepools.darkcore.io.yaml charts/darkcore/crds/
 
 cluster-up:
 	tests/cluster/up

@@ -1,12 +1,22 @@
-//! The committed CRD YAML must be exactly what the Rust types generate.
+//! The committed CRD YAML, and the Helm chart's copy of it, must be exactly what the Rust
+//! types generate.
 
 const COMMITTED: &str = include_str!("../generated/devicepools.darkcore.io.yaml");
+const IN_CHART: &str = include_str!("../../charts/darkcore/crds/devicepools.darkcore.io.yaml");
 
 #[test]
 fn committed_crd_yaml_matches_the_rust_types() {
     let generated = darkcore_crds::crd_yaml().expect("CRD renders");
-    assert!(
-        generated == COMMITTED,
-        "crds/generated/devicepools.darkcore.io.yaml is out of date with crds/src: run `make crds` and commit the result"
-    );
+    for (path, committed) in [
+        ("crds/generated/devicepools.darkcore.io.yaml", COMMITTED),
+        (
+            "charts/darkcore/crds/devicepools.darkcore.io.yaml",
+            IN_CHART,
+        ),
+    ] {
+        assert!(
+            generated == committed,
+            "{path} is out of date with crds/src: run `make crds` and commit the result"
+        );
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use anyhow::Context as _;
 use axum::Router;
@@ -15,9 +15,31 @@ use axum::routing::get;
 use crate::devices::registry::Registry;
 use crate::metrics::Metrics;
 
+/// What /readyz answers. A standby is ready: it is healthy and waiting, and the gateway Service
+/// does not route to it (only the leader's address is in its EndpointSlice). A leader is ready
+/// once its caches are synced.
+#[derive(Default)]
+pub struct Readiness(AtomicU8);
+
+const SYNCING: u8 = 0;
+const STANDBY: u8 = 1;
+const READY: u8 = 2;
+
+impl Readiness {
+    pub fn standby(&self) {
+        self.0.store(STANDBY, Ordering::Relaxed);
+    }
+    pub fn syncing(&self) {
+        self.0.store(SYNCING, Ordering::Relaxed);
+    }
+    pub fn ready(&self) {
+        self.0.store(READY, Ordering::Relaxed);
+    }
+}
+
 #[derive(Clone)]
 pub struct Health {
-    pub ready: Arc<AtomicBool>,
+    pub readiness: Arc<Readiness>,
     pub metrics: Arc<Metrics>,
     pub registry: Arc<Registry>,
 }
@@ -32,13 +54,13 @@ pub fn router(health: Health) -> Router {
 }
 
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {
-    if health.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ok\n")
-    } else {
-        (
+    match health.readiness.0.load(Ordering::Relaxed) {
+        READY => (StatusCode::OK, "ok\n"),
+        STANDBY => (StatusCode::OK, "standby: another replica leads\n"),
+        _ => (
             StatusCode::SERVICE_UNAVAILABLE,
             "waiting for the DevicePool and Node caches to sync\n",
-        )
+        ),
     }
 }
 

@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controllers against the cluster in KUBECONFIG (or the in-cluster config).
-    Run(darkcore_operator::run::RunArgs),
+    Run(Box<darkcore_operator::run::RunArgs>),
     /// Print the CustomResourceDefinitions as YAML, for `kubectl apply -f -`.
     Crds,
     /// Create, list and revoke the join tokens device owners use.
@@ -115,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
                     EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
                 )
                 .init();
-            darkcore_operator::run::run(args).await
+            darkcore_operator::run::run(*args).await
         }
         Command::Token(command) => tokens(command).await,
         Command::Device(DeviceCommand::Revoke { id, scope }) => {

@@ -33,6 +33,7 @@ pub struct Metrics {
     api_writes: Family<WriteLabels, Counter>,
     lease_renewals: Family<ResultLabels, Counter>,
     pub agent_connections: Gauge,
+    pub leader: Gauge,
     joins: Family<ResultLabels, Counter>,
     frames_rejected: Family<ReasonLabels, Counter>,
     refusals: Family<ReasonLabels, Counter>,
@@ -83,6 +84,12 @@ impl Default for Metrics {
             "Agent streams open now",
             agent_connections.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica acts (it leads, or leader election is off), 0 while it stands by",
+            leader.clone(),
+        );
         let joins = Family::<ResultLabels, Counter>::default();
         registry.register(
             "joins",
@@ -104,6 +111,7 @@ impl Default for Metrics {
         Metrics {
             registry,
             agent_connections,
+            leader,
             joins,
             frames_rejected,
             refusals,

@@ -1,6 +1,6 @@
-//! `darkcore-operator run`: connects to Kubernetes, checks the CRD is installed, then runs the
-//! pool controller, the lease renewer, the agent gateway and the HTTP server side by side
-//! until SIGTERM/Ctrl-C.
+//! `darkcore-operator run`: connects to Kubernetes, checks the CRD is installed, serves health,
+//! waits for leadership when elected, then runs the pool controller, the lease renewer, the
+//! agent gateway and the kubelet API side by side until SIGTERM/Ctrl-C or lost leadership.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use kube::api::ListParams;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 
 use crate::devices::registry::Registry;
 use crate::enroll::ca;
@@ -23,10 +23,12 @@ use crate::enroll::revocation::{REVOKED_CONFIGMAP, revoked_ids};
 use crate::gateway::attach::{AttachService, PoolCheck, TaskReports};
 use crate::gateway::join::JoinService;
 use crate::gateway::{self, tls};
-use crate::http::{self, Health};
+use crate::http::{self, Health, Readiness};
+use crate::installation;
 use crate::kubelet::auth::Authorizer;
 use crate::kubelet::log_store::LogStore;
 use crate::kubelet::{self, KubeletState, PodIndex};
+use crate::leader::{LeaseLock, Timing};
 use crate::metrics::Metrics;
 use crate::pods::controller::{Controller as PodController, Shared as PodShared};
 use crate::pods::runtime_class;
@@ -74,6 +76,42 @@ pub struct RunArgs {
         default_value = "darkcore-system"
     )]
     pub namespace: String,
+    /// Elect one leader among replicas on a Lease in --namespace; the others stand by.
+    #[arg(long, env = "DARKCORE_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// The leader-election Lease's name (one per set of replicas, e.g. per --pool-selector).
+    #[arg(
+        long,
+        env = "DARKCORE_LEADER_ELECTION_LEASE",
+        default_value = "darkcore-operator"
+    )]
+    pub leader_election_lease: String,
+    /// How long the leader's lease holds without renewal: a standby takes over this long after
+    /// a leader dies. A leader that lets go at shutdown is replaced within a few seconds.
+    #[arg(long, env = "DARKCORE_LEADER_ELECTION_LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=300))]
+    pub leader_election_lease_seconds: u64,
+    /// This replica's name in the election (in a pod: its name). Default: host name and pid.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// The selector-less Service agents dial: the leader points its EndpointSlice at
+    /// --node-address and the gateway port. Empty: agents dial the operator directly.
+    #[arg(long, env = "DARKCORE_GATEWAY_SERVICE")]
+    pub gateway_service: Option<String>,
+    /// The chart's ClusterRole: darkcore's nodes are owned by it, so that `helm uninstall`
+    /// makes Kubernetes delete them and their leases. Empty: nodes have no owner.
+    #[arg(long, env = "DARKCORE_OWNER_CLUSTER_ROLE")]
+    pub owner_cluster_role: Option<String>,
+}
+
+impl RunArgs {
+    fn identity(&self) -> String {
+        self.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "operator".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -90,24 +128,62 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         )
     })?;
 
-    runtime_class::ensure(&client).await.context(
-        "creating the RuntimeClasses darkcore-process, darkcore-oci and darkcore-wasm (the operator needs create/patch on runtimeclasses.node.k8s.io)",
-    )?;
-
     let metrics = Arc::new(Metrics::default());
     let registry = Registry::new();
-    let started = std::time::Instant::now();
-    let ready = Arc::new(AtomicBool::new(false));
+    let readiness = Arc::new(Readiness::default());
     let server = http::serve(
         args.http_addr,
         Health {
-            ready: ready.clone(),
+            readiness: readiness.clone(),
             metrics: metrics.clone(),
             registry: registry.clone(),
         },
     )
     .await?;
     let server = tokio::spawn(server);
+
+    let node_owner = match &args.owner_cluster_role {
+        Some(name) => Some(installation::anchor(&client, name).await.with_context(|| {
+            format!(
+                "reading the ClusterRole {name:?} that owns darkcore's nodes (--owner-cluster-role)"
+            )
+        })?),
+        None => None,
+    };
+
+    // A standby serves health only: it holds no agent, node or pod until it leads.
+    let election = args.leader_elect.then(|| {
+        LeaseLock::new(
+            client.clone(),
+            &args.namespace,
+            &args.leader_election_lease,
+            &args.identity(),
+            Timing::for_lease(Duration::from_secs(args.leader_election_lease_seconds)),
+            node_owner.clone(),
+        )
+    });
+    let leading_since = match &election {
+        Some(lock) => {
+            readiness.standby();
+            tokio::select! {
+                acquired = lock.acquire() => Some(acquired),
+                () = shutdown_signal() => {
+                    server.abort();
+                    return Ok(());
+                }
+            }
+        }
+        None => None,
+    };
+    readiness.syncing();
+    metrics.leader.set(1);
+    let started = std::time::Instant::now();
+
+    for problem in runtime_class::check(&client).await.context(
+        "reading the RuntimeClasses darkcore-process, darkcore-oci and darkcore-wasm (the operator needs get on runtimeclasses.node.k8s.io)",
+    )? {
+        tracing::warn!("{problem}: pods that name it cannot run; install or upgrade the darkcore Helm chart, which creates the RuntimeClasses");
+    }
 
     // Both watches are built here so that their first complete listing can be observed:
     // kube-runtime's `Store::wait_until_ready` wakes only one waiter, and the controller is it.
@@ -132,7 +208,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     .reflect(node_writer)
     .touched_objects();
     let controller = Controller::for_stream(pool_events, pool_store.clone())
-        .owns_stream(node_events)
+        // Nodes name their pool by label (they are owned by the installation, not the pool).
+        .watches_stream(node_events, |node: Node| {
+            node.labels()
+                .get(POOL_LABEL)
+                .map(|pool| ObjectRef::new(pool))
+        })
         .reconcile_on(registry.clone().changed_pools())
         .shutdown_on_signal();
 
@@ -220,6 +301,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             tracing::error!(%error, "the agent gateway stopped");
         }
     });
+    if let Some(service) = &args.gateway_service {
+        let identity = args.identity();
+        gateway::endpoint::publish(
+            &client,
+            &args.namespace,
+            service,
+            &args.node_address,
+            args.gateway_addr.port(),
+            &identity,
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "pointing the gateway Service {}/{service} at this replica (--gateway-service names a selector-less Service; the operator needs get on it and patch on endpointslices)",
+                args.namespace
+            )
+        })?;
+        tracing::info!(%service, address = %args.node_address, "the gateway Service now leads to this replica");
+    }
     let sweeper = tokio::spawn(sweep_loop(registry.clone(), pool_store.clone()));
     let revocations = tokio::spawn(watch_revocations(
         client.clone(),
@@ -240,7 +340,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             while !(pools_synced.load(Ordering::Relaxed) && nodes_synced.load(Ordering::Relaxed)) {
                 tick.tick().await;
             }
-            ready.store(true, Ordering::Relaxed);
+            readiness.ready();
             tracing::info!("DevicePool and Node caches synced; ready");
         })
     };
@@ -254,19 +354,31 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             address: args.node_address.clone(),
             port: args.kubelet_port,
         },
+        node_owner,
         inventory: registry,
         metrics,
         recorder,
     });
     tracing::info!(selector = %args.pool_selector, node_address = %args.node_address, "darkcore-operator running");
-    controller
+    let controller = controller
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "reconcile did not complete");
             }
-        })
-        .await;
+        });
+    let lost = async {
+        match (&election, leading_since) {
+            (Some(lock), Some(since)) => lock.hold(since).await,
+            _ => std::future::pending().await,
+        }
+    };
+    let outcome = tokio::select! {
+        () = controller => Ok(()),
+        lost = lost => Err(anyhow::Error::new(lost).context(
+            "stopped acting because leadership was lost; a restart rejoins as a standby",
+        )),
+    };
 
     tracing::info!(
         "shutting down; nodes stay until their leases expire, so no pod is evicted by a restart"
@@ -279,8 +391,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     sweeper.abort();
     revocations.abort();
     readiness.abort();
+    if outcome.is_ok()
+        && let Some(lock) = &election
+    {
+        lock.release().await;
+    }
     server.abort();
-    Ok(())
+    outcome
+}
+
+/// SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }
 
 /// Marks devices lost when they miss their pool's heartbeat threshold.

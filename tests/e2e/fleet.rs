@@ -160,16 +160,7 @@ impl Agent {
 
     /// SIGTERM, as systemd stops it, and waits for the exit.
     pub async fn stop(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let pid = child.id().unwrap().to_string();
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(10), child.wait())
-            .await
-            .expect("the agent stops within 10 s of SIGTERM")
-            .unwrap()
+        crate::harness::terminate(&mut self.child, "the agent").await
     }
 
     /// Waits for the agent to exit by itself (a final refusal) and returns its log.

@@ -188,25 +188,9 @@ pub fn pool(name: &str, scope: &str, spec: DevicePoolSpec) -> DevicePool {
     pool
 }
 
-/// The namespace e2e operators keep the device CA, tokens and revocations in.
+/// The namespace e2e operators keep the device CA, tokens and revocations in: the release's,
+/// created by `helm install --create-namespace`.
 pub const OPERATOR_NAMESPACE: &str = "darkcore-system";
-
-/// Creates the operator's namespace unless it exists.
-pub async fn ensure_operator_namespace(client: &Client) {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns = Namespace {
-        metadata: kube::api::ObjectMeta {
-            name: Some(OPERATOR_NAMESPACE.into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    match namespaces.create(&PostParams::default(), &ns).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(status)) if status.code == 409 => {}
-        Err(e) => panic!("creating namespace {OPERATOR_NAMESPACE}: {e}"),
-    }
-}
 
 /// A running darkcore-operator serving only the pools labelled with its scope.
 pub struct Operator {
@@ -231,14 +215,53 @@ impl Operator {
         gateway_port: u16,
         kubelet_port: u16,
     ) -> Operator {
+        Operator::start_with(scope, port, gateway_port, kubelet_port, &[]).await
+    }
+
+    /// Starts an operator with `extra` arguments to `run` and waits until it acts (it leads,
+    /// when elected). Like a pod of the chart, it runs as the release's ServiceAccount
+    /// (impersonated), and its nodes are owned by the release.
+    pub async fn start_with(
+        scope: &str,
+        port: u16,
+        gateway_port: u16,
+        kubelet_port: u16,
+        extra: &[&str],
+    ) -> Operator {
+        let mut operator = Operator::spawn(scope, port, gateway_port, kubelet_port, extra);
+        operator.wait_ready(false).await;
+        operator
+    }
+
+    /// Starts an elected operator that is expected to stand by: waits until it is ready to
+    /// serve health, leading or not.
+    pub async fn start_standby(
+        scope: &str,
+        port: u16,
+        gateway_port: u16,
+        kubelet_port: u16,
+        extra: &[&str],
+    ) -> Operator {
+        let mut operator = Operator::spawn(scope, port, gateway_port, kubelet_port, extra);
+        operator.wait_ready(true).await;
+        operator
+    }
+
+    fn spawn(
+        scope: &str,
+        port: u16,
+        gateway_port: u16,
+        kubelet_port: u16,
+        extra: &[&str],
+    ) -> Operator {
         let bin = operator_bin();
         assert!(
             bin.exists(),
             "{} is missing: build it first with `cargo build -p darkcore-operator` (make test does)",
             bin.display()
         );
-        ensure_operator_namespace(&client().await).await;
-        let log = log_dir().join(format!("operator-{scope}.log"));
+        crate::helm::ensure_release();
+        let log = log_dir().join(format!("operator-{scope}-{port}.log"));
         let mut command = Command::new(&bin);
         command
             .args([
@@ -255,22 +278,24 @@ impl Operator {
                 "127.0.0.1",
                 "--kubelet-port",
                 &kubelet_port.to_string(),
+                "--owner-cluster-role",
+                crate::helm::CLUSTER_ROLE,
             ])
+            .args(extra)
+            .env("KUBECONFIG", crate::helm::impersonating_kubeconfig())
             .env("RUST_LOG", "info,kube=warn");
         let child = spawn_logged(command, &log);
-        let mut operator = Operator {
+        Operator {
             child: Some(child),
             http_port: port,
             gateway_port,
             kubelet_port,
             scope: scope.into(),
             log,
-        };
-        operator.wait_ready().await;
-        operator
+        }
     }
 
-    async fn wait_ready(&mut self) {
+    async fn wait_ready(&mut self, standby_ok: bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -280,8 +305,9 @@ impl Operator {
                     self.log_tail()
                 );
             }
-            if matches!(self.get("/readyz").await, Ok((200, _))) {
-                return;
+            match self.get("/readyz").await {
+                Ok((200, body)) if body == "ok\n" || standby_ok => return,
+                _ => {}
             }
             assert!(
                 Instant::now() < deadline,
@@ -296,6 +322,11 @@ impl Operator {
     /// Kills the process outright, as a crash or a lost machine would.
     pub async fn kill(&mut self) {
         kill(&mut self.child).await;
+    }
+
+    /// SIGTERM, as Kubernetes stops a pod (a rolling `helm upgrade`), and waits for the exit.
+    pub async fn stop(&mut self) -> std::process::ExitStatus {
+        terminate(&mut self.child, "the operator").await
     }
 
     /// A plain HTTP GET against the operator's health and metrics server.
@@ -340,6 +371,20 @@ pub fn spawn_logged(mut command: Command, log: &Path) -> Child {
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|e| panic!("starting {:?}: {e}", command.as_std().get_program()))
+}
+
+/// SIGTERM for a process started by [`spawn_logged`]; waits up to 10 s for it to exit.
+pub async fn terminate(child: &mut Option<Child>, what: &str) -> std::process::ExitStatus {
+    let mut child = child.take().expect("running");
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("{what} stops within 10 s of SIGTERM"))
+        .unwrap()
 }
 
 /// SIGKILL, as a crash or a pulled plug, for a process started by [`spawn_logged`].
@@ -406,10 +451,16 @@ pub struct PoolFixture {
 
 impl PoolFixture {
     pub async fn start(prefix: &str, spec: DevicePoolSpec) -> PoolFixture {
+        PoolFixture::start_with(prefix, spec, &[]).await
+    }
+
+    /// Like [`PoolFixture::start`], with `extra` arguments to the operator's `run`.
+    pub async fn start_with(prefix: &str, spec: DevicePoolSpec, extra: &[&str]) -> PoolFixture {
         let client = client().await;
         ensure_crds(&client).await;
         let scope = unique(prefix);
-        let operator = Operator::start(&scope).await;
+        let operator =
+            Operator::start_with(&scope, free_port(), free_port(), free_port(), extra).await;
         let pools: Api<DevicePool> = Api::all(client.clone());
         pools
             .create(&PostParams::default(), &pool(&scope, &scope, spec))

@@ -24,7 +24,17 @@ pub struct Bench {
 
 impl Bench {
     pub async fn start(prefix: &str, agents: usize, spec: DevicePoolSpec) -> Bench {
-        let fx = PoolFixture::start(prefix, spec).await;
+        Bench::start_with(prefix, agents, spec, &[]).await
+    }
+
+    /// Like [`Bench::start`], with `extra` arguments to the operator's `run`.
+    pub async fn start_with(
+        prefix: &str,
+        agents: usize,
+        spec: DevicePoolSpec,
+        extra: &[&str],
+    ) -> Bench {
+        let fx = PoolFixture::start_with(prefix, spec, extra).await;
         let ns = TestNamespace::create(&fx.client, prefix).await;
         let token = token(&fx.pool, &["--uses", "10"]);
         let mut started = Vec::new();
@@ -90,7 +100,7 @@ impl Bench {
 
     /// Creates an indexed Job of `darkcore-process` pods on this pool running `script` in sh,
     /// with no retries, and returns the Jobs API of the namespace.
-    async fn indexed_job(
+    pub async fn indexed_job(
         &self,
         name: &str,
         completions: i32,

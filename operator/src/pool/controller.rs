@@ -68,6 +68,8 @@ pub struct Context {
     /// Whether `nodes` holds a complete listing yet; before that, a missing node may exist.
     pub nodes_synced: Arc<AtomicBool>,
     pub endpoint: KubeletEndpoint,
+    /// The installation's anchor, owner of every node (see [`crate::installation`]).
+    pub node_owner: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
     pub inventory: Arc<dyn DeviceInventory>,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
@@ -171,7 +173,7 @@ async fn publish_node(
     let apply = PatchParams::apply(FIELD_MANAGER).force();
     let current = ctx.nodes.get(&ObjectRef::new(&name));
 
-    let desired = desired_node(pool, platform, current.as_deref());
+    let desired = desired_node(pool, platform, current.as_deref(), ctx.node_owner.as_ref());
     if node_spec_outdated(current.as_deref(), &desired) {
         ctx.metrics.api_write("Node", "apply");
         let applied = nodes

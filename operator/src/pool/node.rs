@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 
 use darkcore_crds::{Arch, DevicePool, DevicePoolSpec, Os};
 use k8s_openapi::api::core::v1::{Node, NodeSpec, Taint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::ResourceExt;
 use kube::api::ObjectMeta;
-use kube::{Resource, ResourceExt};
 
 use crate::pool::POOL_LABEL;
 
@@ -111,7 +112,15 @@ pub fn node_taints(pool: &DevicePool, current: Option<&Node>) -> Vec<Taint> {
 }
 
 /// The node's metadata and spec as darkcore applies them. Status is applied separately.
-pub fn desired_node(pool: &DevicePool, platform: Platform, current: Option<&Node>) -> Node {
+/// `owner` is the installation's anchor (the chart's ClusterRole): when `helm uninstall` deletes
+/// it, Kubernetes deletes the node, and the node's lease with it. The pool is not an owner: it
+/// outlives an uninstall (its CRD stays), and its finalizer already removes its nodes.
+pub fn desired_node(
+    pool: &DevicePool,
+    platform: Platform,
+    current: Option<&Node>,
+    owner: Option<&OwnerReference>,
+) -> Node {
     let name = node_name(&pool.name_any(), platform);
     Node {
         metadata: ObjectMeta {
@@ -120,7 +129,7 @@ pub fn desired_node(pool: &DevicePool, platform: Platform, current: Option<&Node
                 POOL_GENERATION_ANNOTATION.to_string(),
                 pool.metadata.generation.unwrap_or_default().to_string(),
             )])),
-            owner_references: pool.controller_owner_ref(&()).map(|r| vec![r]),
+            owner_references: owner.map(|o| vec![o.clone()]),
             name: Some(name),
             ..ObjectMeta::default()
         },
@@ -142,15 +151,16 @@ pub fn node_spec_outdated(current: Option<&Node>, desired: &Node) -> bool {
         .any(|(k, v)| labels.get(k) != Some(v));
     let generation_changed = current.annotations().get(POOL_GENERATION_ANNOTATION)
         != desired.annotations().get(POOL_GENERATION_ANNOTATION);
-    let owner_missing = desired.owner_references().iter().any(|want| {
-        !current
-            .owner_references()
-            .iter()
-            .any(|have| have.uid == want.uid)
-    });
+    // Exact, so that nodes made before the installation anchor lose their old pool owner.
+    let owner_uids = |n: &Node| -> Vec<String> {
+        let mut uids: Vec<String> = n.owner_references().iter().map(|o| o.uid.clone()).collect();
+        uids.sort();
+        uids
+    };
+    let owner_changed = owner_uids(current) != owner_uids(desired);
     labels_missing
         || generation_changed
-        || owner_missing
+        || owner_changed
         || taint_keys(current) != taint_keys(desired)
 }
 
@@ -248,7 +258,7 @@ mod tests {
             ..Default::default()
         };
         let p = pool("lab", spec);
-        let mut current = desired_node(&p, linux_amd64(), None);
+        let mut current = desired_node(&p, linux_amd64(), None, None);
         current
             .spec
             .as_mut()
@@ -285,34 +295,52 @@ mod tests {
     #[test]
     fn an_unchanged_node_is_not_applied_again() {
         let p = pool("lab", DevicePoolSpec::default());
-        let mut current = desired_node(&p, linux_amd64(), None);
+        let mut current = desired_node(&p, linux_amd64(), None, None);
         current
             .metadata
             .labels
             .as_mut()
             .unwrap()
             .insert("added.by/someone".into(), "x".into());
-        let desired = desired_node(&p, linux_amd64(), Some(&current));
+        let desired = desired_node(&p, linux_amd64(), Some(&current), None);
         assert!(!node_spec_outdated(Some(&current), &desired));
     }
 
     #[test]
     fn a_missing_node_a_new_pool_generation_or_a_lost_taint_is_applied() {
         let mut p = pool("lab", DevicePoolSpec::default());
-        let current = desired_node(&p, linux_amd64(), None);
+        let current = desired_node(&p, linux_amd64(), None, None);
         assert!(node_spec_outdated(None, &current));
 
         let mut untainted = current.clone();
         untainted.spec = None;
         assert!(node_spec_outdated(
             Some(&untainted),
-            &desired_node(&p, linux_amd64(), Some(&untainted))
+            &desired_node(&p, linux_amd64(), Some(&untainted), None)
         ));
 
         p.metadata.generation = Some(4);
         assert!(node_spec_outdated(
             Some(&current),
-            &desired_node(&p, linux_amd64(), Some(&current))
+            &desired_node(&p, linux_amd64(), Some(&current), None)
         ));
+    }
+
+    #[test]
+    fn the_node_is_owned_by_the_installation_not_the_pool() {
+        let p = pool("lab", DevicePoolSpec::default());
+        let anchor = OwnerReference {
+            api_version: "rbac.authorization.k8s.io/v1".into(),
+            kind: "ClusterRole".into(),
+            name: "darkcore-operator".into(),
+            uid: "anchor-uid".into(),
+            ..OwnerReference::default()
+        };
+        let unowned = desired_node(&p, linux_amd64(), None, None);
+        assert!(unowned.owner_references().is_empty());
+        let owned = desired_node(&p, linux_amd64(), Some(&unowned), Some(&anchor));
+        assert_eq!(owned.owner_references(), [anchor]);
+        assert!(node_spec_outdated(Some(&unowned), &owned));
+        assert!(!node_spec_outdated(Some(&owned), &owned));
     }
 }
