@@ -11,9 +11,9 @@ include tests/cluster/versions.env
 export PATH := $(PATH):$(HOME)/.cache/darkcore/k8s-$(K8S_VERSION):$(HOME)/.cache/darkcore/helm-$(HELM_VERSION)
 OPERATOR := $(CARGO_TARGET_DIR)/debug/darkcore-operator
 
-.PHONY: test demo demo-down fmt-check clippy unit build e2e crds cluster-up cluster-down
+.PHONY: test demo demo-down fmt-check clippy unit build e2e crds cluster-up cluster-down package package-check
 
-test: fmt-check clippy unit e2e
+test: fmt-check clippy unit package-check e2e
 
 fmt-check:
 	cargo fmt --all -- --check
@@ -26,6 +26,14 @@ unit:
 
 build:
 	cargo build --workspace --bins
+
+# The agent's Debian package (release build) in $(CARGO_TARGET_DIR)/debian.
+package:
+	packaging/deb/build
+
+# The package's contents and its systemd unit (systemd-analyze verify), from the debug build.
+package-check:
+	tests/package/check
 
 # The chart's tests first, one at a time: their uninstall takes away the release that the e2e
 # tests share (and reinstall).
