@@ -228,9 +228,7 @@ impl Operator {
         kubelet_port: u16,
         extra: &[&str],
     ) -> Operator {
-        let mut operator = Operator::spawn(scope, port, gateway_port, kubelet_port, extra);
-        operator.wait_ready(false).await;
-        operator
+        Operator::spawn(scope, port, gateway_port, kubelet_port, extra, false).await
     }
 
     /// Starts an elected operator that is expected to stand by: waits until it is ready to
@@ -242,17 +240,16 @@ impl Operator {
         kubelet_port: u16,
         extra: &[&str],
     ) -> Operator {
-        let mut operator = Operator::spawn(scope, port, gateway_port, kubelet_port, extra);
-        operator.wait_ready(true).await;
-        operator
+        Operator::spawn(scope, port, gateway_port, kubelet_port, extra, true).await
     }
 
-    fn spawn(
+    async fn spawn(
         scope: &str,
         port: u16,
         gateway_port: u16,
         kubelet_port: u16,
         extra: &[&str],
+        standby_ok: bool,
     ) -> Operator {
         let bin = operator_bin();
         assert!(
@@ -285,14 +282,16 @@ impl Operator {
             .env("KUBECONFIG", crate::helm::impersonating_kubeconfig())
             .env("RUST_LOG", "info,kube=warn");
         let child = spawn_logged(command, &log);
-        Operator {
+        let mut operator = Operator {
             child: Some(child),
             http_port: port,
             gateway_port,
             kubelet_port,
             scope: scope.into(),
             log,
-        }
+        };
+        operator.wait_ready(standby_ok).await;
+        operator
     }
 
     async fn wait_ready(&mut self, standby_ok: bool) {

@@ -3,13 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::{Api, ResourceExt};
 
 use crate::devices::process_pool;
-use crate::harness::{OPERATOR_NAMESPACE, Operator, free_port, poll_until, wait_for};
+use crate::harness::{OPERATOR_NAMESPACE, Operator, free_port, poll_until};
 use crate::helm::GATEWAY_SERVICE;
 use crate::pods::{Bench, main_status};
 
@@ -48,6 +47,17 @@ async fn readyz(operator: &Operator) -> String {
         .await
         .map(|(_, body)| body)
         .unwrap_or_default()
+}
+
+/// Waits until `operator` has taken the lease and its caches are synced.
+async fn leads_now(operator: &Operator) {
+    poll_until("the replica leads", Duration::from_secs(30), || async {
+        match readyz(operator).await.as_str() {
+            "ok\n" => Ok(()),
+            other => Err(other.to_string()),
+        }
+    })
+    .await;
 }
 
 /// The replica the gateway Service's EndpointSlice leads to, and its address there.
@@ -109,25 +119,12 @@ async fn one_of_two_operators_acts_and_the_standby_takes_over_when_it_dies() {
     let jobs = bench
         .indexed_job("steady", 6, 3, "echo ran $JOB_COMPLETION_INDEX; sleep 8")
         .await;
-    wait_for(
-        &jobs,
-        "steady",
-        |j: Option<&Job>| j.and_then(|j| j.status.as_ref()?.ready).unwrap_or(0) >= 3,
-        Duration::from_secs(60),
-        "three pods running",
-    )
-    .await;
+    bench.job_has_ready(&jobs, "steady", 3).await;
 
     let leader_log = bench.fx.operator.log.clone();
     bench.fx.operator.kill().await;
     let killed = Instant::now();
-    poll_until("the standby leads", Duration::from_secs(30), || async {
-        match readyz(&standby).await.as_str() {
-            "ok\n" => Ok(()),
-            other => Err(other.to_string()),
-        }
-    })
-    .await;
+    leads_now(&standby).await;
     let takeover = killed.elapsed();
     eprintln!("the standby led {takeover:?} after the leader was killed (lease: 6 s)");
     let held = leases.get(&lease).await.unwrap().spec.unwrap();
@@ -163,17 +160,7 @@ async fn one_of_two_operators_acts_and_the_standby_takes_over_when_it_dies() {
         "a leader stopped by SIGTERM exits 0, not {status}"
     );
     let stopped = Instant::now();
-    poll_until(
-        "the third replica leads",
-        Duration::from_secs(30),
-        || async {
-            match readyz(&next).await.as_str() {
-                "ok\n" => Ok(()),
-                other => Err(other.to_string()),
-            }
-        },
-    )
-    .await;
+    leads_now(&next).await;
     let handover = stopped.elapsed();
     eprintln!("after SIGTERM, the next replica led in {handover:?}");
     let held = leases.get(&lease).await.unwrap().spec.unwrap();

@@ -139,6 +139,18 @@ impl Bench {
         jobs
     }
 
+    /// Waits until `ready` of the Job's pods are running.
+    pub async fn job_has_ready(&self, jobs: &Api<Job>, job: &str, ready: i32) {
+        wait_for(
+            jobs,
+            job,
+            |j: Option<&Job>| j.and_then(|j| j.status.as_ref()?.ready).unwrap_or(0) >= ready,
+            Duration::from_secs(60),
+            "the Job's pods running",
+        )
+        .await;
+    }
+
     /// Waits until the Job has `completions` succeeded, and returns its pods.
     /// Checks that each of `completions` indexes of an indexed Job's `pods` succeeded once
     /// with the logs `expected(index)`, and returns the devices they ran on.
@@ -930,14 +942,7 @@ async fn a_job_survives_an_operator_kill_without_running_any_index_twice() {
     let jobs = bench
         .indexed_job("steady", 10, 5, "echo ran $JOB_COMPLETION_INDEX; sleep 3")
         .await;
-    wait_for(
-        &jobs,
-        "steady",
-        |j: Option<&Job>| j.and_then(|j| j.status.as_ref()?.ready).unwrap_or(0) >= 3,
-        Duration::from_secs(60),
-        "three pods running",
-    )
-    .await;
+    bench.job_has_ready(&jobs, "steady", 3).await;
     bench.fx.operator.kill().await;
     bench.restart_operator().await;
     let pods = bench

@@ -15,6 +15,15 @@ fn can_i(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// The questions whose answer is not `expected`, as command lines.
+fn answered_otherwise(questions: &[&[&str]], expected: &str) -> Vec<String> {
+    questions
+        .iter()
+        .filter(|args| can_i(args) != expected)
+        .map(|args| args.join(" "))
+        .collect()
+}
+
 #[tokio::test]
 async fn the_service_account_cannot_do_what_the_operator_does_not_need() {
     ensure_release();
@@ -52,11 +61,7 @@ async fn the_service_account_cannot_do_what_the_operator_does_not_need() {
         &["create", "customresourcedefinitions"],
         &["impersonate", "users"],
     ];
-    let refused_but_granted: Vec<String> = refused
-        .iter()
-        .filter(|args| can_i(args) != "no")
-        .map(|args| args.join(" "))
-        .collect();
+    let refused_but_granted = answered_otherwise(refused, "no");
     assert!(
         refused_but_granted.is_empty(),
         "the operator's ServiceAccount may: {refused_but_granted:?}"
@@ -86,11 +91,7 @@ async fn the_service_account_cannot_do_what_the_operator_does_not_need() {
             "kube-system",
         ],
     ];
-    let needed_but_refused: Vec<String> = needed
-        .iter()
-        .filter(|args| can_i(args) != "yes")
-        .map(|args| args.join(" "))
-        .collect();
+    let needed_but_refused = answered_otherwise(needed, "yes");
     assert!(
         needed_but_refused.is_empty(),
         "the operator's ServiceAccount may not: {needed_but_refused:?}"
