@@ -118,6 +118,36 @@ async fn every_object_the_chart_renders_is_accepted_by_the_api_server() {
     }
 }
 
+/// The operator never runs as a pod here (no kubelet), so check what the pod would be given:
+/// every variable the Deployment sets is one `darkcore-operator run` reads (a misspelt name
+/// would be silently ignored), and the Deployment runs `run`.
+#[test]
+fn the_deployment_sets_only_variables_the_operator_reads() {
+    let rendered = template(&["gateway.tls.extraNames[0]=gw.example.com"]);
+    assert!(rendered.status.success());
+    let text = String::from_utf8_lossy(&rendered.stdout).into_owned();
+    let deployment = text
+        .split("\n---")
+        .find(|doc| doc.contains("kind: Deployment"))
+        .expect("a Deployment");
+    let deployment: Deployment = serde_norway::from_str(deployment).unwrap();
+    let container = &deployment.spec.unwrap().template.spec.unwrap().containers[0];
+    assert_eq!(container.args.as_deref(), Some(&["run".to_string()][..]));
+    let help = harness::operator_cli(&["run", "--help"]);
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    let unread: Vec<&str> = container
+        .env
+        .iter()
+        .flatten()
+        .map(|e| e.name.as_str())
+        .filter(|name| *name != "RUST_LOG" && !help.contains(&format!("[env: {name}=")))
+        .collect();
+    assert!(
+        unread.is_empty(),
+        "darkcore-operator run does not read {unread:?}"
+    );
+}
+
 #[test]
 fn bad_values_are_refused_naming_the_value() {
     let cases: &[(&str, &str)] = &[
