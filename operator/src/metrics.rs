@@ -24,6 +24,21 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuntimeLabels {
+    runtime: &'static str,
+}
+
+/// Per pool: pools are few and chosen by the platform team, so this stays bounded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolStateLabels {
+    pool: String,
+    state: &'static str,
+}
+
+/// Device states a pool's status counts, as the `state` label of `pool_devices`.
+pub const DEVICE_STATES: [&str; 4] = ["online", "enlisted", "ready", "unavailable"];
+
 pub struct Metrics {
     pub registry: Registry,
     pub reconciliations: Counter,
@@ -37,6 +52,13 @@ pub struct Metrics {
     joins: Family<ResultLabels, Counter>,
     frames_rejected: Family<ReasonLabels, Counter>,
     refusals: Family<ReasonLabels, Counter>,
+    pool_devices: Family<PoolStateLabels, Gauge>,
+    tasks_dispatched: Family<RuntimeLabels, Counter>,
+    tasks_completed: Family<ResultLabels, Counter>,
+    tasks_redispatched: Family<ReasonLabels, Counter>,
+    pub placement_duration: Histogram,
+    pub dispatch_latency: Histogram,
+    pub pod_create_to_running: Histogram,
 }
 
 impl Default for Metrics {
@@ -108,8 +130,57 @@ impl Default for Metrics {
             "Agent streams closed with a Refusal, by code",
             refusals.clone(),
         );
+        let pool_devices = Family::<PoolStateLabels, Gauge>::default();
+        registry.register(
+            "pool_devices",
+            "Devices of each pool, by state: online, enlisted, ready (enlisted and allowed to work now), unavailable (enlisted, withheld by the owner)",
+            pool_devices.clone(),
+        );
+        let tasks_dispatched = Family::<RuntimeLabels, Counter>::default();
+        registry.register(
+            "tasks_dispatched",
+            "Tasks assigned to devices, by runtime (a re-dispatch counts again)",
+            tasks_dispatched.clone(),
+        );
+        let tasks_completed = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "tasks_completed",
+            "Task attempts that ended on their device, by result: succeeded or failed",
+            tasks_completed.clone(),
+        );
+        let tasks_redispatched = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "tasks_redispatched",
+            "Task attempts abandoned so that the task runs again elsewhere, by reason: DeviceLost, Preempted",
+            tasks_redispatched.clone(),
+        );
+        let placement_duration = Histogram::new(exponential_buckets(0.000_01, 4.0, 10));
+        registry.register(
+            "placement_duration_seconds",
+            "Time to choose a device for one task",
+            placement_duration.clone(),
+        );
+        let dispatch_latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "dispatch_latency_seconds",
+            "From the operator first seeing a pod bound to its node to the task's assignment",
+            dispatch_latency.clone(),
+        );
+        let pod_create_to_running = Histogram::new(exponential_buckets(0.05, 2.0, 12));
+        registry.register(
+            "pod_create_to_running_seconds",
+            "From a pod's creationTimestamp to the operator reporting it Running",
+            pod_create_to_running.clone(),
+        );
         Metrics {
             registry,
+            pool_devices,
+            tasks_dispatched,
+            tasks_completed,
+            tasks_redispatched,
+            placement_duration,
+            dispatch_latency,
+            pod_create_to_running,
             agent_connections,
             leader,
             joins,
@@ -159,6 +230,47 @@ impl Metrics {
             .inc();
     }
 
+    /// Sets a pool's device counts, in the order of [`DEVICE_STATES`].
+    pub fn pool_devices(&self, pool: &str, counts: [i64; 4]) {
+        for (state, count) in DEVICE_STATES.into_iter().zip(counts) {
+            self.pool_devices
+                .get_or_create(&PoolStateLabels {
+                    pool: pool.into(),
+                    state,
+                })
+                .set(count);
+        }
+    }
+
+    /// Forgets a deleted pool's series.
+    pub fn pool_removed(&self, pool: &str) {
+        for state in DEVICE_STATES {
+            self.pool_devices.remove(&PoolStateLabels {
+                pool: pool.into(),
+                state,
+            });
+        }
+    }
+
+    pub fn task_dispatched(&self, runtime: &'static str) {
+        self.tasks_dispatched
+            .get_or_create(&RuntimeLabels { runtime })
+            .inc();
+    }
+
+    pub fn task_completed(&self, succeeded: bool) {
+        let result = if succeeded { "succeeded" } else { "failed" };
+        self.tasks_completed
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    pub fn task_redispatched(&self, reason: &'static str) {
+        self.tasks_redispatched
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -182,5 +294,18 @@ mod tests {
             text.contains(r#"darkcore_operator_api_writes_total{kind="Node",verb="apply"} 2"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_deleted_pool_leaves_no_series_behind() {
+        let metrics = Metrics::default();
+        metrics.pool_devices("lab", [3, 2, 1, 1]);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"darkcore_operator_pool_devices{pool="lab",state="enlisted"} 2"#),
+            "{text}"
+        );
+        metrics.pool_removed("lab");
+        assert!(!metrics.encode().contains(r#"pool="lab""#));
     }
 }

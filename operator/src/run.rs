@@ -236,6 +236,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         writer: Writer::start(client.clone(), metrics.clone(), recorder.clone()),
         warm_at: started + REGISTRY_WARMUP,
         host_ip: args.node_address.clone(),
+        metrics: metrics.clone(),
     }));
     let task_reports = TaskReports {
         controller: pod_controller.inbox(),

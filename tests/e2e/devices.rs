@@ -21,7 +21,8 @@ pub fn process_pool() -> DevicePoolSpec {
     }
 }
 
-async fn metric(operator: &Operator, line_start: &str) -> Option<f64> {
+/// The value of the operator's first metric line that starts with `line_start`.
+pub async fn metric(operator: &Operator, line_start: &str) -> Option<f64> {
     let (_, body) = operator.get("/metrics").await.ok()?;
     body.lines()
         .find(|l| l.starts_with(line_start))
@@ -252,6 +253,14 @@ async fn scaling_a_pool_to_two_of_three_devices_enlists_exactly_two() {
         "the third stands by, still online"
     );
     node_cpu_is(&fx.nodes(), &fx.node, 3000, FOLLOWS).await;
+    // The status was written from the same counts the metric shows.
+    for (state, count) in [("online", 3.0), ("enlisted", 2.0)] {
+        let line = format!(
+            "darkcore_operator_pool_devices{{pool=\"{}\",state=\"{state}\"}}",
+            fx.pool
+        );
+        assert_eq!(metric(&fx.operator, &line).await, Some(count), "{line}");
+    }
 
     pools
         .patch(

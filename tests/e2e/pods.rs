@@ -561,6 +561,34 @@ async fn an_indexed_job_completes_across_three_agents() {
         3,
         "the work spread over all three agents: {devices:?}"
     );
+    // This test's operator saw exactly these 20 pods.
+    let op = &bench.fx.operator;
+    for (line, value) in [
+        (
+            "darkcore_operator_tasks_dispatched_total{runtime=\"process\"}",
+            20.0,
+        ),
+        (
+            "darkcore_operator_tasks_completed_total{result=\"succeeded\"}",
+            20.0,
+        ),
+        ("darkcore_operator_dispatch_latency_seconds_count", 20.0),
+        (
+            "darkcore_operator_pod_create_to_running_seconds_count",
+            20.0,
+        ),
+    ] {
+        assert_eq!(
+            crate::devices::metric(op, line).await,
+            Some(value),
+            "{line}"
+        );
+    }
+    assert_eq!(
+        crate::devices::metric(op, "darkcore_operator_tasks_redispatched_total").await,
+        None,
+        "no task was run again"
+    );
     bench.finish().await;
 }
 
@@ -622,7 +650,9 @@ async fn a_busy_task_counts_as_darkcores_cpu_not_the_owners() {
     bench
         .phase_is("burner", "Running", Duration::from_secs(60))
         .await;
-    // One core of a multi-core machine, less what the tests beside this one take from it.
+    // Any share: what the burner gets of a 2-core machine depends on the tests beside it (one
+    // run under load gave it 1.4 core-seconds in 5 s, 14% of the machine). The core-seconds
+    // check below shows how much was counted.
     let agent = &bench.agents[0];
     poll_until(
         "the agent counts the busy task as its own CPU",
@@ -630,7 +660,7 @@ async fn a_busy_task_counts_as_darkcores_cpu_not_the_owners() {
         || async {
             let status = agent.status();
             let share = number_before(&status, "%)").unwrap_or(0.0);
-            if status.contains("darkcore's tasks") && share >= 20.0 {
+            if status.contains("darkcore's tasks") && share > 0.0 {
                 Ok(())
             } else {
                 Err(status)
@@ -859,6 +889,14 @@ async fn a_lost_device_or_a_returning_owner_moves_the_task_elsewhere() {
             .as_deref(),
         Some("Preempted")
     );
+    for reason in ["DeviceLost", "Preempted"] {
+        let line = format!("darkcore_operator_tasks_redispatched_total{{reason=\"{reason}\"}}");
+        assert_eq!(
+            crate::devices::metric(&bench.fx.operator, &line).await,
+            Some(1.0),
+            "{line}"
+        );
+    }
     bench.finish().await;
 }
 

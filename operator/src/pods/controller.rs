@@ -66,6 +66,7 @@ pub struct Shared {
     pub warm_at: Instant,
     /// The address published as each node's InternalIP (the pods' hostIP).
     pub host_ip: String,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 struct Attempt {
@@ -98,6 +99,10 @@ struct Entry {
     announced: HashSet<String>,
     delete_by: Option<Instant>,
     deleted: bool,
+    /// When this operator first saw the pod, for the dispatch latency.
+    seen_at: Option<Instant>,
+    /// Its create-to-Running time is counted once.
+    running_counted: bool,
 }
 
 pub struct Controller {
@@ -246,6 +251,7 @@ impl Controller {
         let entry = self.pods.entry(uid.clone()).or_insert_with(|| {
             let mut entry = Entry {
                 next_number: 1,
+                seen_at: Some(Instant::now()),
                 ..Default::default()
             };
             // A pod darkcore placed before a restart: assume its attempt still runs there
@@ -413,7 +419,7 @@ impl Controller {
 
     /// The attempt ended without the pod's doing: run it again, or fail the pod past the
     /// pool's maximum.
-    fn lose(&mut self, uid: &str, reason: &str, message: String) {
+    fn lose(&mut self, uid: &str, reason: &'static str, message: String) {
         let max = self
             .pool_of(uid)
             .map_or(darkcore_crds::device_pool::DEFAULT_MAX_REDISPATCHES, |p| {
@@ -433,6 +439,7 @@ impl Controller {
             "this attempt was abandoned",
         );
         tracing::info!(%uid, task = %attempt.task_id, device = %attempt.device, reason, "attempt lost; the task runs again elsewhere");
+        self.shared.metrics.task_redispatched(reason);
         entry.next_number = entry.next_number.max(attempt.number + 1);
         entry.last_loss = Some(Loss {
             reason: reason.into(),
@@ -570,6 +577,12 @@ impl Controller {
                 let placed = place(&shared, pool.as_deref(), entry, &load);
                 match placed {
                     Ok(attempt) => {
+                        if let Some(seen) = entry.seen_at.take() {
+                            shared
+                                .metrics
+                                .dispatch_latency
+                                .observe(seen.elapsed().as_secs_f64());
+                        }
                         entry.unplaced = None;
                         entry.next_number = attempt.number + 1;
                         entry.attempt = Some(attempt);
@@ -639,6 +652,17 @@ impl Controller {
             &Time(k8s_openapi::jiff::Timestamp::now()),
         );
         if status::differs(&entry.pod, &desired) {
+            if !entry.running_counted
+                && desired.phase.as_deref() == Some("Running")
+                && let Some(created) = entry.pod.metadata.creation_timestamp.as_ref()
+            {
+                entry.running_counted = true;
+                let since = k8s_openapi::jiff::Timestamp::now().duration_since(created.0);
+                shared
+                    .metrics
+                    .pod_create_to_running
+                    .observe(since.as_secs_f64().max(0.0));
+            }
             shared.writer.status(&entry.pod, desired.clone());
             // Assume it lands, so the next pass compares against it (the watch confirms).
             entry.pod.status = Some(desired);
@@ -652,6 +676,9 @@ impl Controller {
             for container in entry.pod.spec.iter().flat_map(|s| s.containers.iter()) {
                 shared.logs.end(uid, &container.name);
             }
+            shared
+                .metrics
+                .task_completed(phase_of(attempt.report.as_ref()) == TaskPhase::Succeeded);
             cancel(
                 registry,
                 &attempt.device,
@@ -772,7 +799,13 @@ fn place(
             }
         })
         .collect();
-    let device = placement::place(&need, &candidates)?;
+    let placing = Instant::now();
+    let placed = placement::place(&need, &candidates);
+    shared
+        .metrics
+        .placement_duration
+        .observe(placing.elapsed().as_secs_f64());
+    let device = placed?;
     let number = entry.next_number.max(1);
     let uid = uid_of(&entry.pod);
     let task_id = format!("{uid}.{number}");
@@ -802,6 +835,7 @@ fn place(
         &device,
         operator_message::Body::TaskAssign(assign),
     );
+    shared.metrics.task_dispatched(runtime.as_str());
     Ok(Attempt {
         number,
         task_id,

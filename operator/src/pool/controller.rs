@@ -236,6 +236,16 @@ async fn write_pool_status(
     now: &Time,
 ) -> Result<(), Error> {
     let status = desired_pool_status(pool, published, survey, now);
+    ctx.metrics.pool_devices(
+        &pool.name_any(),
+        [
+            status.online_devices,
+            status.replicas,
+            status.ready_devices,
+            status.unavailable_devices,
+        ]
+        .map(i64::from),
+    );
     if pool.status.as_ref() == Some(&status) {
         return Ok(());
     }
@@ -292,6 +302,7 @@ async fn cleanup(pool: &DevicePool, ctx: &Context) -> Result<Action, Error> {
     for name in &names {
         delete_node_and_lease(ctx, name).await?;
     }
+    ctx.metrics.pool_removed(&pool_name);
     tracing::info!(pool = %pool_name, nodes = ?names, "pool deleted; removed its nodes and leases");
     Ok(Action::await_change())
 }
