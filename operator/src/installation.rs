@@ -3,16 +3,10 @@
 
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, Resource};
 
 /// The owner reference to the ClusterRole `name`, for the nodes darkcore publishes.
-pub async fn anchor(client: &Client, name: &str) -> kube::Result<OwnerReference> {
+pub async fn anchor(client: &Client, name: &str) -> kube::Result<Option<OwnerReference>> {
     let role = Api::<ClusterRole>::all(client.clone()).get(name).await?;
-    Ok(OwnerReference {
-        api_version: ClusterRole::api_version(&()).into(),
-        kind: ClusterRole::kind(&()).into(),
-        name: role.name_any(),
-        uid: role.uid().unwrap_or_default(),
-        ..OwnerReference::default()
-    })
+    Ok(role.owner_ref(&()))
 }

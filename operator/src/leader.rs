@@ -169,13 +169,7 @@ impl LeaseLock {
                 },
                 spec: Some(claimed(None, &self.identity, self.timing, Timestamp::now())),
             };
-            return match self.api.create(&PostParams::default(), &fresh).await {
-                Ok(_) => Ok(Verdict::Take),
-                Err(kube::Error::Api(s)) if s.code == 409 => Ok(Verdict::Wait {
-                    holder: "another replica".into(),
-                }),
-                Err(e) => Err(e),
-            };
+            return won_or_lost(self.api.create(&PostParams::default(), &fresh).await);
         };
         let version = lease.metadata.resource_version.clone().unwrap_or_default();
         let changed_at = match seen {
@@ -186,13 +180,7 @@ impl LeaseLock {
             }
         };
         match judge(lease.spec.as_ref(), &self.identity, changed_at, now) {
-            Verdict::Take => match self.write(lease).await {
-                Ok(_) => Ok(Verdict::Take),
-                Err(kube::Error::Api(s)) if s.code == 409 => Ok(Verdict::Wait {
-                    holder: "another replica".into(),
-                }),
-                Err(e) => Err(e),
-            },
+            Verdict::Take => won_or_lost(self.write(lease).await),
             wait => Ok(wait),
         }
     }
@@ -283,6 +271,18 @@ impl LeaseLock {
         self.api
             .replace(&self.name, &PostParams::default(), &lease)
             .await
+    }
+}
+
+/// A write that claims the lease: it won, or lost the race (409) to another replica's write,
+/// which is then the change a standby times.
+fn won_or_lost(written: kube::Result<Lease>) -> kube::Result<Verdict> {
+    match written {
+        Ok(_) => Ok(Verdict::Take),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(Verdict::Wait {
+            holder: "another replica".into(),
+        }),
+        Err(e) => Err(e),
     }
 }
 

@@ -143,13 +143,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let server = tokio::spawn(server);
 
     let node_owner = match &args.owner_cluster_role {
-        Some(name) => Some(installation::anchor(&client, name).await.with_context(|| {
+        Some(name) => installation::anchor(&client, name).await.with_context(|| {
             format!(
                 "reading the ClusterRole {name:?} that owns darkcore's nodes (--owner-cluster-role)"
             )
-        })?),
+        })?,
         None => None,
     };
+    let identity = args.identity();
 
     // A standby serves health only: it holds no agent, node or pod until it leads.
     let election = args.leader_elect.then(|| {
@@ -157,7 +158,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             client.clone(),
             &args.namespace,
             &args.leader_election_lease,
-            &args.identity(),
+            &identity,
             Timing::for_lease(Duration::from_secs(args.leader_election_lease_seconds)),
             node_owner.clone(),
         )
@@ -303,7 +304,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
     if let Some(service) = &args.gateway_service {
-        let identity = args.identity();
         gateway::endpoint::publish(
             &client,
             &args.namespace,

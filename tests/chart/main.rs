@@ -48,17 +48,22 @@ fn template(sets: &[&str]) -> std::process::Output {
     helm(&args)
 }
 
-/// `kubectl apply --dry-run=server -f -` of `manifest`: the API server validates every object.
-fn server_dry_run(manifest: &[u8]) -> std::process::Output {
+/// `kubectl ARGS` with `input` as its standard input (for `-f -`).
+fn kubectl_fed(args: &[&str], input: &[u8]) -> std::process::Output {
     let mut kubectl = Command::new("kubectl")
-        .args(["apply", "--dry-run=server", "-f", "-"])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("kubectl");
-    kubectl.stdin.take().unwrap().write_all(manifest).unwrap();
+    kubectl.stdin.take().unwrap().write_all(input).unwrap();
     kubectl.wait_with_output().unwrap()
+}
+
+/// `kubectl apply --dry-run=server -f -` of `manifest`: the API server validates every object.
+fn server_dry_run(manifest: &[u8]) -> std::process::Output {
+    kubectl_fed(&["apply", "--dry-run=server", "-f", "-"], manifest)
 }
 
 #[test]
@@ -238,17 +243,7 @@ async fn install_upgrade_and_uninstall_leave_nothing_of_darkcores_behind() {
         "--namespace",
         OPERATOR_NAMESPACE,
     ]);
-    let listed = Command::new("kubectl")
-        .args(["get", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            c.stdin.take().unwrap().write_all(manifest.as_bytes())?;
-            c.wait_with_output()
-        })
-        .unwrap();
+    let listed = kubectl_fed(&["get", "-f", "-"], manifest.as_bytes());
     assert!(
         listed.status.success(),
         "every object of the release exists: {}",

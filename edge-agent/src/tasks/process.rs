@@ -96,10 +96,7 @@ impl Process {
 #[tonic::async_trait]
 impl Workload for Process {
     fn take_output(&mut self) -> (Option<Output>, Option<Output>) {
-        (
-            self.child.stdout.take().map(|s| Box::new(s) as Output),
-            self.child.stderr.take().map(|s| Box::new(s) as Output),
-        )
+        crate::tasks::runtime::child_output(&mut self.child)
     }
 
     async fn wait(&mut self) -> Exit {

@@ -49,6 +49,15 @@ impl Exit {
 /// One of a container's outputs (stdout or stderr), read by the log pumps.
 pub type Output = Box<dyn AsyncRead + Send + Unpin>;
 
+/// The stdout and stderr of a child process, for [`Workload::take_output`] (once: later calls
+/// get `None`).
+pub fn child_output(child: &mut tokio::process::Child) -> (Option<Output>, Option<Output>) {
+    (
+        child.stdout.take().map(|s| Box::new(s) as Output),
+        child.stderr.take().map(|s| Box::new(s) as Output),
+    )
+}
+
 /// A container that is running.
 #[tonic::async_trait]
 pub trait Workload: Send {

@@ -7,9 +7,8 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{ObjectMeta, Patch, PatchParams};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::pool::FIELD_MANAGER;
 
@@ -39,15 +38,7 @@ pub fn leader_slice(service: &Service, address: &str, port: u16, leader: &str) -
                 ),
             ])),
             annotations: Some(BTreeMap::from([(LEADER_ANNOTATION.into(), leader.into())])),
-            owner_references: service.uid().map(|uid| {
-                vec![OwnerReference {
-                    api_version: "v1".into(),
-                    kind: "Service".into(),
-                    name: service_name,
-                    uid,
-                    ..OwnerReference::default()
-                }]
-            }),
+            owner_references: service.owner_ref(&()).map(|r| vec![r]),
             ..ObjectMeta::default()
         },
         address_type: address_type.into(),
@@ -81,15 +72,13 @@ pub async fn publish(
     let owner = Api::<Service>::namespaced(client.clone(), namespace)
         .get(service)
         .await?;
+    // k8s-openapi serializes apiVersion and kind, as server-side apply needs.
     let slice = leader_slice(&owner, address, port, leader);
-    let mut body = serde_json::to_value(&slice).unwrap_or_default();
-    body["apiVersion"] = "discovery.k8s.io/v1".into();
-    body["kind"] = "EndpointSlice".into();
     Api::<EndpointSlice>::namespaced(client.clone(), namespace)
         .patch(
             &slice.name_any(),
             &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&body),
+            &Patch::Apply(&slice),
         )
         .await?;
     Ok(())

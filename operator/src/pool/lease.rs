@@ -8,7 +8,7 @@ use darkcore_crds::DevicePool;
 use futures::{StreamExt, stream};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -33,15 +33,7 @@ pub fn node_lease(node: &Node, now: Timestamp) -> Lease {
         metadata: ObjectMeta {
             name: Some(name.clone()),
             namespace: Some(NODE_LEASE_NAMESPACE.into()),
-            owner_references: node.uid().map(|uid| {
-                vec![OwnerReference {
-                    api_version: "v1".into(),
-                    kind: "Node".into(),
-                    name: name.clone(),
-                    uid,
-                    ..OwnerReference::default()
-                }]
-            }),
+            owner_references: node.owner_ref(&()).map(|r| vec![r]),
             ..ObjectMeta::default()
         },
         spec: Some(LeaseSpec {

@@ -360,10 +360,7 @@ fn runner_error(log: &str) -> Option<String> {
 #[tonic::async_trait]
 impl Workload for Container {
     fn take_output(&mut self) -> (Option<Output>, Option<Output>) {
-        (
-            self.child.stdout.take().map(|s| Box::new(s) as Output),
-            self.child.stderr.take().map(|s| Box::new(s) as Output),
-        )
+        crate::tasks::runtime::child_output(&mut self.child)
     }
 
     async fn wait(&mut self) -> Exit {
