@@ -45,8 +45,8 @@ e2e: build cluster-up
 
 # Regenerate the committed CRD YAML from the Rust types in crds/src, and the chart's copy.
 crds: build
-	$(OPERATOR) crds > crds/generated/devicepools.darkcore.io.yaml
-	cp crds/generated/devicepools.darkcore.io.yaml charts/darkcore/crds/
+	$(OPERATOR) crds > crds/generated/crds.yaml
+	cp crds/generated/crds.yaml charts/darkcore/crds/crds.yaml
 
 cluster-up:
 	tests/cluster/up

@@ -3,7 +3,7 @@
 
 use kube::CustomResourceExt;
 
-use crate::DevicePool;
+use crate::{DevicePool, PoolUsage};
 
 /// Failure to render a CRD as YAML.
 #[derive(Debug, thiserror::Error)]
@@ -18,11 +18,16 @@ pub enum Error {
 
 /// Every darkcore CRD, as one multi-document YAML text.
 pub fn crd_yaml() -> Result<String, Error> {
-    let body = serde_norway::to_string(&DevicePool::crd()).map_err(|source| Error::Yaml {
-        kind: "DevicePool",
-        source,
-    })?;
-    Ok(format!(
-        "# Generated from crds/src by `make crds` (darkcore-operator crds). Do not edit.\n---\n{body}"
-    ))
+    let mut text =
+        "# Generated from crds/src by `make crds` (darkcore-operator crds). Do not edit.\n"
+            .to_string();
+    for (kind, crd) in [
+        ("DevicePool", DevicePool::crd()),
+        ("PoolUsage", PoolUsage::crd()),
+    ] {
+        let body = serde_norway::to_string(&crd).map_err(|source| Error::Yaml { kind, source })?;
+        text.push_str("---\n");
+        text.push_str(&body);
+    }
+    Ok(text)
 }

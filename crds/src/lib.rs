@@ -4,12 +4,14 @@
 
 pub mod device_pool;
 pub mod generate;
+pub mod pool_usage;
 
 pub use device_pool::{
     Arch, DevicePool, DevicePoolSpec, DevicePoolStatus, DeviceSelector, NodeTemplate, Os,
     PoolTaint, Runtime, TaintEffect,
 };
 pub use generate::{Error, crd_yaml};
+pub use pool_usage::{Amounts, DeviceUsage, PoolUsage, PoolUsageSpec};
 
 /// The API group of every darkcore resource.
 pub const GROUP: &str = "darkcore.io";

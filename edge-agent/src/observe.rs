@@ -80,8 +80,8 @@ impl PolicyMonitor {
     /// CPU time the agent's tasks have used since it started, in core-seconds (as of the
     /// last check).
     pub fn core_seconds_given(&self) -> f64 {
-        self.last_task_ticks.saturating_sub(self.first_task_ticks) as f64
-            / rustix::param::clock_ticks_per_second() as f64
+        sensors::ticks_to_duration(self.last_task_ticks.saturating_sub(self.first_task_ticks))
+            .as_secs_f64()
     }
 
     fn input(&self) -> InputIdle {

@@ -25,6 +25,7 @@ use crate::tasks::TaskManager;
 use crate::tasks::oci::OciRuntime;
 use crate::tasks::process::ProcessRuntime;
 use crate::tasks::wasm::WasmRuntime;
+use crate::usage::Ledger;
 use darkcore_proto::agent::v1::Runtime as RuntimeKind;
 
 /// Reconnect delays start here and double up to `MAX_BACKOFF`.
@@ -59,6 +60,9 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
         },
     );
     status.save();
+    if let Some(address) = policy.config.metrics.address {
+        crate::metrics::serve(address, status.subscribe()).await?;
+    }
 
     let (stop_tx, mut stop) = watch::channel(false);
     tokio::spawn(async move {
@@ -85,7 +89,10 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
         }
         Err(_) => {}
     }
-    let (tasks, mut reports) = TaskManager::new(state_dir.join("tasks"), runtimes);
+    let ledger = Ledger::open(state_dir).context("opening the usage ledger")?;
+    let (tasks, mut reports) =
+        TaskManager::new(state_dir.join("tasks"), runtimes, Arc::new(ledger));
+    status.usage(tasks.usage());
     crate::tasks::workdir::reap_stale(&state_dir.join("tasks"));
 
     let seed = seed(&identity.device.device_id);

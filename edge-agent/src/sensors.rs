@@ -105,6 +105,12 @@ pub fn descendant_ticks(root: i32, processes: &[ProcessTicks]) -> u64 {
             .map_or(0, |p| p.reaped_children)
 }
 
+/// Clock ticks (as /proc counts CPU time) as a duration.
+pub fn ticks_to_duration(ticks: u64) -> Duration {
+    let per_second = rustix::param::clock_ticks_per_second().max(1);
+    Duration::from_nanos(ticks.saturating_mul(1_000_000_000) / per_second)
+}
+
 /// The CPU ticks of everything this process started (its tasks), read from /proc.
 pub fn read_task_ticks() -> u64 {
     let Ok(entries) = std::fs::read_dir("/proc") else {

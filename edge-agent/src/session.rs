@@ -144,6 +144,7 @@ pub async fn attach(
     check_version(first.version, "agent").map_err(|e| SessionError::Final(e.to_string()))?;
     tracing::info!(device = %welcome.device_id, pool = %welcome.pool, "attached to the gateway");
     status.connection(true, "connected".into());
+    tasks.usage().resend();
 
     let beat = Duration::from_secs(u64::from(welcome.heartbeat_interval_seconds.clamp(1, 60)));
     let mut heartbeat = tokio::time::interval(beat);
@@ -170,6 +171,7 @@ pub async fn attach(
                 status.policy(&decision, policy.core_seconds_given());
                 step_aside(&decision, policy, tasks);
                 status.tasks(tasks.running());
+                status.usage(tasks.usage());
                 if last_sent.as_ref() != Some(&offered(&decision)) {
                     tracing::info!(available = decision.available, reason = %decision.reason, "owner policy changed what this device gives");
                     last_sent = Some(offered(&decision));
@@ -192,6 +194,10 @@ pub async fn attach(
                             tracing::info!(task = %cancel.task_id, reason = %cancel.reason, "task released by the operator");
                             tasks.cancel(&cancel.task_id, Duration::from_secs(u64::from(cancel.grace_seconds)));
                             status.tasks(tasks.running());
+                        }
+                        Some(operator_message::Body::UsageAck(ack)) => {
+                            tasks.usage().acknowledge(ack.through_sequence);
+                            status.usage(tasks.usage());
                         }
                         _ => {}
                     }

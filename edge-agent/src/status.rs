@@ -5,9 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::identity::{IdentityError, write_private};
 use crate::policy::Decision;
+use crate::usage::{Ledger, Totals};
 
 const STATUS_FILE: &str = "status.json";
 
@@ -27,7 +29,14 @@ pub struct AgentStatus {
     pub offer_millicores: u32,
     pub offer_memory_bytes: u64,
     pub running_tasks: Vec<String>,
+    /// CPU the agent's tasks used since it started, as the policy's sensors measure it.
     pub core_seconds_given: f64,
+    /// The usage ledger's totals since the device joined.
+    #[serde(default)]
+    pub usage: Totals,
+    /// Ledger records the operator has not acknowledged yet.
+    #[serde(default)]
+    pub usage_unacknowledged: usize,
 }
 
 pub fn now_unix() -> u64 {
@@ -41,15 +50,23 @@ pub struct StatusFile {
     path: PathBuf,
     pub status: AgentStatus,
     written: Option<AgentStatus>,
+    /// The latest status, for the metrics endpoint.
+    published: watch::Sender<AgentStatus>,
 }
 
 impl StatusFile {
     pub fn new(state_dir: &Path, status: AgentStatus) -> StatusFile {
         StatusFile {
             path: state_dir.join(STATUS_FILE),
+            published: watch::Sender::new(status.clone()),
             status,
             written: None,
         }
+    }
+
+    /// Follows the status as it changes.
+    pub fn subscribe(&self) -> watch::Receiver<AgentStatus> {
+        self.published.subscribe()
     }
 
     /// Records the latest decision, and the core-seconds given so far.
@@ -59,6 +76,12 @@ impl StatusFile {
         self.status.policy = decision.reason.clone();
         self.status.offer_millicores = decision.offer.millicores;
         self.status.offer_memory_bytes = decision.offer.memory_bytes;
+        self.save();
+    }
+
+    pub fn usage(&mut self, ledger: &Ledger) {
+        self.status.usage = ledger.totals();
+        self.status.usage_unacknowledged = ledger.pending();
         self.save();
     }
 
@@ -80,6 +103,7 @@ impl StatusFile {
             return;
         }
         self.status.updated_unix = now_unix();
+        self.published.send_replace(self.status.clone());
         let text = serde_json::to_string_pretty(&self.status).unwrap_or_default();
         match write_private(&self.path, &text) {
             Ok(()) => self.written = Some(self.status.clone()),
@@ -161,9 +185,23 @@ pub fn render(status: &AgentStatus, running: bool) -> String {
         }
     ));
     out.push_str(&format!(
-        "given:       {:.1} core-seconds\n",
+        "given:       {:.1} core-seconds since the agent started\n",
         status.core_seconds_given
     ));
+    let usage = &status.usage;
+    out.push_str(&format!(
+        "charged:     {} tasks completed, {} interrupted; {:.1} core-seconds, {:.1} GiB-seconds of memory since joining\n",
+        usage.tasks,
+        usage.interrupted,
+        usage.cpu_milliseconds as f64 / 1000.0,
+        usage.memory_mib_seconds as f64 / 1024.0,
+    ));
+    if status.usage_unacknowledged > 0 {
+        out.push_str(&format!(
+            "             {} records wait for the operator to store them\n",
+            status.usage_unacknowledged
+        ));
+    }
     out
 }
 

@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use darkcore_operator::devices::listing as devices_cli;
 use darkcore_operator::enroll::{revocation, token, token_store};
+use darkcore_operator::usage::report as usage_report;
 use k8s_openapi::jiff::Timestamp;
 use tracing_subscriber::EnvFilter;
 
@@ -45,6 +46,22 @@ enum Command {
         /// Only this pool's devices.
         #[arg(long)]
         pool: Option<String>,
+    },
+    /// What the pools' devices gave (CPU, memory, tasks), per pool and namespace, read from
+    /// the PoolUsage objects.
+    Usage {
+        /// Only this pool.
+        #[arg(long)]
+        pool: Option<String>,
+        /// From this UTC day on: a date (2026-11-01) or a time back from now (24h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// A row per device, too.
+        #[arg(long)]
+        per_device: bool,
+        /// table or json.
+        #[arg(long, short = 'o', default_value = "table", value_parser = ["table", "json"])]
+        output: String,
     },
 }
 
@@ -124,6 +141,28 @@ async fn main() -> anyhow::Result<()> {
                 .context("connecting to Kubernetes: set KUBECONFIG to a kubeconfig file")?;
             revocation::revoke(&client, &scope.namespace, &id).await?;
             println!("revoked device {id}: its stream is closed and it cannot connect again");
+            Ok(())
+        }
+        Command::Usage {
+            pool,
+            since,
+            per_device,
+            output,
+        } => {
+            let since = since
+                .map(|text| usage_report::since_day(&text, Timestamp::now()))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to Kubernetes: set KUBECONFIG to a kubeconfig file")?;
+            let objects = usage_report::fetch(&client, pool.as_deref()).await?;
+            let rows = usage_report::summarize(&objects, since.as_deref(), per_device);
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", usage_report::render(&rows, per_device));
+            }
             Ok(())
         }
         Command::Devices { operator, pool } => {

@@ -59,6 +59,7 @@ pub struct Metrics {
     pub placement_duration: Histogram,
     pub dispatch_latency: Histogram,
     pub pod_create_to_running: Histogram,
+    usage_records: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -172,7 +173,14 @@ impl Default for Metrics {
             "From a pod's creationTimestamp to the operator reporting it Running",
             pod_create_to_running.clone(),
         );
+        let usage_records = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "usage_records",
+            "Usage records from agents, by result: counted, or duplicate (sent again after a lost acknowledgement, counted before)",
+            usage_records.clone(),
+        );
         Metrics {
+            usage_records,
             registry,
             pool_devices,
             tasks_dispatched,
@@ -263,6 +271,14 @@ impl Metrics {
         self.tasks_completed
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+
+    pub fn usage_records(&self, result: &'static str, count: usize) {
+        if count > 0 {
+            self.usage_records
+                .get_or_create(&ResultLabels { result })
+                .inc_by(count as u64);
+        }
     }
 
     pub fn task_redispatched(&self, reason: &'static str) {

@@ -36,6 +36,7 @@ use crate::pods::writer::Writer;
 use crate::pool::controller::{Context, REGISTRY_WARMUP, error_policy, reconcile};
 use crate::pool::node_status::KubeletEndpoint;
 use crate::pool::{FIELD_MANAGER, POOL_LABEL, lease};
+use crate::usage::recorder::Recorder as UsageRecorder;
 
 /// Options of `darkcore-operator run`.
 #[derive(clap::Args, Debug, Clone)]
@@ -101,6 +102,10 @@ pub struct RunArgs {
     /// makes Kubernetes delete them and their leases. Empty: nodes have no owner.
     #[arg(long, env = "DARKCORE_OWNER_CLUSTER_ROLE")]
     pub owner_cluster_role: Option<String>,
+    /// How often usage records from agents are written to PoolUsage objects (each changed
+    /// object once per interval; agents keep their records until then).
+    #[arg(long, env = "DARKCORE_USAGE_FLUSH_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub usage_flush_seconds: u64,
 }
 
 impl RunArgs {
@@ -239,9 +244,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         host_ip: args.node_address.clone(),
         metrics: metrics.clone(),
     }));
+    let (usage_recorder, usage, usage_inbox) = UsageRecorder::new(
+        client.clone(),
+        metrics.clone(),
+        Duration::from_secs(args.usage_flush_seconds),
+    );
+    let usage_loop = tokio::spawn(usage_recorder.run(usage_inbox));
     let task_reports = TaskReports {
         controller: pod_controller.inbox(),
         logs: logs.clone(),
+        usage,
     };
     let pod_watches = tokio::spawn(crate::pods::watch::follow_nodes(
         client.clone(),
@@ -389,6 +401,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     pod_loop.abort();
     kubelet_api.abort();
     gateway.abort();
+    // Records not yet written were not acknowledged: agents send them to the next leader.
+    usage_loop.abort();
     sweeper.abort();
     revocations.abort();
     readiness.abort();

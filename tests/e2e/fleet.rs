@@ -114,7 +114,14 @@ impl Agent {
         Agent::start_with(gateway_port, token, 1.0, &testing).await
     }
 
-    async fn start_with(gateway_port: u16, token: &str, max_cores: f64, testing: &str) -> Agent {
+    /// Joins and starts `run` with more config: `testing` is appended to the config's
+    /// `[testing]` section, and may open further sections.
+    pub async fn start_with(
+        gateway_port: u16,
+        token: &str,
+        max_cores: f64,
+        testing: &str,
+    ) -> Agent {
         let joined = join_with(gateway_port, token, max_cores, testing);
         assert!(joined.ok, "join failed: {}", joined.output);
         let device_id = joined
@@ -184,6 +191,14 @@ impl Agent {
         } else {
             std::fs::remove_file(&file).unwrap();
         }
+    }
+
+    /// The status file `run` keeps, as JSON.
+    pub fn status_json(&self) -> serde_json::Value {
+        std::fs::read_to_string(self.state_dir.join("status.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default()
     }
 
     /// `darkcore-agent status` as a person would run it.

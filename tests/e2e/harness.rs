@@ -49,9 +49,7 @@ pub fn unique(prefix: &str) -> String {
 /// Installs the committed CRD YAML (server-side apply, so parallel tests agree) and waits
 /// until the API server serves it.
 pub async fn ensure_crds(client: &Client) {
-    let text =
-        std::fs::read_to_string(workspace().join("crds/generated/devicepools.darkcore.io.yaml"))
-            .unwrap();
+    let text = std::fs::read_to_string(workspace().join("crds/generated/crds.yaml")).unwrap();
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for doc in text
         .split("\n---\n")
@@ -280,6 +278,8 @@ impl Operator {
             ])
             .args(extra)
             .env("KUBECONFIG", crate::helm::impersonating_kubeconfig())
+            // Usage records are stored within a second, so tests need not wait 30 s.
+            .env("DARKCORE_USAGE_FLUSH_SECONDS", "1")
             .env("RUST_LOG", "info,kube=warn");
         let child = spawn_logged(command, &log);
         let mut operator = Operator {
@@ -330,22 +330,7 @@ impl Operator {
 
     /// A plain HTTP GET against the operator's health and metrics server.
     pub async fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.http_port)).await?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-            .await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        let code = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((code, body))
+        http_get(self.http_port, path).await
     }
 
     fn log_tail(&self) -> String {
@@ -353,6 +338,26 @@ impl Operator {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
+}
+
+/// A plain HTTP GET on loopback: the status code and the body.
+pub async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
 }
 
 /// Starts `command` in the background with stdout and stderr appended to `log`; the process

@@ -14,4 +14,5 @@ mod pools;
 mod rbac;
 mod scheduling;
 mod tokens;
+mod usage;
 mod wasm;

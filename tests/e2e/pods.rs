@@ -55,6 +55,21 @@ impl Bench {
         }
     }
 
+    /// Joins one more agent (of one core; `testing` is more agent config, as for
+    /// [`Agent::start_with`]) and waits until the node counts its core.
+    pub async fn add_agent(&mut self, testing: &str) {
+        let token = token(&self.fx.pool, &[]);
+        self.agents
+            .push(Agent::start_with(self.fx.operator.gateway_port, &token, 1.0, testing).await);
+        fleet::node_cpu_is(
+            &self.fx.nodes(),
+            &self.fx.node,
+            1000 * self.agents.len() as u64,
+            Duration::from_secs(30),
+        )
+        .await;
+    }
+
     pub fn pods(&self) -> Api<Pod> {
         Api::namespaced(self.fx.client.clone(), &self.ns.name)
     }
@@ -86,7 +101,7 @@ impl Bench {
     }
 
     /// A `darkcore-process` pod for this pool running `script` in sh.
-    fn pod(&self, name: &str, script: &str, restart: &str) -> Pod {
+    pub fn pod(&self, name: &str, script: &str, restart: &str) -> Pod {
         let container = serde_json::json!({ "image": "busybox", "command": ["sh", "-c", script] });
         self.pod_in("darkcore-process", name, container, restart)
     }
@@ -276,7 +291,7 @@ impl Bench {
     }
 
     /// Starts the operator again on the same ports and scope, after a kill.
-    async fn restart_operator(&mut self) {
+    pub async fn restart_operator(&mut self) {
         let op = &self.fx.operator;
         let (scope, http, gateway, kubelet) = (
             op.scope.clone(),
@@ -849,18 +864,8 @@ async fn a_lost_device_or_a_returning_owner_moves_the_task_elsewhere() {
         .position(|a| a.device_id != first)
         .unwrap();
     bench.agents.retain(|a| a.device_id != first);
-    let token = token(&bench.fx.pool, &[]);
-    bench
-        .agents
-        .push(Agent::start(bench.fx.operator.gateway_port, &token, 1.0).await);
+    bench.add_agent("").await;
     let _ = survivor;
-    fleet::node_cpu_is(
-        &bench.fx.nodes(),
-        &bench.fx.node,
-        2000,
-        Duration::from_secs(30),
-    )
-    .await;
     bench
         .create(bench.pod("preempted", "sleep 4; echo finished", "Never"))
         .await;

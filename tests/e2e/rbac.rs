@@ -50,6 +50,8 @@ async fn the_service_account_cannot_do_what_the_operator_does_not_need() {
         &["create", "devicepools.darkcore.io"],
         &["delete", "devicepools.darkcore.io"],
         &["update", "devicepools.darkcore.io"],
+        &["delete", "poolusages.darkcore.io"],
+        &["list", "poolusages.darkcore.io"],
         &["create", "clusterroles"],
         &["escalate", "clusterroles"],
         &["create", "rolebindings", "-n", "darkcore-system"],
@@ -84,6 +86,8 @@ async fn the_service_account_cannot_do_what_the_operator_does_not_need() {
         &["create", "tokenreviews"],
         &["create", "subjectaccessreviews"],
         &["patch", "devicepools.darkcore.io", "--subresource=status"],
+        &["create", "poolusages.darkcore.io"],
+        &["update", "poolusages.darkcore.io"],
         &[
             "get",
             "configmaps/extension-apiserver-authentication",

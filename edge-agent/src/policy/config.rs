@@ -19,6 +19,7 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     pub policy: OwnerPolicy,
     pub images: ImagesConfig,
+    pub metrics: MetricsConfig,
     /// Hooks for tests: they stand in for sensors that a test cannot drive. Never needed in
     /// production.
     pub testing: TestHooks,
@@ -31,6 +32,16 @@ pub struct ImagesConfig {
     /// Registries (host:port) spoken to over plain HTTP instead of HTTPS, such as one on
     /// loopback. Credentials sent to them travel in the clear.
     pub insecure_registries: Vec<String>,
+}
+
+/// The opt-in Prometheus endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where to serve /metrics, such as "127.0.0.1:9464". Absent: no endpoint. Anyone who can
+    /// reach it sees the device's policy state and usage, so keep it on loopback unless a
+    /// firewall guards it.
+    pub address: Option<std::net::SocketAddr>,
 }
 
 /// Sensor stand-ins for tests.
@@ -216,6 +227,17 @@ mod tests {
         let config = parse(example).unwrap();
         assert_eq!(config.policy.max_memory, Some(ByteSize(4 << 30)));
         assert_eq!(config.labels.get("room").map(String::as_str), Some("lab-3"));
+    }
+
+    #[test]
+    fn the_metrics_endpoint_is_off_unless_an_address_is_given() {
+        assert_eq!(parse("").unwrap().metrics.address, None);
+        let on = parse("[metrics]\naddress = \"127.0.0.1:9464\"\n").unwrap();
+        assert_eq!(on.metrics.address, Some("127.0.0.1:9464".parse().unwrap()));
+        let err = parse("[metrics]\naddress = \"localhost\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("address"), "{err}");
     }
 
     #[test]

@@ -20,12 +20,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use darkcore_proto::agent::v1::{
-    LogChunk, Runtime as RuntimeKind, TaskAssign, TaskPhase, TaskStatus, agent_message,
+    LogChunk, Runtime as RuntimeKind, TaskAssign, TaskPhase, TaskStatus, UsageRecords,
+    agent_message,
 };
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::tasks::runtime::Runtime;
 use crate::tasks::supervise::{Stop, Supervisor};
+use crate::usage::{Ledger, Run};
 
 /// Log chunks held while the gateway is slow or away; newer ones are dropped beyond it
 /// (statuses are never dropped: the latest of each task is always kept).
@@ -47,6 +49,8 @@ pub struct Board {
     logs: mpsc::Sender<LogChunk>,
     pub dropped_log_chunks: AtomicU64,
     tasks_root: PathBuf,
+    /// Where each run is charged when it ends.
+    pub usage: Arc<Ledger>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -73,6 +77,12 @@ impl Board {
         if self.logs.try_send(chunk).is_err() {
             self.dropped_log_chunks.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// A run ended: charge it, and send the record.
+    pub fn charge(&self, run: Run) {
+        self.usage.charge(run);
+        self.notify.notify_one();
     }
 
     /// A task's supervisor ended. A released task is forgotten once its final status is
@@ -131,6 +141,10 @@ impl Reports {
             if let Some(status) = self.board.take_dirty() {
                 return agent_message::Body::TaskStatus(status);
             }
+            let records = self.board.usage.unsent();
+            if !records.is_empty() {
+                return agent_message::Body::UsageRecords(UsageRecords { records });
+            }
             tokio::select! {
                 biased;
                 Some(chunk) = self.logs.recv() => return agent_message::Body::LogChunk(chunk),
@@ -147,10 +161,12 @@ pub struct TaskManager {
 }
 
 impl TaskManager {
-    /// Tasks keep their directories under `tasks_root`; `runtimes` are the ones installed.
+    /// Tasks keep their directories under `tasks_root`; `runtimes` are the ones installed;
+    /// each run is charged to `usage`.
     pub fn new(
         tasks_root: PathBuf,
         runtimes: Vec<(RuntimeKind, Arc<dyn Runtime>)>,
+        usage: Arc<Ledger>,
     ) -> (TaskManager, Reports) {
         let (logs_tx, logs) = mpsc::channel(LOG_QUEUE);
         let board = Arc::new(Board {
@@ -160,6 +176,7 @@ impl TaskManager {
             logs: logs_tx,
             dropped_log_chunks: AtomicU64::new(0),
             tasks_root,
+            usage,
         });
         (
             TaskManager {
@@ -288,6 +305,11 @@ impl TaskManager {
         }
     }
 
+    /// The device's usage ledger.
+    pub fn usage(&self) -> &Ledger {
+        &self.board.usage
+    }
+
     /// The latest status of every task held, for Hello. Whatever was waiting to be sent is
     /// in it, so the queue of changes starts empty.
     pub fn snapshot(&self) -> Vec<TaskStatus> {
@@ -322,9 +344,12 @@ mod tests {
     fn manager(name: &str) -> (TaskManager, Reports) {
         let root =
             std::env::temp_dir().join(format!("darkcore-tasks-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        let _ = std::fs::remove_file(root.join("usage.json"));
         TaskManager::new(
-            root,
+            root.clone(),
             vec![(RuntimeKind::Process, Arc::new(ProcessRuntime) as _)],
+            Arc::new(Ledger::open(&root).unwrap()),
         )
     }
 
@@ -389,6 +414,56 @@ mod tests {
         );
         tasks.cancel("t1", Duration::ZERO);
         assert!(tasks.snapshot().is_empty(), "a released task is forgotten");
+    }
+
+    /// The next usage records a session would send.
+    async fn next_records(reports: &mut Reports) -> Vec<darkcore_proto::agent::v1::UsageRecord> {
+        loop {
+            if let agent_message::Body::UsageRecords(usage) =
+                tokio::time::timeout(Duration::from_secs(20), reports.next())
+                    .await
+                    .expect("usage records")
+            {
+                return usage.records;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_run_is_charged_the_cpu_of_its_process_and_of_the_children_it_waited_for() {
+        let (tasks, mut reports) = manager("charge");
+        let busy = "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done";
+        tasks.assign(
+            shell(
+                "t4",
+                &format!("{busy}; sh -c '{busy}'"),
+                RestartPolicy::Never,
+            ),
+            None,
+        );
+        let records = next_records(&mut reports).await;
+        assert_eq!(records.len(), 1);
+        let record = &records[0];
+        assert_eq!((record.sequence, record.task_id.as_str()), (1, "t4"));
+        assert!(record.completed);
+        let held_ms = (record.ended_unix_ms - record.started_unix_ms) as u64;
+        assert!(
+            record.cpu_milliseconds >= 50 && record.cpu_milliseconds <= held_ms + 20,
+            "two busy loops, one after the other: {} ms of CPU in {held_ms} ms",
+            record.cpu_milliseconds
+        );
+        assert_eq!(tasks.usage().totals().tasks, 1);
+    }
+
+    #[tokio::test]
+    async fn a_preempted_run_is_charged_as_interrupted() {
+        let (tasks, mut reports) = manager("interrupted");
+        tasks.assign(shell("t5", "sleep 30", RestartPolicy::Never), None);
+        tasks.preempt_all(Duration::ZERO, "owner is back");
+        let records = next_records(&mut reports).await;
+        assert!(!records[0].completed);
+        let totals = tasks.usage().totals();
+        assert_eq!((totals.tasks, totals.interrupted), (0, 1));
     }
 
     #[tokio::test]

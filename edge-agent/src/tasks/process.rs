@@ -7,11 +7,12 @@
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::time::Duration;
 
 use rustix::process::{Pid, Signal, kill_process_group};
 use tokio::process::{Child, Command};
 
-use crate::tasks::runtime::{Exit, Launch, Output, Runtime, StartError, Workload};
+use crate::tasks::runtime::{Exit, Launch, Output, Runtime, StartError, Workload, cpu_at_exit};
 use crate::tasks::workdir::under_root;
 
 /// The PATH a task gets when its pod sets none.
@@ -75,13 +76,18 @@ impl Runtime for ProcessRuntime {
             crate::tasks::workdir::record_process_group(&launch.task_dir, id);
         }
         let group = child.id().and_then(|id| Pid::from_raw(id as i32));
-        Ok(Box::new(Process { child, group }))
+        Ok(Box::new(Process {
+            child,
+            group,
+            cpu: Duration::ZERO,
+        }))
     }
 }
 
 struct Process {
     child: Child,
     group: Option<Pid>,
+    cpu: Duration,
 }
 
 impl Process {
@@ -100,6 +106,9 @@ impl Workload for Process {
     }
 
     async fn wait(&mut self) -> Exit {
+        if let Some(cpu) = cpu_at_exit(&self.child).await {
+            self.cpu = cpu;
+        }
         match self.child.wait().await {
             Ok(status) => match (status.code(), status.signal()) {
                 (Some(code), _) => Exit::from_code(code),
@@ -112,6 +121,10 @@ impl Workload for Process {
                 message: format!("waiting for the process: {e}"),
             },
         }
+    }
+
+    fn cpu_used(&self) -> Duration {
+        self.cpu
     }
 
     fn terminate(&mut self) {

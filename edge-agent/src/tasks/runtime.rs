@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use darkcore_proto::agent::v1::Container;
 use tokio::io::AsyncRead;
@@ -58,6 +59,31 @@ pub fn child_output(child: &mut tokio::process::Child) -> (Option<Output>, Optio
     )
 }
 
+/// Waits until `child` has exited, without reaping it, and reads the CPU time its processes
+/// used from the zombie's /proc/<pid>/stat: its own time and that of every child it waited
+/// for (a shell's commands, or runc's container). The caller then reaps it with `wait`.
+/// `None` when the child is reaped already. A waiting thread is held per running container.
+pub async fn cpu_at_exit(child: &tokio::process::Child) -> Option<Duration> {
+    use rustix::process::{Pid, WaitId, WaitIdOptions, waitid};
+    let pid = Pid::from_raw(i32::try_from(child.id()?).ok()?)?;
+    tokio::task::spawn_blocking(move || {
+        // WNOWAIT leaves the child a zombie, whose stat still holds its times.
+        waitid(
+            WaitId::Pid(pid),
+            WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
+        )
+        .ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw_nonzero())).ok()?;
+        let ticks = crate::sensors::parse_pid_stat(&stat)?;
+        Some(crate::sensors::ticks_to_duration(
+            ticks.own + ticks.reaped_children,
+        ))
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
 /// A container that is running.
 #[tonic::async_trait]
 pub trait Workload: Send {
@@ -65,6 +91,9 @@ pub trait Workload: Send {
     fn take_output(&mut self) -> (Option<Output>, Option<Output>);
     /// Waits until it ends.
     async fn wait(&mut self) -> Exit;
+    /// The CPU time it used, complete once `wait` has returned. It is charged to the task's
+    /// owner-facing usage record (`crate::usage`).
+    fn cpu_used(&self) -> Duration;
     /// Asks it to stop (SIGTERM or the runtime's equivalent).
     fn terminate(&mut self);
     /// Stops it now (SIGKILL or equivalent).

@@ -14,10 +14,11 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 
 use crate::images::Image;
-use crate::tasks::Board;
 use crate::tasks::lifecycle::{self, BACKOFF_RESET_AFTER, Standing};
 use crate::tasks::runtime::{Exit, Launch, Output, Runtime, Workload};
 use crate::tasks::workdir;
+use crate::tasks::{Board, lock};
+use crate::usage::Run;
 
 /// A log chunk ends at a newline or at this many bytes.
 pub const LOG_CHUNK_BYTES: usize = 16 * 1024;
@@ -60,15 +61,26 @@ pub struct Supervisor {
     pub stop: watch::Receiver<Option<Stop>>,
 }
 
-/// The task's status as its containers change it; every change is published.
+/// The task's status as its containers change it (every change is published), and the CPU
+/// its container runs have used.
 struct Shared {
     status: Mutex<TaskStatus>,
     board: Arc<Board>,
+    cpu: Mutex<Duration>,
+}
+
+/// The memory a task reserves, as the scheduler counts a pod's request: the larger of its
+/// containers' sum and its largest init container.
+pub fn reserved_memory(task: &TaskAssign) -> u64 {
+    let request = |c: &Container| c.resources.as_ref().map_or(0, |r| r.request_memory_bytes);
+    let containers: u64 = task.containers.iter().map(request).sum();
+    let init = task.init_containers.iter().map(request).max().unwrap_or(0);
+    containers.max(init)
 }
 
 impl Shared {
     fn update(&self, f: impl FnOnce(&mut TaskStatus)) {
-        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let mut status = lock(&self.status);
         f(&mut status);
         self.board.report(status.clone());
     }
@@ -97,9 +109,9 @@ fn waiting(name: &str, reason: &str) -> ContainerStatus {
 
 impl Supervisor {
     pub async fn run(self) {
-        let task_id = self.task.task_id.clone();
+        let took_unix_ms = unix_ms();
         let initial = TaskStatus {
-            task_id: task_id.clone(),
+            task_id: self.task.task_id.clone(),
             phase: TaskPhase::Pending as i32,
             init_containers: self
                 .task
@@ -127,17 +139,24 @@ impl Supervisor {
         let shared = Arc::new(Shared {
             status: Mutex::new(initial.clone()),
             board: self.board.clone(),
+            cpu: Mutex::new(Duration::ZERO),
         });
         self.board.report(initial);
+        self.run_task(&shared).await;
+        self.charge(&shared, took_unix_ms);
+        self.board.finished(&self.task.task_id);
+    }
+
+    /// Init containers, then the containers, to the task's final phase.
+    async fn run_task(&self, shared: &Shared) {
         let policy =
             RestartPolicy::try_from(self.task.restart_policy).unwrap_or(RestartPolicy::Always);
-
         for (index, container) in self.task.init_containers.iter().enumerate() {
             let standing = self
-                .run_container(&shared, Kind::Init, index, container, policy)
+                .run_container(shared, Kind::Init, index, container, policy)
                 .await;
             if let Some(stop) = self.stopped() {
-                self.finish(&shared, &stop);
+                self.finish(shared, &stop);
                 return;
             }
             if standing != Standing::Done(0) {
@@ -149,7 +168,6 @@ impl Supervisor {
                         c.reason = "PodInitializing".into();
                     }
                 });
-                self.board.finished(&task_id);
                 return;
             }
         }
@@ -168,14 +186,30 @@ impl Supervisor {
             .iter()
             .enumerate()
             .map(|(index, container)| {
-                self.run_container(&shared, Kind::Regular, index, container, policy)
+                self.run_container(shared, Kind::Regular, index, container, policy)
             });
         let standings = futures::future::join_all(runs).await;
         match self.stopped() {
-            Some(stop) => self.finish(&shared, &stop),
+            Some(stop) => self.finish(shared, &stop),
             None => shared.update(|s| s.phase = lifecycle::phase(&standings) as i32),
         }
-        self.board.finished(&task_id);
+    }
+
+    /// Charges the run to the device's usage ledger: the CPU its containers used, and the
+    /// memory it reserved for as long as the device held it.
+    fn charge(&self, shared: &Shared, took_unix_ms: i64) {
+        let phase = lock(&shared.status).phase;
+        let cpu = *lock(&shared.cpu);
+        self.board.charge(Run {
+            task_id: self.task.task_id.clone(),
+            namespace: self.task.namespace.clone(),
+            pod_name: self.task.pod_name.clone(),
+            started_unix_ms: took_unix_ms,
+            ended_unix_ms: unix_ms(),
+            cpu,
+            memory_bytes: reserved_memory(&self.task),
+            completed: phase == TaskPhase::Succeeded as i32 || phase == TaskPhase::Failed as i32,
+        });
     }
 
     fn stopped(&self) -> Option<Stop> {
@@ -195,7 +229,6 @@ impl Supervisor {
                 s.message = "stopped by the operator".into();
             }
         });
-        self.board.finished(&self.task.task_id);
     }
 
     /// Runs one container until it is done for good (by the restart policy) or stopped.
@@ -422,6 +455,7 @@ impl Supervisor {
             exit = workload.wait() => exit,
             grace = grace_when_stopped(stop) => stop_workload(workload.as_mut(), grace).await,
         };
+        *lock(&shared.cpu) += workload.cpu_used();
         for pump in pumps.into_iter().flatten() {
             let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, pump).await;
         }

@@ -197,17 +197,19 @@ impl Runtime for WasmRuntime {
                     ticker_engine.increment_epoch();
                 }
             });
-            let result = start.call_async(&mut store, ()).await;
+            let mut cpu = Duration::ZERO;
+            let result = on_cpu(start.call_async(&mut store, ()), &mut cpu).await;
             ticker.abort();
             // Dropping the store closes the pipes, so the log pumps see the end.
             drop(store);
-            let _ = done.send(exit_of(result, memory));
+            let _ = done.send((exit_of(result, memory), cpu));
         });
         Ok(Box::new(WasmWorkload {
             stdout: Some(Box::new(stdout_reader)),
             stderr: Some(Box::new(stderr_reader)),
             exit: Some(exit),
             killed,
+            cpu: Duration::ZERO,
         }))
     }
 }
@@ -243,11 +245,31 @@ fn exit_of(result: anyhow::Result<()>, memory: Option<u64>) -> Exit {
     }
 }
 
+/// Polls `future` to its end, adding the CPU time of the threads that polled it to `used`.
+/// A module runs only inside these polls (it yields at each epoch tick), so the sum is the CPU
+/// it used, wherever the runtime moved it.
+async fn on_cpu<F: Future>(future: F, used: &mut Duration) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| {
+        let before = thread_cpu();
+        let poll = future.as_mut().poll(cx);
+        *used += thread_cpu().saturating_sub(before);
+        poll
+    })
+    .await
+}
+
+fn thread_cpu() -> Duration {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
 struct WasmWorkload {
     stdout: Option<Output>,
     stderr: Option<Output>,
-    exit: Option<oneshot::Receiver<Exit>>,
+    exit: Option<oneshot::Receiver<(Exit, Duration)>>,
     killed: Arc<AtomicBool>,
+    cpu: Duration,
 }
 
 #[tonic::async_trait]
@@ -257,14 +279,24 @@ impl Workload for WasmWorkload {
     }
 
     async fn wait(&mut self) -> Exit {
-        match self.exit.take() {
-            Some(exit) => exit.await.unwrap_or_else(|_| Exit {
+        let Some(exit) = self.exit.take() else {
+            return Exit::from_code(1);
+        };
+        match exit.await {
+            Ok((exit, cpu)) => {
+                self.cpu = cpu;
+                exit
+            }
+            Err(_) => Exit {
                 code: 1,
                 reason: "Error".into(),
                 message: "the module's runner ended without an outcome".into(),
-            }),
-            None => Exit::from_code(1),
+            },
         }
+    }
+
+    fn cpu_used(&self) -> Duration {
+        self.cpu
     }
 
     /// WASI has no signals: the module runs on until the grace period ends.

@@ -20,6 +20,7 @@ use crate::gateway::tls::{DeviceIdentity, identity_of};
 use crate::kubelet::log_store::{LogStore, Refused};
 use crate::metrics::Metrics;
 use crate::pods::controller::Input;
+use crate::usage::recorder::Charged;
 
 /// Messages queued for one agent before the sender waits (backpressure, bounded memory).
 pub const SEND_QUEUE: usize = 64;
@@ -38,11 +39,13 @@ pub struct AttachService {
     pub tasks: TaskReports,
 }
 
-/// Where task reports and output from agents go: the pod controller and the log store.
+/// Where task reports, output and usage from agents go: the pod controller, the log store
+/// and the usage recorder.
 #[derive(Clone)]
 pub struct TaskReports {
     pub controller: mpsc::Sender<Input>,
     pub logs: Arc<LogStore>,
+    pub usage: mpsc::Sender<Charged>,
 }
 
 #[tonic::async_trait]
@@ -239,7 +242,18 @@ impl AgentStream {
                     });
                 }
             }
-            // Usage is accounted with issue 7; until then it shows the device is alive.
+            Some(agent_message::Body::UsageRecords(usage)) => {
+                self.registry.heartbeat(device, generation);
+                let charged = Charged {
+                    device: device.to_string(),
+                    pool: self.identity.pool.clone(),
+                    records: usage.records,
+                    ack: self.sender.clone(),
+                };
+                // Waiting here is backpressure; a record is never dropped unacknowledged.
+                let _ = self.tasks.usage.send(charged).await;
+            }
+            // Live usage (for `kubectl top`) is not read yet; it shows the device is alive.
             Some(_) => self.registry.heartbeat(device, generation),
             None => self.metrics.frame_rejected("empty"),
         }

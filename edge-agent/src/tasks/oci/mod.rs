@@ -12,11 +12,12 @@ pub mod spec;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
 use crate::images::ImageStore;
-use crate::tasks::runtime::{Exit, Launch, Output, Runtime, StartError, Workload};
+use crate::tasks::runtime::{Exit, Launch, Output, Runtime, StartError, Workload, cpu_at_exit};
 use spec::{Bind, SpecInput};
 
 /// The container runners the agent looks for, in order of preference.
@@ -300,6 +301,7 @@ impl Runtime for OciRuntime {
             id,
             bundle,
             runner: self.runner.clone(),
+            cpu: Duration::ZERO,
         }))
     }
 }
@@ -311,6 +313,7 @@ struct Container {
     id: String,
     bundle: PathBuf,
     runner: Runner,
+    cpu: Duration,
 }
 
 impl Container {
@@ -329,6 +332,18 @@ impl Container {
     }
 
     /// How many processes the kernel's OOM killer took from the container's cgroup.
+    /// The CPU time of everything in the container's cgroup, orphans included.
+    fn cgroup_cpu(&self) -> Option<Duration> {
+        let cgroup = format!("darkcore/{}", self.id);
+        let v2 = format!("/sys/fs/cgroup/{cgroup}/cpu.stat");
+        let v1 = format!("/sys/fs/cgroup/cpuacct/{cgroup}/cpuacct.usage");
+        if let Ok(text) = std::fs::read_to_string(v2) {
+            return cpu_stat_usage(&text);
+        }
+        let nanos = std::fs::read_to_string(v1).ok()?.trim().parse().ok()?;
+        Some(Duration::from_nanos(nanos))
+    }
+
     fn oom_kills(&self) -> u64 {
         let cgroup = format!("darkcore/{}", self.id);
         let v1 = format!("/sys/fs/cgroup/memory/{cgroup}/memory.oom_control");
@@ -339,6 +354,14 @@ impl Container {
             .find_map(|text| oom_kill_count(&text))
             .unwrap_or(0)
     }
+}
+
+/// The `usage_usec` of a cgroup v2 cpu.stat.
+fn cpu_stat_usage(text: &str) -> Option<Duration> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|n| n.trim().parse().ok())
+        .map(Duration::from_micros)
 }
 
 /// The `oom_kill` count of a memory.oom_control (v1) or memory.events (v2) file.
@@ -364,9 +387,14 @@ impl Workload for Container {
     }
 
     async fn wait(&mut self) -> Exit {
+        // runc waits for the container's init, so its own reaped time is the fallback.
+        let runner_cpu = cpu_at_exit(&self.child).await;
         let status = self.child.wait().await;
         let started = self.bundle.join("pid").exists();
         let oom = self.oom_kills();
+        if let Some(cpu) = self.cgroup_cpu().or(runner_cpu) {
+            self.cpu = cpu;
+        }
         let log = std::fs::read_to_string(self.bundle.join("runc.log")).unwrap_or_default();
         let _ = self.command(&["delete", "--force"], &[]).status().await;
         let code = match status {
@@ -403,6 +431,10 @@ impl Workload for Container {
         }
     }
 
+    fn cpu_used(&self) -> Duration {
+        self.cpu
+    }
+
     fn terminate(&mut self) {
         self.signal("TERM");
     }
@@ -420,6 +452,13 @@ mod tests {
     fn container_ids_are_plain() {
         assert_eq!(container_id("0b1c.1", "main"), "0b1c.1-main");
         assert_eq!(container_id("t.2", "a/b c"), "t.2-a_b_c");
+    }
+
+    #[test]
+    fn cpu_usage_is_read_from_cpu_stat() {
+        let text = "usage_usec 1234567\nuser_usec 1000000\nsystem_usec 234567\n";
+        assert_eq!(cpu_stat_usage(text), Some(Duration::from_micros(1_234_567)));
+        assert_eq!(cpu_stat_usage("user_usec 1\n"), None);
     }
 
     #[test]

@@ -1,0 +1,173 @@
+//! Pure accounting: which `PoolUsage` object a device's record belongs in, and how records
+//! are added to one exactly once (each object keeps, per device, the highest sequence applied).
+
+use darkcore_crds::pool_usage::SHARDS;
+use darkcore_crds::{Amounts, PoolUsageSpec};
+use darkcore_proto::agent::v1::UsageRecord;
+use k8s_openapi::jiff::Timestamp;
+
+/// One `PoolUsage` object: a pool, a UTC day, a shard of its devices.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Bucket {
+    pub pool: String,
+    pub day: String,
+    pub shard: u32,
+}
+
+impl Bucket {
+    /// Where `device`'s record that ended at `ended_unix_ms` is counted. Stable across
+    /// restarts and versions, so a record sent again lands on the object that counted it.
+    pub fn of(pool: &str, device: &str, ended_unix_ms: i64) -> Bucket {
+        Bucket {
+            pool: pool.to_string(),
+            day: utc_day(ended_unix_ms),
+            shard: shard_of(device),
+        }
+    }
+
+    /// The object's name: `<pool>.<day>.<shard>`, e.g. `lab.2026-11-22.07`.
+    pub fn name(&self) -> String {
+        format!("{}.{}.{:02}", self.pool, self.day, self.shard)
+    }
+
+    pub fn empty_spec(&self) -> PoolUsageSpec {
+        PoolUsageSpec {
+            pool: self.pool.clone(),
+            day: self.day.clone(),
+            shard: self.shard,
+            device_count: 0,
+            total: Amounts::default(),
+            devices: Default::default(),
+        }
+    }
+}
+
+/// The UTC day of a time, as YYYY-MM-DD.
+pub fn utc_day(unix_ms: i64) -> String {
+    Timestamp::from_millisecond(unix_ms)
+        .unwrap_or(Timestamp::UNIX_EPOCH)
+        .strftime("%Y-%m-%d")
+        .to_string()
+}
+
+/// FNV-1a of the device id: a hash that never changes with the Rust version.
+pub fn shard_of(device: &str) -> u32 {
+    let hash = device.bytes().fold(0x811c_9dc5u32, |hash, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    });
+    hash % SHARDS
+}
+
+/// A record's amounts.
+pub fn amounts_of(record: &UsageRecord) -> Amounts {
+    Amounts {
+        tasks: u64::from(record.completed),
+        interrupted: u64::from(!record.completed),
+        cpu_milliseconds: record.cpu_milliseconds,
+        memory_mib_seconds: record.memory_mib_seconds,
+    }
+}
+
+/// Adds `device`'s records to `spec`, skipping any it has applied already; returns how many
+/// were added. Records must be in sequence order (the agent sends them so).
+pub fn apply(spec: &mut PoolUsageSpec, device: &str, records: &[UsageRecord]) -> usize {
+    let entry = spec.devices.entry(device.to_string()).or_default();
+    let mut added = 0;
+    for record in records {
+        if record.sequence <= entry.applied_sequence {
+            continue;
+        }
+        let amounts = amounts_of(record);
+        let namespace = if record.namespace.is_empty() {
+            "(none)"
+        } else {
+            &record.namespace
+        };
+        entry
+            .namespaces
+            .entry(namespace.to_string())
+            .or_default()
+            .add(&amounts);
+        entry.applied_sequence = record.sequence;
+        spec.total.add(&amounts);
+        added += 1;
+    }
+    if entry.namespaces.is_empty() {
+        spec.devices.remove(device);
+    }
+    spec.device_count = spec.devices.len() as u32;
+    added
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(sequence: u64, namespace: &str, cpu: u64, completed: bool) -> UsageRecord {
+        UsageRecord {
+            sequence,
+            namespace: namespace.into(),
+            cpu_milliseconds: cpu,
+            memory_mib_seconds: 10,
+            completed,
+            ended_unix_ms: 1_795_000_000_000,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_record_sent_again_is_counted_once() {
+        let bucket = Bucket::of("lab", "dev-1", 1_795_000_000_000);
+        let mut spec = bucket.empty_spec();
+        let first = [record(1, "a", 100, true), record(2, "b", 50, false)];
+        assert_eq!(apply(&mut spec, "dev-1", &first), 2);
+        // The operator restarted before acknowledging: everything comes again, plus one more.
+        let again = [
+            record(1, "a", 100, true),
+            record(2, "b", 50, false),
+            record(3, "a", 25, true),
+        ];
+        assert_eq!(apply(&mut spec, "dev-1", &again), 1);
+        assert_eq!(
+            spec.total,
+            Amounts {
+                tasks: 2,
+                interrupted: 1,
+                cpu_milliseconds: 175,
+                memory_mib_seconds: 30
+            }
+        );
+        let device = &spec.devices["dev-1"];
+        assert_eq!(device.applied_sequence, 3);
+        assert_eq!(device.namespaces["a"].cpu_milliseconds, 125);
+        assert_eq!(device.namespaces["b"].interrupted, 1);
+        assert_eq!(spec.device_count, 1);
+    }
+
+    #[test]
+    fn devices_count_apart_and_nothing_applied_leaves_no_entry() {
+        let mut spec = Bucket::of("lab", "dev-1", 0).empty_spec();
+        apply(&mut spec, "dev-1", &[record(7, "a", 1, true)]);
+        apply(&mut spec, "dev-2", &[record(7, "a", 2, true)]);
+        assert_eq!(spec.total.cpu_milliseconds, 3, "sequences are per device");
+        apply(&mut spec, "dev-3", &[]);
+        assert_eq!(spec.device_count, 2);
+    }
+
+    #[test]
+    fn buckets_are_named_by_pool_utc_day_and_a_stable_shard() {
+        // 2026-11-22T23:59:59.999Z and one millisecond later.
+        let before_midnight = 1_795_391_999_999;
+        let bucket = Bucket::of("lab", "dev-0123456789ab", before_midnight);
+        assert_eq!(bucket.day, "2026-11-22");
+        assert_eq!(
+            Bucket::of("lab", "dev-0123456789ab", before_midnight + 1).day,
+            "2026-11-23"
+        );
+        assert_eq!(shard_of("dev-0123456789ab"), shard_of("dev-0123456789ab"));
+        assert!(shard_of("dev-0123456789ab") < SHARDS);
+        // FNV-1a is fixed; a changed hash would move devices between objects.
+        assert_eq!(shard_of(""), 0x811c_9dc5 % SHARDS);
+        assert_eq!(bucket.name(), format!("lab.2026-11-22.{:02}", bucket.shard));
+    }
+}

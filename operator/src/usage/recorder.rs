@@ -1,0 +1,226 @@
+//! Stores the usage records agents send: buffered per `PoolUsage` object and written at most
+//! once per object per flush interval, then acknowledged to each agent once all its records
+//! are stored. A record that is never acknowledged comes again, and counts once.
+//!
+//! The write budget is the number of objects that changed per interval (at most 64 per pool
+//! and day), whatever the number of devices or tasks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use darkcore_crds::PoolUsage;
+use darkcore_proto::PROTOCOL_VERSION;
+use darkcore_proto::agent::v1::{OperatorMessage, UsageAck, UsageRecord, operator_message};
+use kube::api::{ObjectMeta, PostParams};
+use kube::{Api, Client};
+use tokio::sync::mpsc;
+
+use crate::devices::registry::AgentSender;
+use crate::metrics::Metrics;
+use crate::pool::POOL_LABEL;
+use crate::usage::ledger::{Bucket, apply};
+
+/// Label with the UTC day on every PoolUsage, for `usage --since`.
+pub const DAY_LABEL: &str = "darkcore.io/day";
+/// Batches of records waiting for the recorder before agents' streams wait.
+const INBOX: usize = 1024;
+/// Conflicting writes (another writer changed the object) retried before the next flush.
+const CONFLICT_RETRIES: usize = 5;
+
+/// Records from one agent stream, and where its acknowledgement goes.
+pub struct Charged {
+    pub device: String,
+    pub pool: String,
+    pub records: Vec<UsageRecord>,
+    pub ack: AgentSender,
+}
+
+/// Records received and not yet stored, by object and device (in sequence order, each once).
+#[derive(Default)]
+struct Pending {
+    buckets: BTreeMap<Bucket, BTreeMap<String, BTreeMap<u64, UsageRecord>>>,
+    /// Per device: the highest sequence received, and the stream to acknowledge on.
+    received: HashMap<String, (u64, AgentSender)>,
+}
+
+impl Pending {
+    fn add(&mut self, charged: Charged) {
+        let Charged {
+            device,
+            pool,
+            records,
+            ack,
+        } = charged;
+        let highest = records.iter().map(|r| r.sequence).max().unwrap_or(0);
+        for record in records {
+            let bucket = Bucket::of(&pool, &device, record.ended_unix_ms);
+            self.buckets
+                .entry(bucket)
+                .or_default()
+                .entry(device.clone())
+                .or_default()
+                .insert(record.sequence, record);
+        }
+        let entry = self.received.entry(device).or_insert((0, ack.clone()));
+        entry.0 = entry.0.max(highest);
+        // The newest stream is the one to answer on.
+        entry.1 = ack;
+    }
+
+    /// Devices none of whose records wait to be stored any more.
+    fn stored_devices(&mut self) -> Vec<(String, u64, AgentSender)> {
+        let waiting: std::collections::HashSet<&String> =
+            self.buckets.values().flat_map(|d| d.keys()).collect();
+        let done: Vec<String> = self
+            .received
+            .keys()
+            .filter(|d| !waiting.contains(d))
+            .cloned()
+            .collect();
+        done.into_iter()
+            .filter_map(|d| {
+                let (through, ack) = self.received.remove(&d)?;
+                Some((d, through, ack))
+            })
+            .collect()
+    }
+}
+
+pub struct Recorder {
+    api: Api<PoolUsage>,
+    metrics: Arc<Metrics>,
+    flush_every: Duration,
+    /// The objects written in the last flush, so the next write of one needs no read.
+    written: HashMap<Bucket, PoolUsage>,
+}
+
+impl Recorder {
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        flush_every: Duration,
+    ) -> (Recorder, mpsc::Sender<Charged>, mpsc::Receiver<Charged>) {
+        let (tx, rx) = mpsc::channel(INBOX);
+        let recorder = Recorder {
+            api: Api::all(client),
+            metrics,
+            flush_every,
+            written: HashMap::new(),
+        };
+        (recorder, tx, rx)
+    }
+
+    pub async fn run(mut self, mut inbox: mpsc::Receiver<Charged>) {
+        let mut pending = Pending::default();
+        let mut flush = tokio::time::interval(self.flush_every);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                charged = inbox.recv() => match charged {
+                    Some(charged) => pending.add(charged),
+                    None => break,
+                },
+                _ = flush.tick() => self.flush(&mut pending).await,
+            }
+        }
+        self.flush(&mut pending).await;
+    }
+
+    /// Writes every object with new records, then acknowledges the devices that are stored.
+    async fn flush(&mut self, pending: &mut Pending) {
+        let buckets = std::mem::take(&mut pending.buckets);
+        let mut written = HashMap::new();
+        for (bucket, devices) in buckets {
+            match self.write(&bucket, &devices).await {
+                Ok(object) => {
+                    written.insert(bucket, object);
+                }
+                Err(error) => {
+                    tracing::warn!(object = %bucket.name(), %error, "could not store usage; retrying at the next flush (agents keep their records until then)");
+                    pending.buckets.insert(bucket, devices);
+                }
+            }
+        }
+        self.written = written;
+        for (device, through, ack) in pending.stored_devices() {
+            let message = OperatorMessage {
+                version: PROTOCOL_VERSION as i32,
+                body: Some(operator_message::Body::UsageAck(UsageAck {
+                    through_sequence: through,
+                })),
+            };
+            // A closed stream loses only the acknowledgement: the agent sends the records
+            // again on its next stream, and they count once.
+            if ack.try_send(Ok(message)).is_err() {
+                tracing::debug!(%device, "usage acknowledged, but the agent's stream is gone");
+            }
+        }
+    }
+
+    /// Adds the records to one object (creating it), retrying when another writer won.
+    async fn write(
+        &mut self,
+        bucket: &Bucket,
+        devices: &BTreeMap<String, BTreeMap<u64, UsageRecord>>,
+    ) -> Result<PoolUsage, kube::Error> {
+        let name = bucket.name();
+        let mut known = self.written.remove(bucket);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let current = match known.take() {
+                Some(object) => Some(object),
+                None => self.api.get_opt(&name).await?,
+            };
+            let creating = current.is_none();
+            let mut object = current.unwrap_or_else(|| PoolUsage {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    labels: Some(
+                        [
+                            (POOL_LABEL.to_string(), bucket.pool.clone()),
+                            (DAY_LABEL.to_string(), bucket.day.clone()),
+                        ]
+                        .into(),
+                    ),
+                    ..Default::default()
+                },
+                spec: bucket.empty_spec(),
+            });
+            let mut added = 0;
+            let mut duplicates = 0;
+            for (device, records) in devices {
+                let records: Vec<UsageRecord> = records.values().cloned().collect();
+                let counted = apply(&mut object.spec, device, &records);
+                added += counted;
+                duplicates += records.len() - counted;
+            }
+            if added == 0 {
+                self.metrics.usage_records("duplicate", duplicates);
+                return Ok(object);
+            }
+            let result = if creating {
+                self.metrics.api_write("PoolUsage", "create");
+                self.api.create(&PostParams::default(), &object).await
+            } else {
+                self.metrics.api_write("PoolUsage", "replace");
+                self.api
+                    .replace(&name, &PostParams::default(), &object)
+                    .await
+            };
+            match result {
+                Ok(stored) => {
+                    self.metrics.usage_records("counted", added);
+                    self.metrics.usage_records("duplicate", duplicates);
+                    return Ok(stored);
+                }
+                // Another writer (a replica that has not yet noticed it lost the lease) won:
+                // read again and re-apply; the sequences keep it exact.
+                Err(kube::Error::Api(status))
+                    if status.code == 409 && attempt < CONFLICT_RETRIES => {}
+                Err(error) => return Err(error),
+            }
+        }
+    }
+}
