@@ -11,7 +11,7 @@ include tests/cluster/versions.env
 export PATH := $(PATH):$(HOME)/.cache/darkcore/k8s-$(K8S_VERSION):$(HOME)/.cache/darkcore/helm-$(HELM_VERSION)
 OPERATOR := $(CARGO_TARGET_DIR)/debug/darkcore-operator
 
-.PHONY: test demo demo-down fmt-check clippy unit build e2e crds cluster-up cluster-down package package-check
+.PHONY: test bench demo demo-down fmt-check clippy unit build e2e crds cluster-up cluster-down package package-check
 
 test: fmt-check clippy unit package-check e2e
 
@@ -53,6 +53,11 @@ cluster-up:
 
 cluster-down:
 	tests/cluster/down
+
+# Benchmarks (release builds; about 15 minutes): BENCHMARKS.md and benchmarks.json. They measure
+# and report, and never fail on speed.
+bench:
+	scripts/bench/run
 
 demo: build
 	scripts/demo-up

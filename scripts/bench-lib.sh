@@ -3,11 +3,14 @@
 # HTTP, GATEWAY, POOL and SELECTOR (the pool's label, as key=value).
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/darkcore/target}"
 source "$ROOT/tests/cluster/versions.env"
-export PATH="$PATH:$HOME/.cache/darkcore/k8s-$K8S_VERSION"
+export PATH="$PATH:$HOME/.cache/darkcore/k8s-$K8S_VERSION:$HOME/.cache/darkcore/helm-$HELM_VERSION"
+KWOK_BIN="$HOME/.cache/darkcore/kwok-$KWOK_VERSION/kwok"
 BIN="$CARGO_TARGET_DIR/release"
 OUT="$ROOT/target/bench"
 NODE="darkcore-$POOL-linux-amd64"
 rm -rf "$WORK" && mkdir -p "$WORK"
+# Thousands of agent streams need as many file descriptors, in the operator and the swarm.
+ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
 pids=()
 cleanup() {
@@ -23,9 +26,52 @@ bench_setup() {
   cargo build --release -q -p darkcore-operator -p darkcore-agent -p darkcore-e2e --bins
   "$ROOT/tests/cluster/up" >/dev/null
   export KUBECONFIG="${DARKCORE_CLUSTER_DIR:-$ROOT/target/cluster}/kubeconfig"
-  kubectl create namespace darkcore-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
   "$BIN/darkcore-operator" crds | kubectl apply --server-side -f - >/dev/null
+  # The chart's RuntimeClasses, RBAC and namespace; the operator runs outside, as root's kubeconfig.
+  helm upgrade --install darkcore "$ROOT/charts/darkcore" -n darkcore-system --create-namespace \
+    --set operator.replicas=0 >/dev/null
 }
+
+# kwok, the baseline "kubelet that does no work", from Go modules (cached like the control plane).
+ensure_kwok() {
+  [ -x "$KWOK_BIN" ] && return
+  say "building kwok $KWOK_VERSION (once)"
+  mkdir -p "$(dirname "$KWOK_BIN")"
+  GOBIN="$(dirname "$KWOK_BIN")" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+}
+
+# Runs kwok against the cluster, managing only nodes annotated kwok.x-k8s.io/node=fake, and
+# creates one such node that fits every pod the benchmark makes.
+start_kwok() {
+  ensure_kwok
+  # A node left by an earlier kwok keeps that kwok's lease, and a new kwok waits for it to
+  # expire before it acts: start from no node.
+  kubectl delete node kwok-node-0 --ignore-not-found >/dev/null
+  kubectl -n kube-node-lease delete lease kwok-node-0 --ignore-not-found >/dev/null
+  "$KWOK_BIN" --kubeconfig "$KUBECONFIG" --manage-all-nodes=false \
+    --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake --manage-nodes-with-label-selector= \
+    --manage-single-node= --cidr=10.0.0.0/16 --node-ip=10.0.0.1 --node-lease-duration-seconds=40 \
+    --server-address=127.0.0.1:0 >"$WORK/kwok.log" 2>&1 &
+  pids+=($!)
+  kubectl apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Node
+metadata:
+  name: kwok-node-0
+  annotations: { kwok.x-k8s.io/node: fake, node.alpha.kubernetes.io/ttl: "0" }
+  labels: { type: kwok, kubernetes.io/hostname: kwok-node-0, kubernetes.io/os: linux, kubernetes.io/arch: amd64 }
+spec:
+  taints: [{ key: kwok.x-k8s.io/node, value: fake, effect: NoSchedule }]
+status:
+  allocatable: { cpu: "64", memory: 256Gi, pods: "2000" }
+  capacity: { cpu: "64", memory: 256Gi, pods: "2000" }
+YAML
+  kubectl wait --for=condition=Ready node/kwok-node-0 --timeout=60s >/dev/null
+}
+
+# The operator's API writes so far, of one kind (pod_status, pod, event, node, lease, ...) or all.
+writes() { curl -fsS "http://$HTTP/metrics" | awk -v kind="${1:-}" '
+  $1 ~ /^darkcore_operator_api_writes_total/ && (kind == "" || index($1, "kind=\"" kind "\"")) { n += $2 } END { print n + 0 }'; }
 
 rss_kib() { awk '/VmRSS/ { print $2 }' "/proc/$1/status"; }
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }

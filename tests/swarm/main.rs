@@ -1,9 +1,12 @@
 //! darkcore-swarm: a test-only load tool that joins N devices and holds N agent streams
 //! speaking the real protocol (TLS, device certificates, Hello, heartbeats) from one process.
-//! It stands in for a fleet when measuring the gateway; it runs no tasks.
+//! It stands in for a fleet when measuring the gateway and the pod path: a task assigned to
+//! one of its devices is reported Running at once, then Succeeded after --task-seconds (or
+//! never, with a negative value), with no process behind it.
 //!
 //! darkcore-swarm --server 127.0.0.1:7443 --token dct1... --agents 1000 --state-dir DIR
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,8 +20,8 @@ use darkcore_agent::policy::AgentConfig;
 use darkcore_proto::PROTOCOL_VERSION;
 use darkcore_proto::agent::v1::agent_gateway_client::AgentGatewayClient;
 use darkcore_proto::agent::v1::{
-    AgentMessage, Capabilities, Heartbeat, Hello, Offer, OwnerState, Runtime, agent_message,
-    operator_message,
+    AgentMessage, Capabilities, ContainerStatus, Heartbeat, Hello, Offer, OwnerState, Runtime,
+    TaskAssign, TaskPhase, TaskStatus, agent_message, container_status::State, operator_message,
 };
 use futures::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -46,6 +49,13 @@ struct Args {
     /// Stay connected this long after all are attached, then exit (0: until killed).
     #[arg(long, default_value_t = 0)]
     hold_seconds: u64,
+    /// How long each assigned task runs before it succeeds; negative: until cancelled.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    task_seconds: f64,
+    /// The first device to use: devices are <state-dir>/device-<index>, so two swarms can
+    /// share a state dir without sharing devices.
+    #[arg(long, default_value_t = 0)]
+    first_device: usize,
 }
 
 #[tokio::main]
@@ -65,9 +75,12 @@ async fn main() -> anyhow::Result<()> {
         let attached = attached.clone();
         let server = args.server.clone();
         let millicores = args.millicores;
+        let task_time =
+            (args.task_seconds >= 0.0).then(|| Duration::from_secs_f64(args.task_seconds));
         tokio::spawn(async move {
             loop {
-                if let Err(error) = hold(&server, &identity, millicores, &attached).await {
+                if let Err(error) = hold(&server, &identity, millicores, task_time, &attached).await
+                {
                     eprintln!(
                         "swarm: {}: {error:#}; reconnecting",
                         identity.device.device_id
@@ -97,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
 /// Loads or makes the identities of `args.agents` devices.
 async fn join_all(args: &Args) -> anyhow::Result<Vec<Identity>> {
     let config = AgentConfig::default();
-    let results = futures::stream::iter(0..args.agents)
+    let results = futures::stream::iter(args.first_device..args.first_device + args.agents)
         .map(|i| {
             let dir = args.state_dir.join(format!("device-{i:06}"));
             let config = config.clone();
@@ -121,6 +134,7 @@ async fn hold(
     server: &str,
     identity: &Identity,
     millicores: u32,
+    task_time: Option<Duration>,
     attached: &AtomicUsize,
 ) -> anyhow::Result<()> {
     let uri = gateway::server_uri(server)?;
@@ -129,7 +143,7 @@ async fn hold(
         &identity.ca_pem,
         Some((&identity.cert_pem, &identity.key_pem)),
     )?;
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
     let message = |body| AgentMessage {
         version: PROTOCOL_VERSION as i32,
         body: Some(body),
@@ -172,13 +186,41 @@ async fn hold(
             welcome.heartbeat_interval_seconds.max(1),
         )));
         let mut sequence = 0;
+        let mut tasks: HashMap<String, tokio::task::JoinHandle<anyhow::Result<()>>> =
+            HashMap::new();
         loop {
             tokio::select! {
                 _ = beat.tick() => {
                     sequence += 1;
                     tx.send(message(agent_message::Body::Heartbeat(Heartbeat { sequence }))).await?;
                 }
-                received = inbound.message() => match received? {
+                received = inbound.message() => match received?.and_then(|m| m.body) {
+                    Some(operator_message::Body::TaskAssign(task)) => {
+                        let statuses = tx.clone();
+                        let running = status(&task, TaskPhase::Running);
+                        let done = status(&task, TaskPhase::Succeeded);
+                        tasks.insert(task.task_id.clone(), tokio::spawn(async move {
+                            statuses.send(message(agent_message::Body::TaskStatus(running))).await?;
+                            let Some(time) = task_time else {
+                                return futures::future::pending().await;
+                            };
+                            tokio::time::sleep(time).await;
+                            statuses.send(message(agent_message::Body::TaskStatus(done))).await?;
+                            anyhow::Ok(())
+                        }));
+                    }
+                    Some(operator_message::Body::TaskCancel(cancel)) => {
+                        if let Some(run) = tasks.remove(&cancel.task_id) && !run.is_finished() {
+                            run.abort();
+                            let stopped = TaskStatus {
+                                task_id: cancel.task_id,
+                                phase: TaskPhase::Failed as i32,
+                                reason: "Stopped".into(),
+                                ..Default::default()
+                            };
+                            tx.send(message(agent_message::Body::TaskStatus(stopped))).await?;
+                        }
+                    }
                     Some(_) => {}
                     None => anyhow::bail!("the gateway closed the stream"),
                 },
@@ -188,4 +230,37 @@ async fn hold(
     .await;
     attached.fetch_sub(1, Ordering::Relaxed);
     result
+}
+
+/// A task's status in `phase`: every container running, or ended with exit code 0.
+fn status(task: &TaskAssign, phase: TaskPhase) -> TaskStatus {
+    let now = unix_ms();
+    let container = |c: &darkcore_proto::agent::v1::Container| match phase {
+        TaskPhase::Running => ContainerStatus {
+            name: c.name.clone(),
+            state: State::Running as i32,
+            started_at_unix_ms: now,
+            ..Default::default()
+        },
+        _ => ContainerStatus {
+            name: c.name.clone(),
+            state: State::Terminated as i32,
+            reason: "Completed".into(),
+            started_at_unix_ms: now,
+            finished_at_unix_ms: now,
+            ..Default::default()
+        },
+    };
+    TaskStatus {
+        task_id: task.task_id.clone(),
+        phase: phase as i32,
+        containers: task.containers.iter().map(container).collect(),
+        ..Default::default()
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
