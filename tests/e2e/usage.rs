@@ -6,28 +6,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use darkcore_crds::Amounts;
+
 use crate::devices::process_pool;
 use crate::fleet::Agent;
 use crate::harness::{free_port, http_get, operator_cli, poll_until};
 use crate::pods::{Bench, placed_on};
-
-/// A run's amounts, as the agent's ledger and the operator's report both spell them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Amounts {
-    tasks: u64,
-    interrupted: u64,
-    cpu_milliseconds: u64,
-    memory_mib_seconds: u64,
-}
-
-impl Amounts {
-    fn add(&mut self, other: Amounts) {
-        self.tasks += other.tasks;
-        self.interrupted += other.interrupted;
-        self.cpu_milliseconds += other.cpu_milliseconds;
-        self.memory_mib_seconds += other.memory_mib_seconds;
-    }
-}
 
 fn number(value: &Value, key: &str) -> u64 {
     value[key].as_u64().unwrap_or(0)
@@ -102,7 +86,7 @@ async fn usage_counts_every_run_once_across_an_operator_crash_and_a_preemption()
                 .map(|a| acknowledged_ledger(a).map(|l| (a.device_id.clone(), l)))
                 .collect();
             let mut sum = Amounts::default();
-            ledgers.iter().flatten().for_each(|(_, a)| sum.add(*a));
+            ledgers.iter().flatten().for_each(|(_, a)| sum.add(a));
             match ledgers {
                 Some(ledgers) if (sum.tasks, sum.interrupted) == (7, 1) => Ok(ledgers),
                 _ => Err(format!("{statuses:?}")),
@@ -131,15 +115,11 @@ async fn usage_counts_every_run_once_across_an_operator_crash_and_a_preemption()
         let mut stored = Amounts::default();
         for row in rows.iter().filter(|r| r["device"] == device.as_str()) {
             assert_eq!(row["namespace"], bench.ns.name.as_str(), "{row}");
-            stored.add(Amounts {
-                tasks: number(row, "tasks"),
-                interrupted: number(row, "interrupted"),
-                cpu_milliseconds: number(row, "cpuMilliseconds"),
-                memory_mib_seconds: number(row, "memoryMiBSeconds"),
-            });
+            // A row carries the stored amounts under the CRD's own field names.
+            stored.add(&serde_json::from_value(row.clone()).unwrap());
         }
         assert_eq!(&stored, ledger, "device {device}: stored vs its ledger");
-        total.add(stored);
+        total.add(&stored);
     }
     assert_eq!((total.tasks, total.interrupted), (7, 1));
     assert!(total.cpu_milliseconds > 0, "busy loops used CPU: {total:?}");

@@ -17,6 +17,7 @@ use clap::Parser;
 use darkcore_agent::gateway;
 use darkcore_agent::identity::Identity;
 use darkcore_agent::policy::AgentConfig;
+use darkcore_agent::tasks::supervise::unix_ms;
 use darkcore_proto::PROTOCOL_VERSION;
 use darkcore_proto::agent::v1::agent_gateway_client::AgentGatewayClient;
 use darkcore_proto::agent::v1::{
@@ -257,10 +258,4 @@ fn status(task: &TaskAssign, phase: TaskPhase) -> TaskStatus {
         containers: task.containers.iter().map(container).collect(),
         ..Default::default()
     }
-}
-
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
