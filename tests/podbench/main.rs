@@ -10,10 +10,14 @@
 //! `--kwok` runs the same pods on a kwok fake node instead (the baseline: a kubelet that does
 //! no work at all), so both sides are measured by the same code on the same control plane.
 
+#[path = "../bench_stats.rs"]
+mod bench_stats;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use bench_stats::{latencies_ms, ms};
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt, stream};
 use k8s_openapi::api::batch::v1::Job;
@@ -178,19 +182,6 @@ async fn failover(
     Ok(killed.elapsed())
 }
 
-/// The value below which `q` of the sorted samples fall (nearest rank).
-fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 10_000.0).round() / 10.0
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -311,17 +302,11 @@ async fn main() -> Result<()> {
         .map_or(Duration::ZERO, |last| last.duration_since(burst_started));
     watch.abort();
 
-    let mut startup: Vec<Duration> = running.values().copied().collect();
-    startup.sort();
+    let startup: Vec<Duration> = running.values().copied().collect();
     let figures = serde_json::json!({
         "pods": args.pods,
         "create_burst_ms": ms(burst),
-        "create_to_running_ms": {
-            "p50": ms(percentile(&startup, 0.50)),
-            "p90": ms(percentile(&startup, 0.90)),
-            "p99": ms(percentile(&startup, 0.99)),
-            "max": ms(percentile(&startup, 1.0)),
-        },
+        "create_to_running_ms": latencies_ms(startup),
         "all_succeeded_after_ms": if completes { ms(all_done).into() } else { serde_json::Value::Null },
         "succeeded": succeeded.len(),
         "failed": failed.len(),

@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use darkcore_crds::{DevicePool, Runtime};
 use darkcore_proto::agent::v1::{
-    OperatorMessage, TaskAssign, TaskCancel, TaskPhase, TaskStatus, operator_message,
-    task_assign::RestartPolicy,
+    TaskAssign, TaskCancel, TaskPhase, TaskStatus, operator_message, task_assign::RestartPolicy,
 };
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -26,6 +25,8 @@ use crate::devices::registry::Registry;
 use crate::kubelet::PodIndex;
 use crate::kubelet::log_store::{LogStore, parse_task_id};
 use crate::pods::admission::{self, Refusal};
+use crate::pods::load::{Load, Share};
+use crate::pods::outbox::Outbox;
 use crate::pods::placement::{self, Candidate, Need};
 use crate::pods::resolve::{self, Lookups, Placement, Resolved};
 use crate::pods::status::{self, Loss, RunView};
@@ -34,6 +35,8 @@ use crate::pool::POOL_LABEL;
 
 /// How often a pod blocked on a missing ConfigMap or Secret is tried again.
 pub const RESOLVE_RETRY: Duration = Duration::from_secs(10);
+/// How soon messages that did not fit an agent's queue are tried again.
+pub const OUTBOX_RETRY: Duration = Duration::from_millis(20);
 /// How long past its grace period a stopping task may take before its pod is deleted anyway.
 pub const STOP_SLACK: Duration = Duration::from_secs(10);
 
@@ -105,10 +108,31 @@ struct Entry {
     running_counted: bool,
 }
 
+impl Entry {
+    /// Whether the tick must look at this pod: something about it changes with time alone
+    /// (a placement or resolution to retry, a deletion deadline, a device that went quiet or
+    /// is not back yet after a restart). Anything else changes only on a watch event or an
+    /// agent's report, which reconcile the pod themselves; so a tick costs little for the
+    /// many pods that simply run.
+    fn waits_on_time(&self, registry: &Registry) -> bool {
+        if self.pod.metadata.deletion_timestamp.is_some() {
+            return !self.deleted;
+        }
+        match &self.attempt {
+            None => self.failed.is_none() && !pod_finished(&self.pod),
+            Some(attempt) => !attempt.cancelled || registry.presence(&attempt.device) != Some(true),
+        }
+    }
+}
+
 pub struct Controller {
     shared: Arc<Shared>,
     inbox: mpsc::Sender<Input>,
     pods: HashMap<String, Entry>,
+    /// What each device carries, from the attempts in `pods`.
+    load: Load,
+    /// Messages to agents whose queues were full.
+    outbox: Outbox,
     /// Tasks agents reported for pods not (yet) seen, until the pods are listed.
     orphans: Vec<(String, TaskStatus)>,
 }
@@ -117,20 +141,24 @@ fn uid_of(pod: &Pod) -> String {
     pod.metadata.uid.clone().unwrap_or_default()
 }
 
-fn send(registry: &Registry, device: &str, body: operator_message::Body) {
-    if let Some(sender) = registry.sender(device) {
-        let message = OperatorMessage {
-            version: darkcore_proto::PROTOCOL_VERSION as i32,
-            body: Some(body),
-        };
-        if sender.try_send(Ok(message)).is_err() {
-            tracing::warn!(%device, "the device's queue is full; the message is dropped and the task will be reconciled");
-        }
-    }
+/// An attempt's share of its device's load: counted until it ends.
+fn share(attempt: &Attempt) -> Option<Share<'_>> {
+    (!terminal(phase_of(attempt.report.as_ref()))).then_some(Share {
+        device: &attempt.device,
+        millicores: attempt.millicores,
+        memory: attempt.memory,
+    })
 }
 
-fn cancel(registry: &Registry, device: &str, task_id: &str, grace: u32, reason: &str) {
-    send(
+fn cancel(
+    outbox: &mut Outbox,
+    registry: &Registry,
+    device: &str,
+    task_id: &str,
+    grace: u32,
+    reason: &str,
+) {
+    outbox.send(
         registry,
         device,
         operator_message::Body::TaskCancel(TaskCancel {
@@ -159,6 +187,8 @@ impl Controller {
                 shared,
                 inbox,
                 pods: HashMap::new(),
+                load: Load::default(),
+                outbox: Outbox::default(),
                 orphans: Vec::new(),
             },
             receiver,
@@ -178,14 +208,37 @@ impl Controller {
                     None => return,
                 },
                 _ = tick.tick() => {
-                    let uids: Vec<String> = self.pods.keys().cloned().collect();
+                    let registry = &self.shared.registry;
+                    let uids: Vec<String> = self
+                        .pods
+                        .iter()
+                        .filter(|(_, entry)| entry.waits_on_time(registry))
+                        .map(|(uid, _)| uid.clone())
+                        .collect();
                     for uid in uids {
                         self.reconcile(&uid);
                     }
                     self.settle_orphans();
                 }
+                // Agents' queues drain fast; messages that did not fit follow soon after.
+                _ = tokio::time::sleep(OUTBOX_RETRY), if !self.outbox.is_empty() => {}
+            }
+            self.outbox.flush();
+            #[cfg(debug_assertions)]
+            self.check_load();
+        }
+    }
+
+    /// The tracked load equals a fresh count over every attempt (debug builds, after each step).
+    #[cfg(debug_assertions)]
+    fn check_load(&self) {
+        let mut counted = Load::default();
+        for attempt in self.pods.values().filter_map(|e| e.attempt.as_ref()) {
+            if let Some(share) = share(attempt) {
+                counted.add(share);
             }
         }
+        debug_assert_eq!(self.load, counted, "the tracked device load drifted");
     }
 
     fn handle(&mut self, input: Input) {
@@ -262,7 +315,7 @@ impl Controller {
                 entry.next_number = number + 1;
                 self.shared.logs.assign(&task_id, &device);
                 if !pod_finished(&pod) {
-                    entry.attempt = Some(Attempt {
+                    let attempt = Attempt {
                         number,
                         task_id,
                         device,
@@ -270,6 +323,9 @@ impl Controller {
                         memory: 0,
                         report: None,
                         cancelled: false,
+                    };
+                    self.load.track(&mut entry.attempt, share, |slot| {
+                        *slot = Some(attempt);
                     });
                 }
             }
@@ -281,13 +337,15 @@ impl Controller {
     }
 
     fn deleted(&mut self, uid: &str) {
-        if let Some(entry) = self.pods.remove(uid) {
+        if let Some(mut entry) = self.pods.remove(uid) {
             self.shared.index.remove(&entry.pod);
-            if let Some(attempt) = entry
-                .attempt
+            if let Some(attempt) = self
+                .load
+                .track(&mut entry.attempt, share, Option::take)
                 .filter(|a| !a.cancelled || !terminal(phase_of(a.report.as_ref())))
             {
                 cancel(
+                    &mut self.outbox,
                     &self.shared.registry,
                     &attempt.device,
                     &attempt.task_id,
@@ -329,6 +387,7 @@ impl Controller {
         let Some((uid, number)) = parse_task_id(&report.task_id).map(|(u, n)| (u.to_string(), n))
         else {
             cancel(
+                &mut self.outbox,
                 &self.shared.registry,
                 device,
                 &report.task_id,
@@ -357,9 +416,11 @@ impl Controller {
             && number + 1 >= entry.next_number;
         match (current, adoptable) {
             (true, _) => {
-                if let Some(attempt) = entry.attempt.as_mut() {
-                    attempt.report = Some(report);
-                }
+                self.load.track(&mut entry.attempt, share, |slot| {
+                    if let Some(attempt) = slot.as_mut() {
+                        attempt.report = Some(report);
+                    }
+                });
             }
             (false, true) => {
                 // A running task this operator did not know about (it restarted before recording
@@ -367,7 +428,7 @@ impl Controller {
                 tracing::info!(%uid, task = %report.task_id, %device, "adopting a task its device still runs");
                 self.shared.logs.assign(&report.task_id, device);
                 entry.next_number = number + 1;
-                entry.attempt = Some(Attempt {
+                let attempt = Attempt {
                     number,
                     task_id: report.task_id.clone(),
                     device: device.to_string(),
@@ -375,11 +436,15 @@ impl Controller {
                     memory: 0,
                     report: Some(report),
                     cancelled: false,
+                };
+                self.load.track(&mut entry.attempt, share, |slot| {
+                    *slot = Some(attempt);
                 });
             }
             (false, false) => {
                 tracing::info!(%uid, task = %report.task_id, %device, "ignoring a report from an abandoned attempt; stopping it");
                 cancel(
+                    &mut self.outbox,
                     &self.shared.registry,
                     device,
                     &report.task_id,
@@ -405,6 +470,7 @@ impl Controller {
                 self.report(&device, report);
             } else if Instant::now() >= self.shared.warm_at {
                 cancel(
+                    &mut self.outbox,
                     &self.shared.registry,
                     &device,
                     &report.task_id,
@@ -428,10 +494,11 @@ impl Controller {
         let Some(entry) = self.pods.get_mut(uid) else {
             return;
         };
-        let Some(attempt) = entry.attempt.take() else {
+        let Some(attempt) = self.load.track(&mut entry.attempt, share, Option::take) else {
             return;
         };
         cancel(
+            &mut self.outbox,
             &self.shared.registry,
             &attempt.device,
             &attempt.task_id,
@@ -478,20 +545,6 @@ impl Controller {
         let shared = self.shared.clone();
         let registry = &shared.registry;
         let now = Instant::now();
-        // What each device already runs, counted only for a pod that may be placed now (an
-        // O(pods) walk: done for every pod, each tick would cost O(pods²)).
-        let placeable = self.pods.get(uid).is_some_and(|e| {
-            e.attempt.is_none()
-                && e.failed.is_none()
-                && e.resolved.is_some()
-                && e.pod.metadata.deletion_timestamp.is_none()
-                && !pod_finished(&e.pod)
-        });
-        let load = if placeable && now >= shared.warm_at {
-            self.pods_load()
-        } else {
-            HashMap::new()
-        };
         let Some(entry) = self.pods.get_mut(uid) else {
             return;
         };
@@ -517,6 +570,7 @@ impl Controller {
                 .is_some_and(|a| registry.presence(&a.device) == Some(true));
             if let Some(attempt) = entry.attempt.as_mut().filter(|a| !a.cancelled) {
                 cancel(
+                    &mut self.outbox,
                     registry,
                     &attempt.device,
                     &attempt.task_id,
@@ -574,7 +628,13 @@ impl Controller {
                     ));
                 }
             } else if now >= shared.warm_at {
-                let placed = place(&shared, pool.as_deref(), entry, &load);
+                let placed = place(
+                    &shared,
+                    pool.as_deref(),
+                    entry,
+                    &self.load,
+                    &mut self.outbox,
+                );
                 match placed {
                     Ok(attempt) => {
                         if let Some(seen) = entry.seen_at.take() {
@@ -585,7 +645,9 @@ impl Controller {
                         }
                         entry.unplaced = None;
                         entry.next_number = attempt.number + 1;
-                        entry.attempt = Some(attempt);
+                        self.load.track(&mut entry.attempt, share, |slot| {
+                            *slot = Some(attempt);
+                        });
                     }
                     Err(why) => {
                         if entry.announced.insert(format!("NoDeviceFits:{why}")) {
@@ -680,6 +742,7 @@ impl Controller {
                 .metrics
                 .task_completed(phase_of(attempt.report.as_ref()) == TaskPhase::Succeeded);
             cancel(
+                &mut self.outbox,
                 registry,
                 &attempt.device,
                 &attempt.task_id,
@@ -688,21 +751,6 @@ impl Controller {
             );
             attempt.cancelled = true;
         }
-    }
-
-    /// What each device carries now: requested millicores, memory and task count.
-    fn pods_load(&self) -> HashMap<String, (u64, u64, usize)> {
-        let mut load: HashMap<String, (u64, u64, usize)> = HashMap::new();
-        for attempt in self.pods.values().filter_map(|e| e.attempt.as_ref()) {
-            if terminal(phase_of(attempt.report.as_ref())) {
-                continue;
-            }
-            let l = load.entry(attempt.device.clone()).or_default();
-            l.0 += attempt.millicores;
-            l.1 += attempt.memory;
-            l.2 += 1;
-        }
-        load
     }
 }
 
@@ -733,7 +781,8 @@ fn place(
     shared: &Shared,
     pool: Option<&DevicePool>,
     entry: &Entry,
-    load: &HashMap<String, (u64, u64, usize)>,
+    load: &Load,
+    outbox: &mut Outbox,
 ) -> Result<Attempt, String> {
     let pool = pool.ok_or("the pod's pool is not known yet")?;
     let runtime = entry.runtime.ok_or("not admitted yet")?;
@@ -787,15 +836,15 @@ fn place(
         .offers(&pool.name_any(), &os, &arch)
         .into_iter()
         .map(|(id, offer)| {
-            let (used_millicores, used_memory, tasks) = load.get(&id).copied().unwrap_or_default();
+            let carried = load.of(&id);
             Candidate {
                 id,
                 offer_millicores: u64::from(offer.millicores),
                 offer_memory: offer.memory_bytes,
                 runtimes: offer.runtimes,
-                used_millicores,
-                used_memory,
-                tasks,
+                used_millicores: carried.millicores,
+                used_memory: carried.memory,
+                tasks: carried.tasks,
             }
         })
         .collect();
@@ -830,7 +879,7 @@ fn place(
     };
     tracing::info!(pod = %format!("{}/{}", assign.namespace, assign.pod_name), task = %task_id, %device, "dispatching");
     shared.logs.assign(&task_id, &device);
-    send(
+    outbox.send(
         &shared.registry,
         &device,
         operator_message::Body::TaskAssign(assign),

@@ -2,13 +2,15 @@
 //!
 //! ```text
 //!  pod watch per node ─┐                         ┌─> Writer: status (SSA, coalesced), delete, Events
-//!  agent Hello/reports ┼─> controller (one task) ┼─> TaskAssign / TaskCancel to agents
+//!  agent Hello/reports ┼─> controller (one task) ┼─> Outbox: TaskAssign / TaskCancel to agents
 //!  1 s tick ───────────┘   admission, resolve,   └─> LogStore (ends of runs)
-//!                          placement, status (pure)
+//!                          placement (over the tracked load), status (pure)
 //! ```
 
 pub mod admission;
 pub mod controller;
+pub mod load;
+pub mod outbox;
 pub mod placement;
 pub mod pull_secrets;
 pub mod resolve;

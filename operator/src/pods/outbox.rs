@@ -1,0 +1,163 @@
+//! The pod controller's messages to agents. Each stream's queue is bounded; what does not fit
+//! waits here, in order per device, and is sent as the queue drains, so no assignment or stop
+//! is lost to a burst. A message for a device without a live stream is dropped on purpose: the
+//! device's Hello, when it comes back, says what it holds and the controller settles the rest.
+
+use std::collections::{HashMap, VecDeque};
+
+use darkcore_proto::agent::v1::{OperatorMessage, operator_message};
+use tokio::sync::mpsc::error::TrySendError;
+
+use crate::devices::registry::{AgentSender, Registry};
+
+#[derive(Default)]
+pub struct Outbox {
+    /// Per device, the stream the messages were meant for and the messages, oldest first.
+    waiting: HashMap<String, (AgentSender, VecDeque<OperatorMessage>)>,
+}
+
+impl Outbox {
+    /// Sends `body` to the device's current stream, after anything still waiting for it.
+    pub fn send(&mut self, registry: &Registry, device: &str, body: operator_message::Body) {
+        let Some(sender) = registry.sender(device) else {
+            tracing::debug!(%device, "no live stream to the device; its Hello will settle the task");
+            return;
+        };
+        let message = OperatorMessage {
+            version: darkcore_proto::PROTOCOL_VERSION as i32,
+            body: Some(body),
+        };
+        match self.waiting.get_mut(device) {
+            // The same stream: queue behind what waits. A new stream: the old one's backlog
+            // went nowhere, and the device's Hello settles it.
+            Some((waiting_for, queue)) if waiting_for.same_channel(&sender) => {
+                queue.push_back(message);
+                return;
+            }
+            Some(_) => {
+                self.waiting.remove(device);
+            }
+            None => {}
+        }
+        match sender.try_send(Ok(message)) {
+            Ok(()) | Err(TrySendError::Closed(_)) => {}
+            Err(TrySendError::Full(Ok(message))) => {
+                self.waiting
+                    .insert(device.to_string(), (sender, VecDeque::from([message])));
+            }
+            Err(TrySendError::Full(Err(_))) => unreachable!("only messages are sent"),
+        }
+    }
+
+    /// Moves waiting messages into their streams' queues as far as they have room.
+    pub fn flush(&mut self) {
+        self.waiting.retain(|_, (sender, queue)| {
+            while let Some(message) = queue.pop_front() {
+                match sender.try_send(Ok(message)) {
+                    Ok(()) => {}
+                    Err(TrySendError::Closed(_)) => return false,
+                    Err(TrySendError::Full(Ok(message))) => {
+                        queue.push_front(message);
+                        return true;
+                    }
+                    Err(TrySendError::Full(Err(_))) => unreachable!("only messages are sent"),
+                }
+            }
+            false
+        });
+    }
+
+    /// Whether anything waits.
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// Messages waiting, across devices.
+    pub fn len(&self) -> usize {
+        self.waiting.values().map(|(_, queue)| queue.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use darkcore_proto::agent::v1::{Hello, TaskCancel};
+    use tokio::sync::{mpsc, oneshot};
+
+    use super::*;
+
+    fn cancel(task: &str) -> operator_message::Body {
+        operator_message::Body::TaskCancel(TaskCancel {
+            task_id: task.into(),
+            ..Default::default()
+        })
+    }
+
+    fn task_of(message: OperatorMessage) -> String {
+        match message.body {
+            Some(operator_message::Body::TaskCancel(c)) => c.task_id,
+            other => panic!("not a cancel: {other:?}"),
+        }
+    }
+
+    fn connect(
+        registry: &Registry,
+        capacity: usize,
+    ) -> mpsc::Receiver<Result<OperatorMessage, tonic::Status>> {
+        let (sender, receiver) = mpsc::channel(capacity);
+        let (close, _) = oneshot::channel();
+        registry
+            .attach("dev-1", "lab", &Hello::default(), None, sender, close)
+            .expect("attached");
+        receiver
+    }
+
+    #[test]
+    fn what_does_not_fit_waits_and_goes_out_in_order() {
+        let registry = Registry::new();
+        let mut receiver = connect(&registry, 2);
+        let mut outbox = Outbox::default();
+        for task in ["a", "b", "c", "d", "e"] {
+            outbox.send(&registry, "dev-1", cancel(task));
+        }
+        assert_eq!(outbox.len(), 3);
+        let mut received = Vec::new();
+        while !outbox.is_empty() {
+            while let Ok(message) = receiver.try_recv() {
+                received.push(task_of(message.expect("a message")));
+            }
+            outbox.flush();
+        }
+        while let Ok(message) = receiver.try_recv() {
+            received.push(task_of(message.expect("a message")));
+        }
+        assert_eq!(received, ["a", "b", "c", "d", "e"]);
+    }
+
+    #[test]
+    fn a_new_stream_drops_the_old_streams_backlog() {
+        let registry = Registry::new();
+        let _old = connect(&registry, 1);
+        let mut outbox = Outbox::default();
+        outbox.send(&registry, "dev-1", cancel("a"));
+        outbox.send(&registry, "dev-1", cancel("b"));
+        assert_eq!(outbox.len(), 1);
+        let mut new = connect(&registry, 4);
+        outbox.send(&registry, "dev-1", cancel("c"));
+        assert!(outbox.is_empty());
+        assert_eq!(task_of(new.try_recv().expect("sent").expect("ok")), "c");
+    }
+
+    #[test]
+    fn a_closed_stream_drops_its_backlog_and_nothing_goes_to_a_device_offline() {
+        let registry = Registry::new();
+        let receiver = connect(&registry, 1);
+        let mut outbox = Outbox::default();
+        outbox.send(&registry, "dev-1", cancel("a"));
+        outbox.send(&registry, "dev-1", cancel("b"));
+        drop(receiver);
+        outbox.flush();
+        assert!(outbox.is_empty());
+        outbox.send(&registry, "dev-2", cancel("c"));
+        assert!(outbox.is_empty());
+    }
+}

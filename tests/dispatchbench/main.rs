@@ -1,0 +1,409 @@
+//! darkcore-dispatchbench: the dispatch ceiling with the API server out of the loop. The
+//! operator's own pod controller, device registry and agent gateway (gRPC over TLS on loopback)
+//! run in this process behind an in-process stand-in for the API that accepts every write;
+//! a `darkcore-swarm` process is the fleet. Bursts of pods are fed in as the pod watch would
+//! feed them, and the figures are how fast they are dispatched, run and recorded as Succeeded.
+//!
+//! darkcore-dispatchbench --agents 50 --pods 1000,10000 --out target/bench/dispatch.json
+
+#[path = "../bench_stats.rs"]
+mod bench_stats;
+mod fake_api;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use darkcore_agent::identity::{DeviceRecord, Identity};
+use darkcore_crds::DevicePool;
+use darkcore_operator::devices::registry::Registry;
+use darkcore_operator::enroll::ca::CaMaterial;
+use darkcore_operator::gateway::{self, attach, join, tls};
+use darkcore_operator::kubelet::PodIndex;
+use darkcore_operator::kubelet::log_store::LogStore;
+use darkcore_operator::metrics::Metrics;
+use darkcore_operator::pods::controller::{Controller, Input, Shared};
+use darkcore_operator::pods::writer::Writer;
+use darkcore_operator::pool::POOL_LABEL;
+use darkcore_operator::pool::capacity::DeviceInventory as _;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector;
+use kube::runtime::watcher;
+use tokio::io::AsyncBufReadExt as _;
+
+use bench_stats::{latencies_ms, ms};
+use fake_api::FakeApi;
+
+const POOL: &str = "bench";
+const NODE: &str = "darkcore-bench-linux-amd64";
+const NAMESPACE: &str = "bench";
+
+#[derive(Parser)]
+struct Args {
+    /// Devices in the swarm.
+    #[arg(long, default_value_t = 50)]
+    agents: usize,
+    /// Burst sizes, run one after the other.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    pods: Vec<usize>,
+    /// The swarm binary (default: beside this one).
+    #[arg(long)]
+    swarm: Option<PathBuf>,
+    /// Where the swarm's device identities are made (emptied first).
+    #[arg(long, default_value = "target/bench/dispatch-devices")]
+    state_dir: PathBuf,
+    /// The JSON results file.
+    #[arg(long, default_value = "target/bench/dispatch.json")]
+    out: PathBuf,
+    /// Give up on a burst after this long.
+    #[arg(long, default_value_t = 600)]
+    timeout_seconds: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let api = FakeApi::new();
+    let client = kube::Client::new(api.clone().service(), NAMESPACE);
+    let metrics = Arc::new(Metrics::default());
+    let registry = Registry::new();
+    let pool = bench_pool()?;
+    let (pools, mut pool_writer) = reflector::store::<DevicePool>();
+    pool_writer.apply_watcher_event(&watcher::Event::Apply(pool.clone()));
+    let (nodes, mut node_writer) = reflector::store::<Node>();
+    node_writer.apply_watcher_event(&watcher::Event::Apply(bench_node()?));
+
+    let logs = Arc::new(LogStore::default());
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "darkcore-dispatchbench".into(),
+            instance: None,
+        },
+    );
+    let shared = Arc::new(Shared {
+        client: client.clone(),
+        registry: registry.clone(),
+        pools,
+        nodes,
+        logs: logs.clone(),
+        index: Arc::new(PodIndex::default()),
+        writer: Writer::start(client.clone(), metrics.clone(), recorder),
+        warm_at: Instant::now(),
+        host_ip: "127.0.0.1".into(),
+        metrics: metrics.clone(),
+    });
+    let (controller, inbox) = Controller::new(shared);
+    let controller_inbox = controller.inbox();
+    tokio::spawn(controller.run(inbox));
+    let (usage, mut usage_inbox) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(async move { while usage_inbox.recv().await.is_some() {} });
+
+    let ca = CaMaterial::generate().context("making a CA")?;
+    let addr = free_loopback_addr()?;
+    let gateway = gateway::serve(
+        addr,
+        &ca,
+        tls::serving_identity(&ca, &["127.0.0.1".into()])?,
+        join::JoinService {
+            client: client.clone(),
+            namespace: NAMESPACE.into(),
+            ca: ca.clone(),
+            metrics: metrics.clone(),
+        },
+        attach::AttachService {
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            pool_served: Arc::new(|pool: &str| Some(pool == POOL)),
+            tasks: attach::TaskReports {
+                controller: controller_inbox.clone(),
+                logs,
+                usage,
+            },
+        },
+    )
+    .await?;
+    tokio::spawn(gateway);
+
+    make_identities(&args.state_dir, args.agents, &ca, addr)?;
+    let swarm_binary = match &args.swarm {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.with_file_name("darkcore-swarm"),
+    };
+    let mut swarm = tokio::process::Command::new(&swarm_binary)
+        .args(["--server", &addr.to_string(), "--agents"])
+        .arg(args.agents.to_string())
+        .arg("--state-dir")
+        .arg(&args.state_dir)
+        .args(["--millicores", "1000000", "--task-seconds", "0"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", swarm_binary.display()))?;
+    let swarm_pid = swarm.id().context("the swarm's pid")?;
+    let mut swarm_out = tokio::io::BufReader::new(swarm.stdout.take().context("swarm stdout")?);
+    let mut line = String::new();
+    swarm_out.read_line(&mut line).await?;
+    anyhow::ensure!(
+        line.starts_with("attached"),
+        "the swarm did not attach its devices: {line:?}"
+    );
+    let survey = registry.survey(&pool);
+    anyhow::ensure!(
+        registry.offers(POOL, "linux", "amd64").len() == args.agents,
+        "only some devices were enlisted: {survey:?}"
+    );
+    eprintln!(
+        "dispatchbench: {} devices attached and enlisted",
+        args.agents
+    );
+
+    let mut runs = Vec::new();
+    for (round, &pods) in args.pods.iter().enumerate() {
+        let run = burst(
+            &api,
+            &controller_inbox,
+            &metrics,
+            round,
+            pods,
+            swarm_pid,
+            Duration::from_secs(args.timeout_seconds),
+        )
+        .await?;
+        eprintln!("dispatchbench: {run}");
+        runs.push(run);
+    }
+    let results = serde_json::json!({
+        "agents": args.agents,
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "runs": runs,
+    });
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&results)?)?;
+    println!("{}", serde_json::to_string_pretty(&results)?);
+    Ok(())
+}
+
+/// Feeds `pods` pods at once and waits until the API has seen every one Succeeded.
+async fn burst(
+    api: &FakeApi,
+    inbox: &tokio::sync::mpsc::Sender<Input>,
+    metrics: &Metrics,
+    round: usize,
+    count: usize,
+    swarm_pid: u32,
+    timeout: Duration,
+) -> anyhow::Result<serde_json::Value> {
+    let pods: Vec<Pod> = (0..count)
+        .map(|i| bench_pod(round, i))
+        .collect::<Result<_, _>>()?;
+    api.reset();
+    let before = Snapshot::take(metrics, swarm_pid)?;
+    let started = Instant::now();
+    let mut fed = HashMap::with_capacity(count);
+    for pod in &pods {
+        fed.insert(
+            pod.metadata.name.clone().unwrap_or_default(),
+            Instant::now(),
+        );
+        inbox.send(Input::PodApplied(pod.clone())).await?;
+    }
+    let fed_in = started.elapsed();
+    tokio::time::timeout(timeout, api.all_succeeded(count))
+        .await
+        .with_context(|| {
+            format!(
+                "{count} pods: only {} of them Succeeded within {timeout:?}",
+                api.succeeded()
+            )
+        })?;
+    let elapsed = started.elapsed();
+    let after = Snapshot::take(metrics, swarm_pid)?;
+    let running = api.running_latencies(&fed);
+    let writes = api.writes();
+    for pod in pods {
+        inbox.send(Input::PodDeleted(pod)).await?;
+    }
+    let per_second = count as f64 / elapsed.as_secs_f64();
+    Ok(serde_json::json!({
+        "pods": count,
+        "fed_in_ms": ms(fed_in),
+        "all_succeeded_after_ms": ms(elapsed),
+        "tasks_per_second": per_second.round(),
+        "running": running.len(),
+        "fed_to_running_ms": latencies_ms(running),
+        "placement_mean_us": after.mean_us(&before, Histogram::Placement),
+        "dispatch_latency_mean_ms": after.mean_us(&before, Histogram::Dispatch) / 1000.0,
+        "operator_cpu_seconds": after.operator_cpu - before.operator_cpu,
+        "swarm_cpu_seconds": after.swarm_cpu - before.swarm_cpu,
+        "api_writes_per_pod": {
+            "pod_status": writes.status as f64 / count as f64,
+            "event": writes.events as f64 / count as f64,
+            "other": writes.other as f64 / count as f64,
+        },
+    }))
+}
+
+#[derive(Clone, Copy)]
+enum Histogram {
+    Placement,
+    Dispatch,
+}
+
+/// Cumulative figures at one moment: histogram sums and counts, and process CPU.
+struct Snapshot {
+    histograms: HashMap<&'static str, (f64, f64)>,
+    operator_cpu: f64,
+    swarm_cpu: f64,
+}
+
+impl Snapshot {
+    fn take(metrics: &Metrics, swarm_pid: u32) -> anyhow::Result<Snapshot> {
+        let text = metrics.encode();
+        let read = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or(0.0)
+        };
+        let mut histograms = HashMap::new();
+        for name in [
+            "darkcore_operator_placement_duration_seconds",
+            "darkcore_operator_dispatch_latency_seconds",
+        ] {
+            histograms.insert(
+                name,
+                (read(&format!("{name}_sum")), read(&format!("{name}_count"))),
+            );
+        }
+        Ok(Snapshot {
+            histograms,
+            operator_cpu: cpu_seconds("self")?,
+            swarm_cpu: cpu_seconds(&swarm_pid.to_string())?,
+        })
+    }
+
+    /// The mean, in microseconds, of what was observed between `before` and this snapshot.
+    fn mean_us(&self, before: &Snapshot, which: Histogram) -> f64 {
+        let name = match which {
+            Histogram::Placement => "darkcore_operator_placement_duration_seconds",
+            Histogram::Dispatch => "darkcore_operator_dispatch_latency_seconds",
+        };
+        let (sum, count) = self.histograms[name];
+        let (sum_before, count_before) = before.histograms[name];
+        let count = count - count_before;
+        if count > 0.0 {
+            (sum - sum_before) / count * 1e6
+        } else {
+            0.0
+        }
+    }
+}
+
+/// User plus system CPU of a process, in seconds (`self` for this one).
+fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("a /proc stat line")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    Ok(darkcore_agent::sensors::ticks_to_duration(ticks).as_secs_f64())
+}
+
+fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Device identities signed by `ca` straight away, as a join would leave them.
+fn make_identities(
+    dir: &Path,
+    count: usize,
+    ca: &CaMaterial,
+    addr: SocketAddr,
+) -> anyhow::Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("emptying {}", dir.display()))?;
+    }
+    for i in 0..count {
+        let key = rcgen::KeyPair::generate()?;
+        let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
+        let device = tls::DeviceIdentity {
+            device_id: tls::new_device_id()?,
+            pool: POOL.into(),
+        };
+        let identity = Identity {
+            device: DeviceRecord {
+                device_id: device.device_id.clone(),
+                pool: POOL.into(),
+                server: format!("https://{addr}"),
+            },
+            key_pem: key.serialize_pem(),
+            cert_pem: tls::sign_device(ca, csr.der(), &device)?,
+            ca_pem: ca.cert_pem.clone(),
+        };
+        identity.save(&dir.join(format!("device-{i:06}")))?;
+    }
+    Ok(())
+}
+
+fn bench_pool() -> anyhow::Result<DevicePool> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "darkcore.io/v1alpha1",
+        "kind": "DevicePool",
+        "metadata": { "name": POOL, "uid": "pool-uid" },
+        "spec": { "runtimes": ["process"] },
+    }))?)
+}
+
+fn bench_node() -> anyhow::Result<Node> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": NODE,
+            "labels": { POOL_LABEL: POOL, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64" },
+        },
+    }))?)
+}
+
+/// A bound pod as the pod watch delivers it: the shape podbench creates.
+fn bench_pod(round: usize, index: usize) -> serde_json::Result<Pod> {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": format!("bench-{round}-{index}"),
+            "namespace": NAMESPACE,
+            "uid": format!("00000000-0000-4000-8000-{round:04}{index:08}"),
+            "creationTimestamp": k8s_openapi::jiff::Timestamp::now().to_string(),
+        },
+        "spec": {
+            "nodeName": NODE,
+            "runtimeClassName": "darkcore-process",
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "main",
+                "image": "busybox",
+                "command": ["sh", "-c", "true"],
+                "resources": { "requests": { "cpu": "10m", "memory": "1Mi" } }
+            }]
+        },
+        "status": { "phase": "Pending" },
+    }))
+}
