@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Credentials print redacted (see lib.rs), so a `{:?}` of a task never leaks them.
     tonic_prost_build::configure()
         .skip_debug([".darkcore.agent.v1.RegistryCredential"])
+        // Small per-stream buffers: the operator holds one stream per device (see codec.rs).
+        .codec_path("crate::codec::LeanCodec")
         .compile_fds(descriptors)?;
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

@@ -8,6 +8,7 @@ pub mod agent {
     }
 }
 
+pub mod codec;
 pub mod join_token;
 
 /// Registry credentials print without their password.

@@ -137,6 +137,8 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(gateway);
 
     make_identities(&args.state_dir, args.agents, &ca, addr)?;
+    let rss_before = rss_kib()?;
+    let attaching = Instant::now();
     let swarm_binary = match &args.swarm {
         Some(path) => path.clone(),
         None => std::env::current_exe()?.with_file_name("darkcore-swarm"),
@@ -164,8 +166,13 @@ async fn main() -> anyhow::Result<()> {
         registry.offers(POOL, "linux", "amd64").len() == args.agents,
         "only some devices were enlisted: {survey:?}"
     );
+    let attach_seconds = attaching.elapsed().as_secs_f64();
+    // Streams settle (Welcome sent, first heartbeats read) before the memory is read.
+    tokio::time::sleep(attach::HEARTBEAT_INTERVAL * 2).await;
+    let rss_attached = rss_kib()?;
+    let per_agent_kib = (rss_attached - rss_before) as f64 / args.agents as f64;
     eprintln!(
-        "dispatchbench: {} devices attached and enlisted",
+        "dispatchbench: {} devices attached and enlisted in {attach_seconds:.1} s; {per_agent_kib:.1} KiB RSS each",
         args.agents
     );
 
@@ -187,6 +194,12 @@ async fn main() -> anyhow::Result<()> {
     let results = serde_json::json!({
         "agents": args.agents,
         "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "gateway": {
+            "rss_before_kib": rss_before,
+            "rss_attached_kib": rss_attached,
+            "rss_per_agent_kib": (per_agent_kib * 10.0).round() / 10.0,
+            "attach_seconds": attach_seconds,
+        },
         "runs": runs,
     });
     if let Some(dir) = args.out.parent() {
@@ -323,6 +336,16 @@ fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
         .collect();
     let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
     Ok(darkcore_agent::sensors::ticks_to_duration(ticks).as_secs_f64())
+}
+
+/// This process's resident memory, in KiB.
+fn rss_kib() -> anyhow::Result<i64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS in /proc/self/status")
 }
 
 fn free_loopback_addr() -> anyhow::Result<SocketAddr> {

@@ -22,7 +22,9 @@ use crate::devices::{ChangeKind, Device, DeviceChange, capacity, eligibility, en
 use crate::pool::capacity::{DeviceInventory, PoolSurvey};
 
 /// What the gateway sends an agent through; bounded, so a slow agent gets backpressure.
-pub type AgentSender = mpsc::Sender<Result<OperatorMessage, tonic::Status>>;
+/// Messages are boxed: the channel allocates its slots up front, once per device, so a slot
+/// is a pointer rather than the largest message.
+pub type AgentSender = mpsc::Sender<Box<OperatorMessage>>;
 
 /// How long a device that went silent is remembered (for listings and re-enlisting).
 pub const FORGET_AFTER: Duration = Duration::from_secs(3600);

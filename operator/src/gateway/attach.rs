@@ -50,7 +50,10 @@ pub struct TaskReports {
 
 #[tonic::async_trait]
 impl AgentGateway for AttachService {
-    type AttachStream = ReceiverStream<Result<OperatorMessage, Status>>;
+    type AttachStream = futures::stream::Map<
+        ReceiverStream<Box<OperatorMessage>>,
+        fn(Box<OperatorMessage>) -> Result<OperatorMessage, Status>,
+    >;
 
     async fn attach(
         &self,
@@ -82,7 +85,12 @@ impl AgentGateway for AttachService {
             pool_served: self.pool_served.clone(),
         };
         tokio::spawn(stream.serve());
-        Ok(Response::new(ReceiverStream::new(outbound)))
+        let unboxed: fn(Box<OperatorMessage>) -> Result<OperatorMessage, Status> =
+            |message| Ok(*message);
+        Ok(Response::new(futures::StreamExt::map(
+            ReceiverStream::new(outbound),
+            unboxed,
+        )))
     }
 }
 
@@ -116,7 +124,7 @@ impl AgentStream {
             self.metrics.refusal(reason);
             tracing::info!(%device, reason, message = %refusal.message, "agent stream refused");
             // Best effort: the agent may already be gone.
-            let _ = self.sender.try_send(Ok(refusal_message(refusal)));
+            let _ = self.sender.try_send(Box::new(refusal_message(refusal)));
         }
         self.metrics.agent_connections.dec();
     }
@@ -185,7 +193,7 @@ impl AgentStream {
                 heartbeat_interval_seconds: HEARTBEAT_INTERVAL.as_secs() as u32,
             })),
         };
-        if self.sender.send(Ok(welcome)).await.is_err() {
+        if self.sender.send(Box::new(welcome)).await.is_err() {
             self.registry.detach(&device_id, generation);
             return Ending::Closed;
         }

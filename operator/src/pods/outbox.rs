@@ -13,7 +13,7 @@ use crate::devices::registry::{AgentSender, Registry};
 #[derive(Default)]
 pub struct Outbox {
     /// Per device, the stream the messages were meant for and the messages, oldest first.
-    waiting: HashMap<String, (AgentSender, VecDeque<OperatorMessage>)>,
+    waiting: HashMap<String, (AgentSender, VecDeque<Box<OperatorMessage>>)>,
 }
 
 impl Outbox {
@@ -23,10 +23,10 @@ impl Outbox {
             tracing::debug!(%device, "no live stream to the device; its Hello will settle the task");
             return;
         };
-        let message = OperatorMessage {
+        let message = Box::new(OperatorMessage {
             version: darkcore_proto::PROTOCOL_VERSION as i32,
             body: Some(body),
-        };
+        });
         match self.waiting.get_mut(device) {
             // The same stream: queue behind what waits. A new stream: the old one's backlog
             // went nowhere, and the device's Hello settles it.
@@ -39,13 +39,12 @@ impl Outbox {
             }
             None => {}
         }
-        match sender.try_send(Ok(message)) {
+        match sender.try_send(message) {
             Ok(()) | Err(TrySendError::Closed(_)) => {}
-            Err(TrySendError::Full(Ok(message))) => {
+            Err(TrySendError::Full(message)) => {
                 self.waiting
                     .insert(device.to_string(), (sender, VecDeque::from([message])));
             }
-            Err(TrySendError::Full(Err(_))) => unreachable!("only messages are sent"),
         }
     }
 
@@ -53,14 +52,13 @@ impl Outbox {
     pub fn flush(&mut self) {
         self.waiting.retain(|_, (sender, queue)| {
             while let Some(message) = queue.pop_front() {
-                match sender.try_send(Ok(message)) {
+                match sender.try_send(message) {
                     Ok(()) => {}
                     Err(TrySendError::Closed(_)) => return false,
-                    Err(TrySendError::Full(Ok(message))) => {
+                    Err(TrySendError::Full(message)) => {
                         queue.push_front(message);
                         return true;
                     }
-                    Err(TrySendError::Full(Err(_))) => unreachable!("only messages are sent"),
                 }
             }
             false
@@ -92,17 +90,14 @@ mod tests {
         })
     }
 
-    fn task_of(message: OperatorMessage) -> String {
+    fn task_of(message: Box<OperatorMessage>) -> String {
         match message.body {
             Some(operator_message::Body::TaskCancel(c)) => c.task_id,
             other => panic!("not a cancel: {other:?}"),
         }
     }
 
-    fn connect(
-        registry: &Registry,
-        capacity: usize,
-    ) -> mpsc::Receiver<Result<OperatorMessage, tonic::Status>> {
+    fn connect(registry: &Registry, capacity: usize) -> mpsc::Receiver<Box<OperatorMessage>> {
         let (sender, receiver) = mpsc::channel(capacity);
         let (close, _) = oneshot::channel();
         registry
@@ -123,12 +118,12 @@ mod tests {
         let mut received = Vec::new();
         while !outbox.is_empty() {
             while let Ok(message) = receiver.try_recv() {
-                received.push(task_of(message.expect("a message")));
+                received.push(task_of(message));
             }
             outbox.flush();
         }
         while let Ok(message) = receiver.try_recv() {
-            received.push(task_of(message.expect("a message")));
+            received.push(task_of(message));
         }
         assert_eq!(received, ["a", "b", "c", "d", "e"]);
     }
@@ -144,7 +139,7 @@ mod tests {
         let mut new = connect(&registry, 4);
         outbox.send(&registry, "dev-1", cancel("c"));
         assert!(outbox.is_empty());
-        assert_eq!(task_of(new.try_recv().expect("sent").expect("ok")), "c");
+        assert_eq!(task_of(new.try_recv().expect("sent")), "c");
     }
 
     #[test]

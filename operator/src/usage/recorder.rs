@@ -152,7 +152,7 @@ impl Recorder {
             };
             // A closed stream loses only the acknowledgement: the agent sends the records
             // again on its next stream, and they count once.
-            if ack.try_send(Ok(message)).is_err() {
+            if ack.try_send(Box::new(message)).is_err() {
                 tracing::debug!(%device, "usage acknowledged, but the agent's stream is gone");
             }
         }
