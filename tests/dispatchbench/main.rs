@@ -258,8 +258,8 @@ async fn burst(
         "tasks_per_second": per_second.round(),
         "running": running.len(),
         "fed_to_running_ms": latencies_ms(running),
-        "placement_mean_us": after.mean_us(&before, Histogram::Placement),
-        "dispatch_latency_mean_ms": after.mean_us(&before, Histogram::Dispatch) / 1000.0,
+        "placement_mean_us": after.mean_us(&before, PLACEMENT),
+        "dispatch_latency_mean_ms": after.mean_us(&before, DISPATCH) / 1000.0,
         "operator_cpu_seconds": after.operator_cpu - before.operator_cpu,
         "swarm_cpu_seconds": after.swarm_cpu - before.swarm_cpu,
         "api_writes_per_pod": {
@@ -270,11 +270,9 @@ async fn burst(
     }))
 }
 
-#[derive(Clone, Copy)]
-enum Histogram {
-    Placement,
-    Dispatch,
-}
+/// The operator's histograms the bench reads.
+const PLACEMENT: &str = "darkcore_operator_placement_duration_seconds";
+const DISPATCH: &str = "darkcore_operator_dispatch_latency_seconds";
 
 /// Cumulative figures at one moment: histogram sums and counts, and process CPU.
 struct Snapshot {
@@ -291,16 +289,13 @@ impl Snapshot {
                 .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
                 .unwrap_or(0.0)
         };
-        let mut histograms = HashMap::new();
-        for name in [
-            "darkcore_operator_placement_duration_seconds",
-            "darkcore_operator_dispatch_latency_seconds",
-        ] {
-            histograms.insert(
-                name,
-                (read(&format!("{name}_sum")), read(&format!("{name}_count"))),
-            );
-        }
+        let histograms = [PLACEMENT, DISPATCH]
+            .into_iter()
+            .map(|name| {
+                let figures = (read(&format!("{name}_sum")), read(&format!("{name}_count")));
+                (name, figures)
+            })
+            .collect();
         Ok(Snapshot {
             histograms,
             operator_cpu: cpu_seconds("self")?,
@@ -308,12 +303,9 @@ impl Snapshot {
         })
     }
 
-    /// The mean, in microseconds, of what was observed between `before` and this snapshot.
-    fn mean_us(&self, before: &Snapshot, which: Histogram) -> f64 {
-        let name = match which {
-            Histogram::Placement => "darkcore_operator_placement_duration_seconds",
-            Histogram::Dispatch => "darkcore_operator_dispatch_latency_seconds",
-        };
+    /// The mean, in microseconds, of what histogram `name` observed between `before` and this
+    /// snapshot.
+    fn mean_us(&self, before: &Snapshot, name: &str) -> f64 {
         let (sum, count) = self.histograms[name];
         let (sum_before, count_before) = before.histograms[name];
         let count = count - count_before;
@@ -328,14 +320,8 @@ impl Snapshot {
 /// User plus system CPU of a process, in seconds (`self` for this one).
 fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("a /proc stat line")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    Ok(darkcore_agent::sensors::ticks_to_duration(ticks).as_secs_f64())
+    let ticks = darkcore_agent::sensors::parse_pid_stat(&stat).context("a /proc stat line")?;
+    Ok(darkcore_agent::sensors::ticks_to_duration(ticks.own).as_secs_f64())
 }
 
 /// This process's resident memory, in KiB.

@@ -113,14 +113,19 @@ impl Entry {
     /// (a placement or resolution to retry, a deletion deadline, a device that went quiet or
     /// is not back yet after a restart). Anything else changes only on a watch event or an
     /// agent's report, which reconcile the pod themselves; so a tick costs little for the
-    /// many pods that simply run.
+    /// many pods that simply run on devices that are online.
     fn waits_on_time(&self, registry: &Registry) -> bool {
         if self.pod.metadata.deletion_timestamp.is_some() {
             return !self.deleted;
         }
         match &self.attempt {
             None => self.failed.is_none() && !pod_finished(&self.pod),
-            Some(attempt) => !attempt.cancelled || registry.presence(&attempt.device) != Some(true),
+            // A finished attempt is released in the reconcile that records it, so a settled
+            // pod has its attempt cancelled.
+            Some(attempt) => {
+                let settled = attempt.cancelled && pod_finished(&self.pod);
+                !settled && registry.presence(&attempt.device) != Some(true)
+            }
         }
     }
 }
