@@ -97,6 +97,8 @@ pub enum Error {
     },
     #[error("leadership lease {lease} was taken over by {holder}")]
     TakenOver { lease: String, holder: String },
+    #[error("the task renewing the leadership lease failed: {0}")]
+    Renewer(String),
 }
 
 /// One replica's handle on the election lease `namespace/name`.
@@ -185,6 +187,13 @@ impl LeaseLock {
         }
     }
 
+    /// Starts renewing at once, in the background, so that however long start-up takes the
+    /// lease stays renewed. Dropping the returned handle stops the renewals.
+    pub fn hold_in_background(&self, acquired: Instant) -> Held {
+        let lock = self.clone();
+        Held(tokio::spawn(async move { lock.hold(acquired).await }))
+    }
+
     /// Renews the lease every retry period. Returns only when leadership is lost: the lease was
     /// taken over, or no renewal succeeded within the renew deadline.
     pub async fn hold(&self, acquired: Instant) -> Error {
@@ -192,8 +201,10 @@ impl LeaseLock {
         let mut last_error = String::from("no attempt yet");
         loop {
             tokio::time::sleep(self.timing.retry_period).await;
-            // A hung request must not keep a leader acting past its deadline.
-            let attempt = tokio::time::timeout(self.timing.retry_period, self.renew()).await;
+            // As client-go does, one attempt may use what is left of the renew deadline: a slow
+            // API server costs no leadership, and a hung request none past the deadline.
+            let left = self.timing.renew_deadline.saturating_sub(renewed.elapsed());
+            let attempt = tokio::time::timeout(left, self.renew()).await;
             match attempt.unwrap_or(Err(RenewError::TimedOut)) {
                 Ok(()) => renewed = Instant::now(),
                 Err(RenewError::TakenOver(holder)) => {
@@ -283,6 +294,25 @@ fn won_or_lost(written: kube::Result<Lease>) -> kube::Result<Verdict> {
             holder: "another replica".into(),
         }),
         Err(e) => Err(e),
+    }
+}
+
+/// The background renewals of a held lease; see [`LeaseLock::hold_in_background`].
+pub struct Held(tokio::task::JoinHandle<Error>);
+
+impl Held {
+    /// Waits until leadership is lost, and says why.
+    pub async fn lost(&mut self) -> Error {
+        match (&mut self.0).await {
+            Ok(error) => error,
+            Err(join) => Error::Renewer(join.to_string()),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -181,6 +181,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // Renewals start now, not after start-up: a slow start must not let the lease run out.
+    let mut held = election
+        .as_ref()
+        .zip(leading_since)
+        .map(|(lock, since)| lock.hold_in_background(since));
     readiness.syncing();
     metrics.leader.set(1);
     let started = std::time::Instant::now();
@@ -381,9 +386,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         });
     let lost = async {
-        match (&election, leading_since) {
-            (Some(lock), Some(since)) => lock.hold(since).await,
-            _ => std::future::pending().await,
+        match &mut held {
+            Some(held) => held.lost().await,
+            None => std::future::pending().await,
         }
     };
     let outcome = tokio::select! {
@@ -406,6 +411,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     sweeper.abort();
     revocations.abort();
     readiness.abort();
+    // No renewal may land after the release.
+    drop(held);
     if outcome.is_ok()
         && let Some(lock) = &election
     {
