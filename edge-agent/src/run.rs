@@ -75,7 +75,7 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
         policy.config.policy.max_disk.0,
         policy.config.images.insecure_registries.clone(),
     ));
-    let wasm = WasmRuntime::new(images.clone()).context("starting the wasm runtime (wasmtime)")?;
+    let wasm = WasmRuntime::new(images.clone());
     let mut runtimes: Vec<(RuntimeKind, Arc<dyn crate::tasks::runtime::Runtime>)> = vec![
         (RuntimeKind::Process, Arc::new(ProcessRuntime) as _),
         (RuntimeKind::Wasm, Arc::new(wasm) as _),
@@ -147,6 +147,10 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
                             let decision = policy.check();
                             status.policy(&decision, policy.core_seconds_given());
                             step_aside(&decision, &policy, &tasks);
+                            // Tasks go on and end while the gateway is away: the owner sees
+                            // what they used, and that it waits to be sent.
+                            status.tasks(tasks.running());
+                            status.usage(tasks.usage());
                         }
                         _ = stop.changed() => {
                             status.connection(false, "stopped".into());

@@ -55,6 +55,29 @@ async fn usage_counts_every_run_once_across_an_operator_crash_and_a_preemption()
     let jobs = bench.indexed_job_of("work", 6, 2, work).await;
     bench.job_has_ready(&jobs, "work", 2).await;
     bench.fx.operator.kill().await;
+    // The two runs go on without the operator and end; each agent's status shows it, and
+    // that their records wait to be sent.
+    poll_until(
+        "the runs end while the operator is away",
+        Duration::from_secs(60),
+        || async {
+            let statuses: Vec<Value> = bench.agents.iter().map(Agent::status_json).collect();
+            let idle = statuses.iter().all(|s| {
+                s["connected"] == Value::Bool(false)
+                    && s["running_tasks"].as_array().is_some_and(Vec::is_empty)
+            });
+            let waiting: u64 = statuses
+                .iter()
+                .map(|s| number(s, "usage_unacknowledged"))
+                .sum();
+            if idle && waiting > 0 {
+                Ok(())
+            } else {
+                Err(format!("{statuses:?}"))
+            }
+        },
+    )
+    .await;
     bench.restart_operator().await;
     bench
         .job_succeeds(&jobs, "work", 6, Duration::from_secs(120))
