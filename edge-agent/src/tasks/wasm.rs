@@ -6,8 +6,8 @@
 //! The module is the image's `application/wasm` layer (the wasm OCI artifact layout).
 //! argv is the container's command and args; with no command, argv[0] is the container name.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -27,7 +27,9 @@ const EPOCH_TICK: Duration = Duration::from_millis(50);
 const PIPE_BYTES: usize = 64 * 1024;
 
 pub struct WasmRuntime {
-    engine: Engine,
+    /// Made at the first wasm task: wasmtime's set-up touches megabytes of code that an
+    /// agent which never runs wasm need not keep resident.
+    engine: OnceLock<Engine>,
     images: Arc<ImageStore>,
 }
 
@@ -37,13 +39,22 @@ struct State {
 }
 
 impl WasmRuntime {
-    pub fn new(images: Arc<ImageStore>) -> anyhow::Result<WasmRuntime> {
+    pub fn new(images: Arc<ImageStore>) -> WasmRuntime {
+        WasmRuntime {
+            engine: OnceLock::new(),
+            images,
+        }
+    }
+
+    fn engine(&self) -> Result<&Engine, String> {
+        if let Some(engine) = self.engine.get() {
+            return Ok(engine);
+        }
         let mut config = Config::new();
         config.async_support(true).epoch_interruption(true);
-        Ok(WasmRuntime {
-            engine: Engine::new(&config)?,
-            images,
-        })
+        let engine =
+            Engine::new(&config).map_err(|e| format!("starting wasmtime on this device: {e:#}"))?;
+        Ok(self.engine.get_or_init(|| engine))
     }
 }
 
@@ -113,7 +124,8 @@ impl Runtime for WasmRuntime {
             .ok_or_else(|| create("the image was not pulled".into()))?;
         let argv = module_argv(image, container);
         let source = module_source(image, &argv).map_err(create)?;
-        let (engine, images) = (self.engine.clone(), self.images.clone());
+        let engine = self.engine().map_err(create)?.clone();
+        let (compiler, images) = (engine.clone(), self.images.clone());
         let module = tokio::task::spawn_blocking(move || {
             let blob = |digest: &str| {
                 images
@@ -121,13 +133,13 @@ impl Runtime for WasmRuntime {
                     .ok_or_else(|| format!("bad layer digest {digest}"))
             };
             match source {
-                ModuleSource::Layer(digest) => Module::from_file(&engine, blob(&digest)?)
+                ModuleSource::Layer(digest) => Module::from_file(&compiler, blob(&digest)?)
                     .map_err(|e| format!("compiling the module: {e:#}")),
                 ModuleSource::FileInLayer { layer, path } => {
                     let bytes = crate::tasks::oci::rootfs::read_file(&blob(&layer)?, &path)
                         .map_err(|e| e.to_string())?
                         .ok_or_else(|| format!("the image's layer has no file {path}"))?;
-                    Module::new(&engine, bytes)
+                    Module::new(&compiler, bytes)
                         .map_err(|e| format!("compiling the module {path}: {e:#}"))
                 }
             }
@@ -161,7 +173,7 @@ impl Runtime for WasmRuntime {
             limits = limits.memory_size(bytes as usize);
         }
         let mut store = Store::new(
-            &self.engine,
+            &engine,
             State {
                 wasi: wasi.build_p1(),
                 limits: limits.build(),
@@ -177,7 +189,7 @@ impl Runtime for WasmRuntime {
             }
             Ok(wasmtime::UpdateDeadline::Yield(1))
         });
-        let mut linker: Linker<State> = Linker::new(&self.engine);
+        let mut linker: Linker<State> = Linker::new(&engine);
         p1::add_to_linker_async(&mut linker, |s| &mut s.wasi)
             .map_err(|e| create(format!("{e:#}")))?;
         let instance = linker
@@ -189,7 +201,7 @@ impl Runtime for WasmRuntime {
             .map_err(|e| create(format!("the module has no WASI _start: {e:#}")))?;
 
         let (done, exit) = oneshot::channel();
-        let ticker_engine = self.engine.clone();
+        let ticker_engine = engine.clone();
         tokio::spawn(async move {
             let ticker = tokio::spawn(async move {
                 loop {
