@@ -193,6 +193,33 @@ fn bad_values_are_refused_naming_the_value() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("install the Prometheus Operator"));
 }
 
+/// Users bound to Kubernetes' built-in view and edit roles.
+const VIEWER: &str = "darkcore-chart-viewer";
+const EDITOR: &str = "darkcore-chart-editor";
+
+fn kubectl(args: &[&str]) -> std::process::Output {
+    Command::new("kubectl")
+        .args(args)
+        .output()
+        .expect("kubectl")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `kubectl auth can-i VERB WHAT --as USER`; WHAT may name a subresource (`kind/sub`).
+fn can_i(user: &str, verb: &str, what: &str) -> bool {
+    let (resource, sub) = what.split_once('/').unwrap_or((what, ""));
+    let subresource = format!("--subresource={sub}");
+    let mut args = vec!["auth", "can-i", verb, resource, "--as", user];
+    if !sub.is_empty() {
+        args.push(&subresource);
+    }
+    let out = kubectl(&args);
+    text(&out.stdout).trim() == "yes"
+}
+
 /// Objects of `kind` (as `kubectl get` takes it) labelled as the release's, by name.
 fn release_objects(kind: &str) -> Vec<String> {
     let out = Command::new("kubectl")
@@ -249,6 +276,52 @@ async fn install_upgrade_and_uninstall_leave_nothing_of_darkcores_behind() {
         "every object of the release exists: {}",
         String::from_utf8_lossy(&listed.stderr)
     );
+
+    // People: Kubernetes' view role reads pools and usage, edit also scales pools, and
+    // nobody but the operator writes usage.
+    for (user, role) in [(VIEWER, "view"), (EDITOR, "edit")] {
+        let _ = kubectl(&["delete", "clusterrolebinding", user, "--ignore-not-found"]);
+        let bound = kubectl(&[
+            "create",
+            "clusterrolebinding",
+            user,
+            "--clusterrole",
+            role,
+            "--user",
+            user,
+        ]);
+        assert!(bound.status.success(), "{}", text(&bound.stderr));
+    }
+    poll_until(
+        "view and edit aggregate darkcore's roles",
+        Duration::from_secs(30),
+        || async {
+            let granted = [
+                (VIEWER, "list", "poolusages"),
+                (VIEWER, "watch", "devicepools"),
+                (EDITOR, "patch", "devicepools/scale"),
+                (EDITOR, "create", "devicepools"),
+            ];
+            match granted
+                .iter()
+                .find(|(user, verb, what)| !can_i(user, verb, what))
+            {
+                None => Ok(()),
+                Some(missing) => Err(format!("not yet allowed: {missing:?}")),
+            }
+        },
+    )
+    .await;
+    for (user, verb, what) in [
+        (VIEWER, "patch", "devicepools"),
+        (EDITOR, "create", "poolusages"),
+        (EDITOR, "update", "poolusages"),
+    ] {
+        assert!(!can_i(user, verb, what), "{user} may not {verb} {what}");
+    }
+    for user in [VIEWER, EDITOR] {
+        let _ = kubectl(&["delete", "clusterrolebinding", user]);
+    }
 
     // The operator as the chart's Deployment runs it: elected, publishing the gateway's
     // EndpointSlice, nodes owned by the release. Its pool gets a node and a lease.
