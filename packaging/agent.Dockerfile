@@ -13,8 +13,8 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p darkcore-agent \
- && install -D -m 0755 target/release/darkcore-agent /out/darkcore-agent \
+    cargo build --profile agent-release --locked -p darkcore-agent \
+ && install -D -m 0755 target/agent-release/darkcore-agent /out/darkcore-agent \
  && install -d -o 65532 -g 65532 -m 0700 /out/state
 
 FROM gcr.io/distroless/cc-debian12:nonroot

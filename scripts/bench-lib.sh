@@ -6,6 +6,8 @@ source "$ROOT/tests/cluster/versions.env"
 export PATH="$PATH:$HOME/.cache/darkcore/k8s-$K8S_VERSION:$HOME/.cache/darkcore/helm-$HELM_VERSION"
 KWOK_BIN="$HOME/.cache/darkcore/kwok-$KWOK_VERSION/kwok"
 BIN="$CARGO_TARGET_DIR/release"
+# The agent as the Debian package ships it (Cargo.toml's agent-release profile).
+AGENT="$CARGO_TARGET_DIR/agent-release/darkcore-agent"
 OUT="$ROOT/target/bench"
 NODE="darkcore-$POOL-linux-amd64"
 rm -rf "$WORK" && mkdir -p "$WORK"
@@ -23,7 +25,8 @@ trap cleanup EXIT
 # Builds the release binaries and brings up the cluster and the CRD.
 bench_setup() {
   say "building release binaries"
-  cargo build --release -q -p darkcore-operator -p darkcore-agent -p darkcore-e2e --bins
+  cargo build --release -q -p darkcore-operator -p darkcore-e2e --bins
+  cargo build --profile agent-release -q -p darkcore-agent
   "$ROOT/tests/cluster/up" >/dev/null
   export KUBECONFIG="${DARKCORE_CLUSTER_DIR:-$ROOT/target/cluster}/kubeconfig"
   "$BIN/darkcore-operator" crds | kubectl apply --server-side -f - >/dev/null
@@ -113,8 +116,8 @@ start_agents() {
     dir="$WORK/agent-$i"; mkdir -p "$dir"
     printf '[policy]\nmax_cores = 1\nmax_memory = "1Gi"\nruntimes = [%s]\n[policy.idle]\nmax_owner_cpu_percent = 100\n[images]\ninsecure_registries = ["%s"]\n' \
       "${AGENT_RUNTIMES:-\"process\"}" "${REGISTRY:-}" >"$dir/agent.toml"
-    "$BIN/darkcore-agent" join --server "$GATEWAY" --token "$token" --state-dir "$dir/state" --config "$dir/agent.toml" >/dev/null 2>&1
-    "$BIN/darkcore-agent" run --state-dir "$dir/state" --config "$dir/agent.toml" >"$dir/agent.log" 2>&1 &
+    "$AGENT" join --server "$GATEWAY" --token "$token" --state-dir "$dir/state" --config "$dir/agent.toml" >/dev/null 2>&1
+    "$AGENT" run --state-dir "$dir/state" --config "$dir/agent.toml" >"$dir/agent.log" 2>&1 &
     pids+=($!); agent_pids+=($!)
   done
 }
