@@ -54,6 +54,7 @@ pub fn classify(refusal: &Refusal) -> SessionError {
         Ok(Code::Replaced) => SessionError::Retry(format!(
             "{text} (if this repeats, another agent with the same state dir is running)"
         )),
+        Ok(Code::TimedOut) => SessionError::Retry(text),
         _ => SessionError::Final(text),
     }
 }
@@ -121,17 +122,28 @@ pub async fn attach(
     let mut client = AgentGatewayClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let mut inbound = client
-        .attach(ReceiverStream::new(rx))
+    // One deadline from dialling to Welcome: a connection the gateway dropped mid-handshake
+    // (a full accept queue in a reconnect storm) would otherwise hang until TCP gives up.
+    let opened = async {
+        let mut inbound = client
+            .attach(ReceiverStream::new(rx))
+            .await
+            .map_err(|status| retry("opening the stream", &status.message()))?
+            .into_inner();
+        let first = inbound
+            .message()
+            .await
+            .map_err(|status| retry("waiting for Welcome", &status.message()))?
+            .ok_or_else(|| {
+                SessionError::Retry("the gateway closed the stream after Hello".into())
+            })?;
+        Ok::<_, SessionError>((inbound, first))
+    };
+    let (mut inbound, first) = tokio::time::timeout(WELCOME_TIMEOUT, opened)
         .await
-        .map_err(|status| retry("opening the stream", &status.message()))?
-        .into_inner();
-
-    let first = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message())
-        .await
-        .map_err(|_| SessionError::Retry("the gateway did not answer Hello within 15 s".into()))?
-        .map_err(|status| retry("waiting for Welcome", &status.message()))?
-        .ok_or_else(|| SessionError::Retry("the gateway closed the stream after Hello".into()))?;
+        .map_err(|_| {
+            SessionError::Retry("no Welcome from the gateway within 15 s of dialling".into())
+        })??;
     let welcome = match first.body {
         Some(operator_message::Body::Welcome(welcome)) => welcome,
         Some(operator_message::Body::Refusal(refusal)) => return Err(classify(&refusal)),
@@ -217,6 +229,28 @@ pub async fn attach(
                 let _ = tokio::time::timeout(Duration::from_secs(2), inbound.message()).await;
                 return Ok(SessionEnd::Stopped);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(code: Code) -> SessionError {
+        classify(&Refusal {
+            code: code as i32,
+            message: "words".into(),
+        })
+    }
+
+    #[test]
+    fn only_refusals_that_say_try_again_are_retried() {
+        for code in [Code::Replaced, Code::TimedOut] {
+            assert!(matches!(refused(code), SessionError::Retry(_)), "{code:?}");
+        }
+        for code in [Code::Revoked, Code::PoolGone, Code::Malformed] {
+            assert!(matches!(refused(code), SessionError::Final(_)), "{code:?}");
         }
     }
 }

@@ -17,6 +17,7 @@ use clap::Parser;
 use darkcore_agent::gateway;
 use darkcore_agent::identity::Identity;
 use darkcore_agent::policy::AgentConfig;
+use darkcore_agent::session::WELCOME_TIMEOUT;
 use darkcore_agent::tasks::supervise::unix_ms;
 use darkcore_proto::PROTOCOL_VERSION;
 use darkcore_proto::agent::v1::agent_gateway_client::AgentGatewayClient;
@@ -173,11 +174,19 @@ async fn hold(
         ..Default::default()
     })))
     .await?;
-    let mut inbound = AgentGatewayClient::new(channel)
-        .attach(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    let welcome = match inbound.message().await?.and_then(|m| m.body) {
+    // As the agent does: one deadline from dialling to Welcome.
+    let opened = async {
+        let mut inbound = AgentGatewayClient::new(channel)
+            .attach(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let first = inbound.message().await?;
+        anyhow::Ok((inbound, first))
+    };
+    let (mut inbound, first) = tokio::time::timeout(WELCOME_TIMEOUT, opened)
+        .await
+        .context("no Welcome within 15 s of dialling")??;
+    let welcome = match first.and_then(|m| m.body) {
         Some(operator_message::Body::Welcome(welcome)) => welcome,
         other => anyhow::bail!("no Welcome: {other:?}"),
     };

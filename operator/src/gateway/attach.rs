@@ -134,10 +134,7 @@ impl AgentStream {
         let first = match tokio::time::timeout(HELLO_TIMEOUT, self.next()).await {
             Err(_) => {
                 return Err(Ending::Refused(
-                    refusal(
-                        Code::Malformed,
-                        "no Hello within 10 s of opening the stream",
-                    ),
+                    refusal(Code::TimedOut, "no Hello within 10 s of opening the stream"),
                     "hello_timeout",
                 ));
             }
