@@ -19,7 +19,7 @@ use crate::observe::PolicyMonitor;
 use crate::policy::AgentConfig;
 use crate::policy::config::RuntimeName;
 use crate::policy::decide::to_owner_state;
-use crate::session::{self, Agent, SessionEnd, SessionError, step_aside};
+use crate::session::{self, Agent, SessionEnd, SessionError, follow_owner};
 use crate::status::{AgentStatus, StatusFile};
 use crate::tasks::TaskManager;
 use crate::tasks::oci::OciRuntime;
@@ -144,13 +144,7 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
                     tokio::select! {
                         _ = tokio::time::sleep_until(until) => break,
                         _ = check.tick() => {
-                            let decision = policy.check();
-                            status.policy(&decision, policy.core_seconds_given());
-                            step_aside(&decision, &policy, &tasks);
-                            // Tasks go on and end while the gateway is away: the owner sees
-                            // what they used, and that it waits to be sent.
-                            status.tasks(tasks.running());
-                            status.usage(tasks.usage());
+                            follow_owner(&mut policy, &mut status, &tasks);
                         }
                         _ = stop.changed() => {
                             status.connection(false, "stopped".into());

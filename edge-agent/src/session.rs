@@ -82,12 +82,23 @@ fn refusal(decision: &Decision, task: &TaskAssign) -> Option<String> {
     })
 }
 
-/// Stops running tasks when the owner's policy takes the device back.
-pub fn step_aside(decision: &Decision, policy: &PolicyMonitor, tasks: &TaskManager) {
+/// One look at the owner's policy, connected or not: stops running tasks when the owner
+/// takes the device back, and brings the status file up to date (tasks go on and end while
+/// the gateway is away, and the owner sees what they used and that it waits to be sent).
+pub fn follow_owner(
+    policy: &mut PolicyMonitor,
+    status: &mut StatusFile,
+    tasks: &TaskManager,
+) -> Decision {
+    let decision = policy.check();
+    status.policy(&decision, policy.core_seconds_given());
     if !decision.available {
         let grace = Duration::from_secs(u64::from(policy.config.policy.stop_grace_seconds));
         tasks.preempt_all(grace, &decision.reason);
     }
+    status.tasks(tasks.running());
+    status.usage(tasks.usage());
+    decision
 }
 
 /// The parts of a session that outlive it: the policy, the status file and the tasks.
@@ -179,11 +190,7 @@ pub async fn attach(
                     .map_err(|e| retry("sending a task report", &e))?;
             }
             _ = check.tick() => {
-                decision = policy.check();
-                status.policy(&decision, policy.core_seconds_given());
-                step_aside(&decision, policy, tasks);
-                status.tasks(tasks.running());
-                status.usage(tasks.usage());
+                decision = follow_owner(policy, status, tasks);
                 if last_sent.as_ref() != Some(&offered(&decision)) {
                     tracing::info!(available = decision.available, reason = %decision.reason, "owner policy changed what this device gives");
                     last_sent = Some(offered(&decision));
