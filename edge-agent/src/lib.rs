@@ -18,3 +18,12 @@ pub mod session;
 pub mod status;
 pub mod tasks;
 pub mod usage;
+
+/// A path of this test run's own under the system temp dir, `darkcore-NAME-PID`, emptied of
+/// what an earlier run left (not created: callers make what they need).
+#[cfg(test)]
+pub(crate) fn fresh_test_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("darkcore-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}

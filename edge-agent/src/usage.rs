@@ -221,9 +221,7 @@ mod tests {
     use super::*;
 
     fn temp_dir(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("darkcore-usage-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = crate::fresh_test_dir(&format!("usage-{name}"));
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }

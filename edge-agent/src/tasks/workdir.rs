@@ -204,10 +204,7 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     fn scratch(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("darkcore-workdir-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        dir
+        crate::fresh_test_dir(&format!("workdir-{name}"))
     }
 
     #[test]

@@ -260,9 +260,7 @@ mod tests {
     }
 
     fn scratch(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("darkcore-rootfs-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = crate::fresh_test_dir(&format!("rootfs-{name}"));
         std::fs::create_dir_all(dir.join("rootfs")).unwrap();
         dir
     }
