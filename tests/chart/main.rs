@@ -80,9 +80,7 @@ fn helm_lint_is_clean() {
 async fn every_object_the_chart_renders_is_accepted_by_the_api_server() {
     harness::ensure_crds(&client().await).await;
     // The namespace must exist for a dry run of namespaced objects.
-    let _ = Command::new("kubectl")
-        .args(["create", "namespace", OPERATOR_NAMESPACE])
-        .output();
+    let _ = kubectl(&["create", "namespace", OPERATOR_NAMESPACE]);
     let every_option: &[&str] = &[
         "operator.replicas=3",
         "operator.priorityClassName=system-cluster-critical",
@@ -197,15 +195,12 @@ fn bad_values_are_refused_naming_the_value() {
 const VIEWER: &str = "darkcore-chart-viewer";
 const EDITOR: &str = "darkcore-chart-editor";
 
+/// `kubectl ARGS`, as the test runner's admin.
 fn kubectl(args: &[&str]) -> std::process::Output {
     Command::new("kubectl")
         .args(args)
         .output()
         .expect("kubectl")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// `kubectl auth can-i VERB WHAT --as USER`; WHAT may name a subresource (`kind/sub`).
@@ -217,23 +212,20 @@ fn can_i(user: &str, verb: &str, what: &str) -> bool {
         args.push(&subresource);
     }
     let out = kubectl(&args);
-    text(&out.stdout).trim() == "yes"
+    String::from_utf8_lossy(&out.stdout).trim() == "yes"
 }
 
 /// Objects of `kind` (as `kubectl get` takes it) labelled as the release's, by name.
 fn release_objects(kind: &str) -> Vec<String> {
-    let out = Command::new("kubectl")
-        .args([
-            "get",
-            kind,
-            "--all-namespaces",
-            "-l",
-            &format!("app.kubernetes.io/instance={RELEASE}"),
-            "-o",
-            "name",
-        ])
-        .output()
-        .expect("kubectl");
+    let out = kubectl(&[
+        "get",
+        kind,
+        "--all-namespaces",
+        "-l",
+        &format!("app.kubernetes.io/instance={RELEASE}"),
+        "-o",
+        "name",
+    ]);
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::to_string)
@@ -290,7 +282,11 @@ async fn install_upgrade_and_uninstall_leave_nothing_of_darkcores_behind() {
             "--user",
             user,
         ]);
-        assert!(bound.status.success(), "{}", text(&bound.stderr));
+        assert!(
+            bound.status.success(),
+            "{}",
+            String::from_utf8_lossy(&bound.stderr)
+        );
     }
     poll_until(
         "view and edit aggregate darkcore's roles",
