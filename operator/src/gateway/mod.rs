@@ -29,6 +29,11 @@ use crate::enroll::ca::CaMaterial;
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Pending connections the kernel queues for the gateway (capped by `net.core.somaxconn`).
+/// After an operator restart every agent redials at once; the default of 128 overflowed at
+/// 19,500 agents, so handshakes were reset and agents backed off for minutes.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
 /// Binds `addr` and returns the server future. Binding happens first, so a port in use fails
 /// start-up with a clear error.
 pub async fn serve(
@@ -44,7 +49,7 @@ pub async fn serve(
         // Join comes without a certificate; Attach checks for one itself.
         .client_auth_optional(true)
         .timeout(Duration::from_secs(10));
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+    let listener = listen(addr, LISTEN_BACKLOG).with_context(|| {
         format!("binding the agent gateway to {addr} (set --gateway-addr to a free address)")
     })?;
     tracing::info!(addr = %listener.local_addr()?, "agent gateway listening (gRPC over TLS)");
@@ -65,4 +70,28 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         );
     Ok(router.serve_with_incoming(TcpListenerStream::new(listener)))
+}
+
+/// Binds `addr` like `TcpListener::bind` (address reuse on), but with a chosen backlog.
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn listen_reports_a_port_in_use() {
+        let first = listen("127.0.0.1:0".parse().unwrap(), LISTEN_BACKLOG).unwrap();
+        let taken = first.local_addr().unwrap();
+        let second = listen(taken, LISTEN_BACKLOG).unwrap_err();
+        assert_eq!(second.kind(), std::io::ErrorKind::AddrInUse);
+    }
 }
