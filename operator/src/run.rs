@@ -19,6 +19,7 @@ use kube::{Api, Client, ResourceExt};
 
 use crate::devices::registry::Registry;
 use crate::enroll::ca;
+use crate::enroll::redeem::Redeemer;
 use crate::enroll::revocation::{REVOKED_CONFIGMAP, revoked_ids};
 use crate::gateway::attach::{AttachService, PoolCheck, TaskReports};
 use crate::gateway::join::JoinService;
@@ -303,7 +304,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tls::serving_identity(&ca, &names).context("issuing the gateway's certificate")?,
         JoinService {
             client: client.clone(),
-            namespace: args.namespace.clone(),
+            redeemer: Redeemer::new(client.clone(), &args.namespace),
             ca: ca.clone(),
             metrics: metrics.clone(),
         },

@@ -118,7 +118,7 @@ async fn main() -> anyhow::Result<()> {
         tls::serving_identity(&ca, &["127.0.0.1".into()])?,
         join::JoinService {
             client: client.clone(),
-            namespace: NAMESPACE.into(),
+            redeemer: darkcore_operator::enroll::redeem::Redeemer::new(client.clone(), NAMESPACE),
             ca: ca.clone(),
             metrics: metrics.clone(),
         },

@@ -122,6 +122,43 @@ async fn joins_accept_a_valid_token_and_refuse_used_up_expired_revoked_and_garba
 }
 
 #[tokio::test]
+async fn a_burst_of_joins_on_one_token_admits_exactly_as_many_as_it_allows() {
+    let fx = PoolFixture::start("joinburst", process_pool()).await;
+    let port = fx.operator.gateway_port;
+    let three = token(&fx.pool, &["--uses", "3"]);
+    // Eight devices join at once; the operator counts them together against one Secret.
+    let outcomes: Vec<fleet::JoinOutcome> = std::thread::scope(|scope| {
+        let joins: Vec<_> = (0..8)
+            .map(|_| scope.spawn(|| fleet::join(port, &three, 1.0)))
+            .collect();
+        joins.into_iter().map(|join| join.join().unwrap()).collect()
+    });
+    let joined = outcomes.iter().filter(|outcome| outcome.ok).count();
+    assert_eq!(joined, 3, "a token with --uses 3 admits three of eight");
+    for refused in outcomes.iter().filter(|outcome| !outcome.ok) {
+        assert!(
+            refused.output.contains("used as many times as it allows"),
+            "{}",
+            refused.output
+        );
+    }
+    let id = three.split('.').nth(1).unwrap();
+    let listing = operator_cli(&["token", "list", "-n", crate::harness::OPERATOR_NAMESPACE]);
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        listing
+            .lines()
+            .any(|line| line.starts_with(id) && line.contains("3/3")),
+        "the Secret counts exactly three uses:\n{listing}"
+    );
+    for (result, count) in [("accepted", 3.0), ("used_up", 5.0)] {
+        let line = format!("darkcore_operator_joins_total{{result=\"{result}\"}}");
+        assert_eq!(metric(&fx.operator, &line).await, Some(count), "{line}");
+    }
+    fx.finish().await;
+}
+
+#[tokio::test]
 async fn three_agents_add_up_restart_with_the_same_identity_and_a_revoked_one_is_shut_out() {
     let fx = PoolFixture::start("three", process_pool()).await;
     let port = fx.operator.gateway_port;

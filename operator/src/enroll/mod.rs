@@ -1,6 +1,6 @@
 //! Enrollment: how a device earns an identity. The operator keeps a CA (`ca`) and join tokens
 //! (`token` is the pure format and rules, `token_store` keeps them hashed in Secrets in the
-//! operator's namespace).
+//! operator's namespace, `redeem` counts their uses as devices join).
 //!
 //! ```text
 //!  darkcore-operator token create ──> Secret darkcore-token-<id> (sha256 of the secret only)
@@ -11,6 +11,7 @@
 //! ```
 
 pub mod ca;
+pub mod redeem;
 pub mod revocation;
 pub mod token;
 pub mod token_store;

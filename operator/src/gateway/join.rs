@@ -11,15 +11,15 @@ use kube::{Api, Client};
 use tonic::{Request, Response, Status};
 
 use crate::enroll::ca::CaMaterial;
+use crate::enroll::redeem::{RedeemError, Redeemer};
 use crate::enroll::token::{JoinToken, MalformedToken};
-use crate::enroll::token_store::{self, RedeemError};
 use crate::gateway::tls::{self, DeviceIdentity, TlsError};
 use crate::metrics::Metrics;
 
 pub struct JoinService {
     pub client: Client,
-    /// Where the join tokens are kept.
-    pub namespace: String,
+    /// Counts uses of the join tokens in the operator's namespace.
+    pub redeemer: Redeemer,
     pub ca: CaMaterial,
     pub metrics: Arc<Metrics>,
 }
@@ -103,7 +103,7 @@ impl JoinService {
         let token: JoinToken = request.token.parse()?;
         // A bad request must not use up the token.
         tls::check_request(&request.csr_der)?;
-        let record = token_store::redeem(&self.client, &self.namespace, &token).await?;
+        let record = self.redeemer.redeem(token).await?;
         let pools: Api<DevicePool> = Api::all(self.client.clone());
         if pools
             .get_opt(&record.pool)

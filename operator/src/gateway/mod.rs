@@ -3,7 +3,7 @@
 //! certificate that Join issued, so one device cannot act as another.
 //!
 //! ```text
-//!  agent ──TLS──> Join(token, CSR) ──> token_store::redeem ──> tls::sign_device
+//!  agent ──TLS──> Join(token, CSR) ──> redeem::Redeemer ──> tls::sign_device
 //!  agent ─mTLS──> Attach(stream) ──> attach::AgentStream ──> devices::Registry (soft state)
 //! ```
 
