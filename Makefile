@@ -54,7 +54,7 @@ cluster-up:
 cluster-down:
 	tests/cluster/down
 
-# Benchmarks (release builds; about 45 minutes on 2 cores): BENCHMARKS.md and benchmarks.json. They measure
+# Benchmarks (release builds; about 30 minutes warm on 2 cores): BENCHMARKS.md and benchmarks.json. They measure
 # and report, and never fail on speed.
 bench:
 	scripts/bench/run
