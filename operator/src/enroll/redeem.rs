@@ -20,7 +20,7 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::enroll::token::{JoinToken, Rejection, TokenRecord};
-use crate::enroll::token_store::{StoreError, from_secret, secret_name};
+use crate::enroll::token_store::{StoreError, from_secret, kube_err, secret_name};
 
 /// Write conflicts a batch rides out (another writer: `token revoke`, another replica).
 const MAX_ATTEMPTS: u32 = 20;
@@ -173,10 +173,7 @@ impl Redeemer {
             let secret = secrets
                 .get_opt(&name)
                 .await
-                .map_err(|source| StoreError::Kube {
-                    action: format!("reading join token {id}"),
-                    source,
-                })?
+                .map_err(kube_err(format!("reading join token {id}")))?
                 .ok_or(RedeemError::Unknown)?;
             let record = from_secret(&secret)?;
             let (outcomes, admitted) = admit_batch(&record, tokens, Timestamp::now());
@@ -194,11 +191,8 @@ impl Redeemer {
                 Ok(_) => return Ok((record, outcomes)),
                 Err(kube::Error::Api(status)) if status.code == 409 && attempts < MAX_ATTEMPTS => {}
                 Err(source) => {
-                    return Err(StoreError::Kube {
-                        action: format!("counting {admitted} use(s) of join token {id}"),
-                        source,
-                    }
-                    .into());
+                    let action = format!("counting {admitted} use(s) of join token {id}");
+                    return Err(kube_err(action)(source).into());
                 }
             }
         }

@@ -44,7 +44,8 @@ pub enum StoreError {
     },
 }
 
-fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> StoreError {
+/// Names what was being done when the API call failed.
+pub(crate) fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> StoreError {
     let action = action.into();
     move |source| StoreError::Kube { action, source }
 }
