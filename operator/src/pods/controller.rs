@@ -155,6 +155,11 @@ fn share(attempt: &Attempt) -> Option<Share<'_>> {
     })
 }
 
+/// Puts `attempt` in the pod's slot and counts its share of the device's load.
+fn set_attempt(load: &mut Load, slot: &mut Option<Attempt>, attempt: Attempt) {
+    load.track(slot, share, |slot| *slot = Some(attempt));
+}
+
 fn cancel(
     outbox: &mut Outbox,
     registry: &Registry,
@@ -329,9 +334,7 @@ impl Controller {
                         report: None,
                         cancelled: false,
                     };
-                    self.load.track(&mut entry.attempt, share, |slot| {
-                        *slot = Some(attempt);
-                    });
+                    set_attempt(&mut self.load, &mut entry.attempt, attempt);
                 }
             }
             entry
@@ -442,9 +445,7 @@ impl Controller {
                     report: Some(report),
                     cancelled: false,
                 };
-                self.load.track(&mut entry.attempt, share, |slot| {
-                    *slot = Some(attempt);
-                });
+                set_attempt(&mut self.load, &mut entry.attempt, attempt);
             }
             (false, false) => {
                 tracing::info!(%uid, task = %report.task_id, %device, "ignoring a report from an abandoned attempt; stopping it");
@@ -650,9 +651,7 @@ impl Controller {
                         }
                         entry.unplaced = None;
                         entry.next_number = attempt.number + 1;
-                        self.load.track(&mut entry.attempt, share, |slot| {
-                            *slot = Some(attempt);
-                        });
+                        set_attempt(&mut self.load, &mut entry.attempt, attempt);
                     }
                     Err(why) => {
                         if entry.announced.insert(format!("NoDeviceFits:{why}")) {
