@@ -312,6 +312,10 @@ impl ImageStore {
                 .map_err(|e| match e {
                     Fetch::Registry(e) => registry(e),
                     Fetch::Disk(e) => disk(e),
+                    Fetch::Refused(message) => PullError::Registry {
+                        reference: reference.into(),
+                        message,
+                    },
                 })?;
         }
         let granted_to = granted_after(present.as_ref(), &digest, fingerprint);
@@ -385,7 +389,7 @@ impl ImageStore {
                     std::fs::rename(&partial, &path).map_err(Fetch::Disk)?;
                     return Ok(());
                 }
-                Err(Fetch::Disk(e)) => return Err(Fetch::Disk(e)),
+                Err(e @ (Fetch::Disk(_) | Fetch::Refused(_))) => return Err(e),
                 Err(e) => {
                     tracing::info!(blob = %layer.digest, attempt, error = %e, "blob download interrupted; resuming");
                     last = Some(e);
@@ -403,6 +407,7 @@ impl ImageStore {
         layer: &OciDescriptor,
         partial: &Path,
     ) -> Result<(), Fetch> {
+        let declared = declared_size(layer, self.bound_bytes).map_err(Fetch::Refused)?;
         let offset = std::fs::metadata(partial).map_or(0, |m| m.len());
         let response = client
             .pull_blob_stream_partial(image, layer, offset, None)
@@ -420,12 +425,44 @@ impl ImageStore {
             .open(partial)
             .await
             .map_err(Fetch::Disk)?;
+        let mut written = if append { offset } else { 0 };
         while let Some(bytes) = stream.next().await {
             let bytes = bytes.map_err(|e| Fetch::Registry(OciDistributionError::IoError(e)))?;
+            written = written.saturating_add(bytes.len() as u64);
+            if written > declared {
+                drop(file);
+                let _ = tokio::fs::remove_file(partial).await;
+                return Err(Fetch::Refused(format!(
+                    "blob {} is larger than the {declared} bytes its descriptor declares: \
+                     the registry served something else; the download was stopped there",
+                    layer.digest
+                )));
+            }
             file.write_all(&bytes).await.map_err(Fetch::Disk)?;
         }
         file.flush().await.map_err(Fetch::Disk)?;
         Ok(())
+    }
+
+    /// Every blob in the cache: its path, size and last use.
+    fn blobs(&self) -> Vec<(PathBuf, u64, SystemTime)> {
+        let Ok(entries) = std::fs::read_dir(self.root.join("blobs/sha256")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let meta = e.metadata().ok()?;
+                Some((e.path(), meta.len(), meta.modified().ok()?))
+            })
+            .collect()
+    }
+
+    /// What the owner's `max_disk` leaves beside the image cache: the room a container's
+    /// unpacked root filesystem may take.
+    pub fn room_left(&self) -> u64 {
+        let cached: u64 = self.blobs().iter().map(|b| b.1).sum();
+        self.bound_bytes.saturating_sub(cached)
     }
 
     /// Marks the image's blobs as just used.
@@ -443,16 +480,7 @@ impl ImageStore {
     /// Deletes the least recently used blobs until the cache is within its bound, never one
     /// of `keep`.
     fn evict(&self, keep: &Image) {
-        let Ok(entries) = std::fs::read_dir(self.root.join("blobs/sha256")) else {
-            return;
-        };
-        let blobs: Vec<(PathBuf, u64, SystemTime)> = entries
-            .flatten()
-            .filter_map(|e| {
-                let meta = e.metadata().ok()?;
-                Some((e.path(), meta.len(), meta.modified().ok()?))
-            })
-            .collect();
+        let blobs = self.blobs();
         let keep: Vec<PathBuf> = keep
             .layers
             .iter()
@@ -463,6 +491,21 @@ impl ImageStore {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// The size a blob's descriptor declares, if the device can hold it at all: one larger than
+/// the whole image cache (`max_disk`), or a nonsense size, is refused before any download.
+fn declared_size(layer: &OciDescriptor, bound: u64) -> Result<u64, String> {
+    let size = u64::try_from(layer.size)
+        .map_err(|_| format!("blob {} declares a negative size", layer.digest))?;
+    if size > bound {
+        return Err(format!(
+            "blob {} is {size} bytes, more than this device's max_disk ({bound} bytes) allows \
+             for images: the owner's offer is too small for this image",
+            layer.digest
+        ));
+    }
+    Ok(size)
 }
 
 /// Which blobs to delete, oldest use first, to bring the total within `bound`.
@@ -493,6 +536,9 @@ enum Fetch {
     Registry(OciDistributionError),
     #[error("{0}")]
     Disk(std::io::Error),
+    /// The blob is not what its descriptor promised: asking again will not help.
+    #[error("{0}")]
+    Refused(String),
 }
 
 #[cfg(test)]
@@ -599,5 +645,18 @@ mod tests {
         assert!(matches!(auth_for(&reference, &creds), RegistryAuth::Basic(u, _) if u == "u"));
         let other: Reference = "example.com/app:1".parse().unwrap();
         assert!(matches!(auth_for(&other, &creds), RegistryAuth::Anonymous));
+    }
+
+    #[test]
+    fn a_blob_larger_than_the_disk_offer_or_of_negative_size_is_refused_before_download() {
+        let descriptor = |size| OciDescriptor {
+            digest: "sha256:ab".into(),
+            size,
+            ..Default::default()
+        };
+        assert_eq!(declared_size(&descriptor(100), 1000), Ok(100));
+        let too_big = declared_size(&descriptor(1001), 1000).unwrap_err();
+        assert!(too_big.contains("max_disk"), "{too_big}");
+        assert!(declared_size(&descriptor(-1), 1000).is_err());
     }
 }

@@ -76,21 +76,26 @@ pub async fn push_wasm_to(
 async fn push_image(
     client: &Client,
     reference: &Reference,
-    layer: Vec<u8>,
+    layers: Vec<Vec<u8>>,
     config: &serde_json::Value,
 ) {
-    let layer = ImageLayer::new(
-        layer,
-        "application/vnd.oci.image.layer.v1.tar+gzip".into(),
-        None,
-    );
+    let layers: Vec<ImageLayer> = layers
+        .into_iter()
+        .map(|layer| {
+            ImageLayer::new(
+                layer,
+                "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+                None,
+            )
+        })
+        .collect();
     let config = Config::new(
         config.to_string().into_bytes(),
         "application/vnd.oci.image.config.v1+json".into(),
         None,
     );
     client
-        .push(reference, &[layer], config, &RegistryAuth::Anonymous, None)
+        .push(reference, &layers, config, &RegistryAuth::Anonymous, None)
         .await
         .unwrap_or_else(|e| panic!("pushing {reference}: {e}"));
 }
@@ -132,7 +137,13 @@ pub async fn push_wasm_in_layer(repository_and_tag: &str, wat: &str, path: &str)
         "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&tar))] },
     });
     let reference = format!("{}/{repository_and_tag}", registry());
-    push_image(&client(), &reference.parse().unwrap(), gzip(&tar), &config).await;
+    push_image(
+        &client(),
+        &reference.parse().unwrap(),
+        vec![gzip(&tar)],
+        &config,
+    )
+    .await;
     reference
 }
 
@@ -177,9 +188,24 @@ pub async fn push_busybox(repository_and_tag: &str) -> (String, String) {
 
 /// As `push_busybox`, to the given (plain-HTTP) registry.
 pub async fn push_busybox_to(registry: &str, repository_and_tag: &str) -> (String, String) {
+    push_busybox_with(registry, repository_and_tag, &[]).await
+}
+
+/// As `push_busybox_to`, with `extra` layers (plain tars, gzipped here) above busybox's.
+pub async fn push_busybox_with(
+    registry: &str,
+    repository_and_tag: &str,
+    extra: &[Vec<u8>],
+) -> (String, String) {
     use oci_client::manifest::OciImageIndex;
     let (layer, diff_id) = busybox_layer();
     let layer_digest = format!("sha256:{}", sha256_hex(&layer));
+    let mut diff_ids = vec![diff_id];
+    let mut layers = vec![layer];
+    for tar in extra {
+        diff_ids.push(format!("sha256:{}", sha256_hex(tar)));
+        layers.push(gzip(tar));
+    }
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
@@ -193,13 +219,13 @@ pub async fn push_busybox_to(registry: &str, repository_and_tag: &str) -> (Strin
             "Env": ["PATH=/bin", "FROM_IMAGE=yes", "SHARED=image"],
             "WorkingDir": "/home/app",
         },
-        "rootfs": { "type": "layers", "diff_ids": [diff_id] },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
     });
     let reference = format!("{registry}/{repository_and_tag}");
     let platform_ref: Reference = format!("{reference}-linux-{arch}").parse().unwrap();
     let client = client();
     let auth = RegistryAuth::Anonymous;
-    push_image(&client, &platform_ref, layer, &config).await;
+    push_image(&client, &platform_ref, layers, &config).await;
     let (manifest, digest) = client
         .pull_manifest_raw(
             &platform_ref,
@@ -288,7 +314,7 @@ fn busybox_layer() -> (Vec<u8>, String) {
     );
     for applet in [
         "sh", "echo", "cat", "sleep", "dd", "head", "id", "ls", "touch", "pwd", "test", "true",
-        "mkdir", "stat",
+        "mkdir", "stat", "ln",
     ] {
         let mut header = header(tar::EntryType::Symlink, 0o777, 0, 0);
         builder
@@ -358,5 +384,31 @@ pub fn wat_escape_probe(escapes: &[&str]) -> String {
     (call $proc_exit (i32.const 0))))"#,
         message_bytes = wat_bytes(message),
         message_len = message.len()
+    )
+}
+
+/// A module that makes the symlink `name -> target` in its first preopened directory (a
+/// volume), then prints "linked"; exit 1 if WASI refuses.
+pub fn wat_symlinking(target: &str, name: &str) -> String {
+    format!(
+        r#"(module
+  (import "wasi_snapshot_preview1" "path_symlink" (func $path_symlink (param i32 i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "linked\0a")
+  (data (i32.const 1024) "{target_bytes}")
+  (data (i32.const 512) "{name_bytes}")
+  (func (export "_start")
+    (if (call $path_symlink (i32.const 1024) (i32.const {target_len}) (i32.const 3) (i32.const 512) (i32.const {name_len}))
+      (then (call $proc_exit (i32.const 1))))
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (i32.const 7))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 32)))
+    (call $proc_exit (i32.const 0))))"#,
+        target_bytes = wat_bytes(target),
+        target_len = target.len(),
+        name_bytes = wat_bytes(name),
+        name_len = name.len(),
     )
 }

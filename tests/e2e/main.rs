@@ -6,6 +6,7 @@ mod fleet;
 mod frames;
 mod harness;
 mod helm;
+mod hostile;
 mod images;
 mod leadership;
 mod oci;

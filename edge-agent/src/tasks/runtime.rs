@@ -10,6 +10,7 @@ use darkcore_proto::agent::v1::Container;
 use tokio::io::AsyncRead;
 
 use crate::images::{Image, ImageStore};
+use crate::tasks::workdir::MountSource;
 
 /// Everything a runtime needs to start one container, already resolved by the operator and
 /// laid out on disk by the agent.
@@ -20,8 +21,9 @@ pub struct Launch {
     pub container: Container,
     /// The task's private directory (0700): volumes and the container's scratch space.
     pub task_dir: PathBuf,
-    /// Where each mount's content lives on the device: (mount path in the pod, host path).
-    pub mounts: Vec<(String, PathBuf)>,
+    /// Each mount's content, resolved inside its volume and held open while the container
+    /// starts and runs.
+    pub mounts: Vec<MountSource>,
     /// The container's image, pulled before the start, for runtimes that use images.
     pub image: Option<Image>,
 }

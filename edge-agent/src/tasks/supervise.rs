@@ -381,10 +381,15 @@ impl Supervisor {
         let mounts = match workdir::mounts(&self.dir, container) {
             Ok(mounts) => mounts,
             Err(error) => {
+                // The pod asked for something it may not have: its own configuration error.
+                let reason = match error {
+                    workdir::WorkdirError::Invalid(_) => "CreateContainerConfigError",
+                    workdir::WorkdirError::Io { .. } => "CreateContainerError",
+                };
                 return (
                     Exit {
                         code: 128,
-                        reason: "CreateContainerError".into(),
+                        reason: reason.into(),
                         message: error.to_string(),
                     },
                     started_at,

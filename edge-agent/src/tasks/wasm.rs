@@ -157,9 +157,15 @@ impl Runtime for WasmRuntime {
         for env in &container.env {
             wasi.env(&env.name, &env.value);
         }
-        for (mount_path, host_path) in &launch.mounts {
-            wasi.preopened_dir(host_path, mount_path, DirPerms::all(), FilePerms::all())
-                .map_err(|e| create(format!("opening volume {mount_path}: {e:#}")))?;
+        for mount in &launch.mounts {
+            let mount_path = &mount.path_in_pod;
+            wasi.preopened_dir(
+                mount.in_agent(),
+                mount_path,
+                DirPerms::all(),
+                FilePerms::all(),
+            )
+            .map_err(|e| create(format!("opening volume {mount_path}: {e:#}")))?;
         }
         let memory = container
             .resources

@@ -18,10 +18,14 @@ use tokio::process::{Child, Command};
 
 use crate::images::ImageStore;
 use crate::tasks::runtime::{Exit, Launch, Output, Runtime, StartError, Workload, cpu_at_exit};
+use crate::tasks::workdir;
 use spec::{Bind, SpecInput};
 
 /// The container runners the agent looks for, in order of preference.
 pub const RUNNERS: &[&str] = &["runc", "crun"];
+
+/// Under a container's bundle: the bind mounts that stage its subPaths for the runner.
+const STAGED: &str = "subpaths";
 
 #[derive(Clone)]
 pub struct OciRuntime {
@@ -131,6 +135,7 @@ impl OciRuntime {
                 image.reference
             )));
         }
+        workdir::unmount_under(bundle);
         match std::fs::remove_dir_all(bundle) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(create(format!("clearing {}: {e}", bundle.display())));
@@ -145,7 +150,7 @@ impl OciRuntime {
             .iter()
             .filter_map(|l| self.images.blob_path(&l.digest))
             .collect();
-        rootfs::unpack(&layers, &rootfs, true)
+        rootfs::unpack(&layers, &rootfs, true, self.images.room_left())
             .map_err(|e| create(format!("unpacking image {:?}: {e}", image.reference)))?;
 
         let container = &launch.container;
@@ -179,16 +184,21 @@ impl OciRuntime {
             return Err(config_error(format!("workingDir {cwd:?} is not absolute")));
         }
 
-        let mut binds: Vec<Bind> = launch
-            .mounts
-            .iter()
-            .zip(&container.mounts)
-            .map(|((path, source), mount)| Bind {
-                source: source.display().to_string(),
-                destination: path.clone(),
+        let mut binds = Vec::new();
+        for (index, (source, mount)) in launch.mounts.iter().zip(&container.mounts).enumerate() {
+            let staging = bundle.join(STAGED).join(index.to_string());
+            let path = source.for_runtime(&staging).map_err(|e| {
+                create(format!(
+                    "staging volume {:?} at {}: {e}",
+                    mount.volume, source.path_in_pod
+                ))
+            })?;
+            binds.push(Bind {
+                source: path.display().to_string(),
+                destination: source.path_in_pod.clone(),
                 read_only: mount.read_only,
-            })
-            .collect();
+            });
+        }
         for (name, content) in etc_files(&launch.pod_name) {
             let path = bundle.join(name);
             std::fs::write(&path, content)
@@ -397,6 +407,7 @@ impl Workload for Container {
         }
         let log = std::fs::read_to_string(self.bundle.join("runc.log")).unwrap_or_default();
         let _ = self.command(&["delete", "--force"], &[]).status().await;
+        workdir::unmount_under(&self.bundle.join(STAGED));
         let code = match status {
             Ok(status) => {
                 use std::os::unix::process::ExitStatusExt;

@@ -1,0 +1,379 @@
+//! Hostile workloads against the owner's device: images whose layers, and pods whose volumes,
+//! try to reach the device's files through symlinks and hardlinks. Each test keeps a canary
+//! directory beside (not inside) the agent's state dir and checks that it is exactly as it was.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use darkcore_crds::{DevicePoolSpec, Runtime};
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::images::{push_busybox_with, push_wasm, registry, wat_escape_probe, wat_symlinking};
+use crate::pods::{Bench, main_status};
+
+fn hostile_pool() -> DevicePoolSpec {
+    DevicePoolSpec {
+        runtimes: vec![Runtime::Oci, Runtime::Wasm],
+        ..Default::default()
+    }
+}
+
+/// The owner's files the workloads aim at: `<home>/canary/precious` and
+/// `<home>/canary/sub/keep`, where home holds the agent's state dir.
+struct Canary {
+    dir: PathBuf,
+}
+
+impl Canary {
+    fn plant(bench: &Bench) -> Canary {
+        let home = bench.agents[0].state_dir.parent().unwrap();
+        let dir = home.join("canary");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("precious"), "owner's").unwrap();
+        std::fs::write(dir.join("sub/keep"), "owner's too").unwrap();
+        Canary { dir }
+    }
+
+    fn path(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    /// The canary's path as seen from `/` without its leading slash.
+    fn relative_to_root(&self) -> String {
+        self.path().trim_start_matches('/').to_string()
+    }
+
+    fn assert_untouched(&self, after: &str) {
+        let mut names: Vec<String> = std::fs::read_dir(&self.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["precious", "sub"], "after {after}: made or removed");
+        let precious = self.dir.join("precious");
+        assert_eq!(
+            std::fs::read_to_string(&precious).unwrap(),
+            "owner's",
+            "after {after}"
+        );
+        assert_eq!(std::fs::metadata(&precious).unwrap().nlink(), 1, "{after}");
+        assert_eq!(
+            std::fs::read_to_string(self.dir.join("sub/keep")).unwrap(),
+            "owner's too",
+            "after {after}"
+        );
+    }
+}
+
+/// One entry of a hostile layer, written with its raw name and link target.
+enum Entry<'a> {
+    File(&'a str, &'a str),
+    Dir(&'a str),
+    Symlink(&'a str, &'a str),
+    Hardlink(&'a str, &'a str),
+}
+
+/// A plain tar layer holding `entries` exactly as named (the tar crate's builder would refuse
+/// or rewrite some of these names); names and link targets longer than a header holds go
+/// first in a GNU long-name or long-link entry, as GNU tar writes them.
+fn layer(entries: &[Entry<'_>]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for entry in entries {
+        let (name, kind, data, link) = match entry {
+            Entry::File(name, text) => (name, tar::EntryType::Regular, text.as_bytes(), None),
+            Entry::Dir(name) => (name, tar::EntryType::Directory, &b""[..], None),
+            Entry::Symlink(name, to) => (name, tar::EntryType::Symlink, &b""[..], Some(to)),
+            Entry::Hardlink(name, to) => (name, tar::EntryType::Link, &b""[..], Some(to)),
+        };
+        let mut header = plain_header(kind, data.len() as u64);
+        let gnu = header.as_gnu_mut().unwrap();
+        if name.len() < gnu.name.len() {
+            gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+        } else {
+            long_name(&mut builder, tar::EntryType::GNULongName, name);
+        }
+        if let Some(to) = link {
+            if to.len() < gnu.linkname.len() {
+                gnu.linkname[..to.len()].copy_from_slice(to.as_bytes());
+            } else {
+                long_name(&mut builder, tar::EntryType::GNULongLink, to);
+            }
+        }
+        header.set_cksum();
+        builder.append(&header, data).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+/// A GNU long-name or long-link entry: the name of the entry that follows it.
+fn long_name(builder: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, name: &str) {
+    let text = format!("{name}\0");
+    let mut long = plain_header(kind, text.len() as u64);
+    let marker = b"././@LongLink";
+    long.as_gnu_mut().unwrap().name[..marker.len()].copy_from_slice(marker);
+    long.set_cksum();
+    builder.append(&long, text.as_bytes()).unwrap();
+}
+
+/// A header owned by root, mode 0755, dated 0.
+fn plain_header(kind: tar::EntryType, size: u64) -> tar::Header {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(kind);
+    header.set_mode(0o755);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
+    header.set_size(size);
+    header
+}
+
+/// `..` enough times to climb from any task directory to the device's `/`.
+fn climb_to_root() -> String {
+    vec![".."; 40].join("/")
+}
+
+fn terminated(pod: &Pod) -> (String, String) {
+    let state = main_status(pod).state.unwrap().terminated.unwrap();
+    eprintln!(
+        "{} terminated: {state:?}",
+        pod.metadata.name.as_deref().unwrap_or_default()
+    );
+    (
+        state.reason.unwrap_or_default(),
+        state.message.unwrap_or_default(),
+    )
+}
+
+/// The pod ends, one way or the other.
+async fn ends(bench: &Bench, name: &str) -> Pod {
+    crate::harness::wait_for(
+        &bench.pods(),
+        name,
+        |p: Option<&Pod>| {
+            matches!(
+                p.and_then(|p| p.status.as_ref()?.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+        },
+        Duration::from_secs(120),
+        "Succeeded or Failed",
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn image_layers_cannot_reach_the_device_through_symlinks_or_hardlinks() {
+    let bench = Bench::start("hostlayer", 1, hostile_pool()).await;
+    let canary = Canary::plant(&bench);
+    let outside = canary.path();
+    let relative_way = format!("{}{outside}", climb_to_root());
+    let sub = format!("{outside}/sub");
+
+    // Whiteouts and opaque markers through symlinks a lower layer made: at the last
+    // component and in the middle, absolute and relative; and a write through one.
+    let in_root = canary.relative_to_root();
+    let links = layer(&[
+        Entry::Dir(&in_root),
+        Entry::Symlink("abs", &outside),
+        Entry::Symlink("rel", &relative_way),
+        Entry::Dir("mid"),
+        Entry::Symlink("mid/link", &outside),
+        Entry::Symlink("sub", &sub),
+    ]);
+    let whiteouts = layer(&[
+        Entry::File("abs/.wh..wh..opq", ""),
+        Entry::File("rel/.wh..wh..opq", ""),
+        Entry::File("mid/link/.wh.precious", ""),
+        Entry::File("sub/.wh.keep", ""),
+        Entry::File("abs/planted", "by a layer"),
+    ]);
+    let (image, _) = push_busybox_with(
+        &registry(),
+        &format!("e2e/{}/whiteouts:v1", bench.ns.name),
+        &[links, whiteouts],
+    )
+    .await;
+    let container = serde_json::json!({ "image": image, "command": ["sh", "-c", "echo ran"] });
+    bench
+        .create(bench.pod_in("darkcore-oci", "whiteouts", container, "Never"))
+        .await;
+    let ended = ends(&bench, "whiteouts").await;
+    canary.assert_untouched("whiteouts through layer symlinks");
+    let (reason, message) = terminated(&ended);
+    assert_eq!(reason, "Completed", "the container then ran: {message}");
+
+    // A hardlink to a device file, directly and through a symlink; the container then
+    // writes through whatever it got.
+    let hardlinks = layer(&[
+        Entry::Symlink("abs", &outside),
+        Entry::Hardlink("through", "abs/precious"),
+    ]);
+    let direct = layer(&[Entry::Hardlink(
+        "direct",
+        &format!("{}/precious", canary.relative_to_root()),
+    )]);
+    for (name, extra) in [("through", hardlinks), ("direct", direct)] {
+        let (image, _) = push_busybox_with(
+            &registry(),
+            &format!("e2e/{}/{name}:v1", bench.ns.name),
+            &[extra],
+        )
+        .await;
+        let script = format!("echo pwned > /{name}; echo wrote");
+        let container = serde_json::json!({ "image": image, "command": ["sh", "-c", script] });
+        bench
+            .create(bench.pod_in("darkcore-oci", name, container, "Never"))
+            .await;
+        let ended = ends(&bench, name).await;
+        eprintln!("{name}: {:?}", main_status(&ended).state);
+        canary.assert_untouched(&format!("a hardlink {name}"));
+    }
+    bench.finish().await;
+}
+
+/// A subPath names a symlink that an init container made in an emptyDir: the kubelet's
+/// CVE-2017-1002101. The container must fail with a reason that names the subPath.
+fn sub_path_pod(
+    bench: &Bench,
+    name: &str,
+    class: &str,
+    init: serde_json::Value,
+    main: serde_json::Value,
+) -> Pod {
+    let mut init = init;
+    init["name"] = "link".into();
+    init["volumeMounts"] = serde_json::json!([{ "name": "data", "mountPath": "/data" }]);
+    let mut pod = bench.pod_in(class, name, main, "Never");
+    let spec = pod.spec.as_mut().unwrap();
+    spec.init_containers = Some(vec![serde_json::from_value(init).unwrap()]);
+    Bench::with_empty_dir(pod, "data")
+}
+
+async fn refused_with_sub_path(bench: &Bench, name: &str) {
+    let ended = ends(bench, name).await;
+    let (reason, message) = terminated(&ended);
+    assert_eq!(reason, "CreateContainerConfigError", "{name}: {message}");
+    assert!(message.contains("subPath"), "{name}: {message}");
+}
+
+#[tokio::test]
+async fn a_sub_path_stays_inside_its_volume() {
+    let bench = Bench::start("hostsubpath", 1, hostile_pool()).await;
+    let canary = Canary::plant(&bench);
+    let (image, _) = push_busybox_with(
+        &registry(),
+        &format!("e2e/{}/busybox:v1", bench.ns.name),
+        &[],
+    )
+    .await;
+    let make_links = format!("ln -s {} /data/up && ln -s / /data/abs", climb_to_root());
+    let precious = format!("/host/{}/precious", canary.relative_to_root());
+    let attack = format!("cat {precious} && echo READ; echo pwned > {precious}; echo tried");
+    let made = format!("up/{}/made", canary.relative_to_root());
+    for (name, sub_path) in [
+        ("relative", "up"),
+        ("absolute", "abs"),
+        ("made", made.as_str()),
+    ] {
+        let init = serde_json::json!({ "image": image, "command": ["sh", "-c", make_links] });
+        let main = serde_json::json!({
+            "image": image,
+            "command": ["sh", "-c", attack],
+            "volumeMounts": [{ "name": "data", "mountPath": "/host", "subPath": sub_path }],
+        });
+        bench
+            .create(sub_path_pod(&bench, name, "darkcore-oci", init, main))
+            .await;
+    }
+    // A link that stays inside the volume is followed, as on a kubelet; the subPath is
+    // staged for runc as a bind mount, gone once the container is.
+    let init = serde_json::json!({
+        "image": image,
+        "command": ["sh", "-c", "mkdir /data/v2 && echo in-v2 > /data/v2/file && ln -s v2 /data/current"],
+    });
+    let main = serde_json::json!({
+        "image": image,
+        "command": ["cat", "/mnt/file"],
+        "volumeMounts": [{ "name": "data", "mountPath": "/mnt", "subPath": "current" }],
+    });
+    bench
+        .create(sub_path_pod(&bench, "inside", "darkcore-oci", init, main))
+        .await;
+    for name in ["relative", "absolute", "made"] {
+        refused_with_sub_path(&bench, name).await;
+        canary.assert_untouched(&format!("subPath pod {name}"));
+    }
+    bench
+        .phase_is("inside", "Succeeded", Duration::from_secs(120))
+        .await;
+    assert_eq!(bench.kubectl(&["logs", "inside", "-c", "main"]), "in-v2\n");
+    let state_dir = bench.agents[0].state_dir.display().to_string();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&state_dir),
+        "a staged subPath outlived its container: {mounts}"
+    );
+
+    // The same through WASI: a module makes the link (relative, as WASI allows), and the
+    // next module mounts it as a subPath and tries to open the owner's file.
+    let (linker, _) = push_wasm(
+        &format!("e2e/{}/linker:v1", bench.ns.name),
+        &wat_symlinking(&climb_to_root(), "up"),
+    )
+    .await;
+    let from_root = format!("{}/precious", canary.relative_to_root());
+    let (probe, _) = push_wasm(
+        &format!("e2e/{}/probe:v1", bench.ns.name),
+        &wat_escape_probe(&[&from_root]),
+    )
+    .await;
+    let main = serde_json::json!({
+        "image": probe,
+        "volumeMounts": [{ "name": "data", "mountPath": "/host", "subPath": "up" }],
+    });
+    let init = serde_json::json!({ "image": linker });
+    bench
+        .create(sub_path_pod(&bench, "wasm", "darkcore-wasm", init, main))
+        .await;
+    refused_with_sub_path(&bench, "wasm").await;
+    canary.assert_untouched("the wasm subPath pod");
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn a_tar_bomb_stops_at_the_owners_disk_offer() {
+    let mut bench = Bench::start("hostbomb", 1, hostile_pool()).await;
+    // The owner offers 48 MiB of disk: the agent reads it at start.
+    let agent = &mut bench.agents[0];
+    agent.stop().await;
+    let config = std::fs::read_to_string(&agent.config).unwrap();
+    let config = config.replacen("[policy]\n", "[policy]\nmax_disk = \"48Mi\"\n", 1);
+    std::fs::write(&agent.config, config).unwrap();
+    agent.run();
+
+    // 64 MiB of zeros, about 64 KiB once gzipped.
+    let zeros = vec![0u8; 64 << 20];
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = plain_header(tar::EntryType::Regular, zeros.len() as u64);
+    builder
+        .append_data(&mut header, "zeros", zeros.as_slice())
+        .unwrap();
+    let bomb = builder.into_inner().unwrap();
+    let (image, _) = push_busybox_with(
+        &registry(),
+        &format!("e2e/{}/bomb:v1", bench.ns.name),
+        &[bomb],
+    )
+    .await;
+    let container = serde_json::json!({ "image": image, "command": ["sh", "-c", "echo ran"] });
+    bench
+        .create(bench.pod_in("darkcore-oci", "bomb", container, "Never"))
+        .await;
+    let ended = ends(&bench, "bomb").await;
+    let (reason, message) = terminated(&ended);
+    assert_eq!(reason, "CreateContainerError", "{message}");
+    assert!(message.contains("max_disk"), "{message}");
+    bench.finish().await;
+}
