@@ -24,6 +24,7 @@ use crate::status::{AgentStatus, StatusFile};
 use crate::tasks::TaskManager;
 use crate::tasks::oci::OciRuntime;
 use crate::tasks::process::ProcessRuntime;
+use crate::tasks::runtime::Ceiling;
 use crate::tasks::wasm::WasmRuntime;
 use crate::usage::Ledger;
 use darkcore_proto::agent::v1::Runtime as RuntimeKind;
@@ -75,14 +76,19 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
         policy.config.policy.max_disk.0,
         policy.config.images.insecure_registries.clone(),
     ));
-    let wasm = WasmRuntime::new(images.clone());
+    // No container gets more than the owner gives, whatever its pod asks: the offer caps
+    // its limits and stands in for those it does not set.
+    let offer = crate::policy::decide::offer(&policy.config.policy, &capabilities);
+    let ceiling = Ceiling {
+        millicores: offer.millicores,
+        memory_bytes: offer.memory_bytes,
+    };
+    let wasm = WasmRuntime::new(images.clone(), ceiling);
     let mut runtimes: Vec<(RuntimeKind, Arc<dyn crate::tasks::runtime::Runtime>)> = vec![
         (RuntimeKind::Process, Arc::new(ProcessRuntime) as _),
         (RuntimeKind::Wasm, Arc::new(wasm) as _),
     ];
-    // Containers without limits get what the owner gives, never the whole device.
-    let offer = crate::policy::decide::offer(&policy.config.policy, &capabilities);
-    match OciRuntime::new(state_dir, images, offer.millicores, offer.memory_bytes) {
+    match OciRuntime::new(state_dir, images, ceiling) {
         Ok(oci) => runtimes.push((RuntimeKind::Oci, Arc::new(oci) as _)),
         Err(why) if policy.config.policy.runtimes.contains(&RuntimeName::Oci) => {
             tracing::warn!(%why, "the owner allows the oci runtime, but this device cannot run it");

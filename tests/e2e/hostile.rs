@@ -9,7 +9,11 @@ use std::time::Duration;
 use darkcore_crds::{DevicePoolSpec, Runtime};
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::images::{push_busybox_with, push_wasm, registry, wat_escape_probe, wat_symlinking};
+use crate::fleet::Agent;
+use crate::harness::{node_ready_is, poll_until, wait_for};
+use crate::images::{
+    push_busybox_with, push_wasm, registry, wat_escape_probe, wat_growing, wat_symlinking,
+};
 use crate::pods::{Bench, main_status};
 
 fn hostile_pool() -> DevicePoolSpec {
@@ -126,6 +130,74 @@ fn plain_header(kind: tar::EntryType, size: u64) -> tar::Header {
     header.set_mtime(0);
     header.set_size(size);
     header
+}
+
+/// Restarts the agent with its owner's policy changed: each (key, value) replaces that key
+/// in `[policy]` (the agent reads its policy's offer at start).
+async fn offers(agent: &mut Agent, policy: &[(&str, &str)]) {
+    agent.stop().await;
+    let config = std::fs::read_to_string(&agent.config).unwrap();
+    let mut lines: Vec<String> = config
+        .lines()
+        .filter(|line| {
+            !policy
+                .iter()
+                .any(|(key, _)| line.starts_with(&format!("{key} =")))
+        })
+        .map(str::to_string)
+        .collect();
+    let at = lines.iter().position(|l| l == "[policy]").unwrap() + 1;
+    for (key, value) in policy {
+        lines.insert(at, format!("{key} = {value}"));
+    }
+    std::fs::write(&agent.config, lines.join("\n") + "\n").unwrap();
+    agent.run();
+}
+
+/// CPU seconds a process has used (user and system), from /proc/<pid>/stat.
+fn process_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    // After the name: state is field 0, utime 11, stime 12, in clock ticks (100 a second).
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// Cores used over `window`, as the difference of two readings of `cpu`.
+async fn cores_over(window: Duration, cpu: impl Fn() -> Duration) -> f64 {
+    let before = cpu();
+    tokio::time::sleep(window).await;
+    (cpu() - before).as_secs_f64() / window.as_secs_f64()
+}
+
+/// The CPU time of a pod's `main` container, from its cgroup (v2 or v1's cpuacct).
+fn container_cpu(pod: &Pod) -> Duration {
+    let uid = pod.metadata.uid.as_deref().unwrap();
+    for (base, file) in [
+        ("/sys/fs/cgroup/darkcore", "cpu.stat"),
+        ("/sys/fs/cgroup/cpuacct/darkcore", "cpuacct.usage"),
+    ] {
+        let Ok(dirs) = std::fs::read_dir(base) else {
+            continue;
+        };
+        for dir in dirs.flatten() {
+            let name = dir.file_name().to_string_lossy().into_owned();
+            if !(name.starts_with(uid) && name.ends_with("-main")) {
+                continue;
+            }
+            let text = std::fs::read_to_string(dir.path().join(file)).unwrap();
+            return match text.lines().find_map(|l| l.strip_prefix("usage_usec ")) {
+                Some(micros) => Duration::from_micros(micros.trim().parse().unwrap()),
+                None => Duration::from_nanos(text.trim().parse().unwrap()),
+            };
+        }
+    }
+    panic!("no cgroup for pod {uid}'s main container");
 }
 
 /// `..` enough times to climb from any task directory to the device's `/`.
@@ -345,13 +417,7 @@ async fn a_sub_path_stays_inside_its_volume() {
 #[tokio::test]
 async fn a_tar_bomb_stops_at_the_owners_disk_offer() {
     let mut bench = Bench::start("hostbomb", 1, hostile_pool()).await;
-    // The owner offers 48 MiB of disk: the agent reads it at start.
-    let agent = &mut bench.agents[0];
-    agent.stop().await;
-    let config = std::fs::read_to_string(&agent.config).unwrap();
-    let config = config.replacen("[policy]\n", "[policy]\nmax_disk = \"48Mi\"\n", 1);
-    std::fs::write(&agent.config, config).unwrap();
-    agent.run();
+    offers(&mut bench.agents[0], &[("max_disk", "\"48Mi\"")]).await;
 
     // 64 MiB of zeros, about 64 KiB once gzipped.
     let zeros = vec![0u8; 64 << 20];
@@ -375,5 +441,141 @@ async fn a_tar_bomb_stops_at_the_owners_disk_offer() {
     let (reason, message) = terminated(&ended);
     assert_eq!(reason, "CreateContainerError", "{message}");
     assert!(message.contains("max_disk"), "{message}");
+    bench.finish().await;
+}
+
+/// A module that loops without ever calling the host.
+const WAT_SPIN: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "_start") (loop $spin (br $spin))))"#;
+
+#[tokio::test]
+async fn a_busy_module_is_held_to_the_offer_and_never_holds_up_the_agent() {
+    let mut bench = Bench::start("hostspin", 1, hostile_pool()).await;
+    offers(&mut bench.agents[0], &[("max_cores", "0.5")]).await;
+    let (spin, _) = push_wasm(&format!("e2e/{}/spin:v1", bench.ns.name), WAT_SPIN).await;
+    let container = serde_json::json!({ "image": spin });
+    bench
+        .create(bench.pod_in("darkcore-wasm", "spin", container, "Never"))
+        .await;
+    bench
+        .phase_is("spin", "Running", Duration::from_secs(120))
+        .await;
+    let pid = bench.agents[0].pid().unwrap();
+    let cores = cores_over(Duration::from_secs(5), || process_cpu(pid)).await;
+    eprintln!("a spinning module on a 0.5-core offer: the agent used {cores:.3} cores");
+    assert!(cores < 0.6, "held to the offer: {cores:.3} cores");
+    assert!(cores > 0.05, "the module ran: {cores:.3} cores");
+    // The agent kept talking to the operator all along.
+    let node = bench.fx.ready_node().await;
+    wait_for(
+        &bench.fx.nodes(),
+        node.metadata.name.as_deref().unwrap(),
+        node_ready_is("True"),
+        Duration::from_secs(5),
+        "Ready",
+    )
+    .await;
+    let took = bench.delete_and_time("spin").await;
+    eprintln!("deleting the spinning module took {took:?}");
+    assert!(
+        took < Duration::from_secs(15),
+        "stopped after its 5 s grace: {took:?}"
+    );
+    // The device gives the module its own 5 s grace from the release, then ends it.
+    let released = std::time::Instant::now();
+    poll_until(
+        "the module ends after its grace",
+        Duration::from_secs(15),
+        || async {
+            let cores = cores_over(Duration::from_secs(1), || process_cpu(pid)).await;
+            if cores < 0.1 {
+                Ok(())
+            } else {
+                Err(format!("{cores:.3} cores"))
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "the module stopped within {:?} of its pod's deletion",
+        released.elapsed()
+    );
+
+    // With no memory limit, the owner's max_memory (1Gi in the tests' config) is the limit.
+    let (grow, _) = push_wasm(
+        &format!("e2e/{}/grow:v1", bench.ns.name),
+        &wat_growing(17_000),
+    )
+    .await;
+    bench
+        .create(bench.pod_in(
+            "darkcore-wasm",
+            "grow",
+            serde_json::json!({ "image": grow }),
+            "Never",
+        ))
+        .await;
+    let ended = ends(&bench, "grow").await;
+    assert_eq!(terminated(&ended).0, "OOMKilled");
+
+    // A spinning module does not keep the agent from stopping.
+    let container = serde_json::json!({ "image": spin });
+    bench
+        .create(bench.pod_in("darkcore-wasm", "spin-again", container, "Never"))
+        .await;
+    bench
+        .phase_is("spin-again", "Running", Duration::from_secs(120))
+        .await;
+    bench.agents[0].stop().await;
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn a_containers_limits_are_capped_by_the_owners_offer() {
+    let mut bench = Bench::start("hostcap", 1, hostile_pool()).await;
+    offers(
+        &mut bench.agents[0],
+        &[("max_cores", "0.5"), ("max_memory", "\"48Mi\"")],
+    )
+    .await;
+    let (image, _) = push_busybox_with(
+        &registry(),
+        &format!("e2e/{}/busybox:v1", bench.ns.name),
+        &[],
+    )
+    .await;
+    // The pod's limits are 2Gi and 4 CPUs (its requests fit); the owner offers 48Mi and
+    // half a core.
+    let limits = serde_json::json!({
+        "requests": { "memory": "16Mi", "cpu": "100m" },
+        "limits": { "memory": "2Gi", "cpu": "4" },
+    });
+    let hog = serde_json::json!({
+        "image": image,
+        "command": ["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+        "resources": limits,
+    });
+    bench
+        .create(bench.pod_in("darkcore-oci", "hog", hog, "Never"))
+        .await;
+    let spin = serde_json::json!({
+        "image": image,
+        "command": ["sh", "-c", "echo spinning; while :; do :; done"],
+        "resources": limits,
+    });
+    bench
+        .create(bench.pod_in("darkcore-oci", "spin", spin, "Never"))
+        .await;
+    let ended = ends(&bench, "hog").await;
+    assert_eq!(terminated(&ended), ("OOMKilled".to_string(), String::new()));
+    bench
+        .logs_show("spin", "spinning", Duration::from_secs(120))
+        .await;
+    let pod = bench.pods().get("spin").await.unwrap();
+    let cores = cores_over(Duration::from_secs(5), || container_cpu(&pod)).await;
+    eprintln!("a spinning container asking 4 CPUs on a 0.5-core offer used {cores:.3} cores");
+    assert!(cores < 0.6, "held to the offer: {cores:.3} cores");
+    assert!(cores > 0.05, "the container ran: {cores:.3} cores");
     bench.finish().await;
 }

@@ -28,6 +28,34 @@ pub struct Launch {
     pub image: Option<Image>,
 }
 
+/// What the owner offers: no container gets more, whatever its pod asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ceiling {
+    pub millicores: u32,
+    pub memory_bytes: u64,
+}
+
+impl Ceiling {
+    /// A container's CPU: its limit capped by the offer, or the offer when it sets none.
+    pub fn millicores(&self, limit: u32) -> u32 {
+        capped(u64::from(limit), u64::from(self.millicores)) as u32
+    }
+
+    /// A container's memory: its limit capped by the offer, or the offer when it sets none.
+    pub fn memory_bytes(&self, limit: u64) -> u64 {
+        capped(limit, self.memory_bytes)
+    }
+}
+
+/// `limit` (0: none) under `offer` (0: none).
+fn capped(limit: u64, offer: u64) -> u64 {
+    match (limit, offer) {
+        (0, offer) => offer,
+        (limit, 0) => limit,
+        (limit, offer) => limit.min(offer),
+    }
+}
+
 /// How a container run ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exit {
@@ -121,4 +149,32 @@ pub trait Runtime: Send + Sync {
         None
     }
     async fn start(&self, launch: &Launch) -> Result<Box<dyn Workload>, StartError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pods_limits_are_capped_by_the_offer_never_raised_by_them() {
+        let ceiling = Ceiling {
+            millicores: 500,
+            memory_bytes: 256 << 20,
+        };
+        assert_eq!(
+            ceiling.millicores(4000),
+            500,
+            "4 CPUs asked, half a core offered"
+        );
+        assert_eq!(ceiling.millicores(200), 200);
+        assert_eq!(ceiling.millicores(0), 500, "no limit: the offer");
+        assert_eq!(ceiling.memory_bytes(2 << 30), 256 << 20);
+        assert_eq!(ceiling.memory_bytes(64 << 20), 64 << 20);
+        assert_eq!(ceiling.memory_bytes(0), 256 << 20);
+        let open = Ceiling {
+            millicores: 0,
+            memory_bytes: 0,
+        };
+        assert_eq!((open.millicores(0), open.memory_bytes(7)), (0, 7));
+    }
 }

@@ -6,18 +6,21 @@
 //! The module is the image's `application/wasm` layer (the wasm OCI artifact layout).
 //! argv is the container's command and args; with no command, argv[0] is the container name.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use tokio::io::{SimplexStream, WriteHalf};
 use tokio::sync::oneshot;
-use wasmtime::{Config, Engine, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Config, Engine, Linker, Module, Store, StoreLimits, StoreLimitsBuilder, TypedFunc};
 use wasmtime_wasi::cli::AsyncStdoutStream;
 use wasmtime_wasi::p1::{self, WasiP1Ctx};
 use wasmtime_wasi::{DirPerms, FilePerms, WasiCtxBuilder};
 
 use crate::images::{Image, ImageStore};
-use crate::tasks::runtime::{Exit, Launch, Output, Runtime, StartError, Workload};
+use crate::tasks::runtime::{Ceiling, Exit, Launch, Output, Runtime, StartError, Workload};
+use crate::tasks::workdir::MountSource;
 
 /// The media type of a WebAssembly module layer.
 pub const WASM_LAYER: &str = "application/wasm";
@@ -31,6 +34,8 @@ pub struct WasmRuntime {
     /// agent which never runs wasm need not keep resident.
     engine: OnceLock<Engine>,
     images: Arc<ImageStore>,
+    /// The owner's offer: caps each module's memory and CPU share, and is their default.
+    ceiling: Ceiling,
 }
 
 struct State {
@@ -39,10 +44,11 @@ struct State {
 }
 
 impl WasmRuntime {
-    pub fn new(images: Arc<ImageStore>) -> WasmRuntime {
+    pub fn new(images: Arc<ImageStore>, ceiling: Ceiling) -> WasmRuntime {
         WasmRuntime {
             engine: OnceLock::new(),
             images,
+            ceiling,
         }
     }
 
@@ -54,7 +60,23 @@ impl WasmRuntime {
         config.async_support(true).epoch_interruption(true);
         let engine =
             Engine::new(&config).map_err(|e| format!("starting wasmtime on this device: {e:#}"))?;
-        Ok(self.engine.get_or_init(|| engine))
+        Ok(self.engine.get_or_init(|| {
+            // One clock for every module, on a thread of its own: ticks come however busy
+            // the agent's threads or the modules are.
+            let ticker = engine.clone();
+            let spawned = std::thread::Builder::new()
+                .name("wasm-epoch".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(EPOCH_TICK);
+                        ticker.increment_epoch();
+                    }
+                });
+            if let Err(error) = spawned {
+                tracing::error!(%error, "could not start the wasm epoch thread: modules cannot be stopped or throttled");
+            }
+            engine
+        }))
     }
 }
 
@@ -150,78 +172,41 @@ impl Runtime for WasmRuntime {
 
         let (stdout_reader, stdout_writer) = tokio::io::simplex(PIPE_BYTES);
         let (stderr_reader, stderr_writer) = tokio::io::simplex(PIPE_BYTES);
-        let mut wasi = WasiCtxBuilder::new();
-        wasi.args(&argv)
-            .stdout(AsyncStdoutStream::new(PIPE_BYTES, stdout_writer))
-            .stderr(AsyncStdoutStream::new(PIPE_BYTES, stderr_writer));
-        for env in &container.env {
-            wasi.env(&env.name, &env.value);
-        }
-        for mount in &launch.mounts {
-            let mount_path = &mount.path_in_pod;
-            wasi.preopened_dir(
-                mount.in_agent(),
-                mount_path,
-                DirPerms::all(),
-                FilePerms::all(),
-            )
-            .map_err(|e| create(format!("opening volume {mount_path}: {e:#}")))?;
-        }
-        let memory = container
-            .resources
-            .as_ref()
-            .map(|r| r.limit_memory_bytes)
-            .filter(|m| *m > 0);
-        // Growing past the limit ends the module, as the kernel's OOM killer ends a process
-        // (a failed grow that the module could ignore would hide the limit).
-        let mut limits = StoreLimitsBuilder::new().trap_on_grow_failure(true);
-        if let Some(bytes) = memory {
-            limits = limits.memory_size(bytes as usize);
-        }
-        let mut store = Store::new(
-            &engine,
-            State {
-                wasi: wasi.build_p1(),
-                limits: limits.build(),
-            },
-        );
-        store.limiter(|s| &mut s.limits);
-        let killed = Arc::new(AtomicBool::new(false));
-        let check = killed.clone();
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            if check.load(Ordering::Relaxed) {
-                anyhow::bail!("stopped: the grace period ran out")
-            }
-            Ok(wasmtime::UpdateDeadline::Yield(1))
-        });
-        let mut linker: Linker<State> = Linker::new(&engine);
-        p1::add_to_linker_async(&mut linker, |s| &mut s.wasi)
-            .map_err(|e| create(format!("{e:#}")))?;
-        let instance = linker
-            .instantiate_async(&mut store, &module)
-            .await
-            .map_err(|e| create(format!("instantiating the module: {e:#}")))?;
-        let start = instance
-            .get_typed_func::<(), ()>(&mut store, "_start")
-            .map_err(|e| create(format!("the module has no WASI _start: {e:#}")))?;
-
+        let limits = container.resources.unwrap_or_default();
+        let run = ModuleRun {
+            engine,
+            module,
+            argv,
+            env: container
+                .env
+                .iter()
+                .map(|e| (e.name.clone(), e.value.clone()))
+                .collect(),
+            preopens: launch
+                .mounts
+                .iter()
+                .map(|m| (m.in_agent(), m.path_in_pod.clone()))
+                .collect(),
+            memory: self.ceiling.memory_bytes(limits.limit_memory_bytes),
+            millicores: self.ceiling.millicores(limits.limit_millicores),
+            killed: Arc::new(AtomicBool::new(false)),
+            // The mounts' handles stay open until the module has opened its preopens.
+            _mounts: launch.mounts.clone(),
+        };
+        let killed = run.killed.clone();
+        let (ready, started) = oneshot::channel();
         let (done, exit) = oneshot::channel();
-        let ticker_engine = engine.clone();
-        tokio::spawn(async move {
-            let ticker = tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(EPOCH_TICK).await;
-                    ticker_engine.increment_epoch();
-                }
-            });
-            let mut cpu = Duration::ZERO;
-            let result = on_cpu(start.call_async(&mut store, ()), &mut cpu).await;
-            ticker.abort();
-            // Dropping the store closes the pipes, so the log pumps see the end.
-            drop(store);
-            let _ = done.send((exit_of(result, memory), cpu));
-        });
+        // Its own thread, never the agent's: a module that never calls the host cannot hold
+        // up heartbeats, logs or a stop.
+        std::thread::Builder::new()
+            .name(format!("wasm-{}", launch.task_id))
+            .spawn(move || run.on_this_thread(stdout_writer, stderr_writer, ready, done))
+            .map_err(|e| create(format!("starting the module's thread: {e}")))?;
+        match started.await {
+            Ok(Ok(())) => {}
+            Ok(Err(message)) => return Err(create(message)),
+            Err(_) => return Err(create("the module's thread ended before the module".into())),
+        }
         Ok(Box::new(WasmWorkload {
             stdout: Some(Box::new(stdout_reader)),
             stderr: Some(Box::new(stderr_reader)),
@@ -229,6 +214,162 @@ impl Runtime for WasmRuntime {
             killed,
             cpu: Duration::ZERO,
         }))
+    }
+}
+
+/// One module's run, moved to the thread that runs it.
+struct ModuleRun {
+    engine: Engine,
+    module: Module,
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+    /// (host directory as the agent opens it, path in the pod)
+    preopens: Vec<(PathBuf, String)>,
+    /// 0: no bound (an owner who offers everything).
+    memory: u64,
+    millicores: u32,
+    killed: Arc<AtomicBool>,
+    _mounts: Vec<MountSource>,
+}
+
+impl ModuleRun {
+    /// Runs the module to its end on the calling thread, in a runtime of its own (WASI's
+    /// streams are tokio's). `ready` says whether it started; `done` says how it ended and the
+    /// thread's CPU time.
+    fn on_this_thread(
+        self,
+        stdout: WriteHalf<SimplexStream>,
+        stderr: WriteHalf<SimplexStream>,
+        ready: oneshot::Sender<Result<(), String>>,
+        done: oneshot::Sender<(Exit, Duration)>,
+    ) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                let _ = ready.send(Err(format!("starting the module's runtime: {e}")));
+                return;
+            }
+        };
+        let memory = self.memory;
+        let cpu_at_start = thread_cpu();
+        let result = runtime.block_on(async move {
+            let (mut store, start) = match self.instantiate(stdout, stderr).await {
+                Ok(ready_to_run) => {
+                    let _ = ready.send(Ok(()));
+                    ready_to_run
+                }
+                Err(message) => {
+                    let _ = ready.send(Err(message));
+                    return None;
+                }
+            };
+            let result = start.call_async(&mut store, ()).await;
+            // Dropping the store closes the pipes, so the log pumps see the end.
+            drop(store);
+            Some(result)
+        });
+        if let Some(result) = result {
+            let cpu = thread_cpu().saturating_sub(cpu_at_start);
+            let _ = done.send((exit_of(result, (memory > 0).then_some(memory)), cpu));
+        }
+    }
+
+    async fn instantiate(
+        self,
+        stdout: WriteHalf<SimplexStream>,
+        stderr: WriteHalf<SimplexStream>,
+    ) -> Result<(Store<State>, TypedFunc<(), ()>), String> {
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.args(&self.argv)
+            .stdout(AsyncStdoutStream::new(PIPE_BYTES, stdout))
+            .stderr(AsyncStdoutStream::new(PIPE_BYTES, stderr));
+        for (name, value) in &self.env {
+            wasi.env(name, value);
+        }
+        for (host, mount_path) in &self.preopens {
+            wasi.preopened_dir(host, mount_path, DirPerms::all(), FilePerms::all())
+                .map_err(|e| format!("opening volume {mount_path}: {e:#}"))?;
+        }
+        // Growing past the limit ends the module, as the kernel's OOM killer ends a process
+        // (a failed grow that the module could ignore would hide the limit).
+        let mut limits = StoreLimitsBuilder::new().trap_on_grow_failure(true);
+        if self.memory > 0 {
+            limits = limits.memory_size(usize::try_from(self.memory).unwrap_or(usize::MAX));
+        }
+        let mut store = Store::new(
+            &self.engine,
+            State {
+                wasi: wasi.build_p1(),
+                limits: limits.build(),
+            },
+        );
+        store.limiter(|s| &mut s.limits);
+        let killed = self.killed.clone();
+        let mut throttle = Throttle::new(self.millicores);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if !killed.load(Ordering::Relaxed) {
+                // This thread is the module's alone: waiting here slows no one else.
+                std::thread::sleep(throttle.pause(thread_cpu(), Instant::now()));
+            }
+            if killed.load(Ordering::Relaxed) {
+                anyhow::bail!("stopped: the grace period ran out")
+            }
+            Ok(wasmtime::UpdateDeadline::Yield(1))
+        });
+        let mut linker: Linker<State> = Linker::new(&self.engine);
+        p1::add_to_linker_async(&mut linker, |s| &mut s.wasi).map_err(|e| format!("{e:#}"))?;
+        let instance = linker
+            .instantiate_async(&mut store, &self.module)
+            .await
+            .map_err(|e| format!("instantiating the module: {e:#}"))?;
+        let start = instance
+            .get_typed_func::<(), ()>(&mut store, "_start")
+            .map_err(|e| format!("the module has no WASI _start: {e:#}"))?;
+        Ok((store, start))
+    }
+}
+
+/// Holds a module to its share of a core: at each epoch tick it compares the CPU the thread
+/// has used since the start with what the share allows of the time since, and pauses the
+/// thread for the excess.
+struct Throttle {
+    /// The share in millicores; 0, or a whole core or more, never pauses.
+    millicores: u32,
+    since: Option<(Duration, Instant)>,
+}
+
+/// The longest pause at one tick, so a stop is seen soon.
+const MAX_PAUSE: Duration = Duration::from_millis(250);
+
+impl Throttle {
+    fn new(millicores: u32) -> Throttle {
+        Throttle {
+            millicores,
+            since: None,
+        }
+    }
+
+    /// How long to pause now, given the thread's CPU time and the wall clock.
+    fn pause(&mut self, cpu: Duration, now: Instant) -> Duration {
+        if self.millicores == 0 || self.millicores >= 1000 {
+            return Duration::ZERO;
+        }
+        let (cpu_at_start, started) = *self.since.get_or_insert((cpu, now));
+        let used = cpu.saturating_sub(cpu_at_start);
+        let allowed = now.duration_since(started) * self.millicores / 1000;
+        // At the share, `used` CPU takes used / share of wall time: wait out the difference.
+        let due = used * 1000 / self.millicores;
+        due.saturating_sub(now.duration_since(started))
+            .min(MAX_PAUSE)
+            .max(if used > allowed {
+                Duration::from_millis(1)
+            } else {
+                Duration::ZERO
+            })
     }
 }
 
@@ -263,20 +404,6 @@ fn exit_of(result: anyhow::Result<()>, memory: Option<u64>) -> Exit {
     }
 }
 
-/// Polls `future` to its end, adding the CPU time of the threads that polled it to `used`.
-/// A module runs only inside these polls (it yields at each epoch tick), so the sum is the CPU
-/// it used, wherever the runtime moved it.
-async fn on_cpu<F: Future>(future: F, used: &mut Duration) -> F::Output {
-    let mut future = std::pin::pin!(future);
-    std::future::poll_fn(|cx| {
-        let before = thread_cpu();
-        let poll = future.as_mut().poll(cx);
-        *used += thread_cpu().saturating_sub(before);
-        poll
-    })
-    .await
-}
-
 fn thread_cpu() -> Duration {
     let now = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
     Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
@@ -296,11 +423,14 @@ impl Workload for WasmWorkload {
         (self.stdout.take(), self.stderr.take())
     }
 
+    /// Cancel-safe: a wait given up (for a stop) leaves the outcome to the next one.
     async fn wait(&mut self) -> Exit {
-        let Some(exit) = self.exit.take() else {
+        let Some(exit) = self.exit.as_mut() else {
             return Exit::from_code(1);
         };
-        match exit.await {
+        let outcome = exit.await;
+        self.exit = None;
+        match outcome {
             Ok((exit, cpu)) => {
                 self.cpu = cpu;
                 exit
@@ -322,5 +452,37 @@ impl Workload for WasmWorkload {
 
     fn kill(&mut self) {
         self.killed.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_module_is_held_to_its_share_of_a_core() {
+        let start = Instant::now();
+        let ms = Duration::from_millis;
+        let mut half = Throttle::new(500);
+        assert_eq!(
+            half.pause(ms(1000), start),
+            Duration::ZERO,
+            "the first tick sets the start"
+        );
+        // 50 ms of CPU in 50 ms of wall time: due at 100 ms, so 50 ms to wait.
+        assert_eq!(half.pause(ms(1050), start + ms(50)), ms(50));
+        // Back under its share after the pause: no wait.
+        assert_eq!(half.pause(ms(1050), start + ms(100)), Duration::ZERO);
+        // A long burst waits at most MAX_PAUSE a tick, so a stop is seen.
+        assert_eq!(half.pause(ms(3000), start + ms(200)), MAX_PAUSE);
+        let mut whole = Throttle::new(1000);
+        assert_eq!(whole.pause(ms(0), start), Duration::ZERO);
+        assert_eq!(
+            whole.pause(ms(500), start + ms(50)),
+            Duration::ZERO,
+            "a core or more: never"
+        );
+        let mut unbounded = Throttle::new(0);
+        assert_eq!(unbounded.pause(ms(9), start + ms(1)), Duration::ZERO);
     }
 }

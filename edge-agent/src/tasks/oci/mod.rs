@@ -17,7 +17,9 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 
 use crate::images::ImageStore;
-use crate::tasks::runtime::{Exit, Launch, Output, Runtime, StartError, Workload, cpu_at_exit};
+use crate::tasks::runtime::{
+    Ceiling, Exit, Launch, Output, Runtime, StartError, Workload, cpu_at_exit,
+};
 use crate::tasks::workdir;
 use spec::{Bind, SpecInput};
 
@@ -31,9 +33,8 @@ const STAGED: &str = "subpaths";
 pub struct OciRuntime {
     runner: Runner,
     images: Arc<ImageStore>,
-    /// A container without limits gets what the owner gives (cores as millicores, bytes).
-    default_millicores: u32,
-    default_memory: u64,
+    /// The owner's offer: a container's limits are capped by it, and it is their default.
+    ceiling: Ceiling,
 }
 
 /// Why the `oci` runtime cannot run on this device, if it cannot: the device then does not
@@ -86,8 +87,7 @@ impl OciRuntime {
     pub fn new(
         state_dir: &Path,
         images: Arc<ImageStore>,
-        default_millicores: u32,
-        default_memory: u64,
+        ceiling: Ceiling,
     ) -> Result<OciRuntime, String> {
         let runtime = OciRuntime {
             runner: Runner {
@@ -95,8 +95,7 @@ impl OciRuntime {
                 root: state_dir.join("runc"),
             },
             images,
-            default_millicores,
-            default_memory,
+            ceiling,
         };
         runtime.reap_stale();
         Ok(runtime)
@@ -219,16 +218,8 @@ impl OciRuntime {
             read_only_rootfs: security.read_only_root_filesystem,
             binds,
             cgroups_path: format!("/darkcore/{id}"),
-            memory_limit: if limits.limit_memory_bytes > 0 {
-                limits.limit_memory_bytes
-            } else {
-                self.default_memory
-            },
-            cpu_limit_millicores: if limits.limit_millicores > 0 {
-                limits.limit_millicores
-            } else {
-                self.default_millicores
-            },
+            memory_limit: self.ceiling.memory_bytes(limits.limit_memory_bytes),
+            cpu_limit_millicores: self.ceiling.millicores(limits.limit_millicores),
         });
         let path = bundle.join("config.json");
         std::fs::write(&path, spec.to_string())
