@@ -125,6 +125,7 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
         let outcome = session::attach(channel.clone(), hello, agent, &mut stop).await;
         match outcome {
             Ok(SessionEnd::Stopped) => {
+                stop_tasks(&tasks, &policy).await;
                 status.connection(false, "stopped".into());
                 tracing::info!("stopped");
                 return Ok(());
@@ -153,6 +154,7 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
                             follow_owner(&mut policy, &mut status, &tasks);
                         }
                         _ = stop.changed() => {
+                            stop_tasks(&tasks, &policy).await;
                             status.connection(false, "stopped".into());
                             return Ok(());
                         }
@@ -160,6 +162,20 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+}
+
+/// The most an agent's stop waits for its tasks: systemd's TimeoutStopSec (60 s in the
+/// package's unit) must leave room for the rest.
+const MAX_STOP_GRACE: Duration = Duration::from_secs(45);
+
+/// Nothing the agent started outlives it: each task gets the owner's stop grace.
+async fn stop_tasks(tasks: &TaskManager, policy: &PolicyMonitor) {
+    let grace =
+        Duration::from_secs(u64::from(policy.config.policy.stop_grace_seconds)).min(MAX_STOP_GRACE);
+    if !tasks.running().is_empty() {
+        tracing::info!(?grace, "stopping every task before the agent exits");
+        tasks.stop_all(grace).await;
     }
 }
 

@@ -452,7 +452,12 @@ const WAT_SPIN: &str = r#"(module
 #[tokio::test]
 async fn a_busy_module_is_held_to_the_offer_and_never_holds_up_the_agent() {
     let mut bench = Bench::start("hostspin", 1, hostile_pool()).await;
-    offers(&mut bench.agents[0], &[("max_cores", "0.5")]).await;
+    // A stopping agent gives its tasks the owner's stop grace: 3 s here.
+    offers(
+        &mut bench.agents[0],
+        &[("max_cores", "0.5"), ("stop_grace_seconds", "3")],
+    )
+    .await;
     let (spin, _) = push_wasm(&format!("e2e/{}/spin:v1", bench.ns.name), WAT_SPIN).await;
     let container = serde_json::json!({ "image": spin });
     bench
@@ -519,7 +524,7 @@ async fn a_busy_module_is_held_to_the_offer_and_never_holds_up_the_agent() {
     let ended = ends(&bench, "grow").await;
     assert_eq!(terminated(&ended).0, "OOMKilled");
 
-    // A spinning module does not keep the agent from stopping.
+    // A spinning module does not keep the agent from stopping: it ends after the grace.
     let container = serde_json::json!({ "image": spin });
     bench
         .create(bench.pod_in("darkcore-wasm", "spin-again", container, "Never"))
@@ -577,5 +582,147 @@ async fn a_containers_limits_are_capped_by_the_owners_offer() {
     eprintln!("a spinning container asking 4 CPUs on a 0.5-core offer used {cores:.3} cores");
     assert!(cores < 0.6, "held to the offer: {cores:.3} cores");
     assert!(cores > 0.05, "the container ran: {cores:.3} cores");
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn calls_the_default_profiles_refuse_are_refused_in_containers() {
+    let bench = Bench::start("hostcalls", 1, hostile_pool()).await;
+    let (image, _) = push_busybox_with(
+        &registry(),
+        &format!("e2e/{}/busybox:v1", bench.ns.name),
+        &[],
+    )
+    .await;
+    // A user namespace needs no capability, only the filter stops it; the others would
+    // also need capabilities the container lacks.
+    let script = "unshare -U true && echo MADE-USERNS; unshare -r true && echo MADE-ROOT-USERNS; \
+                  nsenter -t 1 -m true && echo ENTERED; echo tried";
+    let container = serde_json::json!({ "image": image, "command": ["sh", "-c", script] });
+    bench
+        .create(bench.pod_in("darkcore-oci", "calls", container, "Never"))
+        .await;
+    bench
+        .phase_is("calls", "Succeeded", Duration::from_secs(120))
+        .await;
+    let logs = bench
+        .logs_show("calls", "tried", Duration::from_secs(10))
+        .await;
+    for made in ["MADE-USERNS", "MADE-ROOT-USERNS", "ENTERED"] {
+        assert!(!logs.contains(made), "{made}: {logs}");
+    }
+    assert!(logs.contains("Operation not permitted"), "{logs}");
+    bench.finish().await;
+}
+
+/// Processes on this machine whose command line is exactly `words`.
+fn processes_running(words: &[&str]) -> Vec<u32> {
+    let wanted: Vec<u8> = words
+        .iter()
+        .flat_map(|w| [w.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == wanted))
+        .collect()
+}
+
+#[tokio::test]
+async fn nothing_the_agent_started_outlives_it() {
+    let spec = DevicePoolSpec {
+        runtimes: vec![Runtime::Process, Runtime::Oci, Runtime::Wasm],
+        ..Default::default()
+    };
+    let mut bench = Bench::start("hoststop", 1, spec).await;
+    // A pool that allows `process` says so on its status.
+    let sandboxed = bench
+        .fx
+        .pool_status()
+        .await
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Sandboxed")
+        .expect("a Sandboxed condition");
+    assert_eq!(
+        (sandboxed.status.as_str(), sandboxed.reason.as_str()),
+        ("False", "ProcessRuntimeAllowed")
+    );
+    // sleep ignores SIGTERM as a container's first process: the grace must run out.
+    offers(&mut bench.agents[0], &[("stop_grace_seconds", "3")]).await;
+    let (image, _) = push_busybox_with(
+        &registry(),
+        &format!("e2e/{}/busybox:v1", bench.ns.name),
+        &[],
+    )
+    .await;
+    let (spin, _) = push_wasm(&format!("e2e/{}/spin:v1", bench.ns.name), WAT_SPIN).await;
+
+    // A process task that leaves a child behind when it ends: the child goes with it.
+    bench
+        .create(bench.pod("leaver", "sleep 31337 & echo left", "Never"))
+        .await;
+    bench
+        .phase_is("leaver", "Succeeded", Duration::from_secs(120))
+        .await;
+    poll_until(
+        "the left child is gone",
+        Duration::from_secs(10),
+        || async {
+            match processes_running(&["sleep", "31337"]).as_slice() {
+                [] => Ok(()),
+                left => Err(format!("{left:?}")),
+            }
+        },
+    )
+    .await;
+
+    // One long task in each runtime, then SIGTERM to the agent, as systemd stops it.
+    bench
+        .create(bench.pod("process", "sleep 31338 & sleep 31339; echo done", "Never"))
+        .await;
+    let container = serde_json::json!({ "image": image, "command": ["sleep", "31340"] });
+    bench
+        .create(bench.pod_in("darkcore-oci", "oci", container, "Never"))
+        .await;
+    let container = serde_json::json!({ "image": spin });
+    bench
+        .create(bench.pod_in("darkcore-wasm", "wasm", container, "Never"))
+        .await;
+    for name in ["process", "oci", "wasm"] {
+        bench
+            .phase_is(name, "Running", Duration::from_secs(120))
+            .await;
+    }
+    poll_until(
+        "the oci container runs",
+        Duration::from_secs(30),
+        || async {
+            match processes_running(&["sleep", "31340"]).len() {
+                1 => Ok(()),
+                n => Err(format!("{n} found")),
+            }
+        },
+    )
+    .await;
+    let agent = &mut bench.agents[0];
+    let pid = agent.pid().unwrap();
+    agent.stop().await;
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    for sleep in ["31338", "31339", "31340"] {
+        assert_eq!(
+            processes_running(&["sleep", sleep]),
+            Vec::<u32>::new(),
+            "sleep {sleep} outlived the agent"
+        );
+    }
+    let listed = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(agent.state_dir.join("runc"))
+        .args(["list", "-q"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), "");
     bench.finish().await;
 }

@@ -305,6 +305,18 @@ impl TaskManager {
         }
     }
 
+    /// The agent is stopping: every task gets `grace` after SIGTERM, as on a preemption
+    /// (containers included, which live outside the agent's cgroup), and this returns once
+    /// all have ended, or once `grace` and a margin for the runner have passed.
+    pub async fn stop_all(&self, grace: Duration) {
+        const MARGIN: Duration = Duration::from_secs(5);
+        self.preempt_all(grace, "the agent is stopping");
+        let deadline = tokio::time::Instant::now() + grace + MARGIN;
+        while !self.running().is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The device's usage ledger.
     pub fn usage(&self) -> &Ledger {
         &self.board.usage

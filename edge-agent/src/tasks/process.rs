@@ -109,6 +109,12 @@ impl Workload for Process {
         if let Some(cpu) = cpu_at_exit(&self.child).await {
             self.cpu = cpu;
         }
+        // The task ends with its first process, as a container ends with its pid namespace:
+        // whatever it left running in its group goes too. The unreaped leader still holds
+        // the group's id, so no other group can have it yet.
+        if self.child.id().is_some() {
+            self.signal(Signal::KILL);
+        }
         match self.child.wait().await {
             Ok(status) => match (status.code(), status.signal()) {
                 (Some(code), _) => Exit::from_code(code),

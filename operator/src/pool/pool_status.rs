@@ -1,7 +1,7 @@
 //! A DevicePool's status: how many devices it has, what they offer, which nodes carry it, and
-//! two conditions (pure). Written only when it changed.
+//! three conditions (pure). Written only when it changed.
 
-use darkcore_crds::{DevicePool, DevicePoolStatus};
+use darkcore_crds::{DevicePool, DevicePoolStatus, Runtime};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
@@ -14,6 +14,8 @@ use crate::pool::capacity::{PlatformCapacity, PoolSurvey, bytes_quantity, cpu_qu
 pub const READY: &str = "Ready";
 /// At least one enlisted device may take work now.
 pub const DEVICES_AVAILABLE: &str = "DevicesAvailable";
+/// Every runtime the pool allows isolates its tasks from the devices (`process` does not).
+pub const SANDBOXED: &str = "Sandboxed";
 
 /// One published node and what its devices offer.
 pub struct PublishedNode {
@@ -84,6 +86,29 @@ pub fn desired_pool_status(
             ),
         )
     };
+    let sandboxed = if pool.spec.runtimes.contains(&Runtime::Process) {
+        condition(
+            SANDBOXED,
+            false,
+            "ProcessRuntimeAllowed",
+            "spec.runtimes allows process: its tasks run unsandboxed as the agent's user and can read and change what that user can on the device (the owner's files, the device's identity); for trusted fleets only".into(),
+        )
+    } else {
+        condition(
+            SANDBOXED,
+            true,
+            "SandboxedRuntimesOnly",
+            format!(
+                "tasks run only in sandboxed runtimes: {}",
+                pool.spec
+                    .runtimes
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    };
     DevicePoolStatus {
         replicas: total.devices as i32,
         ready_devices: total.ready_devices as i32,
@@ -101,6 +126,7 @@ pub fn desired_pool_status(
                 format!("published {}", names.join(", ")),
             ),
             devices,
+            sandboxed,
         ],
         nodes: names,
         observed_generation: generation,
@@ -128,6 +154,29 @@ mod tests {
             name: "darkcore-lab-linux-amd64".into(),
             capacity: PlatformCapacity::default(),
         }
+    }
+
+    #[test]
+    fn a_pool_that_allows_process_says_it_is_not_sandboxed() {
+        let sandboxed = |pool: &DevicePool| {
+            let status = desired_pool_status(pool, &[empty_node()], &PoolSurvey::default(), &at(0));
+            let condition = status
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == SANDBOXED)
+                .unwrap();
+            (condition.status, condition.reason)
+        };
+        assert_eq!(
+            sandboxed(&pool()),
+            ("True".to_string(), "SandboxedRuntimesOnly".to_string())
+        );
+        let mut trusted = pool();
+        trusted.spec.runtimes = vec![Runtime::Process, Runtime::Wasm];
+        assert_eq!(
+            sandboxed(&trusted),
+            ("False".to_string(), "ProcessRuntimeAllowed".to_string())
+        );
     }
 
     #[test]

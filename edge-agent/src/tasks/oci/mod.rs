@@ -7,6 +7,7 @@
 //! `/darkcore/<container id>`, where the OOM killer's count is read once the container ends.
 
 pub mod rootfs;
+mod seccomp;
 pub mod spec;
 
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! The OCI runtime spec (config.json) of one container (pure): the pod's command, env, user
 //! and limits merged with the image config as Kubernetes merges them, inside a sandbox of
-//! its own pid, mount, ipc and uts namespaces, on the host's network.
+//! its own pid, mount, ipc and uts namespaces and a seccomp filter, on the host's network.
 
 use std::collections::BTreeMap;
 
@@ -254,6 +254,7 @@ pub fn runtime_spec(input: &SpecInput<'_>) -> Value {
             ],
             "cgroupsPath": input.cgroups_path,
             "resources": resources,
+            "seccomp": super::seccomp::profile(),
             "maskedPaths": [
                 "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
                 "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
@@ -395,6 +396,8 @@ mod tests {
         );
         assert_eq!(spec["root"]["readonly"], true);
         assert_eq!(spec["process"]["noNewPrivileges"], true);
+        assert_eq!(spec["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ALLOW");
+        assert!(spec["linux"]["seccomp"]["syscalls"][0]["names"].is_array());
         assert_eq!(spec["process"]["user"]["uid"], 1000);
         assert_eq!(spec["linux"]["resources"]["memory"]["limit"], 64 << 20);
         assert_eq!(spec["linux"]["resources"]["cpu"]["quota"], 50_000);
