@@ -154,18 +154,11 @@ async fn offers(agent: &mut Agent, policy: &[(&str, &str)]) {
     agent.run();
 }
 
-/// CPU seconds a process has used (user and system), from /proc/<pid>/stat.
+/// CPU time a process has used (user and system), from /proc/<pid>/stat.
 fn process_cpu(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    // After the name: state is field 0, utime 11, stime 12, in clock ticks (100 a second).
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
+    let ticks = darkcore_agent::sensors::parse_pid_stat(&stat).unwrap();
+    darkcore_agent::sensors::ticks_to_duration(ticks.own)
 }
 
 /// Cores used over `window`, as the difference of two readings of `cpu`.
@@ -175,29 +168,11 @@ async fn cores_over(window: Duration, cpu: impl Fn() -> Duration) -> f64 {
     (cpu() - before).as_secs_f64() / window.as_secs_f64()
 }
 
-/// The CPU time of a pod's `main` container, from its cgroup (v2 or v1's cpuacct).
+/// The CPU time of a pod's `main` container (its first attempt), from its cgroup.
 fn container_cpu(pod: &Pod) -> Duration {
-    let uid = pod.metadata.uid.as_deref().unwrap();
-    for (base, file) in [
-        ("/sys/fs/cgroup/darkcore", "cpu.stat"),
-        ("/sys/fs/cgroup/cpuacct/darkcore", "cpuacct.usage"),
-    ] {
-        let Ok(dirs) = std::fs::read_dir(base) else {
-            continue;
-        };
-        for dir in dirs.flatten() {
-            let name = dir.file_name().to_string_lossy().into_owned();
-            if !(name.starts_with(uid) && name.ends_with("-main")) {
-                continue;
-            }
-            let text = std::fs::read_to_string(dir.path().join(file)).unwrap();
-            return match text.lines().find_map(|l| l.strip_prefix("usage_usec ")) {
-                Some(micros) => Duration::from_micros(micros.trim().parse().unwrap()),
-                None => Duration::from_nanos(text.trim().parse().unwrap()),
-            };
-        }
-    }
-    panic!("no cgroup for pod {uid}'s main container");
+    use darkcore_agent::tasks::oci::{cgroup_cpu, container_id};
+    let task = format!("{}.1", pod.metadata.uid.as_deref().unwrap());
+    cgroup_cpu(&container_id(&task, "main")).expect("the container's cgroup")
 }
 
 /// `..` enough times to climb from any task directory to the device's `/`.

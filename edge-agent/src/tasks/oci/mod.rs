@@ -243,7 +243,7 @@ fn etc_files(hostname: &str) -> Vec<(&'static str, String)> {
 }
 
 /// The runner's name for a container: task id and container name, in its alphabet.
-fn container_id(task_id: &str, container: &str) -> String {
+pub fn container_id(task_id: &str, container: &str) -> String {
     format!("{task_id}-{container}")
         .chars()
         .map(|c| {
@@ -308,6 +308,19 @@ impl Runtime for OciRuntime {
     }
 }
 
+/// The CPU time of everything in a container's cgroup, orphans included (cgroup v2's
+/// cpu.stat, or v1's cpuacct).
+pub fn cgroup_cpu(container_id: &str) -> Option<Duration> {
+    let cgroup = format!("darkcore/{container_id}");
+    let v2 = format!("/sys/fs/cgroup/{cgroup}/cpu.stat");
+    let v1 = format!("/sys/fs/cgroup/cpuacct/{cgroup}/cpuacct.usage");
+    if let Ok(text) = std::fs::read_to_string(v2) {
+        return cpu_stat_usage(&text);
+    }
+    let nanos = std::fs::read_to_string(v1).ok()?.trim().parse().ok()?;
+    Some(Duration::from_nanos(nanos))
+}
+
 /// A container that is running under the runner.
 struct Container {
     /// `<runner> run`, which lives as long as the container and exits with its status.
@@ -334,18 +347,6 @@ impl Container {
     }
 
     /// How many processes the kernel's OOM killer took from the container's cgroup.
-    /// The CPU time of everything in the container's cgroup, orphans included.
-    fn cgroup_cpu(&self) -> Option<Duration> {
-        let cgroup = format!("darkcore/{}", self.id);
-        let v2 = format!("/sys/fs/cgroup/{cgroup}/cpu.stat");
-        let v1 = format!("/sys/fs/cgroup/cpuacct/{cgroup}/cpuacct.usage");
-        if let Ok(text) = std::fs::read_to_string(v2) {
-            return cpu_stat_usage(&text);
-        }
-        let nanos = std::fs::read_to_string(v1).ok()?.trim().parse().ok()?;
-        Some(Duration::from_nanos(nanos))
-    }
-
     fn oom_kills(&self) -> u64 {
         let cgroup = format!("darkcore/{}", self.id);
         let v1 = format!("/sys/fs/cgroup/memory/{cgroup}/memory.oom_control");
@@ -394,7 +395,7 @@ impl Workload for Container {
         let status = self.child.wait().await;
         let started = self.bundle.join("pid").exists();
         let oom = self.oom_kills();
-        if let Some(cpu) = self.cgroup_cpu().or(runner_cpu) {
+        if let Some(cpu) = cgroup_cpu(&self.id).or(runner_cpu) {
             self.cpu = cpu;
         }
         let log = std::fs::read_to_string(self.bundle.join("runc.log")).unwrap_or_default();
