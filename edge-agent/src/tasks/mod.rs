@@ -6,6 +6,7 @@
 //! own `Supervisor`; both report to the `Board`, which `Reports` drains onto the stream.
 
 pub mod lifecycle;
+pub mod mounts;
 pub mod oci;
 pub mod process;
 pub mod runtime;

@@ -10,7 +10,7 @@ use darkcore_proto::agent::v1::Container;
 use tokio::io::AsyncRead;
 
 use crate::images::{Image, ImageStore};
-use crate::tasks::workdir::MountSource;
+use crate::tasks::mounts::MountSource;
 
 /// Everything a runtime needs to start one container, already resolved by the operator and
 /// laid out on disk by the agent.

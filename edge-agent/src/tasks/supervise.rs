@@ -378,7 +378,7 @@ impl Supervisor {
         stop: &mut watch::Receiver<Option<Stop>>,
     ) -> (Exit, i64, Duration) {
         let started_at = unix_ms();
-        let mounts = match workdir::mounts(&self.dir, container) {
+        let mounts = match super::mounts::mounts(&self.dir, container) {
             Ok(mounts) => mounts,
             Err(error) => {
                 // The pod asked for something it may not have: its own configuration error.

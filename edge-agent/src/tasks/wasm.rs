@@ -19,8 +19,8 @@ use wasmtime_wasi::p1::{self, WasiP1Ctx};
 use wasmtime_wasi::{DirPerms, FilePerms, WasiCtxBuilder};
 
 use crate::images::{Image, ImageStore};
+use crate::tasks::mounts::MountSource;
 use crate::tasks::runtime::{Ceiling, Exit, Launch, Output, Runtime, StartError, Workload};
-use crate::tasks::workdir::MountSource;
 
 /// The media type of a WebAssembly module layer.
 pub const WASM_LAYER: &str = "application/wasm";

@@ -18,10 +18,10 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 
 use crate::images::ImageStore;
+use crate::tasks::mounts;
 use crate::tasks::runtime::{
     Ceiling, Exit, Launch, Output, Runtime, StartError, Workload, cpu_at_exit,
 };
-use crate::tasks::workdir;
 use spec::{Bind, SpecInput};
 
 /// The container runners the agent looks for, in order of preference.
@@ -135,7 +135,7 @@ impl OciRuntime {
                 image.reference
             )));
         }
-        workdir::unmount_under(bundle);
+        mounts::unmount_under(bundle);
         match std::fs::remove_dir_all(bundle) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(create(format!("clearing {}: {e}", bundle.display())));
@@ -400,7 +400,7 @@ impl Workload for Container {
         }
         let log = std::fs::read_to_string(self.bundle.join("runc.log")).unwrap_or_default();
         let _ = self.command(&["delete", "--force"], &[]).status().await;
-        workdir::unmount_under(&self.bundle.join(STAGED));
+        mounts::unmount_under(&self.bundle.join(STAGED));
         let code = match status {
             Ok(status) => {
                 use std::os::unix::process::ExitStatusExt;
