@@ -40,9 +40,7 @@ impl MountSource {
         if let Some(dir) = &self.whole_volume {
             return Ok(dir.clone());
         }
-        let is_dir = rustix::fs::fstat(&*self.handle).is_ok_and(|s| {
-            rustix::fs::FileType::from_raw_mode(s.st_mode) == rustix::fs::FileType::Directory
-        });
+        let is_dir = crate::tasks::oci::rootfs::is_dir(&self.handle);
         if let Some(parent) = staging.parent() {
             std::fs::create_dir_all(parent)?;
         }

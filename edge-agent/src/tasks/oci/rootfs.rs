@@ -410,7 +410,8 @@ fn in_root(relative: &Path) -> PathBuf {
     Path::new("/").join(relative)
 }
 
-fn is_dir(handle: &pathrs::Handle) -> bool {
+/// Whether a resolved handle is a directory (not a symlink to one: handles are not followed).
+pub(crate) fn is_dir(handle: &pathrs::Handle) -> bool {
     rustix::fs::fstat(handle).is_ok_and(|s| {
         rustix::fs::FileType::from_raw_mode(s.st_mode) == rustix::fs::FileType::Directory
     })
