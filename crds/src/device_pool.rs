@@ -83,6 +83,13 @@ pub struct DevicePoolSpec {
     #[serde(default = "default_max_redispatches")]
     #[schemars(range(min = 0, max = 100))]
     pub max_redispatches: u32,
+
+    /// What `oci` containers may reach: `internet` (public addresses only, through a user-mode
+    /// network; no loopback, private, link-local, multicast or metadata ranges of the device's
+    /// network), `none` (loopback only), or `host` (the device's own network, for trusted
+    /// fleets; used only where the device's owner allows `host` too). An owner may narrow it.
+    #[serde(default)]
+    pub network: NetworkMode,
 }
 
 /// Which devices may join a pool.
@@ -194,6 +201,42 @@ impl Runtime {
     }
 }
 
+/// What a task's containers may reach, from narrowest to widest.
+#[derive(
+    JsonSchema,
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// Loopback only.
+    None,
+    /// Public addresses, through a user-mode network; nothing of the device's own networks.
+    #[default]
+    Internet,
+    /// The device's own network namespace: its loopback and LAN. Trusted fleets only.
+    Host,
+}
+
+impl NetworkMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::None => "none",
+            NetworkMode::Internet => "internet",
+            NetworkMode::Host => "host",
+        }
+    }
+}
+
 /// Operating systems, named as `kubernetes.io/os` names them.
 #[derive(
     JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
@@ -296,6 +339,7 @@ impl Default for DevicePoolSpec {
             allowed_namespaces: Vec::new(),
             device_lost_after_seconds: default_device_lost_after_seconds(),
             max_redispatches: default_max_redispatches(),
+            network: NetworkMode::default(),
         }
     }
 }

@@ -88,7 +88,7 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
         (RuntimeKind::Process, Arc::new(ProcessRuntime) as _),
         (RuntimeKind::Wasm, Arc::new(wasm) as _),
     ];
-    match OciRuntime::new(state_dir, images, ceiling) {
+    match OciRuntime::new(state_dir, images, ceiling, policy.config.policy.network) {
         Ok(oci) => runtimes.push((RuntimeKind::Oci, Arc::new(oci) as _)),
         Err(why) if policy.config.policy.runtimes.contains(&RuntimeName::Oci) => {
             tracing::warn!(%why, "the owner allows the oci runtime, but this device cannot run it");

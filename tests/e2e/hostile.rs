@@ -132,9 +132,27 @@ fn plain_header(kind: tar::EntryType, size: u64) -> tar::Header {
     header
 }
 
+/// The tests' image: busybox, pushed for this bench's namespace.
+pub(crate) async fn busybox(bench: &Bench) -> String {
+    let repo = format!("e2e/{}/busybox:v1", bench.ns.name);
+    push_busybox_with(&registry(), &repo, &[]).await.0
+}
+
+/// A bench of one agent whose owner offers half a core and 48Mi, and its busybox image.
+async fn small_offer(prefix: &str) -> (Bench, String) {
+    let mut bench = Bench::start(prefix, 1, hostile_pool()).await;
+    offers(
+        &mut bench.agents[0],
+        &[("max_cores", "0.5"), ("max_memory", "\"48Mi\"")],
+    )
+    .await;
+    let image = busybox(&bench).await;
+    (bench, image)
+}
+
 /// Restarts the agent with its owner's policy changed: each (key, value) replaces that key
 /// in `[policy]` (the agent reads its policy's offer at start).
-async fn offers(agent: &mut Agent, policy: &[(&str, &str)]) {
+pub(crate) async fn offers(agent: &mut Agent, policy: &[(&str, &str)]) {
     agent.stop().await;
     let config = std::fs::read_to_string(&agent.config).unwrap();
     let mut lines: Vec<String> = config
@@ -168,11 +186,23 @@ async fn cores_over(window: Duration, cpu: impl Fn() -> Duration) -> f64 {
     (cpu() - before).as_secs_f64() / window.as_secs_f64()
 }
 
-/// The CPU time of a pod's `main` container (its first attempt), from its cgroup.
-fn container_cpu(pod: &Pod) -> Duration {
-    use darkcore_agent::tasks::oci::{cgroup_cpu, container_id};
-    let task = format!("{}.1", pod.metadata.uid.as_deref().unwrap());
-    cgroup_cpu(&container_id(&task, "main")).expect("the container's cgroup")
+/// The cgroup of a pod's `main` container (its first attempt) under `agent`, or of all of
+/// the agent's containers (`pod` None).
+fn cgroup_of(agent: &Agent, pod: Option<&Pod>) -> String {
+    use darkcore_agent::tasks::oci::{cgroups::owner_cgroup_path, container_id};
+    let parent = owner_cgroup_path(&agent.state_dir);
+    match pod {
+        Some(pod) => {
+            let task = format!("{}.1", pod.metadata.uid.as_deref().unwrap());
+            format!("{parent}/{}", container_id(&task, "main"))
+        }
+        None => parent,
+    }
+}
+
+/// The CPU time a cgroup has used.
+fn cgroup_cpu(cgroup: &str) -> Duration {
+    darkcore_agent::tasks::oci::cgroups::cpu_used(cgroup).expect("the cgroup exists")
 }
 
 /// `..` enough times to climb from any task directory to the device's `/`.
@@ -309,12 +339,7 @@ async fn refused_with_sub_path(bench: &Bench, name: &str) {
 async fn a_sub_path_stays_inside_its_volume() {
     let bench = Bench::start("hostsubpath", 1, hostile_pool()).await;
     let canary = Canary::plant(&bench);
-    let (image, _) = push_busybox_with(
-        &registry(),
-        &format!("e2e/{}/busybox:v1", bench.ns.name),
-        &[],
-    )
-    .await;
+    let image = busybox(&bench).await;
     let make_links = format!("ln -s {} /data/up && ln -s / /data/abs", climb_to_root());
     let precious = format!("/host/{}/precious", canary.relative_to_root());
     let attack = format!("cat {precious} && echo READ; echo pwned > {precious}; echo tried");
@@ -513,18 +538,7 @@ async fn a_busy_module_is_held_to_the_offer_and_never_holds_up_the_agent() {
 
 #[tokio::test]
 async fn a_containers_limits_are_capped_by_the_owners_offer() {
-    let mut bench = Bench::start("hostcap", 1, hostile_pool()).await;
-    offers(
-        &mut bench.agents[0],
-        &[("max_cores", "0.5"), ("max_memory", "\"48Mi\"")],
-    )
-    .await;
-    let (image, _) = push_busybox_with(
-        &registry(),
-        &format!("e2e/{}/busybox:v1", bench.ns.name),
-        &[],
-    )
-    .await;
+    let (bench, image) = small_offer("hostcap").await;
     // The pod's limits are 2Gi and 4 CPUs (its requests fit); the owner offers 48Mi and
     // half a core.
     let limits = serde_json::json!({
@@ -553,7 +567,8 @@ async fn a_containers_limits_are_capped_by_the_owners_offer() {
         .logs_show("spin", "spinning", Duration::from_secs(120))
         .await;
     let pod = bench.pods().get("spin").await.unwrap();
-    let cores = cores_over(Duration::from_secs(5), || container_cpu(&pod)).await;
+    let cgroup = cgroup_of(&bench.agents[0], Some(&pod));
+    let cores = cores_over(Duration::from_secs(5), || cgroup_cpu(&cgroup)).await;
     eprintln!("a spinning container asking 4 CPUs on a 0.5-core offer used {cores:.3} cores");
     assert!(cores < 0.6, "held to the offer: {cores:.3} cores");
     assert!(cores > 0.05, "the container ran: {cores:.3} cores");
@@ -561,14 +576,70 @@ async fn a_containers_limits_are_capped_by_the_owners_offer() {
 }
 
 #[tokio::test]
+async fn all_containers_together_are_held_to_the_owners_offer() {
+    let (bench, image) = small_offer("hostsum").await;
+    let small = serde_json::json!({ "requests": { "memory": "8Mi", "cpu": "10m" } });
+    let run = |name: &str, script: &str| {
+        let container = serde_json::json!({
+            "image": image, "command": ["sh", "-c", script], "resources": small,
+        });
+        bench.pod_in("darkcore-oci", name, container, "Never")
+    };
+
+    // Two spinning containers, each allowed the whole half core: together they get half.
+    for name in ["spin-1", "spin-2"] {
+        bench
+            .create(run(name, "echo spinning; while :; do :; done"))
+            .await;
+    }
+    for name in ["spin-1", "spin-2"] {
+        bench
+            .logs_show(name, "spinning", Duration::from_secs(120))
+            .await;
+    }
+    let all = cgroup_of(&bench.agents[0], None);
+    let cores = cores_over(Duration::from_secs(5), || cgroup_cpu(&all)).await;
+    eprintln!("two spinning containers on a 0.5-core offer used {cores:.3} cores together");
+    assert!(cores < 0.6, "held to the offer together: {cores:.3} cores");
+    assert!(cores > 0.05, "they ran: {cores:.3} cores");
+    for name in ["spin-1", "spin-2"] {
+        bench.delete_and_time(name).await;
+    }
+
+    // 16Mi held by one container, then 36Mi by another: each fits the 48Mi offer alone, not
+    // together. dd blocks writing its buffer into a pipe nobody reads, so it holds it.
+    let holder = bench
+        .create(run("holder", "dd if=/dev/zero bs=16M count=1 | sleep 600"))
+        .await;
+    bench
+        .phase_is("holder", "Running", Duration::from_secs(120))
+        .await;
+    let held = cgroup_of(&bench.agents[0], Some(&holder));
+    poll_until("the holder holds 16Mi", Duration::from_secs(30), || async {
+        use darkcore_agent::tasks::oci::cgroups::memory_used;
+        match memory_used(&held) {
+            Some(bytes) if bytes >= 16 << 20 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let grab = "dd if=/dev/zero of=/dev/null bs=36M count=1";
+    bench.create(run("grab", grab)).await;
+    let ended = ends(&bench, "grab").await;
+    assert_eq!(terminated(&ended), ("OOMKilled".to_string(), String::new()));
+    // The same container alone fits.
+    bench.delete_and_time("holder").await;
+    bench.create(run("grab-alone", grab)).await;
+    bench
+        .phase_is("grab-alone", "Succeeded", Duration::from_secs(120))
+        .await;
+    bench.finish().await;
+}
+
+#[tokio::test]
 async fn calls_the_default_profiles_refuse_are_refused_in_containers() {
     let bench = Bench::start("hostcalls", 1, hostile_pool()).await;
-    let (image, _) = push_busybox_with(
-        &registry(),
-        &format!("e2e/{}/busybox:v1", bench.ns.name),
-        &[],
-    )
-    .await;
+    let image = busybox(&bench).await;
     // A user namespace needs no capability, only the filter stops it; the others would
     // also need capabilities the container lacks.
     let script = "unshare -U true && echo MADE-USERNS; unshare -r true && echo MADE-ROOT-USERNS; \
@@ -626,12 +697,7 @@ async fn nothing_the_agent_started_outlives_it() {
     );
     // sleep ignores SIGTERM as a container's first process: the grace must run out.
     offers(&mut bench.agents[0], &[("stop_grace_seconds", "3")]).await;
-    let (image, _) = push_busybox_with(
-        &registry(),
-        &format!("e2e/{}/busybox:v1", bench.ns.name),
-        &[],
-    )
-    .await;
+    let image = busybox(&bench).await;
     let (spin, _) = push_wasm(&format!("e2e/{}/spin:v1", bench.ns.name), WAT_SPIN).await;
 
     // A process task that leaves a child behind when it ends: the child goes with it.
@@ -699,5 +765,15 @@ async fn nothing_the_agent_started_outlives_it() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), "");
+    // The oci task's network went too: no slirp4netns serves a namespace of this agent's.
+    let state_dir = agent.state_dir.display().to_string();
+    let serving: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.starts_with("slirp4netns ") && c.contains(&state_dir))
+        .collect();
+    assert_eq!(serving, Vec::<String>::new());
     bench.finish().await;
 }

@@ -9,6 +9,7 @@ mod helm;
 mod hostile;
 mod images;
 mod leadership;
+mod network;
 mod oci;
 mod pods;
 mod pools;

@@ -87,6 +87,24 @@ pub struct OwnerPolicy {
     pub stop_grace_seconds: u32,
     /// How often the agent looks at the sensors and applies this policy.
     pub check_seconds: u32,
+    /// What containers may reach: `internet` (public addresses only; none of this machine's
+    /// own services or home network), `none`, or `host` (this machine's own network, for
+    /// trusted fleets: only where the pool asks for it too). A pool may narrow it further.
+    pub network: NetworkMode,
+}
+
+/// What a task's containers may reach, narrowest first: a task gets the narrower of its
+/// pool's mode and its owner's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// Loopback only.
+    None,
+    /// Public addresses, through a user-mode network and a filter.
+    #[default]
+    Internet,
+    /// The device's own network namespace.
+    Host,
 }
 
 /// "Only when idle": the owner is away and the machine is quiet.
@@ -122,6 +140,7 @@ impl Default for OwnerPolicy {
             runtimes: vec![RuntimeName::Oci, RuntimeName::Wasm],
             stop_grace_seconds: 30,
             check_seconds: 5,
+            network: NetworkMode::default(),
         }
     }
 }

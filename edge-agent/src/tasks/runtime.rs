@@ -26,6 +26,8 @@ pub struct Launch {
     pub mounts: Vec<MountSource>,
     /// The container's image, pulled before the start, for runtimes that use images.
     pub image: Option<Image>,
+    /// What the task's pool lets it reach (`TaskAssign.network`), before the owner narrows it.
+    pub pool_network: i32,
 }
 
 /// What the owner offers: no container gets more, whatever its pod asks for.

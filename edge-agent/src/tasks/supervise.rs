@@ -404,6 +404,7 @@ impl Supervisor {
             task_dir: self.dir.clone(),
             mounts,
             image,
+            pool_network: self.task.network,
         };
         let mut workload = match self.runtime.start(&launch).await {
             Ok(workload) => workload,

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use darkcore_crds::{DevicePool, Runtime};
+use darkcore_crds::{DevicePool, NetworkMode, Runtime};
 use darkcore_proto::agent::v1::{
     TaskAssign, TaskCancel, TaskPhase, TaskStatus, operator_message, task_assign::RestartPolicy,
 };
@@ -780,6 +780,16 @@ fn proto_runtime(runtime: Runtime) -> darkcore_proto::agent::v1::Runtime {
     }
 }
 
+/// The pool's network mode in the agent protocol's words.
+fn proto_network(mode: NetworkMode) -> darkcore_proto::agent::v1::Network {
+    use darkcore_proto::agent::v1::Network as P;
+    match mode {
+        NetworkMode::None => P::None,
+        NetworkMode::Internet => P::Internet,
+        NetworkMode::Host => P::Host,
+    }
+}
+
 /// Picks a device and sends the task there.
 fn place(
     shared: &Shared,
@@ -880,6 +890,7 @@ fn place(
         termination_grace_seconds: spec.termination_grace_period_seconds.unwrap_or(30).max(0)
             as u32,
         pull_credentials: resolved.pull_credentials.clone(),
+        network: proto_network(pool.spec.network) as i32,
     };
     tracing::info!(pod = %format!("{}/{}", assign.namespace, assign.pod_name), task = %task_id, %device, "dispatching");
     shared.logs.assign(&task_id, &device);

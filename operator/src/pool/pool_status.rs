@@ -1,7 +1,7 @@
 //! A DevicePool's status: how many devices it has, what they offer, which nodes carry it, and
 //! three conditions (pure). Written only when it changed.
 
-use darkcore_crds::{DevicePool, DevicePoolStatus, Runtime};
+use darkcore_crds::{DevicePool, DevicePoolStatus, NetworkMode, Runtime};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
@@ -93,19 +93,27 @@ pub fn desired_pool_status(
             "ProcessRuntimeAllowed",
             "spec.runtimes allows process: its tasks run unsandboxed as the agent's user and can read and change what that user can on the device (the owner's files, the device's identity); for trusted fleets only".into(),
         )
+    } else if pool.spec.network == NetworkMode::Host {
+        condition(
+            SANDBOXED,
+            false,
+            "HostNetworkAllowed",
+            "spec.network is host: on devices whose owner allows host too, containers share the device's network and reach its loopback services and LAN; for trusted fleets only".into(),
+        )
     } else {
         condition(
             SANDBOXED,
             true,
             "SandboxedRuntimesOnly",
             format!(
-                "tasks run only in sandboxed runtimes: {}",
+                "tasks run only in sandboxed runtimes: {}; network {}",
                 pool.spec
                     .runtimes
                     .iter()
                     .map(|r| r.as_str())
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
+                pool.spec.network.as_str()
             ),
         )
     };
@@ -176,6 +184,12 @@ mod tests {
         assert_eq!(
             sandboxed(&trusted),
             ("False".to_string(), "ProcessRuntimeAllowed".to_string())
+        );
+        let mut on_the_lan = pool();
+        on_the_lan.spec.network = NetworkMode::Host;
+        assert_eq!(
+            sandboxed(&on_the_lan),
+            ("False".to_string(), "HostNetworkAllowed".to_string())
         );
     }
 

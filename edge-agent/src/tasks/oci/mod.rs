@@ -4,8 +4,12 @@
 //!
 //! Per container start: `<task dir>/oci/<container>/` holds the bundle (config.json, rootfs,
 //! hosts, hostname, resolv.conf); runc's state lives in `<state dir>/runc`, and the cgroup at
-//! `/darkcore/<container id>`, where the OOM killer's count is read once the container ends.
+//! `<owner cgroup>/<container id>` (`cgroups.rs`), where the OOM killer's count is read once
+//! the container ends.
+//! The task's containers share the network namespace at `<task dir>/netns` (`network.rs`).
 
+pub mod cgroups;
+pub mod network;
 pub mod rootfs;
 mod seccomp;
 pub mod spec;
@@ -18,10 +22,13 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 
 use crate::images::ImageStore;
+use crate::policy::config::NetworkMode;
 use crate::tasks::mounts;
 use crate::tasks::runtime::{
     Ceiling, Exit, Launch, Output, Runtime, StartError, Workload, cpu_at_exit,
 };
+use cgroups::OwnerCgroup;
+use network::{Networks, TaskNetwork};
 use spec::{Bind, SpecInput};
 
 /// The container runners the agent looks for, in order of preference.
@@ -36,6 +43,11 @@ pub struct OciRuntime {
     images: Arc<ImageStore>,
     /// The owner's offer: a container's limits are capped by it, and it is their default.
     ceiling: Ceiling,
+    /// The widest network the owner allows; a pool may narrow it.
+    owner_network: NetworkMode,
+    networks: Networks,
+    /// The parent of every container's cgroup, capped at the offer.
+    cgroup: OwnerCgroup,
 }
 
 /// Why the `oci` runtime cannot run on this device, if it cannot: the device then does not
@@ -89,6 +101,7 @@ impl OciRuntime {
         state_dir: &Path,
         images: Arc<ImageStore>,
         ceiling: Ceiling,
+        owner_network: NetworkMode,
     ) -> Result<OciRuntime, String> {
         let runtime = OciRuntime {
             runner: Runner {
@@ -97,6 +110,9 @@ impl OciRuntime {
             },
             images,
             ceiling,
+            owner_network,
+            networks: Networks::default(),
+            cgroup: OwnerCgroup::create(state_dir, ceiling)?,
         };
         runtime.reap_stale();
         Ok(runtime)
@@ -114,9 +130,26 @@ impl OciRuntime {
         }
     }
 
+    /// The task's network (made by its first container), or `None` in `host` mode.
+    fn network(&self, launch: &Launch) -> Result<Option<Arc<TaskNetwork>>, StartError> {
+        let mode = network::effective(launch.pool_network, self.owner_network);
+        self.networks
+            .for_task(&launch.task_id, &launch.task_dir.join("netns"), mode)
+            .map_err(|message| StartError {
+                reason: "CreateContainerError",
+                message,
+            })
+    }
+
     /// Lays out the bundle: rootfs from the image's layers, the files the agent provides,
     /// and config.json.
-    fn bundle(&self, launch: &Launch, bundle: &Path, id: &str) -> Result<(), StartError> {
+    fn bundle(
+        &self,
+        launch: &Launch,
+        bundle: &Path,
+        id: &str,
+        network: Option<&TaskNetwork>,
+    ) -> Result<(), StartError> {
         let create = |message: String| StartError {
             reason: "CreateContainerError",
             message,
@@ -199,7 +232,8 @@ impl OciRuntime {
                 read_only: mount.read_only,
             });
         }
-        for (name, content) in etc_files(&launch.pod_name) {
+        let mode = network::effective(launch.pool_network, self.owner_network);
+        for (name, content) in etc_files(&launch.pod_name, mode) {
             let path = bundle.join(name);
             std::fs::write(&path, content)
                 .map_err(|e| create(format!("writing {}: {e}", path.display())))?;
@@ -218,9 +252,10 @@ impl OciRuntime {
             hostname: &launch.pod_name,
             read_only_rootfs: security.read_only_root_filesystem,
             binds,
-            cgroups_path: format!("/darkcore/{id}"),
+            cgroups_path: self.cgroup.container(id),
             memory_limit: self.ceiling.memory_bytes(limits.limit_memory_bytes),
             cpu_limit_millicores: self.ceiling.millicores(limits.limit_millicores),
+            network_namespace: network.map(|n| n.namespace().display().to_string()),
         });
         let path = bundle.join("config.json");
         std::fs::write(&path, spec.to_string())
@@ -229,9 +264,10 @@ impl OciRuntime {
 }
 
 /// /etc/hosts, /etc/hostname and /etc/resolv.conf as the container sees them: written by the
-/// agent (resolv.conf copied from the device's), so no device file is mounted in.
-fn etc_files(hostname: &str) -> Vec<(&'static str, String)> {
-    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+/// agent (resolv.conf as the network mode has it), so no device file is mounted in.
+fn etc_files(hostname: &str, mode: NetworkMode) -> Vec<(&'static str, String)> {
+    let device = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let resolv = network::resolv_conf(mode, &device);
     vec![
         (
             "hosts",
@@ -276,9 +312,14 @@ impl Runtime for OciRuntime {
         let prepared = {
             let (runtime, launch, bundle, id) =
                 (self.clone(), launch.clone(), bundle.clone(), id.clone());
-            tokio::task::spawn_blocking(move || runtime.bundle(&launch, &bundle, &id)).await
+            tokio::task::spawn_blocking(move || {
+                let network = runtime.network(&launch)?;
+                runtime.bundle(&launch, &bundle, &id, network.as_deref())?;
+                Ok::<_, StartError>(network)
+            })
+            .await
         };
-        prepared.map_err(|e| StartError {
+        let network = prepared.map_err(|e| StartError {
             reason: "CreateContainerError",
             message: format!("preparing the bundle: {e}"),
         })??;
@@ -300,25 +341,14 @@ impl Runtime for OciRuntime {
         })?;
         Ok(Box::new(Container {
             child,
+            cgroup: self.cgroup.container(&id),
             id,
             bundle,
             runner: self.runner.clone(),
             cpu: Duration::ZERO,
+            _network: network,
         }))
     }
-}
-
-/// The CPU time of everything in a container's cgroup, orphans included (cgroup v2's
-/// cpu.stat, or v1's cpuacct).
-pub fn cgroup_cpu(container_id: &str) -> Option<Duration> {
-    let cgroup = format!("darkcore/{container_id}");
-    let v2 = format!("/sys/fs/cgroup/{cgroup}/cpu.stat");
-    let v1 = format!("/sys/fs/cgroup/cpuacct/{cgroup}/cpuacct.usage");
-    if let Ok(text) = std::fs::read_to_string(v2) {
-        return cpu_stat_usage(&text);
-    }
-    let nanos = std::fs::read_to_string(v1).ok()?.trim().parse().ok()?;
-    Some(Duration::from_nanos(nanos))
 }
 
 /// A container that is running under the runner.
@@ -328,7 +358,11 @@ struct Container {
     id: String,
     bundle: PathBuf,
     runner: Runner,
+    /// Its cgroupsPath.
+    cgroup: String,
     cpu: Duration,
+    /// The task's network, held while the container runs.
+    _network: Option<Arc<TaskNetwork>>,
 }
 
 impl Container {
@@ -345,33 +379,6 @@ impl Container {
     fn signal(&self, signal: &str) {
         let _ = self.command(&["kill"], &[signal]).spawn();
     }
-
-    /// How many processes the kernel's OOM killer took from the container's cgroup.
-    fn oom_kills(&self) -> u64 {
-        let cgroup = format!("darkcore/{}", self.id);
-        let v1 = format!("/sys/fs/cgroup/memory/{cgroup}/memory.oom_control");
-        let v2 = format!("/sys/fs/cgroup/{cgroup}/memory.events");
-        [v1, v2]
-            .iter()
-            .filter_map(|p| std::fs::read_to_string(p).ok())
-            .find_map(|text| oom_kill_count(&text))
-            .unwrap_or(0)
-    }
-}
-
-/// The `usage_usec` of a cgroup v2 cpu.stat.
-fn cpu_stat_usage(text: &str) -> Option<Duration> {
-    text.lines()
-        .find_map(|l| l.strip_prefix("usage_usec "))
-        .and_then(|n| n.trim().parse().ok())
-        .map(Duration::from_micros)
-}
-
-/// The `oom_kill` count of a memory.oom_control (v1) or memory.events (v2) file.
-fn oom_kill_count(text: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix("oom_kill "))
-        .and_then(|n| n.trim().parse().ok())
 }
 
 /// The runner's own error (from its JSON log), when it failed before the container ran.
@@ -394,8 +401,8 @@ impl Workload for Container {
         let runner_cpu = cpu_at_exit(&self.child).await;
         let status = self.child.wait().await;
         let started = self.bundle.join("pid").exists();
-        let oom = self.oom_kills();
-        if let Some(cpu) = cgroup_cpu(&self.id).or(runner_cpu) {
+        let oom = cgroups::oom_kills(&self.cgroup);
+        if let Some(cpu) = cgroups::cpu_used(&self.cgroup).or(runner_cpu) {
             self.cpu = cpu;
         }
         let log = std::fs::read_to_string(self.bundle.join("runc.log")).unwrap_or_default();
@@ -456,22 +463,6 @@ mod tests {
     fn container_ids_are_plain() {
         assert_eq!(container_id("0b1c.1", "main"), "0b1c.1-main");
         assert_eq!(container_id("t.2", "a/b c"), "t.2-a_b_c");
-    }
-
-    #[test]
-    fn cpu_usage_is_read_from_cpu_stat() {
-        let text = "usage_usec 1234567\nuser_usec 1000000\nsystem_usec 234567\n";
-        assert_eq!(cpu_stat_usage(text), Some(Duration::from_micros(1_234_567)));
-        assert_eq!(cpu_stat_usage("user_usec 1\n"), None);
-    }
-
-    #[test]
-    fn oom_kills_read_from_either_cgroup_version() {
-        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n";
-        let v2 = "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n";
-        assert_eq!(oom_kill_count(v1), Some(2));
-        assert_eq!(oom_kill_count(v2), Some(1));
-        assert_eq!(oom_kill_count("oom 1\n"), None);
     }
 
     #[test]

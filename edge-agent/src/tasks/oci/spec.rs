@@ -1,10 +1,13 @@
 //! The OCI runtime spec (config.json) of one container (pure): the pod's command, env, user
 //! and limits merged with the image config as Kubernetes merges them, inside a sandbox of
-//! its own pid, mount, ipc and uts namespaces and a seccomp filter, on the host's network.
+//! its own pid, mount, ipc and uts namespaces and a seccomp filter, in its task's network
+//! namespace (or the host's, in `host` mode).
 
 use std::collections::BTreeMap;
 
 use darkcore_proto::agent::v1::Container;
+
+use super::cgroups::CPU_PERIOD_US;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -12,8 +15,6 @@ use serde_json::{Value, json};
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Processes a container may have: enough for any build, not enough for a fork bomb.
 const PIDS_LIMIT: i64 = 4096;
-/// The CFS period the cpu limit is a share of (the kubelet's).
-const CPU_PERIOD_US: u64 = 100_000;
 /// Capabilities a container keeps (a subset of Docker's defaults): no raw sockets, no
 /// privileged ports on the host's network, no mknod, no chroot.
 const CAPABILITIES: &[&str] = &[
@@ -186,6 +187,8 @@ pub struct SpecInput<'a> {
     /// 0: no limit.
     pub memory_limit: u64,
     pub cpu_limit_millicores: u32,
+    /// The task's network namespace (a bind-mounted nsfs file); `None`: the host's.
+    pub network_namespace: Option<String>,
 }
 
 /// The runtime spec, as runc and crun read it.
@@ -228,6 +231,15 @@ pub fn runtime_spec(input: &SpecInput<'_>) -> Value {
         let quota = u64::from(input.cpu_limit_millicores) * CPU_PERIOD_US / 1000;
         resources["cpu"] = json!({ "quota": quota.max(1000), "period": CPU_PERIOD_US });
     }
+    let mut namespaces = vec![
+        json!({ "type": "pid" }),
+        json!({ "type": "mount" }),
+        json!({ "type": "ipc" }),
+        json!({ "type": "uts" }),
+    ];
+    if let Some(path) = &input.network_namespace {
+        namespaces.push(json!({ "type": "network", "path": path }));
+    }
     json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -249,9 +261,7 @@ pub fn runtime_spec(input: &SpecInput<'_>) -> Value {
         "hostname": input.hostname,
         "mounts": mounts,
         "linux": {
-            "namespaces": [
-                { "type": "pid" }, { "type": "mount" }, { "type": "ipc" }, { "type": "uts" },
-            ],
+            "namespaces": namespaces,
             "cgroupsPath": input.cgroups_path,
             "resources": resources,
             "seccomp": super::seccomp::profile(),
@@ -382,6 +392,7 @@ mod tests {
             cgroups_path: "/darkcore/t".into(),
             memory_limit: 64 << 20,
             cpu_limit_millicores: 500,
+            network_namespace: Some("/state/tasks/t/netns".into()),
         });
         let namespaces: Vec<&str> = spec["linux"]["namespaces"]
             .as_array()
@@ -389,10 +400,10 @@ mod tests {
             .iter()
             .map(|n| n["type"].as_str().unwrap())
             .collect();
+        assert_eq!(namespaces, ["pid", "mount", "ipc", "uts", "network"]);
         assert_eq!(
-            namespaces,
-            ["pid", "mount", "ipc", "uts"],
-            "no network namespace: the host's"
+            spec["linux"]["namespaces"][4]["path"], "/state/tasks/t/netns",
+            "the task's, shared by its containers"
         );
         assert_eq!(spec["root"]["readonly"], true);
         assert_eq!(spec["process"]["noNewPrivileges"], true);

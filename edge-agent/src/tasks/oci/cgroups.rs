@@ -1,0 +1,298 @@
+//! The owner-wide cgroup: one parent per agent that holds all of its containers and is capped
+//! at the owner's offer (cores, memory, processes), so their sum never exceeds it, whatever
+//! each one's own limits. A child's limit can never raise its parent's. cgroup v2 or v1.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::tasks::runtime::Ceiling;
+
+/// Where cgroup file systems are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// The CFS period the cpu limits are shares of (the kubelet's).
+pub const CPU_PERIOD_US: u64 = 100_000;
+/// Processes all of an agent's containers may have together: enough for builds, too few for a
+/// fork bomb to starve the owner's machine.
+pub const OWNER_PIDS: u64 = 4096;
+/// The v1 controllers darkcore limits or reads.
+const V1_CONTROLLERS: [&str; 4] = ["cpu", "cpuacct", "memory", "pids"];
+
+/// The agent's parent cgroup, as runc's `cgroupsPath` names it: `/darkcore/<key>`, with a key
+/// of the state dir so that agents sharing a machine never share a parent.
+#[derive(Clone, Debug)]
+pub struct OwnerCgroup {
+    path: String,
+}
+
+/// One file write that sets a limit, relative to the cgroup root.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Setting {
+    pub file: PathBuf,
+    pub value: String,
+}
+
+/// Which cgroup layout the machine has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// cgroup v2 alone (`/sys/fs/cgroup/cgroup.controllers` exists).
+    Unified,
+    /// v1 controllers, each its own hierarchy (hybrid included).
+    Legacy,
+}
+
+impl Layout {
+    pub fn of_this_machine() -> Layout {
+        if Path::new(CGROUP_ROOT).join("cgroup.controllers").exists() {
+            Layout::Unified
+        } else {
+            Layout::Legacy
+        }
+    }
+}
+
+/// The parent of `state_dir`'s containers, e.g. `/darkcore/3f9c0a1b2d4e5f60`.
+pub fn owner_cgroup_path(state_dir: &Path) -> String {
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        state_dir.as_os_str().as_encoded_bytes(),
+    );
+    let key: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("/darkcore/{key}")
+}
+
+/// The writes that cap `path` at `ceiling` and [`OWNER_PIDS`] (pure). An offer of 0 is none.
+pub fn settings(layout: Layout, path: &str, ceiling: Ceiling) -> Vec<Setting> {
+    let path = path.trim_start_matches('/');
+    let at = |controller: &str, file: &str| match layout {
+        Layout::Unified => Path::new(path).join(file),
+        Layout::Legacy => Path::new(controller).join(path).join(file),
+    };
+    let set = |file: PathBuf, value: String| Setting { file, value };
+    let quota = (ceiling.millicores > 0)
+        .then(|| (u64::from(ceiling.millicores) * CPU_PERIOD_US / 1000).max(1000));
+    let memory = (ceiling.memory_bytes > 0).then_some(ceiling.memory_bytes);
+    match layout {
+        Layout::Unified => vec![
+            set(
+                at("cpu", "cpu.max"),
+                format!(
+                    "{} {CPU_PERIOD_US}",
+                    quota.map_or("max".into(), |q| q.to_string())
+                ),
+            ),
+            set(
+                at("memory", "memory.max"),
+                memory.map_or("max".into(), |m| m.to_string()),
+            ),
+            set(at("memory", "memory.swap.max"), "0".into()),
+            set(at("pids", "pids.max"), OWNER_PIDS.to_string()),
+        ],
+        Layout::Legacy => vec![
+            set(at("cpu", "cpu.cfs_period_us"), CPU_PERIOD_US.to_string()),
+            set(
+                at("cpu", "cpu.cfs_quota_us"),
+                quota.map_or("-1".into(), |q| q.to_string()),
+            ),
+            set(
+                at("memory", "memory.limit_in_bytes"),
+                memory.map_or("-1".into(), |m| m.to_string()),
+            ),
+            set(at("pids", "pids.max"), OWNER_PIDS.to_string()),
+        ],
+    }
+}
+
+impl OwnerCgroup {
+    /// Makes the agent's parent cgroup and caps it at `ceiling`. Why not, if it cannot: then
+    /// the device does not run containers, for their sum would be unbounded.
+    pub fn create(state_dir: &Path, ceiling: Ceiling) -> Result<OwnerCgroup, String> {
+        let path = owner_cgroup_path(state_dir);
+        let layout = Layout::of_this_machine();
+        let root = Path::new(CGROUP_ROOT);
+        let relative = path.trim_start_matches('/');
+        let fail = |what: &Path, e: std::io::Error| {
+            format!(
+                "setting up the cgroup that caps all containers at the owner's offer ({}): {e}",
+                what.display()
+            )
+        };
+        match layout {
+            Layout::Unified => {
+                // Each level hands the cpu, memory and pids controllers down to the next.
+                let mut dir = root.to_path_buf();
+                for level in std::iter::once("").chain(relative.split('/')) {
+                    dir.push(level);
+                    std::fs::create_dir_all(&dir).map_err(|e| fail(&dir, e))?;
+                    let control = dir.join("cgroup.subtree_control");
+                    std::fs::write(&control, "+cpu +memory +pids")
+                        .map_err(|e| fail(&control, e))?;
+                }
+            }
+            Layout::Legacy => {
+                for controller in V1_CONTROLLERS {
+                    let dir = root.join(controller).join(relative);
+                    std::fs::create_dir_all(&dir).map_err(|e| fail(&dir, e))?;
+                }
+            }
+        }
+        for setting in settings(layout, &path, ceiling) {
+            let file = root.join(&setting.file);
+            // memory.swap.max is absent where swap accounting is off: nothing to cap then.
+            match std::fs::write(&file, &setting.value) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                written => written.map_err(|e| fail(&file, e))?,
+            }
+        }
+        Ok(OwnerCgroup { path })
+    }
+
+    /// A container's `cgroupsPath`, under the parent.
+    pub fn container(&self, container_id: &str) -> String {
+        format!("{}/{container_id}", self.path)
+    }
+}
+
+/// The CPU time of everything in a cgroup (`cgroupsPath` as runc names it), orphans included:
+/// cgroup v2's cpu.stat, or v1's cpuacct.
+pub fn cpu_used(cgroup: &str) -> Option<Duration> {
+    let cgroup = cgroup.trim_start_matches('/');
+    let root = Path::new(CGROUP_ROOT);
+    if let Ok(text) = std::fs::read_to_string(root.join(cgroup).join("cpu.stat")) {
+        return cpu_stat_usage(&text);
+    }
+    let nanos = std::fs::read_to_string(root.join("cpuacct").join(cgroup).join("cpuacct.usage"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_nanos(nanos))
+}
+
+/// The memory a cgroup holds now (v2's memory.current, or v1's memory.usage_in_bytes).
+pub fn memory_used(cgroup: &str) -> Option<u64> {
+    let cgroup = cgroup.trim_start_matches('/');
+    let root = Path::new(CGROUP_ROOT);
+    [
+        root.join(cgroup).join("memory.current"),
+        root.join("memory")
+            .join(cgroup)
+            .join("memory.usage_in_bytes"),
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
+}
+
+/// How many processes the kernel's OOM killer took from a cgroup.
+pub fn oom_kills(cgroup: &str) -> u64 {
+    let cgroup = cgroup.trim_start_matches('/');
+    let root = Path::new(CGROUP_ROOT);
+    [
+        root.join("memory").join(cgroup).join("memory.oom_control"),
+        root.join(cgroup).join("memory.events"),
+    ]
+    .iter()
+    .filter_map(|p| std::fs::read_to_string(p).ok())
+    .find_map(|text| oom_kill_count(&text))
+    .unwrap_or(0)
+}
+
+/// The `usage_usec` of a cgroup v2 cpu.stat.
+fn cpu_stat_usage(text: &str) -> Option<Duration> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|n| n.trim().parse().ok())
+        .map(Duration::from_micros)
+}
+
+/// The `oom_kill` count of a memory.oom_control (v1) or memory.events (v2) file.
+fn oom_kill_count(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written(settings: &[Setting]) -> Vec<(String, String)> {
+        settings
+            .iter()
+            .map(|s| (s.file.display().to_string(), s.value.clone()))
+            .collect()
+    }
+
+    fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
+        expected
+            .iter()
+            .map(|(f, v)| (f.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_parent_is_capped_at_the_offer_in_either_layout() {
+        let offer = Ceiling {
+            millicores: 1500,
+            memory_bytes: 512 << 20,
+        };
+        assert_eq!(
+            written(&settings(Layout::Legacy, "/darkcore/k", offer)),
+            pairs(&[
+                ("cpu/darkcore/k/cpu.cfs_period_us", "100000"),
+                ("cpu/darkcore/k/cpu.cfs_quota_us", "150000"),
+                ("memory/darkcore/k/memory.limit_in_bytes", "536870912"),
+                ("pids/darkcore/k/pids.max", "4096"),
+            ])
+        );
+        assert_eq!(
+            written(&settings(Layout::Unified, "/darkcore/k", offer)),
+            pairs(&[
+                ("darkcore/k/cpu.max", "150000 100000"),
+                ("darkcore/k/memory.max", "536870912"),
+                ("darkcore/k/memory.swap.max", "0"),
+                ("darkcore/k/pids.max", "4096"),
+            ])
+        );
+    }
+
+    #[test]
+    fn no_offer_is_no_cap_but_processes_stay_bounded() {
+        let open = Ceiling {
+            millicores: 0,
+            memory_bytes: 0,
+        };
+        let legacy = written(&settings(Layout::Legacy, "/darkcore/k", open));
+        assert!(legacy.contains(&pairs(&[("cpu/darkcore/k/cpu.cfs_quota_us", "-1")])[0]));
+        assert!(legacy.contains(&pairs(&[("pids/darkcore/k/pids.max", "4096")])[0]));
+        let unified = written(&settings(Layout::Unified, "/darkcore/k", open));
+        assert!(unified.contains(&pairs(&[("darkcore/k/cpu.max", "max 100000")])[0]));
+    }
+
+    #[test]
+    fn agents_sharing_a_machine_get_parents_of_their_own() {
+        let one = owner_cgroup_path(Path::new("/var/lib/darkcore"));
+        let other = owner_cgroup_path(Path::new("/tmp/agent-2"));
+        assert!(one.starts_with("/darkcore/") && one.len() == "/darkcore/".len() + 16);
+        assert_ne!(one, other);
+        assert_eq!(one, owner_cgroup_path(Path::new("/var/lib/darkcore")));
+    }
+
+    #[test]
+    fn cpu_usage_is_read_from_cpu_stat() {
+        let text = "usage_usec 1234567\nuser_usec 1000000\nsystem_usec 234567\n";
+        assert_eq!(cpu_stat_usage(text), Some(Duration::from_micros(1_234_567)));
+        assert_eq!(cpu_stat_usage("user_usec 1\n"), None);
+    }
+
+    #[test]
+    fn oom_kills_read_from_either_cgroup_version() {
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n";
+        let v2 = "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n";
+        assert_eq!(oom_kill_count(v1), Some(2));
+        assert_eq!(oom_kill_count(v2), Some(1));
+        assert_eq!(oom_kill_count("oom 1\n"), None);
+    }
+}
