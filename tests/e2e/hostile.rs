@@ -637,6 +637,48 @@ async fn all_containers_together_are_held_to_the_owners_offer() {
 }
 
 #[tokio::test]
+async fn root_in_a_container_is_an_unprivileged_uid_on_the_device() {
+    let bench = Bench::start("hostuser", 1, hostile_pool()).await;
+    let image = busybox(&bench).await;
+    let script = "id -u; touch /data/made /made-in-root && echo wrote; \
+                  cat /proc/self/uid_map; sleep 600";
+    let container = serde_json::json!({
+        "image": image, "command": ["sh", "-c", script],
+        "volumeMounts": [{ "name": "data", "mountPath": "/data" }],
+    });
+    let pod = Bench::with_empty_dir(
+        bench.pod_in("darkcore-oci", "rooted", container, "Never"),
+        "data",
+    );
+    let pod = bench.create(pod).await;
+    let logs = bench
+        .logs_show("rooted", "wrote", Duration::from_secs(120))
+        .await;
+    assert_eq!(logs.lines().next(), Some("0"), "root inside: {logs}");
+    // What the package reserves in /etc/subuid (tests/cluster/up reserves it too).
+    let (start, end) = (2_147_483_648u32, 2_147_483_648u32 + 4_194_304);
+    let task = bench.agents[0]
+        .state_dir
+        .join("tasks")
+        .join(format!("{}.1", pod.metadata.uid.as_deref().unwrap()));
+    for made in [
+        task.join("volumes/data/made"),
+        task.join("oci/main/rootfs/made-in-root"),
+        task.join("oci/main/rootfs/bin/busybox"),
+    ] {
+        let meta = std::fs::symlink_metadata(&made).unwrap();
+        assert!(
+            (start..end).contains(&meta.uid()) && (start..end).contains(&meta.gid()),
+            "{} belongs to {}:{}, not to the darkcore range",
+            made.display(),
+            meta.uid(),
+            meta.gid()
+        );
+    }
+    bench.finish().await;
+}
+
+#[tokio::test]
 async fn calls_the_default_profiles_refuse_are_refused_in_containers() {
     let bench = Bench::start("hostcalls", 1, hostile_pool()).await;
     let image = busybox(&bench).await;

@@ -6,14 +6,19 @@
 //! hosts, hostname, resolv.conf); runc's state lives in `<state dir>/runc`, and the cgroup at
 //! `<owner cgroup>/<container id>` (`cgroups.rs`), where the OOM killer's count is read once
 //! the container ends.
-//! The task's containers share the network namespace at `<task dir>/netns` (`network.rs`).
+//! The task's containers share its user and network namespaces (`sandbox.rs`): root in a
+//! container is the task's unprivileged id slot on the device, and its files are shifted
+//! into that slot as they are unpacked.
 
 pub mod cgroups;
+pub mod ids;
 pub mod network;
 pub mod rootfs;
+pub mod sandbox;
 mod seccomp;
 pub mod spec;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -28,7 +33,8 @@ use crate::tasks::runtime::{
     Ceiling, Exit, Launch, Output, Runtime, StartError, Workload, cpu_at_exit,
 };
 use cgroups::OwnerCgroup;
-use network::{Networks, TaskNetwork};
+use rootfs::Owners;
+use sandbox::{Sandboxes, TaskSandbox};
 use spec::{Bind, SpecInput};
 
 /// The container runners the agent looks for, in order of preference.
@@ -45,7 +51,7 @@ pub struct OciRuntime {
     ceiling: Ceiling,
     /// The widest network the owner allows; a pool may narrow it.
     owner_network: NetworkMode,
-    networks: Networks,
+    sandboxes: Sandboxes,
     /// The parent of every container's cgroup, capped at the offer.
     cgroup: OwnerCgroup,
 }
@@ -103,6 +109,12 @@ impl OciRuntime {
         ceiling: Ceiling,
         owner_network: NetworkMode,
     ) -> Result<OciRuntime, String> {
+        let slots = ids::Slots::of_this_device()?;
+        // Root in a container is an unprivileged host uid, which runc's setup inside the user
+        // namespace runs as: it must be able to pass through the state dir to the task's
+        // bundle (0711: no listing; the files in it are 0600 and root's).
+        traversable(state_dir)
+            .map_err(|e| format!("opening {} to containers' root: {e}", state_dir.display()))?;
         let runtime = OciRuntime {
             runner: Runner {
                 bin: usable_runner()?,
@@ -111,7 +123,7 @@ impl OciRuntime {
             images,
             ceiling,
             owner_network,
-            networks: Networks::default(),
+            sandboxes: Sandboxes::new(slots),
             cgroup: OwnerCgroup::create(state_dir, ceiling)?,
         };
         runtime.reap_stale();
@@ -130,15 +142,42 @@ impl OciRuntime {
         }
     }
 
-    /// The task's network (made by its first container), or `None` in `host` mode.
-    fn network(&self, launch: &Launch) -> Result<Option<Arc<TaskNetwork>>, StartError> {
+    /// The task's namespaces (made by its first container), with the task's directory opened
+    /// to the container's root: owned by it, below a tasks directory it may pass through.
+    fn sandbox(&self, launch: &Launch) -> Result<Arc<TaskSandbox>, StartError> {
+        let create = |message: String| StartError {
+            reason: "CreateContainerError",
+            message,
+        };
         let mode = network::effective(launch.pool_network, self.owner_network);
-        self.networks
-            .for_task(&launch.task_id, &launch.task_dir.join("netns"), mode)
-            .map_err(|message| StartError {
-                reason: "CreateContainerError",
-                message,
+        let sandbox = self
+            .sandboxes
+            .for_task(&launch.task_id, &launch.task_dir, mode)
+            .map_err(create)?;
+        let (uid, gid) = sandbox.ids();
+        let dir = &launch.task_dir;
+        let opened = dir
+            .parent()
+            .map_or(Ok(()), traversable)
+            .and_then(|()| {
+                rustix::fs::chown(
+                    dir,
+                    Some(rustix::fs::Uid::from_raw(uid)),
+                    Some(rustix::fs::Gid::from_raw(gid)),
+                )
+                .map_err(std::io::Error::from)
             })
+            .and_then(|()| match traversable(&dir.join("volumes")) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            });
+        opened.map_err(|e| {
+            create(format!(
+                "opening {} to the container's root: {e}",
+                dir.display()
+            ))
+        })?;
+        Ok(sandbox)
     }
 
     /// Lays out the bundle: rootfs from the image's layers, the files the agent provides,
@@ -148,7 +187,7 @@ impl OciRuntime {
         launch: &Launch,
         bundle: &Path,
         id: &str,
-        network: Option<&TaskNetwork>,
+        sandbox: &TaskSandbox,
     ) -> Result<(), StartError> {
         let create = |message: String| StartError {
             reason: "CreateContainerError",
@@ -176,14 +215,26 @@ impl OciRuntime {
             _ => {}
         }
         let rootfs = bundle.join("rootfs");
+        let (uid, gid) = sandbox.ids();
         std::fs::create_dir_all(&rootfs)
+            .and_then(|()| bundle.parent().map_or(Ok(()), traversable))
+            .and_then(|()| traversable(bundle))
+            .and_then(|()| {
+                rustix::fs::chown(
+                    &rootfs,
+                    Some(rustix::fs::Uid::from_raw(uid)),
+                    Some(rustix::fs::Gid::from_raw(gid)),
+                )
+                .map_err(std::io::Error::from)
+            })
             .map_err(|e| create(format!("creating {}: {e}", rootfs.display())))?;
         let layers: Vec<PathBuf> = image
             .layers
             .iter()
             .filter_map(|l| self.images.blob_path(&l.digest))
             .collect();
-        rootfs::unpack(&layers, &rootfs, true, self.images.room_left())
+        let owners = Owners::Shifted { uid, gid };
+        rootfs::unpack(&layers, &rootfs, owners, self.images.room_left())
             .map_err(|e| create(format!("unpacking image {:?}: {e}", image.reference)))?;
 
         let container = &launch.container;
@@ -232,10 +283,19 @@ impl OciRuntime {
                 read_only: mount.read_only,
             });
         }
+        match traversable(&bundle.join(STAGED)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(create(format!("opening the staged subPaths: {e}")));
+            }
+            _ => {}
+        }
         let mode = network::effective(launch.pool_network, self.owner_network);
         for (name, content) in etc_files(&launch.pod_name, mode) {
             let path = bundle.join(name);
             std::fs::write(&path, content)
+                .and_then(|()| {
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+                })
                 .map_err(|e| create(format!("writing {}: {e}", path.display())))?;
             binds.push(Bind {
                 source: path.display().to_string(),
@@ -255,7 +315,12 @@ impl OciRuntime {
             cgroups_path: self.cgroup.container(id),
             memory_limit: self.ceiling.memory_bytes(limits.limit_memory_bytes),
             cpu_limit_millicores: self.ceiling.millicores(limits.limit_millicores),
-            network_namespace: network.map(|n| n.namespace().display().to_string()),
+            user_namespace: Some(spec::UserNamespace {
+                path: sandbox.user_namespace().display().to_string(),
+                uid,
+                gid,
+            }),
+            network_namespace: sandbox.network_namespace().map(|n| n.display().to_string()),
         });
         let path = bundle.join("config.json");
         std::fs::write(&path, spec.to_string())
@@ -276,6 +341,11 @@ fn etc_files(hostname: &str, mode: NetworkMode) -> Vec<(&'static str, String)> {
         ("hostname", format!("{hostname}\n")),
         ("resolv.conf", resolv),
     ]
+}
+
+/// Lets anyone pass through `dir` (0711), without listing it.
+fn traversable(dir: &Path) -> std::io::Result<()> {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
 }
 
 /// The runner's name for a container: task id and container name, in its alphabet.
@@ -313,13 +383,13 @@ impl Runtime for OciRuntime {
             let (runtime, launch, bundle, id) =
                 (self.clone(), launch.clone(), bundle.clone(), id.clone());
             tokio::task::spawn_blocking(move || {
-                let network = runtime.network(&launch)?;
-                runtime.bundle(&launch, &bundle, &id, network.as_deref())?;
-                Ok::<_, StartError>(network)
+                let sandbox = runtime.sandbox(&launch)?;
+                runtime.bundle(&launch, &bundle, &id, &sandbox)?;
+                Ok::<_, StartError>(sandbox)
             })
             .await
         };
-        let network = prepared.map_err(|e| StartError {
+        let sandbox = prepared.map_err(|e| StartError {
             reason: "CreateContainerError",
             message: format!("preparing the bundle: {e}"),
         })??;
@@ -346,7 +416,7 @@ impl Runtime for OciRuntime {
             bundle,
             runner: self.runner.clone(),
             cpu: Duration::ZERO,
-            _network: network,
+            _sandbox: sandbox,
         }))
     }
 }
@@ -361,8 +431,8 @@ struct Container {
     /// Its cgroupsPath.
     cgroup: String,
     cpu: Duration,
-    /// The task's network, held while the container runs.
-    _network: Option<Arc<TaskNetwork>>,
+    /// The task's namespaces, held while the container runs.
+    _sandbox: Arc<TaskSandbox>,
 }
 
 impl Container {

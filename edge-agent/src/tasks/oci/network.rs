@@ -1,6 +1,7 @@
-//! A task's network namespace, shared by its oci containers: `none` has loopback only;
-//! `internet` reaches public addresses through slirp4netns, behind an nftables filter that
-//! refuses the device's own addresses and every loopback, private, link-local and multicast range.
+//! What a task's network namespace (made in `sandbox.rs`) lets it reach: `none` has loopback
+//! only; `internet` reaches public addresses through slirp4netns, behind an nftables filter
+//! that refuses the device's own addresses and every loopback, private, link-local and
+//! multicast range.
 //!
 //! Why slirp4netns: the task's packets never reach a host interface. A host process makes each
 //! outbound connection on the task's behalf, so nothing is routed or NATed by the device's
@@ -9,12 +10,10 @@
 //! namespace and seccomp filter). veth plus NAT would put the task on a host bridge and lean
 //! on the host's own firewall, which a home PC's owner may change at any time.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use darkcore_proto::agent::v1::Network;
@@ -116,6 +115,13 @@ pub fn egress_filter(own: &[IpAddr]) -> String {
     )
 }
 
+/// The filter for a task on this device, whose addresses are read from /proc now.
+pub(super) fn filter_for_this_device() -> String {
+    let fib = std::fs::read_to_string("/proc/net/fib_trie").unwrap_or_default();
+    let inet6 = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+    egress_filter(&own_addresses(&fib, &inet6))
+}
+
 /// Whether `address` lies in one of the ranges `internet` mode refuses.
 fn blocked(address: IpAddr) -> bool {
     let within = |range: &str| {
@@ -164,82 +170,24 @@ pub fn own_addresses(fib_trie: &str, if_inet6: &str) -> Vec<IpAddr> {
     addresses
 }
 
-/// A task's network namespace, bind-mounted on a file in its task directory so that every
-/// container of the task joins it, with slirp4netns serving it in `internet` mode. Dropped
-/// when the task's last container ends: slirp4netns is stopped and the namespace released.
-pub struct TaskNetwork {
-    namespace: PathBuf,
-    slirp: Option<Slirp>,
-}
-
 /// A running slirp4netns. It exits by itself once the agent's end of its stdin closes (its
 /// `--exit-fd`), so it never outlives the agent, even one killed with SIGKILL.
-struct Slirp {
+pub(super) struct Slirp {
     child: Child,
     exit: Option<ChildStdin>,
 }
 
-impl TaskNetwork {
-    /// Makes the namespace at `namespace` (a file path) and sets it up for `mode`, which is
-    /// `none` or `internet`.
-    fn create(namespace: &Path, mode: NetworkMode) -> Result<TaskNetwork, String> {
-        std::fs::File::create(namespace)
-            .map_err(|e| format!("creating {}: {e}", namespace.display()))?;
-        // From here on, a failure drops `network`, which releases what was made.
-        let mut network = TaskNetwork {
-            namespace: namespace.to_path_buf(),
-            slirp: None,
-        };
-        run(
-            Command::new("unshare")
-                .arg(format!("--net={}", namespace.display()))
-                .arg("true"),
-            None,
-            "unshare (util-linux)",
-        )?;
-        network.inside(&["ip", "link", "set", "lo", "up"], None, "ip (iproute2)")?;
-        if mode == NetworkMode::Internet {
-            let fib = std::fs::read_to_string("/proc/net/fib_trie").unwrap_or_default();
-            let inet6 = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
-            let rules = egress_filter(&own_addresses(&fib, &inet6));
-            network.inside(&["nft", "-f", "-"], Some(&rules), "nft (nftables)")?;
-            network.slirp = Some(Slirp::start(namespace)?);
-        }
-        Ok(network)
-    }
-
-    /// The namespace file, as the runtime spec names it.
-    pub fn namespace(&self) -> &Path {
-        &self.namespace
-    }
-
-    /// Runs `argv` inside the namespace (through util-linux's nsenter).
-    fn inside(&self, argv: &[&str], input: Option<&str>, tool: &str) -> Result<(), String> {
-        run(
-            Command::new("nsenter")
-                .arg(format!("--net={}", self.namespace.display()))
-                .args(argv),
-            input,
-            tool,
-        )
-    }
-}
-
-impl Drop for TaskNetwork {
+impl Drop for Slirp {
     fn drop(&mut self) {
-        if let Some(mut slirp) = self.slirp.take() {
-            slirp.exit.take();
-            let _ = slirp.child.kill();
-            let _ = slirp.child.wait();
-        }
-        let _ = rustix::mount::unmount(&self.namespace, rustix::mount::UnmountFlags::DETACH);
-        let _ = std::fs::remove_file(&self.namespace);
+        self.exit.take();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
 impl Slirp {
     /// Starts slirp4netns for the namespace and waits until the task's interface is up.
-    fn start(namespace: &Path) -> Result<Slirp, String> {
+    pub(super) fn start(namespace: &Path) -> Result<Slirp, String> {
         let mut child = Command::new("slirp4netns")
             .args([
                 "--configure",
@@ -287,7 +235,7 @@ impl Slirp {
                 None => {}
             }
         });
-        let mut slirp = Slirp { child, exit };
+        let slirp = Slirp { child, exit };
         match ready.recv_timeout(READY_WITHIN) {
             Ok(Ok(())) => Ok(slirp),
             Ok(Err(said)) => Err(format!(
@@ -295,8 +243,7 @@ impl Slirp {
                 said.trim()
             )),
             Err(_) => {
-                let _ = slirp.child.kill();
-                let _ = slirp.child.wait();
+                drop(slirp);
                 Err(format!(
                     "slirp4netns did not set up the task's network within {}s",
                     READY_WITHIN.as_secs()
@@ -307,7 +254,7 @@ impl Slirp {
 }
 
 /// Runs a setup command to its end; an error names the tool and what it said.
-fn run(command: &mut Command, input: Option<&str>, tool: &str) -> Result<(), String> {
+pub(super) fn run(command: &mut Command, input: Option<&str>, tool: &str) -> Result<(), String> {
     let program = command.get_program().to_string_lossy().into_owned();
     let mut child = command
         .stdin(if input.is_some() {
@@ -342,43 +289,13 @@ fn run(command: &mut Command, input: Option<&str>, tool: &str) -> Result<(), Str
 }
 
 /// A spawn error, naming the Debian package to install when the program is missing.
-fn missing_or(program: &str, package: &str, error: std::io::Error) -> String {
+pub(super) fn missing_or(program: &str, package: &str, error: std::io::Error) -> String {
     if error.kind() == std::io::ErrorKind::NotFound {
         format!(
             "{program} is not installed: install it (Debian: apt install {package}) to give containers a network of their own"
         )
     } else {
         format!("starting {program}: {error}")
-    }
-}
-
-/// The live networks of this agent's tasks, by task id: a task's containers share one, and it
-/// goes when the last of them ends.
-#[derive(Clone, Default)]
-pub struct Networks(Arc<Mutex<HashMap<String, Weak<TaskNetwork>>>>);
-
-impl Networks {
-    /// The network of task `task_id` in `mode`, made at `namespace` if no container of the
-    /// task holds one now; `None` in `host` mode. Blocks while it sets one up.
-    pub fn for_task(
-        &self,
-        task_id: &str,
-        namespace: &Path,
-        mode: NetworkMode,
-    ) -> Result<Option<Arc<TaskNetwork>>, String> {
-        if mode == NetworkMode::Host {
-            return Ok(None);
-        }
-        let mut live = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        live.retain(|_, network| network.strong_count() > 0);
-        if let Some(network) = live.get(task_id).and_then(Weak::upgrade) {
-            return Ok(Some(network));
-        }
-        // A namespace left at this path by an earlier network of the task is released first.
-        let _ = rustix::mount::unmount(namespace, rustix::mount::UnmountFlags::DETACH);
-        let network = Arc::new(TaskNetwork::create(namespace, mode)?);
-        live.insert(task_id.to_string(), Arc::downgrade(&network));
-        Ok(Some(network))
     }
 }
 

@@ -65,13 +65,43 @@ fn chain(error: &io::Error) -> String {
 /// empty files is bounded too.
 const ENTRY_COST: u64 = 512;
 
+/// Whose the unpacked files are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Owners {
+    /// The agent's, whatever the layers say.
+    Agent,
+    /// The ids the layers give, shifted into a user namespace's range: id n becomes
+    /// `uid + n` (`gid + n`); an id past the namespace's 65536 becomes its nobody (65534).
+    Shifted { uid: u32, gid: u32 },
+}
+
+/// How many ids a container's user namespace maps.
+pub const NAMESPACE_IDS: u32 = 65536;
+
+impl Owners {
+    /// The host ids of a file the layer gives `(uid, gid)`, or `None` to leave it as made.
+    fn of(self, uid: u64, gid: u64) -> Option<(u32, u32)> {
+        let shift = |base: u32, n: u64| {
+            let n = u32::try_from(n)
+                .ok()
+                .filter(|n| *n < NAMESPACE_IDS)
+                .unwrap_or(65534);
+            base + n
+        };
+        match self {
+            Owners::Agent => None,
+            Owners::Shifted { uid: u, gid: g } => Some((shift(u, uid), shift(g, gid))),
+        }
+    }
+}
+
 /// Applies `layers` (blob files, lowest first) onto the empty directory `rootfs`.
-/// `owners`: keep the uid and gid the layers give their files (the agent runs as root).
+/// `owners`: whose the files become (the agent runs as root, so it can give any).
 /// `limit`: the bytes the unpacked layers may take (file data, and `ENTRY_COST` an entry).
 pub fn unpack(
     layers: &[PathBuf],
     rootfs: &Path,
-    owners: bool,
+    owners: Owners,
     limit: u64,
 ) -> Result<(), UnpackError> {
     let root = Root::open(rootfs).map_err(|source| UnpackError::Place {
@@ -144,7 +174,7 @@ pub fn read_file(layer: &Path, wanted: &str) -> Result<Option<Vec<u8>>, UnpackEr
 struct Layer<'a> {
     root: &'a Root,
     name: &'a str,
-    owners: bool,
+    owners: Owners,
     /// What is left of `limit` for all the layers.
     room: &'a Cell<u64>,
     limit: u64,
@@ -219,12 +249,12 @@ impl Layer<'_> {
         let header = entry.header();
         let kind = header.entry_type();
         let mode = header.mode().map_err(|e| self.io(e))? & 0o7777;
-        let owner = if self.owners {
-            let uid = header.uid().map_err(|e| self.io(e))?;
-            let gid = header.gid().map_err(|e| self.io(e))?;
-            Some((uid, gid))
-        } else {
-            None
+        let owner = match self.owners {
+            Owners::Agent => None,
+            shifted => shifted.of(
+                header.uid().map_err(|e| self.io(e))?,
+                header.gid().map_err(|e| self.io(e))?,
+            ),
         };
         let mtime = header.mtime().unwrap_or(0);
         let path = in_root(at);
@@ -324,19 +354,11 @@ impl Layer<'_> {
     fn own_and_mode(
         &self,
         fd: impl AsFd,
-        owner: Option<(u64, u64)>,
+        owner: Option<(u32, u32)>,
         mode: Option<u32>,
     ) -> Result<(), UnpackError> {
         if let Some((uid, gid)) = owner {
-            let id = |n: u64| {
-                u32::try_from(n)
-                    .ok()
-                    .filter(|n| *n != u32::MAX)
-                    .ok_or_else(|| {
-                        self.io(io::Error::other(format!("owner id {n} is out of range")))
-                    })
-            };
-            let (uid, gid) = (Uid::from_raw(id(uid)?), Gid::from_raw(id(gid)?));
+            let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
             rustix::fs::chownat(&fd, "", Some(uid), Some(gid), AtFlags::EMPTY_PATH)
                 .map_err(|e| self.io(e.into()))?;
         }
@@ -540,7 +562,7 @@ mod tests {
                 hardlink("etc/same", "/etc/keep"),
             ],
         );
-        unpack(&[lower, upper], &rootfs, false, u64::MAX).unwrap();
+        unpack(&[lower, upper], &rootfs, Owners::Agent, u64::MAX).unwrap();
         let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap();
         assert_eq!(read("etc/keep"), "1");
         assert!(!rootfs.join("etc/gone").exists());
@@ -588,12 +610,12 @@ mod tests {
             flate2::write::GzEncoder::new(File::create(&gz).unwrap(), flate2::Compression::fast());
         io::copy(&mut File::open(&plain).unwrap(), &mut encoder).unwrap();
         encoder.finish().unwrap();
-        unpack(&[gz], &rootfs, false, u64::MAX).unwrap();
+        unpack(&[gz], &rootfs, Owners::Agent, u64::MAX).unwrap();
         assert_eq!(std::fs::read_to_string(rootfs.join("hello")).unwrap(), "hi");
 
         let zstd = dir.join("zstd");
         std::fs::write(&zstd, [0x28, 0xb5, 0x2f, 0xfd, 0, 0]).unwrap();
-        let error = unpack(&[zstd], &rootfs, false, u64::MAX).unwrap_err();
+        let error = unpack(&[zstd], &rootfs, Owners::Agent, u64::MAX).unwrap_err();
         assert!(error.to_string().contains("gzip"), "{error}");
     }
 
@@ -626,7 +648,7 @@ mod tests {
                 file("mid/link/.wh..wh..opq", ""),
             ],
         );
-        unpack(&[links, whiteouts], &rootfs, false, u64::MAX).unwrap();
+        unpack(&[links, whiteouts], &rootfs, Owners::Agent, u64::MAX).unwrap();
         untouched(&outside);
     }
 
@@ -657,7 +679,7 @@ mod tests {
                 hardlink("hard", &precious),
             ],
         );
-        unpack(&[first, second], &rootfs, false, u64::MAX).unwrap();
+        unpack(&[first, second], &rootfs, Owners::Agent, u64::MAX).unwrap();
         untouched(&outside);
         // Every way out was a way to the same place inside.
         let inside = rootfs.join(&in_root);
@@ -680,7 +702,7 @@ mod tests {
         );
         // Through a link to nowhere inside, the layer fails.
         let dangling = layer(&dir, "dangling", &[file("dangling/x", "z")]);
-        let error = unpack(&[dangling], &rootfs, false, u64::MAX).unwrap_err();
+        let error = unpack(&[dangling], &rootfs, Owners::Agent, u64::MAX).unwrap_err();
         assert!(error.to_string().contains("dangling"), "{error}");
         assert!(!Path::new("/no/such/dir").exists());
     }
@@ -699,7 +721,8 @@ mod tests {
             std::fs::metadata(&gz).unwrap().len() < 4096,
             "compresses well"
         );
-        let error = unpack(std::slice::from_ref(&gz), &rootfs, false, 64 << 10).unwrap_err();
+        let error =
+            unpack(std::slice::from_ref(&gz), &rootfs, Owners::Agent, 64 << 10).unwrap_err();
         assert!(
             matches!(error, UnpackError::TooLarge { limit, .. } if limit == 64 << 10),
             "{error}"
@@ -714,28 +737,71 @@ mod tests {
         let many = layer(&dir, "many", &entries);
         let fresh = dir.join("fresh");
         std::fs::create_dir_all(&fresh).unwrap();
-        let error =
-            unpack(std::slice::from_ref(&many), &fresh, false, 100 * ENTRY_COST).unwrap_err();
+        let error = unpack(
+            std::slice::from_ref(&many),
+            &fresh,
+            Owners::Agent,
+            100 * ENTRY_COST,
+        )
+        .unwrap_err();
         assert!(matches!(error, UnpackError::TooLarge { .. }), "{error}");
         let roomy = dir.join("roomy");
         std::fs::create_dir_all(&roomy).unwrap();
         unpack(
             &[many, gz],
             &roomy,
-            false,
+            Owners::Agent,
             200 * ENTRY_COST + ENTRY_COST + (1 << 20),
         )
         .unwrap();
     }
 
     #[test]
+    fn owners_are_shifted_into_the_namespaces_range() {
+        use std::os::unix::fs::MetadataExt;
+        let (dir, rootfs, _) = scratch("shift");
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, uid, gid) in [
+            ("root-file", 0, 0),
+            ("app-file", 1000, 50),
+            ("far", 70000, 0),
+        ] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(1);
+            header.set_mode(0o644);
+            header.set_uid(uid);
+            header.set_gid(gid);
+            header.set_entry_type(tar::EntryType::Regular);
+            builder.append_data(&mut header, name, &b"x"[..]).unwrap();
+        }
+        let path = dir.join("owned");
+        std::fs::write(&path, builder.into_inner().unwrap()).unwrap();
+        let shifted = Owners::Shifted {
+            uid: 200_000,
+            gid: 300_000,
+        };
+        unpack(&[path], &rootfs, shifted, u64::MAX).unwrap();
+        let ids = |name: &str| {
+            let meta = std::fs::metadata(rootfs.join(name)).unwrap();
+            (meta.uid(), meta.gid())
+        };
+        assert_eq!(
+            ids("root-file"),
+            (200_000, 300_000),
+            "root in the container"
+        );
+        assert_eq!(ids("app-file"), (201_000, 300_050));
+        assert_eq!(ids("far"), (265_534, 300_000), "past the range: nobody");
+    }
+
+    #[test]
     fn parent_directory_names_are_refused() {
         let (dir, rootfs, outside) = scratch("dotdot");
         let bad = layer(&dir, "bad", &[file("../outside/precious", "x")]);
-        let error = unpack(&[bad], &rootfs, false, u64::MAX).unwrap_err();
+        let error = unpack(&[bad], &rootfs, Owners::Agent, u64::MAX).unwrap_err();
         assert!(matches!(error, UnpackError::Escapes { .. }), "{error}");
         let bad_link = layer(&dir, "bad-link", &[hardlink("h", "../outside/precious")]);
-        let error = unpack(&[bad_link], &rootfs, false, u64::MAX).unwrap_err();
+        let error = unpack(&[bad_link], &rootfs, Owners::Agent, u64::MAX).unwrap_err();
         assert!(matches!(error, UnpackError::Escapes { .. }), "{error}");
         untouched(&outside);
     }
@@ -818,7 +884,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, entries)| layer(&dir, &format!("layer{i}"), entries))
                 .collect();
-            let _ = unpack(&blobs, &rootfs, false, u64::MAX);
+            let _ = unpack(&blobs, &rootfs, Owners::Agent, u64::MAX);
             untouched(&outside);
             let mut beside: Vec<String> = std::fs::read_dir(&dir)
                 .unwrap()

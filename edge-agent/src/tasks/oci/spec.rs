@@ -187,8 +187,18 @@ pub struct SpecInput<'a> {
     /// 0: no limit.
     pub memory_limit: u64,
     pub cpu_limit_millicores: u32,
+    /// The task's user namespace; `None`: the host's (root is root).
+    pub user_namespace: Option<UserNamespace>,
     /// The task's network namespace (a bind-mounted nsfs file); `None`: the host's.
     pub network_namespace: Option<String>,
+}
+
+/// A user namespace the container joins (a bind-mounted nsfs file), which maps its ids 0..65536
+/// to the host's `uid..` and `gid..`; runc wants the mappings said again.
+pub struct UserNamespace {
+    pub path: String,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// The runtime spec, as runc and crun read it.
@@ -240,7 +250,21 @@ pub fn runtime_spec(input: &SpecInput<'_>) -> Value {
     if let Some(path) = &input.network_namespace {
         namespaces.push(json!({ "type": "network", "path": path }));
     }
-    json!({
+    let ids = |base: u32| json!([{ "containerID": 0, "hostID": base, "size": super::rootfs::NAMESPACE_IDS }]);
+    if let Some(user) = &input.user_namespace {
+        namespaces.push(json!({ "type": "user", "path": user.path }));
+        // sysfs mounts only in a network namespace the user namespace owns: with the host's
+        // network (`host` mode), the host's /sys is bound read-only instead, as Podman does.
+        if input.network_namespace.is_none() {
+            let sys = mounts
+                .iter_mut()
+                .find(|m| m["destination"] == "/sys")
+                .expect("the spec mounts /sys");
+            *sys = json!({ "destination": "/sys", "type": "bind", "source": "/sys",
+                           "options": ["rbind", "nosuid", "noexec", "nodev", "ro"] });
+        }
+    }
+    let mut spec = json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": false,
@@ -274,7 +298,12 @@ pub fn runtime_spec(input: &SpecInput<'_>) -> Value {
                 "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
             ],
         },
-    })
+    });
+    if let Some(user) = &input.user_namespace {
+        spec["linux"]["uidMappings"] = ids(user.uid);
+        spec["linux"]["gidMappings"] = ids(user.gid);
+    }
+    spec
 }
 
 #[cfg(test)]
@@ -372,6 +401,43 @@ mod tests {
     }
 
     #[test]
+    fn with_the_hosts_network_a_user_namespace_binds_sys_read_only() {
+        let spec = runtime_spec(&SpecInput {
+            argv: strings(&["/bin/true"]),
+            env: Vec::new(),
+            cwd: "/".into(),
+            user: User {
+                uid: 0,
+                gid: 0,
+                home: "/".into(),
+            },
+            hostname: "pod",
+            read_only_rootfs: false,
+            binds: Vec::new(),
+            cgroups_path: "/darkcore/k/t".into(),
+            memory_limit: 0,
+            cpu_limit_millicores: 0,
+            user_namespace: Some(UserNamespace {
+                path: "/state/tasks/t/userns".into(),
+                uid: 1 << 31,
+                gid: 1 << 31,
+            }),
+            network_namespace: None,
+        });
+        let sys = spec["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/sys")
+            .unwrap();
+        assert_eq!(
+            sys["type"], "bind",
+            "sysfs needs a network namespace of the user's"
+        );
+        assert!(sys["options"].as_array().unwrap().contains(&json!("ro")));
+    }
+
+    #[test]
     fn the_spec_sandboxes_and_limits() {
         let spec = runtime_spec(&SpecInput {
             argv: strings(&["/bin/true"]),
@@ -392,6 +458,11 @@ mod tests {
             cgroups_path: "/darkcore/t".into(),
             memory_limit: 64 << 20,
             cpu_limit_millicores: 500,
+            user_namespace: Some(UserNamespace {
+                path: "/state/tasks/t/userns".into(),
+                uid: 1 << 31,
+                gid: 1 << 31,
+            }),
             network_namespace: Some("/state/tasks/t/netns".into()),
         });
         let namespaces: Vec<&str> = spec["linux"]["namespaces"]
@@ -400,7 +471,16 @@ mod tests {
             .iter()
             .map(|n| n["type"].as_str().unwrap())
             .collect();
-        assert_eq!(namespaces, ["pid", "mount", "ipc", "uts", "network"]);
+        assert_eq!(
+            namespaces,
+            ["pid", "mount", "ipc", "uts", "network", "user"]
+        );
+        assert_eq!(
+            spec["linux"]["uidMappings"],
+            json!([{ "containerID": 0, "hostID": 1u32 << 31, "size": 65536 }]),
+            "root in the container is the task's slot on the host"
+        );
+        assert_eq!(spec["linux"]["gidMappings"][0]["hostID"], 1u32 << 31);
         assert_eq!(
             spec["linux"]["namespaces"][4]["path"], "/state/tasks/t/netns",
             "the task's, shared by its containers"
