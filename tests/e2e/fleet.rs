@@ -35,6 +35,27 @@ pub struct Agent {
     child: Option<Child>,
 }
 
+impl Drop for Agent {
+    /// A test's agent ends with the test: killed, with what it left (containers, mounts, its
+    /// cgroup) cleared, so no container of one test burns CPU beside the next.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            if let Some(pid) = child.id() {
+                let proc = PathBuf::from(format!("/proc/{pid}"));
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                // A zombie has no cmdline: gone enough.
+                while std::fs::read(proc.join("cmdline")).is_ok_and(|c| !c.is_empty())
+                    && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        darkcore_agent::tasks::oci::clear_left_by(&self.state_dir);
+    }
+}
+
 /// The result of `darkcore-agent join`: success, or the words it failed with.
 pub struct JoinOutcome {
     pub ok: bool,

@@ -679,6 +679,78 @@ async fn root_in_a_container_is_an_unprivileged_uid_on_the_device() {
 }
 
 #[tokio::test]
+async fn a_fork_bomb_is_held_by_the_owners_limits_and_ends_with_its_pod() {
+    let (bench, image) = small_offer("hostbomb").await;
+    let bomb = serde_json::json!({
+        "image": image,
+        "command": ["sh", "-c", "echo lit; b() { b | b & }; b; sleep 600"],
+    });
+    let pod = bench
+        .create(bench.pod_in("darkcore-oci", "bomb", bomb, "Never"))
+        .await;
+    bench
+        .logs_show("bomb", "lit", Duration::from_secs(120))
+        .await;
+    // The bomb runs into the owner-wide pids or memory limit, and the device takes no harm:
+    // this machine still starts processes, and the agent still reports.
+    let all = cgroup_of(&bench.agents[0], None);
+    // The container's own limits equal the offer, so they are the ones it meets.
+    let its = cgroup_of(&bench.agents[0], Some(&pod));
+    poll_until(
+        "the bomb meets a limit",
+        Duration::from_secs(60),
+        || async {
+            let events = |file: &str| {
+                let tail = its.trim_start_matches('/');
+                ["pids", ""]
+                    .iter()
+                    .filter_map(|c| {
+                        std::fs::read_to_string(format!("/sys/fs/cgroup/{c}/{tail}/{file}")).ok()
+                    })
+                    .find_map(|t| {
+                        t.lines()
+                            .find_map(|l| l.strip_prefix("max ")?.trim().parse::<u64>().ok())
+                    })
+                    .unwrap_or(0)
+            };
+            use darkcore_agent::tasks::oci::cgroups::oom_kills;
+            let (refused_forks, oom) = (events("pids.events"), oom_kills(&its));
+            if refused_forks > 0 || oom > 0 {
+                eprintln!(
+                    "the bomb met its limits: {refused_forks} forks refused, {oom} OOM kills"
+                );
+                Ok(())
+            } else {
+                Err(format!("{refused_forks} forks refused, {oom} OOM kills"))
+            }
+        },
+    )
+    .await;
+    assert!(
+        std::process::Command::new("true")
+            .status()
+            .unwrap()
+            .success(),
+        "this machine still forks"
+    );
+    assert!(bench.agents[0].status().contains("(connected)"));
+    bench.delete_and_time("bomb").await;
+    poll_until(
+        "nothing of the bomb is left",
+        Duration::from_secs(30),
+        || async {
+            use darkcore_agent::tasks::oci::cgroups::pids_in;
+            match pids_in(&all) {
+                0 => Ok(()),
+                n => Err(format!("{n} processes")),
+            }
+        },
+    )
+    .await;
+    bench.finish().await;
+}
+
+#[tokio::test]
 async fn calls_the_default_profiles_refuse_are_refused_in_containers() {
     let bench = Bench::start("hostcalls", 1, hostile_pool()).await;
     let image = busybox(&bench).await;

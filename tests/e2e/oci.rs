@@ -136,7 +136,15 @@ async fn a_container_cannot_reach_the_devices_files() {
     let secret = home.join("owner-secret.txt");
     std::fs::write(&secret, "the owner's").unwrap();
     let planted = home.join("planted.txt");
-    let script = "cat $SECRET && echo READ-SECRET; cat $STATE/device.key && echo READ-KEY; \
+    // device.key by every way in we could think of: its path, through /proc's views of roots
+    // and working directories, through a symlink and a hardlink made in a volume, and by name
+    // anywhere in what the container sees.
+    let script = "cat $SECRET && echo READ-SECRET; \
+                  ln -s $STATE/device.key /data/link; ln $STATE/device.key /data/hard; \
+                  for key in $STATE/device.key /proc/1/root$STATE/device.key \
+                    /proc/self/root$STATE/device.key /proc/1/cwd$STATE/device.key \
+                    /data/link /data/hard; do cat $key && echo READ-KEY $key; done; \
+                  find / -xdev -name device.key 2>/dev/null | grep . && echo FOUND-KEY; \
                   ls $STATE && echo SAW-STATE; echo x > $PLANT && echo PLANTED; \
                   echo ok > /data/inside && echo VOLUME-OK";
     let probe = oci_pod(
@@ -163,6 +171,7 @@ async fn a_container_cannot_reach_the_devices_files() {
     for leak in [
         "READ-SECRET",
         "READ-KEY",
+        "FOUND-KEY",
         "SAW-STATE",
         "PLANTED",
         "the owner's",

@@ -155,6 +155,18 @@ impl OwnerCgroup {
     }
 }
 
+/// Removes an empty cgroup from v2 and from every v1 hierarchy (runc makes its path in all of
+/// them); what is not there or not empty stays.
+pub fn remove(cgroup: &str) {
+    let cgroup = cgroup.trim_start_matches('/');
+    let root = Path::new(CGROUP_ROOT);
+    let hierarchies = std::fs::read_dir(root).into_iter().flatten().flatten();
+    for dir in std::iter::once(root.join(cgroup)).chain(hierarchies.map(|h| h.path().join(cgroup)))
+    {
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
 /// The CPU time of everything in a cgroup (`cgroupsPath` as runc names it), orphans included:
 /// cgroup v2's cpu.stat, or v1's cpuacct.
 pub fn cpu_used(cgroup: &str) -> Option<Duration> {
@@ -183,6 +195,19 @@ pub fn memory_used(cgroup: &str) -> Option<u64> {
     ]
     .iter()
     .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
+}
+
+/// How many processes a cgroup and those below it hold now (pids.current, v1 or v2).
+pub fn pids_in(cgroup: &str) -> u64 {
+    let cgroup = cgroup.trim_start_matches('/');
+    let root = Path::new(CGROUP_ROOT);
+    [
+        root.join(cgroup).join("pids.current"),
+        root.join("pids").join(cgroup).join("pids.current"),
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
+    .unwrap_or(0)
 }
 
 /// How many processes the kernel's OOM killer took from a cgroup.

@@ -87,7 +87,34 @@ struct Runner {
     root: PathBuf,
 }
 
+/// Deletes what an agent of `state_dir` that was killed left behind: its containers (killing
+/// what still runs), the mounts under its state dir, and its parent cgroup. An agent does this
+/// itself at its next start; tests call it for agents that will not start again.
+pub fn clear_left_by(state_dir: &Path) {
+    if let Ok(bin) = usable_runner() {
+        Runner {
+            bin,
+            root: state_dir.join("runc"),
+        }
+        .delete_all();
+    }
+    mounts::unmount_under(state_dir);
+    cgroups::remove(&cgroups::owner_cgroup_path(state_dir));
+}
+
 impl Runner {
+    /// Deletes every container under this runner's root, killing what still runs.
+    fn delete_all(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for id in entries.flatten().map(|e| e.file_name()) {
+            let id = id.to_string_lossy();
+            tracing::info!(container = %id, "deleting a container left by an earlier agent");
+            let _ = self.command(&["delete", "--force", &id]).status();
+        }
+    }
+
     /// `<runner> --root <root> <args>`, its output discarded unless the caller says otherwise.
     fn command(&self, args: &[&str]) -> std::process::Command {
         let mut command = std::process::Command::new(&self.bin);
@@ -132,14 +159,7 @@ impl OciRuntime {
 
     /// Deletes the containers an earlier run of the agent left (killing what still runs).
     fn reap_stale(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.runner.root) else {
-            return;
-        };
-        for id in entries.flatten().map(|e| e.file_name()) {
-            let id = id.to_string_lossy();
-            tracing::info!(container = %id, "deleting a container left by an earlier agent");
-            let _ = self.runner.command(&["delete", "--force", &id]).status();
-        }
+        self.runner.delete_all();
     }
 
     /// The task's namespaces (made by its first container), with the task's directory opened
