@@ -6,8 +6,9 @@ source "$ROOT/tests/cluster/versions.env"
 export PATH="$PATH:$HOME/.cache/darkcore/k8s-$K8S_VERSION:$HOME/.cache/darkcore/helm-$HELM_VERSION"
 KWOK_BIN="$HOME/.cache/darkcore/kwok-$KWOK_VERSION/kwok"
 BIN="$CARGO_TARGET_DIR/release"
-# The agent as the Debian package ships it (Cargo.toml's agent-release profile).
-AGENT="$CARGO_TARGET_DIR/agent-release/darkcore-agent"
+# The agent as the Debian package ships it (Cargo.toml's agent-release profile), or
+# DARKCORE_BENCH_AGENT: another build of it, to compare two versions on one machine (A/B).
+AGENT="${DARKCORE_BENCH_AGENT:-$CARGO_TARGET_DIR/agent-release/darkcore-agent}"
 OUT="$ROOT/target/bench"
 NODE="darkcore-$POOL-linux-amd64"
 rm -rf "$WORK" && mkdir -p "$WORK"
@@ -24,9 +25,12 @@ trap cleanup EXIT
 
 # Builds the release binaries and brings up the cluster and the CRD.
 bench_setup() {
-  say "building release binaries"
-  cargo build --release -q -p darkcore-operator -p darkcore-e2e --bins
-  cargo build --profile agent-release -q -p darkcore-agent
+  # An A/B run (DARKCORE_BENCH_AGENT set) measures the binaries already built, as they are.
+  if [ -z "${DARKCORE_BENCH_AGENT:-}" ]; then
+    say "building release binaries"
+    cargo build --release -q -p darkcore-operator -p darkcore-e2e --bins
+    cargo build --profile agent-release -q -p darkcore-agent
+  fi
   "$ROOT/tests/cluster/up" >/dev/null
   export KUBECONFIG="${DARKCORE_CLUSTER_DIR:-$ROOT/target/cluster}/kubeconfig"
   "$BIN/darkcore-operator" crds | kubectl apply --server-side -f - >/dev/null

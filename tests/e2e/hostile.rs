@@ -444,6 +444,47 @@ async fn a_tar_bomb_stops_at_the_owners_disk_offer() {
     bench.finish().await;
 }
 
+#[tokio::test]
+async fn what_running_tasks_hold_on_disk_counts_against_the_owners_offer() {
+    let mut bench = Bench::start("hostdisk", 1, hostile_pool()).await;
+    offers(&mut bench.agents[0], &[("max_disk", "\"48Mi\"")]).await;
+    let image = busybox(&bench).await;
+    // One task fills 44Mi of its emptyDir, and holds it.
+    let fill = "dd if=/dev/zero of=/data/fill bs=1M count=44 && echo full; sleep 600";
+    let hog = serde_json::json!({
+        "image": image, "command": ["sh", "-c", fill],
+        "volumeMounts": [{ "name": "data", "mountPath": "/data" }],
+    });
+    bench
+        .create(Bench::with_empty_dir(
+            bench.pod_in("darkcore-oci", "hog", hog, "Never"),
+            "data",
+        ))
+        .await;
+    bench
+        .logs_show("hog", "full", Duration::from_secs(120))
+        .await;
+    // The next container's root (about 2Mi of busybox) no longer fits beside it.
+    let next = serde_json::json!({ "image": image, "command": ["sh", "-c", "echo ran"] });
+    bench
+        .create(bench.pod_in("darkcore-oci", "next", next, "Never"))
+        .await;
+    let ended = ends(&bench, "next").await;
+    let (reason, message) = terminated(&ended);
+    assert_eq!(reason, "CreateContainerError", "{message}");
+    assert!(message.contains("max_disk"), "{message}");
+    // With the hog gone, the same container runs.
+    bench.delete_and_time("hog").await;
+    let again = serde_json::json!({ "image": image, "command": ["sh", "-c", "echo ran"] });
+    bench
+        .create(bench.pod_in("darkcore-oci", "again", again, "Never"))
+        .await;
+    bench
+        .phase_is("again", "Succeeded", Duration::from_secs(120))
+        .await;
+    bench.finish().await;
+}
+
 /// A module that loops without ever calling the host.
 const WAT_SPIN: &str = r#"(module
   (memory (export "memory") 1)

@@ -112,6 +112,36 @@ pub fn prepare(
     Ok(dir)
 }
 
+/// What the files under `dir` take, charged as the unpacker charges a layer (data, and
+/// `ENTRY_COST` an entry), on `dir`'s own file system: the namespaces' files and anything else
+/// mounted from elsewhere are not walked. Every task's unpacked roots and volumes count
+/// against the owner's `max_disk` this way.
+pub fn disk_used(dir: &Path) -> u64 {
+    use crate::tasks::oci::rootfs::ENTRY_COST;
+    use std::os::unix::fs::MetadataExt;
+    let Ok(top) = std::fs::symlink_metadata(dir) else {
+        return 0;
+    };
+    let mut used = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        for entry in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+            // A DirEntry's metadata does not follow a symlink.
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            if meta.dev() != top.dev() {
+                continue;
+            }
+            used += ENTRY_COST + if meta.is_file() { meta.len() } else { 0 };
+            if meta.is_dir() {
+                pending.push(entry.path());
+            }
+        }
+    }
+    used
+}
+
 /// Remembers a process group a task started, so that an agent restarted after a crash can
 /// stop what its predecessor left running.
 pub fn record_process_group(dir: &Path, pgid: u32) {
@@ -172,6 +202,19 @@ pub fn remove(tasks_root: &Path, task_id: &str) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn disk_used_counts_files_and_entries_and_follows_no_link() {
+        use crate::tasks::oci::rootfs::ENTRY_COST;
+        let dir = crate::fresh_test_dir("disk-used");
+        std::fs::create_dir_all(dir.join("a/b")).unwrap();
+        std::fs::write(dir.join("a/b/data"), vec![0u8; 10_000]).unwrap();
+        std::os::unix::fs::symlink("/usr", dir.join("a/usr")).unwrap();
+        // a, a/b, a/b/data, a/usr: four entries, 10000 bytes of data; /usr is not walked.
+        assert_eq!(disk_used(&dir), 4 * ENTRY_COST + 10_000);
+        assert_eq!(disk_used(&dir.join("missing")), 0);
+    }
+
     use super::*;
     use darkcore_proto::agent::v1::{Container, VolumeFile, VolumeMount};
     use std::os::unix::fs::MetadataExt;

@@ -254,7 +254,13 @@ impl OciRuntime {
             .filter_map(|l| self.images.blob_path(&l.digest))
             .collect();
         let owners = Owners::Shifted { uid, gid };
-        rootfs::unpack(&layers, &rootfs, owners, self.images.room_left())
+        // What every task holds on disk (roots, volumes) counts against max_disk too.
+        let held = launch
+            .task_dir
+            .parent()
+            .map_or(0, crate::tasks::workdir::disk_used);
+        let room = self.images.room_left().saturating_sub(held);
+        rootfs::unpack(&layers, &rootfs, owners, room)
             .map_err(|e| create(format!("unpacking image {:?}: {e}", image.reference)))?;
 
         let container = &launch.container;

@@ -38,7 +38,8 @@ pub enum UnpackError {
     Escapes { layer: String, path: String },
     #[error(
         "layer {layer} unpacks to more than the {limit} bytes that the owner's max_disk leaves \
-         for this container's root filesystem: use a smaller image, or ask for a device with more disk"
+         for this container's root filesystem, beside the image cache and what the device's \
+         tasks hold: use a smaller image, or ask for a device with more disk"
     )]
     TooLarge { layer: String, limit: u64 },
     #[error("layer {layer}: placing {path:?} in the root filesystem: {source}")]
@@ -63,7 +64,7 @@ fn chain(error: &io::Error) -> String {
 
 /// What each entry costs beside its data: a header's worth, so that a layer of a million
 /// empty files is bounded too.
-const ENTRY_COST: u64 = 512;
+pub const ENTRY_COST: u64 = 512;
 
 /// Whose the unpacked files are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

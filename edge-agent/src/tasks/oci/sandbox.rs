@@ -175,7 +175,15 @@ impl Sandboxes {
         if let Some(sandbox) = live.get(task_id).and_then(Weak::upgrade) {
             return Ok(sandbox);
         }
+        let started = Instant::now();
         let sandbox = Arc::new(TaskSandbox::create(dir, mode, self.slots.take()?)?);
+        tracing::info!(
+            task = task_id,
+            network = ?mode,
+            uid = sandbox.slot.uid,
+            ms = started.elapsed().as_millis() as u64,
+            "made the task's namespaces"
+        );
         live.insert(task_id.to_string(), Arc::downgrade(&sandbox));
         Ok(sandbox)
     }
