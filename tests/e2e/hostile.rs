@@ -735,34 +735,19 @@ async fn a_fork_bomb_is_held_by_the_owners_limits_and_ends_with_its_pod() {
     // The bomb runs into the owner-wide pids or memory limit, and the device takes no harm:
     // this machine still starts processes, and the agent still reports.
     let all = cgroup_of(&bench.agents[0], None);
-    // The container's own limits equal the offer, so they are the ones it meets.
+    // The container's limits equal the offer's, so it meets its own or the parent's.
     let its = cgroup_of(&bench.agents[0], Some(&pod));
     poll_until(
         "the bomb meets a limit",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || async {
-            let events = |file: &str| {
-                let tail = its.trim_start_matches('/');
-                ["pids", ""]
-                    .iter()
-                    .filter_map(|c| {
-                        std::fs::read_to_string(format!("/sys/fs/cgroup/{c}/{tail}/{file}")).ok()
-                    })
-                    .find_map(|t| {
-                        t.lines()
-                            .find_map(|l| l.strip_prefix("max ")?.trim().parse::<u64>().ok())
-                    })
-                    .unwrap_or(0)
-            };
-            use darkcore_agent::tasks::oci::cgroups::oom_kills;
-            let (refused_forks, oom) = (events("pids.events"), oom_kills(&its));
-            if refused_forks > 0 || oom > 0 {
-                eprintln!(
-                    "the bomb met its limits: {refused_forks} forks refused, {oom} OOM kills"
-                );
-                Ok(())
-            } else {
-                Err(format!("{refused_forks} forks refused, {oom} OOM kills"))
+            use darkcore_agent::tasks::oci::cgroups::limit_hits;
+            match limit_hits(&its) + limit_hits(&all) {
+                0 => Err("no limit met yet".to_string()),
+                hits => {
+                    eprintln!("the bomb met its limits {hits} times");
+                    Ok(())
+                }
             }
         },
     )
@@ -776,9 +761,11 @@ async fn a_fork_bomb_is_held_by_the_owners_limits_and_ends_with_its_pod() {
     );
     assert!(bench.agents[0].status().contains("(connected)"));
     bench.delete_and_time("bomb").await;
+    // Thousands of processes exit inside the owner's CPU share: that takes a while.
+    let deleted = std::time::Instant::now();
     poll_until(
         "nothing of the bomb is left",
-        Duration::from_secs(30),
+        Duration::from_secs(180),
         || async {
             use darkcore_agent::tasks::oci::cgroups::pids_in;
             match pids_in(&all) {
@@ -788,6 +775,10 @@ async fn a_fork_bomb_is_held_by_the_owners_limits_and_ends_with_its_pod() {
         },
     )
     .await;
+    eprintln!(
+        "the bomb's last process ended {:.1} s after its pod was gone",
+        deleted.elapsed().as_secs_f64()
+    );
     bench.finish().await;
 }
 

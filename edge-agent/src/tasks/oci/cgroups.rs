@@ -210,6 +210,37 @@ pub fn pids_in(cgroup: &str) -> u64 {
     .unwrap_or(0)
 }
 
+/// Lifts a cgroup's own CPU quota (its parent's still holds), so that what is in it can exit
+/// when killed: thousands of killed processes under a small quota (a fork bomb's) were seen to
+/// make no progress at all.
+pub fn release_cpu(cgroup: &str) {
+    let cgroup = cgroup.trim_start_matches('/');
+    let root = Path::new(CGROUP_ROOT);
+    let _ = std::fs::write(root.join("cpu").join(cgroup).join("cpu.cfs_quota_us"), "-1");
+    let _ = std::fs::write(root.join(cgroup).join("cpu.max"), "max");
+}
+
+/// How often a cgroup met its pids or memory limit: forks refused, and charges that hit the
+/// memory limit (whether the kernel then reclaimed, refused or OOM-killed), v1 or v2.
+pub fn limit_hits(cgroup: &str) -> u64 {
+    let cgroup = cgroup.trim_start_matches('/');
+    let root = Path::new(CGROUP_ROOT);
+    let read = |path: PathBuf| std::fs::read_to_string(path).unwrap_or_default();
+    let max_line = |text: String| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("max ")?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let pids = max_line(read(root.join("pids").join(cgroup).join("pids.events")))
+        + max_line(read(root.join(cgroup).join("pids.events")));
+    let memory = read(root.join("memory").join(cgroup).join("memory.failcnt"))
+        .trim()
+        .parse::<u64>()
+        .unwrap_or(0)
+        + max_line(read(root.join(cgroup).join("memory.events")));
+    pids + memory
+}
+
 /// How many processes the kernel's OOM killer took from a cgroup.
 pub fn oom_kills(cgroup: &str) -> u64 {
     let cgroup = cgroup.trim_start_matches('/');

@@ -546,8 +546,12 @@ impl Workload for Container {
         self.signal("TERM");
     }
 
+    /// SIGKILL to every process in the container's cgroup (runc freezes it, signals each,
+    /// thaws it), not only its first, whose exit would have to reap them all inside the
+    /// container's CPU quota; and that quota lifted, so they can exit.
     fn kill(&mut self) {
-        self.signal("KILL");
+        cgroups::release_cpu(&self.cgroup);
+        let _ = self.command(&["kill", "--all"], &["KILL"]).spawn();
     }
 }
 
