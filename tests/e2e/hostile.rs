@@ -512,6 +512,18 @@ async fn a_busy_module_is_held_to_the_offer_and_never_holds_up_the_agent() {
     eprintln!("a spinning module on a 0.5-core offer: the agent used {cores:.3} cores");
     assert!(cores < 0.6, "held to the offer: {cores:.3} cores");
     assert!(cores > 0.05, "the module ran: {cores:.3} cores");
+    // A second one: the two split the offer, and together stay within it.
+    let container = serde_json::json!({ "image": spin });
+    bench
+        .create(bench.pod_in("darkcore-wasm", "spin-2", container, "Never"))
+        .await;
+    bench
+        .phase_is("spin-2", "Running", Duration::from_secs(120))
+        .await;
+    let cores = cores_over(Duration::from_secs(5), || process_cpu(pid)).await;
+    eprintln!("two spinning modules on a 0.5-core offer: the agent used {cores:.3} cores");
+    assert!(cores < 0.6, "held to the offer together: {cores:.3} cores");
+    bench.delete_and_time("spin-2").await;
     // The agent kept talking to the operator all along.
     let node = bench.fx.ready_node().await;
     wait_for(

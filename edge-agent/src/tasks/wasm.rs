@@ -7,7 +7,7 @@
 //! argv is the container's command and args; with no command, argv[0] is the container name.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,48 @@ pub struct WasmRuntime {
     images: Arc<ImageStore>,
     /// The owner's offer: caps each module's memory and CPU share, and is their default.
     ceiling: Ceiling,
+    /// How the offer's cores are split between the modules running now.
+    shares: Arc<Shares>,
+}
+
+/// The offer's cores, shared by every running module: each gets at most an equal part, so
+/// together they stay within the offer (modules run in the agent's process, outside the
+/// cgroup that holds containers to it).
+struct Shares {
+    /// The offer in millicores; 0: no bound.
+    offer: u32,
+    running: AtomicU32,
+}
+
+/// A module's running, counted while this lives.
+struct Running<'a>(&'a Shares);
+
+impl Shares {
+    fn enter(&self) -> Running<'_> {
+        self.running.fetch_add(1, Ordering::Relaxed);
+        Running(self)
+    }
+
+    /// The share now of a module whose own is `own`.
+    fn of(&self, own: u32) -> u32 {
+        fair_share(own, self.offer, self.running.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A module's share (pure): its own (already capped by the offer), and no more than an equal
+/// part of `offer` between the `running` modules. 0 is no bound.
+fn fair_share(own: u32, offer: u32, running: u32) -> u32 {
+    if offer == 0 {
+        return own;
+    }
+    let part = (offer / running.max(1)).max(1);
+    if own == 0 { part } else { own.min(part) }
 }
 
 struct State {
@@ -49,6 +91,10 @@ impl WasmRuntime {
             engine: OnceLock::new(),
             images,
             ceiling,
+            shares: Arc::new(Shares {
+                offer: ceiling.millicores,
+                running: AtomicU32::new(0),
+            }),
         }
     }
 
@@ -189,6 +235,7 @@ impl Runtime for WasmRuntime {
                 .collect(),
             memory: self.ceiling.memory_bytes(limits.limit_memory_bytes),
             millicores: self.ceiling.millicores(limits.limit_millicores),
+            shares: self.shares.clone(),
             killed: Arc::new(AtomicBool::new(false)),
             // The mounts' handles stay open until the module has opened its preopens.
             _mounts: launch.mounts.clone(),
@@ -228,6 +275,7 @@ struct ModuleRun {
     /// 0: no bound (an owner who offers everything).
     memory: u64,
     millicores: u32,
+    shares: Arc<Shares>,
     killed: Arc<AtomicBool>,
     _mounts: Vec<MountSource>,
 }
@@ -254,6 +302,8 @@ impl ModuleRun {
             }
         };
         let memory = self.memory;
+        let shares = self.shares.clone();
+        let _running = shares.enter();
         let cpu_at_start = thread_cpu();
         let result = runtime.block_on(async move {
             let (mut store, start) = match self.instantiate(stdout, stderr).await {
@@ -309,10 +359,12 @@ impl ModuleRun {
         store.limiter(|s| &mut s.limits);
         let killed = self.killed.clone();
         let mut throttle = Throttle::new(self.millicores);
+        let (own, shares) = (self.millicores, self.shares.clone());
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
             if !killed.load(Ordering::Relaxed) {
                 // This thread is the module's alone: waiting here slows no one else.
+                throttle.set_share(shares.of(own));
                 std::thread::sleep(throttle.pause(thread_cpu(), Instant::now()));
             }
             if killed.load(Ordering::Relaxed) {
@@ -350,6 +402,13 @@ impl Throttle {
         Throttle {
             millicores,
             since: None,
+        }
+    }
+
+    /// A new share, counted from the next tick on.
+    fn set_share(&mut self, millicores: u32) {
+        if millicores != self.millicores {
+            *self = Throttle::new(millicores);
         }
     }
 
@@ -484,5 +543,25 @@ mod tests {
         );
         let mut unbounded = Throttle::new(0);
         assert_eq!(unbounded.pause(ms(9), start + ms(1)), Duration::ZERO);
+    }
+
+    #[test]
+    fn running_modules_split_the_offer() {
+        assert_eq!(fair_share(500, 500, 1), 500, "alone: its own");
+        assert_eq!(fair_share(500, 500, 2), 250, "two: half each");
+        assert_eq!(fair_share(100, 1000, 4), 100, "its own limit is lower");
+        assert_eq!(fair_share(2000, 2000, 3), 666);
+        assert_eq!(fair_share(700, 0, 5), 700, "no offer: no bound");
+        assert_eq!(fair_share(500, 500, 0), 500);
+        let shares = Shares {
+            offer: 1000,
+            running: AtomicU32::new(0),
+        };
+        let one = shares.enter();
+        let two = shares.enter();
+        assert_eq!(shares.of(1000), 500);
+        drop(two);
+        assert_eq!(shares.of(1000), 1000);
+        drop(one);
     }
 }
