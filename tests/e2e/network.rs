@@ -341,6 +341,18 @@ async fn a_task_reaches_the_internet_but_nothing_of_the_devices_own_networks() {
         Some(&"REACHED")
     );
     assert_eq!(found.get(&key(LAN_PRIVATE, LAN_PORT)), Some(&"REACHED"));
+    // The tasks' slirp4netns left the device's named network namespaces (`ip netns`, whose
+    // /run/netns is a shared mount) as they were.
+    let named = Command::new("ip")
+        .args(["-n", &lan.name, "link", "show", "lo"])
+        .output()
+        .unwrap();
+    assert!(
+        named.status.success(),
+        "the device's namespace {} is gone: {}",
+        lan.name,
+        String::from_utf8_lossy(&named.stderr)
+    );
     drop(lan);
     bench.finish().await;
 }

@@ -188,7 +188,12 @@ impl Drop for Slirp {
 impl Slirp {
     /// Starts slirp4netns for the namespace and waits until the task's interface is up.
     pub(super) fn start(namespace: &Path) -> Result<Slirp, String> {
-        let mut child = Command::new("slirp4netns")
+        // In a mount namespace of its own whose mounts are all private: slirp4netns' sandbox
+        // unmounts what it does not need, and in the device's namespace that unmount would
+        // reach every peer of a shared mount. Seen: the owner's `ip netns` namespaces
+        // (/run/netns is shared) vanished while a task's slirp4netns started.
+        let mut child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "slirp4netns"])
             .args([
                 "--configure",
                 "--mtu=65520",
@@ -205,7 +210,7 @@ impl Slirp {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| missing_or("slirp4netns", "slirp4netns", e))?;
+            .map_err(|e| missing_or("unshare", "util-linux", e))?;
         let exit = child.stdin.take();
         let mut stderr = child.stderr.take().expect("stderr is piped");
         // slirp4netns writes "1" to its ready fd (its stderr, after its own lines) once the
@@ -239,8 +244,13 @@ impl Slirp {
         match ready.recv_timeout(READY_WITHIN) {
             Ok(Ok(())) => Ok(slirp),
             Ok(Err(said)) => Err(format!(
-                "slirp4netns could not set up the task's network: {}",
-                said.trim()
+                "slirp4netns could not set up the task's network: {}{}",
+                said.trim(),
+                if said.contains("failed to execute") {
+                    " (Debian: apt install slirp4netns)"
+                } else {
+                    ""
+                }
             )),
             Err(_) => {
                 drop(slirp);
