@@ -485,6 +485,27 @@ async fn what_running_tasks_hold_on_disk_counts_against_the_owners_offer() {
     bench.finish().await;
 }
 
+#[tokio::test]
+async fn a_blob_longer_than_its_descriptor_says_is_cut_off_there() {
+    let bench = Bench::start("hostlong", 1, hostile_pool()).await;
+    let image = crate::images::push_understated_busybox(
+        &registry(),
+        &format!("e2e/{}/busybox:v1", bench.ns.name),
+        4096,
+    )
+    .await;
+    let container = serde_json::json!({ "image": image, "command": ["true"] });
+    bench
+        .create(bench.pod_in("darkcore-oci", "long", container, "Never"))
+        .await;
+    let (message, _) = crate::wasm::waits_with(&bench, "long", "ErrImagePull").await;
+    assert!(
+        message.contains("larger than the") && message.contains("its descriptor declares"),
+        "{message}"
+    );
+    bench.finish().await;
+}
+
 /// A module that loops without ever calling the host.
 const WAT_SPIN: &str = r#"(module
   (memory (export "memory") 1)

@@ -206,11 +206,7 @@ pub async fn push_busybox_with(
         diff_ids.push(format!("sha256:{}", sha256_hex(tar)));
         layers.push(gzip(tar));
     }
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    };
+    let arch = oci_arch();
     let config = serde_json::json!({
         "architecture": arch,
         "os": "linux",
@@ -250,6 +246,45 @@ pub async fn push_busybox_with(
         .await
         .unwrap_or_else(|e| panic!("pushing the index {reference}: {e}"));
     (reference, layer_digest)
+}
+
+/// This machine's architecture as OCI platforms name it.
+fn oci_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// Pushes busybox as [`push_busybox_with`] does, then its platform manifest again with the
+/// layer's size declared `short` bytes smaller, as `<reference>-understated`: an image whose
+/// registry serves more than it promised. Returns that reference.
+pub async fn push_understated_busybox(
+    registry: &str,
+    repository_and_tag: &str,
+    short: i64,
+) -> String {
+    use oci_client::manifest::{OciImageManifest, OciManifest};
+    let (reference, _) = push_busybox_with(registry, repository_and_tag, &[]).await;
+    let platform: Reference = format!("{reference}-linux-{}", oci_arch()).parse().unwrap();
+    let client = client();
+    let (raw, _) = client
+        .pull_manifest_raw(
+            &platform,
+            &RegistryAuth::Anonymous,
+            &["application/vnd.oci.image.manifest.v1+json"],
+        )
+        .await
+        .unwrap();
+    let mut manifest: OciImageManifest = serde_json::from_slice(&raw).unwrap();
+    manifest.layers[0].size -= short;
+    let lying = format!("{reference}-understated");
+    client
+        .push_manifest(&lying.parse().unwrap(), &OciManifest::Image(manifest))
+        .await
+        .unwrap_or_else(|e| panic!("pushing {lying}: {e}"));
+    lying
 }
 
 /// How often the loopback registry has served the blob `digest` of `repository` (its access

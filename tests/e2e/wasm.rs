@@ -37,7 +37,7 @@ fn waiting(pod: &Pod) -> Option<(String, String)> {
 }
 
 /// Waits until the pod's main container waits with `reason`; returns its message and the pod.
-async fn waits_with(bench: &Bench, pod: &str, reason: &'static str) -> (String, Pod) {
+pub(crate) async fn waits_with(bench: &Bench, pod: &str, reason: &'static str) -> (String, Pod) {
     let pod = wait_for(
         &bench.pods(),
         pod,
