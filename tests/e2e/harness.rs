@@ -434,11 +434,22 @@ pub fn operator_cli(args: &[&str]) -> std::process::Output {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Below Linux's ephemeral range (32768 and up): a port the kernel hands out for a
+    // connection could be taken by one between this pick and the operator's bind (seen: the
+    // kubelet API's bind failed with "address in use"). Each pick in this process is another
+    // port, and one bound already is skipped.
+    const FIRST: u32 = 21_000;
+    const PORTS: u32 = 11_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id() * 7919 % PORTS;
+    loop {
+        let port = FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % PORTS;
+        let port = u16::try_from(port).expect("ports below 32768");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// How long a new pool's node may take to turn Ready.
