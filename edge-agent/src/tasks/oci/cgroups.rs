@@ -167,46 +167,60 @@ pub fn remove(cgroup: &str) {
     }
 }
 
-/// The CPU time of everything in a cgroup (`cgroupsPath` as runc names it), orphans included:
-/// cgroup v2's cpu.stat, or v1's cpuacct.
-pub fn cpu_used(cgroup: &str) -> Option<Duration> {
+/// A cgroup's file (`cgroupsPath` as runc names it): v2's `<root>/<cgroup>/<v2>`, then v1's
+/// `<root>/<controller>/<cgroup>/<v1>`. Each reader below tries both, so it serves either
+/// layout.
+fn files(cgroup: &str, controller: &str, v2: &str, v1: &str) -> [PathBuf; 2] {
     let cgroup = cgroup.trim_start_matches('/');
     let root = Path::new(CGROUP_ROOT);
-    if let Ok(text) = std::fs::read_to_string(root.join(cgroup).join("cpu.stat")) {
-        return cpu_stat_usage(&text);
-    }
-    let nanos = std::fs::read_to_string(root.join("cpuacct").join(cgroup).join("cpuacct.usage"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(Duration::from_nanos(nanos))
+    [
+        root.join(cgroup).join(v2),
+        root.join(controller).join(cgroup).join(v1),
+    ]
+}
+
+/// The first of `files` that can be read, read by `parse`.
+fn read_first<T>(files: &[PathBuf], parse: impl Fn(&str) -> Option<T>) -> Option<T> {
+    files
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .find_map(|text| parse(&text))
+}
+
+/// The number on the line `<key> <number>` of a flat-keyed cgroup file (cpu.stat,
+/// memory.events, memory.oom_control, pids.events).
+fn keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// A file that holds one number (memory.current, pids.current, cpuacct.usage, ...).
+fn number(text: &str) -> Option<u64> {
+    text.trim().parse().ok()
+}
+
+/// The CPU time of everything in a cgroup, orphans included: v2's cpu.stat, or v1's cpuacct.
+pub fn cpu_used(cgroup: &str) -> Option<Duration> {
+    let [v2, v1] = files(cgroup, "cpuacct", "cpu.stat", "cpuacct.usage");
+    read_first(&[v2], |t| keyed(t, "usage_usec").map(Duration::from_micros))
+        .or_else(|| read_first(&[v1], |t| number(t).map(Duration::from_nanos)))
 }
 
 /// The memory a cgroup holds now (v2's memory.current, or v1's memory.usage_in_bytes).
 pub fn memory_used(cgroup: &str) -> Option<u64> {
-    let cgroup = cgroup.trim_start_matches('/');
-    let root = Path::new(CGROUP_ROOT);
-    [
-        root.join(cgroup).join("memory.current"),
-        root.join("memory")
-            .join(cgroup)
-            .join("memory.usage_in_bytes"),
-    ]
-    .iter()
-    .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
+    read_first(
+        &files(cgroup, "memory", "memory.current", "memory.usage_in_bytes"),
+        number,
+    )
 }
 
 /// How many processes a cgroup and those below it hold now (pids.current, v1 or v2).
 pub fn pids_in(cgroup: &str) -> u64 {
-    let cgroup = cgroup.trim_start_matches('/');
-    let root = Path::new(CGROUP_ROOT);
-    [
-        root.join(cgroup).join("pids.current"),
-        root.join("pids").join(cgroup).join("pids.current"),
-    ]
-    .iter()
-    .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
+    read_first(
+        &files(cgroup, "pids", "pids.current", "pids.current"),
+        number,
+    )
     .unwrap_or(0)
 }
 
@@ -214,60 +228,33 @@ pub fn pids_in(cgroup: &str) -> u64 {
 /// when killed: thousands of killed processes under a small quota (a fork bomb's) were seen to
 /// make no progress at all.
 pub fn release_cpu(cgroup: &str) {
-    let cgroup = cgroup.trim_start_matches('/');
-    let root = Path::new(CGROUP_ROOT);
-    let _ = std::fs::write(root.join("cpu").join(cgroup).join("cpu.cfs_quota_us"), "-1");
-    let _ = std::fs::write(root.join(cgroup).join("cpu.max"), "max");
+    let [v2, v1] = files(cgroup, "cpu", "cpu.max", "cpu.cfs_quota_us");
+    let _ = std::fs::write(v1, "-1");
+    let _ = std::fs::write(v2, "max");
 }
 
 /// How often a cgroup met its pids or memory limit: forks refused, and charges that hit the
 /// memory limit (whether the kernel then reclaimed, refused or OOM-killed), v1 or v2.
 pub fn limit_hits(cgroup: &str) -> u64 {
-    let cgroup = cgroup.trim_start_matches('/');
-    let root = Path::new(CGROUP_ROOT);
-    let read = |path: PathBuf| std::fs::read_to_string(path).unwrap_or_default();
-    let max_line = |text: String| {
-        text.lines()
-            .find_map(|l| l.strip_prefix("max ")?.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let pids = max_line(read(root.join("pids").join(cgroup).join("pids.events")))
-        + max_line(read(root.join(cgroup).join("pids.events")));
-    let memory = read(root.join("memory").join(cgroup).join("memory.failcnt"))
-        .trim()
-        .parse::<u64>()
-        .unwrap_or(0)
-        + max_line(read(root.join(cgroup).join("memory.events")));
-    pids + memory
+    let forks = files(cgroup, "pids", "pids.events", "pids.events");
+    let [v2, v1] = files(cgroup, "memory", "memory.events", "memory.failcnt");
+    [
+        read_first(&forks, |t| keyed(t, "max")),
+        read_first(&[v2], |t| keyed(t, "max")),
+        read_first(&[v1], number),
+    ]
+    .into_iter()
+    .flatten()
+    .sum()
 }
 
 /// How many processes the kernel's OOM killer took from a cgroup.
 pub fn oom_kills(cgroup: &str) -> u64 {
-    let cgroup = cgroup.trim_start_matches('/');
-    let root = Path::new(CGROUP_ROOT);
-    [
-        root.join("memory").join(cgroup).join("memory.oom_control"),
-        root.join(cgroup).join("memory.events"),
-    ]
-    .iter()
-    .filter_map(|p| std::fs::read_to_string(p).ok())
-    .find_map(|text| oom_kill_count(&text))
+    read_first(
+        &files(cgroup, "memory", "memory.events", "memory.oom_control"),
+        |t| keyed(t, "oom_kill"),
+    )
     .unwrap_or(0)
-}
-
-/// The `usage_usec` of a cgroup v2 cpu.stat.
-fn cpu_stat_usage(text: &str) -> Option<Duration> {
-    text.lines()
-        .find_map(|l| l.strip_prefix("usage_usec "))
-        .and_then(|n| n.trim().parse().ok())
-        .map(Duration::from_micros)
-}
-
-/// The `oom_kill` count of a memory.oom_control (v1) or memory.events (v2) file.
-fn oom_kill_count(text: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix("oom_kill "))
-        .and_then(|n| n.trim().parse().ok())
 }
 
 #[cfg(test)]
@@ -337,18 +324,17 @@ mod tests {
     }
 
     #[test]
-    fn cpu_usage_is_read_from_cpu_stat() {
-        let text = "usage_usec 1234567\nuser_usec 1000000\nsystem_usec 234567\n";
-        assert_eq!(cpu_stat_usage(text), Some(Duration::from_micros(1_234_567)));
-        assert_eq!(cpu_stat_usage("user_usec 1\n"), None);
-    }
-
-    #[test]
-    fn oom_kills_read_from_either_cgroup_version() {
+    fn keyed_files_are_read_by_their_keys() {
+        let cpu_stat = "usage_usec 1234567\nuser_usec 1000000\nsystem_usec 234567\n";
+        assert_eq!(keyed(cpu_stat, "usage_usec"), Some(1_234_567));
+        assert_eq!(keyed("user_usec 1\n", "usage_usec"), None);
         let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n";
         let v2 = "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n";
-        assert_eq!(oom_kill_count(v1), Some(2));
-        assert_eq!(oom_kill_count(v2), Some(1));
-        assert_eq!(oom_kill_count("oom 1\n"), None);
+        assert_eq!(keyed(v1, "oom_kill"), Some(2));
+        assert_eq!(keyed(v2, "oom_kill"), Some(1));
+        assert_eq!(keyed(v2, "max"), Some(4));
+        assert_eq!(keyed("oom 1\n", "oom_kill"), None, "a key is a whole word");
+        assert_eq!(keyed("oom_kill_disable 1\n", "oom_kill"), None);
+        assert_eq!(number("42\n"), Some(42));
     }
 }
