@@ -174,23 +174,12 @@ impl OciRuntime {
             .sandboxes
             .for_task(&launch.task_id, &launch.task_dir, mode)
             .map_err(create)?;
-        let (uid, gid) = sandbox.ids();
         let dir = &launch.task_dir;
         let opened = dir
             .parent()
             .map_or(Ok(()), traversable)
-            .and_then(|()| {
-                rustix::fs::chown(
-                    dir,
-                    Some(rustix::fs::Uid::from_raw(uid)),
-                    Some(rustix::fs::Gid::from_raw(gid)),
-                )
-                .map_err(std::io::Error::from)
-            })
-            .and_then(|()| match traversable(&dir.join("volumes")) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                other => other,
-            });
+            .and_then(|()| give(dir, sandbox.ids()))
+            .and_then(|()| traversable_if_there(&dir.join("volumes")));
         opened.map_err(|e| {
             create(format!(
                 "opening {} to the container's root: {e}",
@@ -239,14 +228,7 @@ impl OciRuntime {
         std::fs::create_dir_all(&rootfs)
             .and_then(|()| bundle.parent().map_or(Ok(()), traversable))
             .and_then(|()| traversable(bundle))
-            .and_then(|()| {
-                rustix::fs::chown(
-                    &rootfs,
-                    Some(rustix::fs::Uid::from_raw(uid)),
-                    Some(rustix::fs::Gid::from_raw(gid)),
-                )
-                .map_err(std::io::Error::from)
-            })
+            .and_then(|()| give(&rootfs, (uid, gid)))
             .map_err(|e| create(format!("creating {}: {e}", rootfs.display())))?;
         let layers: Vec<PathBuf> = image
             .layers
@@ -309,14 +291,9 @@ impl OciRuntime {
                 read_only: mount.read_only,
             });
         }
-        match traversable(&bundle.join(STAGED)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(create(format!("opening the staged subPaths: {e}")));
-            }
-            _ => {}
-        }
-        let mode = network::effective(launch.pool_network, self.owner_network);
-        for (name, content) in etc_files(&launch.pod_name, mode) {
+        traversable_if_there(&bundle.join(STAGED))
+            .map_err(|e| create(format!("opening the staged subPaths: {e}")))?;
+        for (name, content) in etc_files(&launch.pod_name, sandbox.network_mode()) {
             let path = bundle.join(name);
             std::fs::write(&path, content)
                 .and_then(|()| {
@@ -372,6 +349,20 @@ fn etc_files(hostname: &str, mode: NetworkMode) -> Vec<(&'static str, String)> {
 /// Lets anyone pass through `dir` (0711), without listing it.
 fn traversable(dir: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+}
+
+/// [`traversable`], for a directory a task may not have.
+fn traversable_if_there(dir: &Path) -> std::io::Result<()> {
+    match traversable(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Gives `path` to the host ids `(uid, gid)`: a task's slot, root in its containers.
+fn give(path: &Path, (uid, gid): (u32, u32)) -> std::io::Result<()> {
+    use rustix::fs::{Gid, Uid, chown};
+    chown(path, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(Into::into)
 }
 
 /// The runner's name for a container: task id and container name, in its alphabet.

@@ -246,11 +246,7 @@ impl Slirp {
             Ok(Err(said)) => Err(format!(
                 "slirp4netns could not set up the task's network: {}{}",
                 said.trim(),
-                if said.contains("failed to execute") {
-                    " (Debian: apt install slirp4netns)"
-                } else {
-                    ""
-                }
+                install_hint(&said, "slirp4netns")
             )),
             Err(_) => {
                 drop(slirp);
@@ -263,10 +259,18 @@ impl Slirp {
     }
 }
 
-/// Runs a setup command to its end; an error names the tool and what it said.
-pub(super) fn run(command: &mut Command, input: Option<&str>, tool: &str) -> Result<(), String> {
-    let program = command.get_program().to_string_lossy().into_owned();
-    let mut child = command
+/// Runs `argv` inside the network namespace `netns` (through util-linux's nsenter) to its
+/// end, `input` on its stdin; an error names the program, its Debian `package`, and what it
+/// said.
+pub(super) fn inside(
+    netns: &Path,
+    argv: &[&str],
+    input: Option<&str>,
+    package: &str,
+) -> Result<(), String> {
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(argv)
         .stdin(if input.is_some() {
             Stdio::piped()
         } else {
@@ -275,27 +279,33 @@ pub(super) fn run(command: &mut Command, input: Option<&str>, tool: &str) -> Res
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| missing_or(&program, tool, e))?;
+        .map_err(|e| missing_or("nsenter", "util-linux", e))?;
     if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
         let _ = stdin.write_all(text.as_bytes());
     }
+    let program = argv[0];
     let output = child
         .wait_with_output()
-        .map_err(|e| format!("running {tool}: {e}"))?;
+        .map_err(|e| format!("running {program}: {e}"))?;
     if output.status.success() {
         return Ok(());
     }
     let said = String::from_utf8_lossy(&output.stderr);
-    let hint = if said.contains("No such file") || said.contains("failed to execute") {
-        format!("; is {tool} installed?")
+    Err(format!(
+        "{program} failed setting up the task's network ({}): {}{}",
+        output.status,
+        said.trim(),
+        install_hint(&said, package)
+    ))
+}
+
+/// What to install, when util-linux's wrapper said it could not execute the program.
+fn install_hint(said: &str, package: &str) -> String {
+    if said.contains("failed to execute") {
+        format!(" (Debian: apt install {package})")
     } else {
         String::new()
-    };
-    Err(format!(
-        "{tool} failed setting up the task's network ({}): {}{hint}",
-        output.status,
-        said.trim()
-    ))
+    }
 }
 
 /// A spawn error, naming the Debian package to install when the program is missing.

@@ -20,6 +20,7 @@ const MADE_WITHIN: Duration = Duration::from_secs(5);
 /// A task's user namespace, its network namespace (none in `host` mode), and what serves it.
 pub struct TaskSandbox {
     slot: Slot,
+    mode: NetworkMode,
     user: PathBuf,
     net: Option<PathBuf>,
     /// Dropped before the namespace files are released.
@@ -39,25 +40,17 @@ impl TaskSandbox {
         // From here on, a failure drops `sandbox`, which releases what was made.
         let mut sandbox = TaskSandbox {
             slot,
+            mode,
             user,
             net,
             slirp: None,
         };
         sandbox.make_namespaces()?;
         if let Some(net) = &sandbox.net {
-            let inside = |argv: &[&str], input: Option<&str>, tool: &str| {
-                network::run(
-                    Command::new("nsenter")
-                        .arg(format!("--net={}", net.display()))
-                        .args(argv),
-                    input,
-                    tool,
-                )
-            };
-            inside(&["ip", "link", "set", "lo", "up"], None, "ip (iproute2)")?;
+            network::inside(net, &["ip", "link", "set", "lo", "up"], None, "iproute2")?;
             if mode == NetworkMode::Internet {
                 let rules = network::filter_for_this_device();
-                inside(&["nft", "-f", "-"], Some(&rules), "nft (nftables)")?;
+                network::inside(net, &["nft", "-f", "-"], Some(&rules), "nftables")?;
                 sandbox.slirp = Some(Slirp::start(net)?);
             }
         }
@@ -123,6 +116,11 @@ impl TaskSandbox {
     /// The user namespace file, as the runtime spec names it.
     pub fn user_namespace(&self) -> &Path {
         &self.user
+    }
+
+    /// What the task may reach: the narrower of its pool's mode and its owner's.
+    pub fn network_mode(&self) -> NetworkMode {
+        self.mode
     }
 
     /// The network namespace file; `None`: the device's (`host` mode).
