@@ -88,7 +88,12 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
         (RuntimeKind::Process, Arc::new(ProcessRuntime) as _),
         (RuntimeKind::Wasm, Arc::new(wasm) as _),
     ];
-    match OciRuntime::new(state_dir, images, ceiling, policy.config.policy.network) {
+    match OciRuntime::new(
+        state_dir,
+        images.clone(),
+        ceiling,
+        policy.config.policy.network,
+    ) {
         Ok(oci) => runtimes.push((RuntimeKind::Oci, Arc::new(oci) as _)),
         Err(why) if policy.config.policy.runtimes.contains(&RuntimeName::Oci) => {
             tracing::warn!(%why, "the owner allows the oci runtime, but this device cannot run it");
@@ -99,6 +104,7 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
     let (tasks, mut reports) =
         TaskManager::new(state_dir.join("tasks"), runtimes, Arc::new(ledger));
     status.usage(tasks.usage());
+    tokio::spawn(tasks.watch_disk(move || images.room_left(), policy.interval()));
     crate::tasks::workdir::reap_stale(&state_dir.join("tasks"));
 
     let seed = seed(&identity.device.device_id);

@@ -485,6 +485,88 @@ async fn what_running_tasks_hold_on_disk_counts_against_the_owners_offer() {
     bench.finish().await;
 }
 
+/// Waits until the pod is Failed with reason Evicted and an Event says so; returns the message.
+async fn evicted(bench: &Bench, name: &str) -> String {
+    let pod = bench
+        .phase_is(name, "Failed", Duration::from_secs(120))
+        .await;
+    let status = pod.status.unwrap();
+    assert_eq!(status.reason.as_deref(), Some("Evicted"), "{status:?}");
+    let message = status.message.unwrap_or_default();
+    crate::harness::poll_until("an Evicted event", Duration::from_secs(30), || async {
+        let events = bench.events(name).await;
+        match events
+            .iter()
+            .any(|(reason, note)| reason == "Evicted" && *note == message)
+        {
+            true => Ok(()),
+            false => Err(format!("{events:?}")),
+        }
+    })
+    .await;
+    message
+}
+
+#[tokio::test]
+async fn a_task_writing_past_its_size_limit_or_the_owners_disk_is_evicted() {
+    let mut bench = Bench::start("hostfill", 1, hostile_pool()).await;
+    offers(
+        &mut bench.agents[0],
+        &[("max_disk", "\"48Mi\""), ("check_seconds", "1")],
+    )
+    .await;
+    let image = busybox(&bench).await;
+    let writer = |mib: u32| {
+        serde_json::json!({
+            "image": image,
+            "command": ["sh", "-c", format!("dd if=/dev/zero of=/data/fill bs=1M count={mib}; sleep 600")],
+            "volumeMounts": [{ "name": "data", "mountPath": "/data" }],
+        })
+    };
+    // An emptyDir with a sizeLimit of 4Mi, written to 8Mi.
+    let mut capped = bench.pod_in("darkcore-oci", "capped", writer(8), "Never");
+    capped.spec.as_mut().unwrap().volumes = Some(vec![
+        serde_json::from_value(
+            serde_json::json!({ "name": "data", "emptyDir": { "sizeLimit": "4Mi" } }),
+        )
+        .unwrap(),
+    ]);
+    bench.create(capped).await;
+    let message = evicted(&bench, "capped").await;
+    assert_eq!(
+        message,
+        "Usage of EmptyDir volume \"data\" exceeds the limit \"4.0Mi\"."
+    );
+    // No sizeLimit, but 60Mi is more than the owner's 48Mi max_disk.
+    bench
+        .create(Bench::with_empty_dir(
+            bench.pod_in("darkcore-oci", "flood", writer(60), "Never"),
+            "data",
+        ))
+        .await;
+    let message = evicted(&bench, "flood").await;
+    assert!(
+        message.contains("low on disk") && message.contains("max_disk"),
+        "{message}"
+    );
+    // What they wrote is gone from the device.
+    let tasks = bench.agents[0].state_dir.join("tasks");
+    crate::harness::poll_until(
+        "the evicted tasks' files deleted",
+        Duration::from_secs(30),
+        || async {
+            let held = std::fs::read_dir(&tasks).map(|d| d.count()).unwrap_or(0);
+            if held == 0 {
+                Ok(())
+            } else {
+                Err(format!("{held} task directories"))
+            }
+        },
+    )
+    .await;
+    bench.finish().await;
+}
+
 #[tokio::test]
 async fn a_blob_longer_than_its_descriptor_says_is_cut_off_there() {
     let bench = Bench::start("hostlong", 1, hostile_pool()).await;

@@ -311,7 +311,7 @@ impl Bench {
         self.pods().delete(pod, &params).await.unwrap();
     }
 
-    async fn events(&self, pod: &str) -> Vec<(String, String)> {
+    pub(crate) async fn events(&self, pod: &str) -> Vec<(String, String)> {
         let events: Api<Event> = Api::namespaced(self.fx.client.clone(), &self.ns.name);
         events
             .list(&ListParams::default().fields(&format!("involvedObject.name={pod}")))

@@ -5,6 +5,7 @@
 //! `TaskManager` takes assignments, cancellations and preemptions; each task is run by its
 //! own `Supervisor`; both report to the `Board`, which `Reports` drains onto the stream.
 
+pub mod disk;
 pub mod lifecycle;
 pub mod mounts;
 pub mod oci;
@@ -27,8 +28,11 @@ use darkcore_proto::agent::v1::{
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::tasks::runtime::Runtime;
-use crate::tasks::supervise::{Stop, Supervisor};
+use crate::tasks::supervise::{Stop, StopCause, Supervisor};
 use crate::usage::{Ledger, Run};
+
+/// An evicted task's grace period: the kubelet's least, for a hard eviction threshold.
+const EVICTION_GRACE: Duration = Duration::from_secs(2);
 
 /// Log chunks held while the gateway is slow or away; newer ones are dropped beyond it
 /// (statuses are never dropped: the latest of each task is always kept).
@@ -40,6 +44,8 @@ struct Entry {
     finished: bool,
     /// The operator released it: forget it once it has stopped.
     released: bool,
+    /// Its emptyDirs with their `sizeLimit`s, for the disk watch.
+    volume_limits: Vec<(String, u64)>,
 }
 
 /// Where tasks report: the latest status of each (marked dirty until sent) and their output.
@@ -87,21 +93,60 @@ impl Board {
     }
 
     /// A task's supervisor ended. A released task is forgotten once its final status is
-    /// sent, so the operator learns that it stopped.
+    /// sent, so the operator learns that it stopped. An evicted one gives its disk back now.
     pub fn finished(&self, task_id: &str) {
-        let released = {
+        let (released, evicted) = {
             let mut entries = lock(&self.entries);
             match entries.get_mut(task_id) {
                 Some(entry) => {
                     entry.finished = true;
-                    entry.released
+                    let evicted = matches!(
+                        entry.stop.borrow().as_ref().map(|s| &s.cause),
+                        Some(StopCause::Evicted(_))
+                    );
+                    (entry.released, evicted)
                 }
-                None => false,
+                None => (false, false),
             }
         };
+        if evicted {
+            workdir::remove(&self.tasks_root, task_id);
+        }
         if released {
             lock(&self.dirty).insert(task_id.to_string());
             self.notify.notify_one();
+        }
+    }
+
+    /// Measures what every task holds on disk, against the `room` the owner's `max_disk`
+    /// leaves beside the image cache, and evicts whom `disk::evictions` names.
+    fn check_disk(&self, room: u64) {
+        let watched: Vec<disk::Watched> = lock(&self.entries)
+            .iter()
+            .map(|(id, e)| disk::Watched {
+                task_id: id.clone(),
+                volume_limits: e.volume_limits.clone(),
+                running: !e.finished,
+            })
+            .collect();
+        let held: Vec<disk::Held> = watched
+            .iter()
+            .map(|task| disk::measure(task, &self.tasks_root, room.saturating_add(1)))
+            .collect();
+        for eviction in disk::evictions(&held, room) {
+            tracing::warn!(task = %eviction.task_id, message = %eviction.message, "evicting the task");
+            if let Some(entry) = lock(&self.entries).get(&eviction.task_id) {
+                entry.stop.send_if_modified(|stop| {
+                    let unset = stop.is_none();
+                    if unset {
+                        *stop = Some(Stop {
+                            grace: EVICTION_GRACE,
+                            cause: StopCause::Evicted(eviction.message.clone()),
+                        });
+                    }
+                    unset
+                });
+            }
         }
     }
 
@@ -250,6 +295,12 @@ impl TaskManager {
                 stop: stop_tx,
                 finished: !startable,
                 released: false,
+                volume_limits: task
+                    .volumes
+                    .iter()
+                    .filter(|v| v.empty_dir)
+                    .map(|v| (v.name.clone(), v.size_limit_bytes))
+                    .collect(),
             },
         );
         self.board.report(status);
@@ -277,7 +328,7 @@ impl TaskManager {
             if !entry.finished {
                 entry.stop.send_replace(Some(Stop {
                     grace,
-                    preempted: None,
+                    cause: StopCause::Released,
                 }));
             }
             entry.finished
@@ -296,7 +347,7 @@ impl TaskManager {
                 if stop.is_none() {
                     *stop = Some(Stop {
                         grace,
-                        preempted: Some(reason.into()),
+                        cause: StopCause::Preempted(reason.into()),
                     });
                     true
                 } else {
@@ -315,6 +366,27 @@ impl TaskManager {
         let deadline = tokio::time::Instant::now() + grace + MARGIN;
         while !self.running().is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every `every`, measures what tasks hold on disk against `room()` (what the owner's
+    /// `max_disk` leaves beside the image cache) and evicts those past their limits.
+    pub fn watch_disk(
+        &self,
+        room: impl Fn() -> u64 + Send + Sync + 'static,
+        every: Duration,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let board = self.board.clone();
+        let room = Arc::new(room);
+        async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let (board, room) = (board.clone(), room.clone());
+                // Walking directories blocks: never on the thread that serves the session.
+                let _ = tokio::task::spawn_blocking(move || board.check_disk(room())).await;
+            }
         }
     }
 
@@ -518,5 +590,72 @@ mod tests {
             (status.phase, status.reason.as_str()),
             (TaskPhase::Preempted as i32, "OwnerBusy")
         );
+    }
+
+    #[tokio::test]
+    async fn a_task_past_its_empty_dirs_size_limit_is_evicted_and_gives_its_disk_back() {
+        let (tasks, mut reports) = manager("evict");
+        let fill = r#"head -c 8192 /dev/zero > "$DARKCORE_TASK_ROOT/../volumes/data/fill"; echo full; sleep 60"#;
+        let mut task = shell("t-evict", fill, RestartPolicy::Never);
+        task.volumes = vec![darkcore_proto::agent::v1::Volume {
+            name: "data".into(),
+            empty_dir: true,
+            size_limit_bytes: 4096,
+            ..Default::default()
+        }];
+        tasks.assign(task, None);
+        loop {
+            if let agent_message::Body::LogChunk(chunk) = reports.next().await
+                && String::from_utf8_lossy(&chunk.data).contains("full")
+            {
+                break;
+            }
+        }
+        let dir = tasks.board.tasks_root.join("t-evict");
+        assert!(dir.join("volumes/data/fill").exists());
+        tasks.board.check_disk(u64::MAX);
+        let (status, _) = until_final(&mut reports).await;
+        assert_eq!(
+            (status.phase, status.reason.as_str()),
+            (TaskPhase::Failed as i32, "Evicted")
+        );
+        assert_eq!(
+            status.message,
+            "Usage of EmptyDir volume \"data\" exceeds the limit \"4.0Ki\"."
+        );
+        assert!(
+            !dir.exists(),
+            "an evicted task's files are deleted when it ends"
+        );
+    }
+
+    #[tokio::test]
+    async fn tasks_together_past_the_room_lose_the_largest() {
+        let (tasks, mut reports) = manager("pressure");
+        let fill = r#"head -c 65536 /dev/zero > "$DARKCORE_TASK_ROOT/fill"; echo full; sleep 60"#;
+        tasks.assign(shell("t-big", fill, RestartPolicy::Never), None);
+        tasks.assign(
+            shell("t-small", "echo full; sleep 60", RestartPolicy::Never),
+            None,
+        );
+        let mut full = 0;
+        while full < 2 {
+            if let agent_message::Body::LogChunk(chunk) = reports.next().await
+                && String::from_utf8_lossy(&chunk.data).contains("full")
+            {
+                full += 1;
+            }
+        }
+        tasks.board.check_disk(1 << 20);
+        assert_eq!(tasks.running().len(), 2, "within room, nobody goes");
+        tasks.board.check_disk(32 << 10);
+        let (status, _) = until_final(&mut reports).await;
+        assert_eq!(
+            (status.task_id.as_str(), status.reason.as_str()),
+            ("t-big", "Evicted")
+        );
+        assert!(status.message.contains("max_disk"), "{}", status.message);
+        assert_eq!(tasks.running(), ["t-small"]);
+        tasks.cancel("t-small", Duration::ZERO);
     }
 }

@@ -259,8 +259,8 @@ mod tests {
         let tasks = scratch(name);
         let volumes = vec![Volume {
             name: "data".into(),
-            files: vec![],
             empty_dir: true,
+            ..Default::default()
         }];
         let dir = prepare(&tasks, "t", &volumes).unwrap();
         std::fs::create_dir_all(dir.join("volumes/data/v2")).unwrap();

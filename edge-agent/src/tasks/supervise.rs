@@ -27,12 +27,22 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// How long a failed pull shows `ErrImagePull` before `ImagePullBackOff`.
 const PULL_ERROR_SHOWN: Duration = Duration::from_secs(3);
 
-/// Why a task is being stopped.
+/// A task is being stopped: SIGTERM, then SIGKILL after `grace`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Stop {
     pub grace: Duration,
-    /// Set when the owner came back: the task ends Preempted, to run elsewhere.
-    pub preempted: Option<String>,
+    pub cause: StopCause,
+}
+
+/// Why a task is stopped, which decides how it ends.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StopCause {
+    /// The operator released it: it ends Failed (`Stopped`).
+    Released,
+    /// The owner came back, or the agent is stopping: it ends Preempted, to run elsewhere.
+    Preempted(String),
+    /// It held more disk than it may: it ends Failed (`Evicted`), as on a kubelet.
+    Evicted(String),
 }
 
 pub fn unix_ms() -> i64 {
@@ -217,17 +227,15 @@ impl Supervisor {
     }
 
     fn finish(&self, shared: &Shared, stop: &Stop) {
-        shared.update(|s| match &stop.preempted {
-            Some(reason) => {
-                s.phase = TaskPhase::Preempted as i32;
-                s.reason = "Preempted".into();
-                s.message = reason.clone();
-            }
-            None => {
-                s.phase = TaskPhase::Failed as i32;
-                s.reason = "Stopped".into();
-                s.message = "stopped by the operator".into();
-            }
+        let (phase, reason, message) = match &stop.cause {
+            StopCause::Preempted(why) => (TaskPhase::Preempted, "Preempted", why.as_str()),
+            StopCause::Released => (TaskPhase::Failed, "Stopped", "stopped by the operator"),
+            StopCause::Evicted(why) => (TaskPhase::Failed, "Evicted", why.as_str()),
+        };
+        shared.update(|s| {
+            s.phase = phase as i32;
+            s.reason = reason.into();
+            s.message = message.into();
         });
     }
 

@@ -115,14 +115,15 @@ pub fn prepare(
 /// What the files under `dir` take, charged as the unpacker charges a layer (data, and
 /// `ENTRY_COST` an entry), on `dir`'s own file system: the namespaces' files and anything else
 /// mounted from elsewhere are not walked. Every task's unpacked roots and volumes count
-/// against the owner's `max_disk` this way.
-pub fn disk_used(dir: &Path) -> u64 {
+/// against the owner's `max_disk` this way. The walk stops once it has counted more than
+/// `bound`, so a task holding millions of entries costs no more than the room it may take.
+pub fn disk_used(dir: &Path, bound: u64) -> u64 {
     use crate::tasks::oci::rootfs::ENTRY_COST;
     use std::os::unix::fs::MetadataExt;
     let Ok(top) = std::fs::symlink_metadata(dir) else {
         return 0;
     };
-    let mut used = 0;
+    let mut used: u64 = 0;
     let mut pending = vec![dir.to_path_buf()];
     while let Some(path) = pending.pop() {
         for entry in std::fs::read_dir(&path).into_iter().flatten().flatten() {
@@ -133,7 +134,10 @@ pub fn disk_used(dir: &Path) -> u64 {
             if meta.dev() != top.dev() {
                 continue;
             }
-            used += ENTRY_COST + if meta.is_file() { meta.len() } else { 0 };
+            used = used.saturating_add(ENTRY_COST + if meta.is_file() { meta.len() } else { 0 });
+            if used > bound {
+                return used;
+            }
             if meta.is_dir() {
                 pending.push(entry.path());
             }
@@ -211,8 +215,10 @@ mod tests {
         std::fs::write(dir.join("a/b/data"), vec![0u8; 10_000]).unwrap();
         std::os::unix::fs::symlink("/usr", dir.join("a/usr")).unwrap();
         // a, a/b, a/b/data, a/usr: four entries, 10000 bytes of data; /usr is not walked.
-        assert_eq!(disk_used(&dir), 4 * ENTRY_COST + 10_000);
-        assert_eq!(disk_used(&dir.join("missing")), 0);
+        assert_eq!(disk_used(&dir, u64::MAX), 4 * ENTRY_COST + 10_000);
+        assert_eq!(disk_used(&dir.join("missing"), u64::MAX), 0);
+        // A bound stops the walk soon after it is passed.
+        assert!(disk_used(&dir, 1) <= ENTRY_COST + 10_000);
     }
 
     use super::*;
@@ -245,6 +251,7 @@ mod tests {
                 mode: 0o400,
             }],
             empty_dir: false,
+            ..Default::default()
         }];
         let dir = prepare(&tasks, "uid-1", &volumes).unwrap();
         assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
@@ -279,6 +286,7 @@ mod tests {
                 mode: 0,
             }],
             empty_dir: false,
+            ..Default::default()
         }];
         assert!(matches!(
             prepare(&tasks, "t", &volumes),

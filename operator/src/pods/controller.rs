@@ -696,6 +696,18 @@ impl Controller {
             }
         }
         let entry = self.pods.get_mut(uid).expect("present");
+        // A device that evicted the task says why on the pod, as a kubelet's eviction does.
+        if let Some(report) = entry.attempt.as_ref().and_then(|a| a.report.as_ref())
+            && phase_of(Some(report)) == TaskPhase::Failed
+            && report.reason == "Evicted"
+            && entry
+                .announced
+                .insert(format!("Evicted:{}", report.task_id))
+        {
+            shared
+                .writer
+                .event(&entry.pod, true, "Evicted", report.message.clone());
+        }
         let view = RunView {
             attempt: entry
                 .attempt

@@ -456,8 +456,18 @@ impl Resolver<'_> {
             name: v.name.clone(),
             ..Default::default()
         };
-        if v.empty_dir.is_some() {
+        if let Some(empty_dir) = &v.empty_dir {
             volume.empty_dir = true;
+            volume.size_limit_bytes = match &empty_dir.size_limit {
+                None => 0,
+                Some(limit) => parse_memory(&limit.0).ok_or_else(|| Blocked {
+                    message: format!(
+                        "emptyDir volume {:?} has sizeLimit {:?}, which is not a size \
+                         (write it as a quantity such as 500Mi)",
+                        v.name, limit.0
+                    ),
+                })?,
+            };
         } else if let Some(cm) = &v.config_map {
             let mode = mode_or_default(cm.default_mode);
             volume.files = self.files(
@@ -729,8 +739,9 @@ mod tests {
     use super::*;
     use k8s_openapi::ByteString;
     use k8s_openapi::api::core::v1::{
-        ConfigMapKeySelector, ConfigMapVolumeSource, EnvFromSource, EnvVar as KEnvVar,
-        EnvVarSource, PodSpec, SecretKeySelector, SecretVolumeSource, Volume as KVolume,
+        ConfigMapKeySelector, ConfigMapVolumeSource, EmptyDirVolumeSource, EnvFromSource,
+        EnvVar as KEnvVar, EnvVarSource, PodSpec, SecretKeySelector, SecretVolumeSource,
+        Volume as KVolume,
     };
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
@@ -934,6 +945,27 @@ mod tests {
             (token.path.as_str(), token.content.as_slice(), token.mode),
             ("api/token", b"s3cret".as_slice(), 0o400)
         );
+    }
+
+    #[test]
+    fn an_empty_dirs_size_limit_goes_to_the_device_in_bytes() {
+        let empty_dir = |name: &str, limit: Option<&str>| KVolume {
+            name: name.into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: limit.map(|l| Quantity(l.into())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let volumes = vec![empty_dir("capped", Some("8Mi")), empty_dir("open", None)];
+        let (resolved, _) = resolve(&pod(vec![], volumes), &lookups(), &Placement::default());
+        let resolved = resolved.unwrap();
+        let limits: Vec<_> = resolved
+            .volumes
+            .iter()
+            .map(|v| (v.empty_dir, v.size_limit_bytes))
+            .collect();
+        assert_eq!(limits, [(true, 8 << 20), (true, 0)]);
     }
 
     #[test]

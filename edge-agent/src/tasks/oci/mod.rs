@@ -237,11 +237,11 @@ impl OciRuntime {
             .collect();
         let owners = Owners::Shifted { uid, gid };
         // What every task holds on disk (roots, volumes) counts against max_disk too.
-        let held = launch
-            .task_dir
-            .parent()
-            .map_or(0, crate::tasks::workdir::disk_used);
-        let room = self.images.room_left().saturating_sub(held);
+        let room_left = self.images.room_left();
+        let held = launch.task_dir.parent().map_or(0, |tasks| {
+            crate::tasks::workdir::disk_used(tasks, room_left)
+        });
+        let room = room_left.saturating_sub(held);
         rootfs::unpack(&layers, &rootfs, owners, room)
             .map_err(|e| create(format!("unpacking image {:?}: {e}", image.reference)))?;
 
