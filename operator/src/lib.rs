@@ -5,6 +5,7 @@
 
 pub mod conditions;
 pub mod devices;
+pub mod domain;
 pub mod enroll;
 pub mod gateway;
 pub mod http;

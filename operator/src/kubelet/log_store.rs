@@ -8,6 +8,7 @@
 //! Only the device an attempt was given to may write its output: the pod controller records
 //! each attempt's device here, and chunks from any other device are refused.
 
+use crate::domain::TaskId;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -70,12 +71,6 @@ pub struct Read {
     pub changed: Arc<Notify>,
 }
 
-/// The attempt number and the pod uid in a task id (`<uid>.<attempt>`).
-pub fn parse_task_id(task_id: &str) -> Option<(&str, u32)> {
-    let (uid, attempt) = task_id.rsplit_once('.')?;
-    Some((uid, attempt.parse().ok()?))
-}
-
 impl LogStore {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -84,7 +79,7 @@ impl LogStore {
     /// Records that the task (an attempt of a pod) was given to `device`, the only one whose
     /// output for it is kept.
     pub fn assign(&self, task_id: &str, device: &str) {
-        if let Some((uid, attempt)) = parse_task_id(task_id) {
+        if let Some((uid, attempt)) = TaskId::split(task_id) {
             self.lock()
                 .holders
                 .entry(uid.to_string())
@@ -95,7 +90,7 @@ impl LogStore {
 
     /// Adds a chunk of output from `device`; it may hold several lines.
     pub fn append(&self, device: &str, chunk: &LogChunk) -> Result<(), Refused> {
-        let (uid, attempt) = parse_task_id(&chunk.task_id).ok_or(Refused::BadTaskId)?;
+        let (uid, attempt) = TaskId::split(&chunk.task_id).ok_or(Refused::BadTaskId)?;
         let id = (attempt, chunk.run);
         let mut state = self.lock();
         let holder = state.holders.get(uid).and_then(|h| h.get(&attempt));

@@ -1,0 +1,54 @@
+//! The words several parts of the operator share (the pod controller, the gateway, the
+//! kubelet API, usage): task ids and the wall clock, kept here so none depends on another.
+
+/// A task: attempt `number` (1 for the first) of the pod with `uid`, written `<uid>.<number>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TaskId {
+    pub uid: String,
+    pub number: u32,
+}
+
+impl TaskId {
+    pub fn parse(text: &str) -> Option<TaskId> {
+        let (uid, number) = TaskId::split(text)?;
+        Some(TaskId {
+            uid: uid.to_string(),
+            number,
+        })
+    }
+
+    /// The pod uid and attempt number in a task id's text, without copying.
+    pub fn split(text: &str) -> Option<(&str, u32)> {
+        let (uid, number) = text.rsplit_once('.')?;
+        Some((uid, number.parse().ok()?))
+    }
+}
+
+impl std::fmt::Display for TaskId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.uid, self.number)
+    }
+}
+
+/// Milliseconds since the Unix epoch, as pod statuses and usage records show times.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_read_back_as_written() {
+        let task = TaskId {
+            uid: "a.b-c".into(),
+            number: 12,
+        };
+        assert_eq!(TaskId::parse(&task.to_string()), Some(task));
+        assert_eq!(TaskId::parse("no-number"), None);
+        assert_eq!(TaskId::parse("uid.x"), None);
+    }
+}

@@ -1,0 +1,1010 @@
+//! A pod's life on darkcore as one enum and a pure step function: admitted, resolved, placed
+//! on a device, followed to its end or its loss, released, or deleted. The controller feeds
+//! it events and the facts of the moment, and carries out the effects it returns.
+
+use std::time::{Duration, Instant};
+
+use darkcore_crds::Runtime;
+use darkcore_proto::agent::v1::{TaskPhase, TaskStatus};
+
+pub use crate::domain::TaskId;
+use crate::pods::admission::Refusal;
+use crate::pods::resolve::Resolved;
+use crate::pods::status::Loss;
+
+/// How often a pod blocked on a missing ConfigMap or Secret is tried again.
+pub const RESOLVE_RETRY: Duration = Duration::from_secs(10);
+/// How long past its grace period a stopping task may take before its pod is deleted anyway.
+pub const STOP_SLACK: Duration = Duration::from_secs(10);
+
+/// Why an attempt ended without the pod's own doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossReason {
+    /// Its device went quiet, or came back without the task.
+    DeviceLost,
+    /// Its device handed the task back (the owner came back, the agent stopped).
+    Preempted,
+}
+
+impl LossReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LossReason::DeviceLost => "DeviceLost",
+            LossReason::Preempted => "Preempted",
+        }
+    }
+}
+
+/// One attempt at running the pod: a task on a device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attempt {
+    pub task: TaskId,
+    pub device: String,
+    /// What it was granted (zero for one adopted after a restart: not known).
+    pub millicores: u64,
+    pub memory: u64,
+    /// The device's latest report of it.
+    pub report: Option<TaskStatus>,
+    /// The device was told to stop it (deletion or release).
+    pub cancelled: bool,
+}
+
+impl Attempt {
+    pub fn phase(&self) -> TaskPhase {
+        phase_of(self.report.as_ref())
+    }
+
+    /// Whether its device still works on it: counted against the device's load.
+    pub fn busy(&self) -> bool {
+        !terminal(self.phase())
+    }
+}
+
+pub fn phase_of(report: Option<&TaskStatus>) -> TaskPhase {
+    report
+        .and_then(|r| TaskPhase::try_from(r.phase).ok())
+        .unwrap_or(TaskPhase::Unspecified)
+}
+
+pub fn terminal(phase: TaskPhase) -> bool {
+    matches!(phase, TaskPhase::Succeeded | TaskPhase::Failed)
+}
+
+/// What a pod needs to run, once admitted and resolved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ready {
+    pub runtime: Runtime,
+    pub resolved: Box<Resolved>,
+}
+
+/// A resolution that could not finish: a ConfigMap or Secret it names is missing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Blocked {
+    pub message: String,
+    pub retry_at: Instant,
+}
+
+/// The stages of a pod on darkcore.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stage {
+    /// Waiting for its pool and node to be known, to be checked against the pool.
+    Admitting,
+    /// Admitted; its env and volumes are resolved (off the loop), again while blocked.
+    Resolving {
+        runtime: Runtime,
+        blocked: Option<Blocked>,
+        in_flight: bool,
+    },
+    /// Ready, waiting for a device that fits (or for the operator's warm-up to end).
+    Unplaced { ready: Ready, why: Option<String> },
+    /// An attempt runs on a device. `ready` is `None` for one adopted after a restart.
+    Dispatched {
+        attempt: Attempt,
+        ready: Option<Ready>,
+    },
+    /// Nothing more to run: its outcome is recorded and its device told to release it, or
+    /// the pod was finished when first seen.
+    Finished { attempt: Option<Attempt> },
+    /// It ends without running on: refused, or lost more often than the pool allows.
+    Failed { reason: String, message: String },
+    /// Being deleted: its task stops within the grace period, then the pod is deleted.
+    Deleting {
+        attempt: Option<Attempt>,
+        delete_by: Option<Instant>,
+    },
+    /// Deleted (or deleting itself, with grace 0): nothing more to do.
+    Deleted,
+}
+
+/// One pod's run: its stage and what outlives its attempts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Run {
+    pub stage: Stage,
+    /// The number the next attempt gets.
+    pub next_number: u32,
+    /// How the previous attempt was lost, shown until a later one restarts on its own.
+    pub last_loss: Option<Loss>,
+}
+
+impl Default for Run {
+    fn default() -> Self {
+        Run {
+            stage: Stage::Admitting,
+            next_number: 1,
+            last_loss: None,
+        }
+    }
+}
+
+impl Run {
+    /// The attempt it holds, if any.
+    pub fn attempt(&self) -> Option<&Attempt> {
+        match &self.stage {
+            Stage::Dispatched { attempt, .. } => Some(attempt),
+            Stage::Finished { attempt } | Stage::Deleting { attempt, .. } => attempt.as_ref(),
+            _ => None,
+        }
+    }
+
+    fn attempt_mut(&mut self) -> Option<&mut Attempt> {
+        match &mut self.stage {
+            Stage::Dispatched { attempt, .. } => Some(attempt),
+            Stage::Finished { attempt } | Stage::Deleting { attempt, .. } => attempt.as_mut(),
+            _ => None,
+        }
+    }
+
+    /// Whether time alone (a retry, a deadline, a quiet device, the warm-up) can move it: the
+    /// controller's tick looks only at these.
+    pub fn waits_on_time(&self, deleting: bool, online: impl Fn(&str) -> Option<bool>) -> bool {
+        match &self.stage {
+            Stage::Deleted => false,
+            _ if deleting => true,
+            Stage::Admitting | Stage::Resolving { .. } | Stage::Unplaced { .. } => true,
+            Stage::Dispatched { attempt, .. } => online(&attempt.device) != Some(true),
+            Stage::Deleting { .. } => true,
+            Stage::Finished { .. } | Stage::Failed { .. } => false,
+        }
+    }
+
+    /// Whether a task of attempt `number`, found running on a device of the pod's pool, is
+    /// to be adopted: the pod has no attempt, is not failed or deleting, and the task is not
+    /// older than the attempts already made.
+    pub fn adopts(&self, number: u32) -> bool {
+        matches!(
+            self.stage,
+            Stage::Admitting | Stage::Resolving { .. } | Stage::Unplaced { .. }
+        ) && number + 1 >= self.next_number
+    }
+
+    /// Whether the pod's status is darkcore's to write now (not before admission, not once
+    /// deleting).
+    pub fn shows_status(&self) -> bool {
+        !matches!(
+            self.stage,
+            Stage::Admitting | Stage::Deleting { .. } | Stage::Deleted
+        )
+    }
+}
+
+/// What happens to a pod.
+#[derive(Debug)]
+pub enum Event {
+    /// Look again with the facts of now: the pod changed, or time passed.
+    Look,
+    /// Its resolution ended: ready, or blocked with the message the container shows.
+    Resolved(Result<Box<Resolved>, String>),
+    /// Its device reported the current attempt.
+    Report(TaskStatus),
+    /// A device runs a task of this pod that the operator had not recorded (it restarted):
+    /// adopt it rather than run the pod twice.
+    Adopt(Attempt),
+    /// The current attempt is gone with its device.
+    Lost(LossReason, String),
+}
+
+/// The device a placement chose, and what it granted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Choice {
+    pub device: String,
+    pub millicores: u64,
+    pub memory: u64,
+}
+
+/// The world as the controller sees it at a step.
+pub struct Facts<'a> {
+    /// The pod's uid, which its task ids carry.
+    pub uid: &'a str,
+    pub now: Instant,
+    /// The wall clock, for the times a pod's status shows.
+    pub unix_ms: i64,
+    /// The operator's warm-up after a start is over: devices had their time to reattach.
+    pub warm: bool,
+    /// The pod is being deleted, with this grace period (seconds).
+    pub deleting: Option<u32>,
+    /// The pool's verdict on the pod; `None` while its pool or node is not known. Asked only
+    /// while admitting.
+    pub admission: &'a dyn Fn() -> Option<Result<Runtime, Refusal>>,
+    /// Attempts past this many re-dispatches fail the pod.
+    pub max_redispatches: u32,
+    /// Whether a device is online (`None`: not seen since the operator started).
+    pub online: &'a dyn Fn(&str) -> Option<bool>,
+    /// A device for a ready pod, or why none fits.
+    pub choose: &'a dyn Fn(&Ready) -> Result<Choice, String>,
+}
+
+/// What the controller carries out after a step.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    /// Resolve the pod's env and volumes.
+    Resolve,
+    /// Send the new attempt (the stage's) to its device.
+    Assign,
+    /// Tell a device to stop a task.
+    Cancel {
+        device: String,
+        task: TaskId,
+        grace: u32,
+        reason: &'static str,
+    },
+    /// A Warning Event on the pod; `once`: only the first time this reason and message come.
+    Warn {
+        reason: String,
+        message: String,
+        once: bool,
+    },
+    /// An attempt was lost and the task runs again.
+    Redispatched(LossReason),
+    /// An attempt ended and its outcome is recorded.
+    Completed { succeeded: bool },
+    /// Delete the pod.
+    Delete,
+}
+
+/// Moves a pod's run by one event; returns the run and what to do.
+pub fn step(mut run: Run, event: Event, facts: &Facts<'_>) -> (Run, Vec<Effect>) {
+    let mut effects = Vec::new();
+    run = apply(run, event, facts, &mut effects);
+    (settle(run, facts, &mut effects), effects)
+}
+
+/// The event's own change.
+fn apply(mut run: Run, event: Event, facts: &Facts<'_>, effects: &mut Vec<Effect>) -> Run {
+    match event {
+        Event::Look => {}
+        Event::Resolved(result) => {
+            if let Stage::Resolving { runtime, .. } = run.stage {
+                run.stage = match result {
+                    Ok(resolved) => Stage::Unplaced {
+                        ready: Ready { runtime, resolved },
+                        why: None,
+                    },
+                    Err(message) => Stage::Resolving {
+                        runtime,
+                        blocked: Some(Blocked {
+                            message,
+                            retry_at: facts.now + RESOLVE_RETRY,
+                        }),
+                        in_flight: false,
+                    },
+                };
+            }
+        }
+        Event::Report(report) => {
+            if let Some(attempt) = run.attempt_mut() {
+                let evicted = phase_of(Some(&report)) == TaskPhase::Failed
+                    && report.reason == "Evicted"
+                    && attempt.phase() != TaskPhase::Failed;
+                if evicted {
+                    // A device that evicted the task says why, as a kubelet's eviction does.
+                    effects.push(Effect::Warn {
+                        reason: "Evicted".into(),
+                        message: report.message.clone(),
+                        once: false,
+                    });
+                }
+                attempt.report = Some(report);
+            }
+        }
+        Event::Adopt(attempt) => {
+            let ready = match std::mem::replace(&mut run.stage, Stage::Admitting) {
+                Stage::Unplaced { ready, .. } => Some(Some(ready)),
+                Stage::Admitting | Stage::Resolving { .. } => Some(None),
+                other => {
+                    run.stage = other;
+                    None
+                }
+            };
+            if let Some(ready) = ready {
+                run.next_number = run.next_number.max(attempt.task.number + 1);
+                run.stage = Stage::Dispatched { attempt, ready };
+            }
+        }
+        Event::Lost(reason, message) => match run.stage {
+            Stage::Dispatched { .. } => run = lose(run, reason, message, facts, effects),
+            Stage::Deleting {
+                attempt: Some(attempt),
+                delete_by,
+            } => {
+                effects.push(abandon(&attempt));
+                run.stage = Stage::Deleting {
+                    attempt: None,
+                    delete_by,
+                };
+            }
+            stage => run.stage = stage,
+        },
+    }
+    run
+}
+
+fn abandon(attempt: &Attempt) -> Effect {
+    Effect::Cancel {
+        device: attempt.device.clone(),
+        task: attempt.task.clone(),
+        grace: 0,
+        reason: "this attempt was abandoned",
+    }
+}
+
+/// The current attempt ended without the pod's doing: run it again, or fail the pod past
+/// the pool's maximum of re-dispatches.
+fn lose(
+    mut run: Run,
+    reason: LossReason,
+    message: String,
+    facts: &Facts<'_>,
+    effects: &mut Vec<Effect>,
+) -> Run {
+    let Stage::Dispatched { attempt, ready } = run.stage else {
+        return run;
+    };
+    effects.push(abandon(&attempt));
+    effects.push(Effect::Redispatched(reason));
+    let number = attempt.task.number;
+    run.next_number = run.next_number.max(number + 1);
+    run.last_loss = Some(Loss {
+        reason: reason.as_str().into(),
+        message: message.clone(),
+        at_unix_ms: facts.unix_ms,
+    });
+    effects.push(Effect::Warn {
+        reason: reason.as_str().into(),
+        message: format!("{message}; attempt {number} of the task ended"),
+        once: false,
+    });
+    run.stage = if number > facts.max_redispatches {
+        Stage::Failed {
+            reason: reason.as_str().into(),
+            message: format!(
+                "{message}; the task was dispatched {number} times, more than the pool's maxRedispatches ({}) allows",
+                facts.max_redispatches
+            ),
+        }
+    } else {
+        match ready {
+            Some(ready) => Stage::Unplaced { ready, why: None },
+            None => Stage::Admitting,
+        }
+    };
+    run
+}
+
+/// Moves the run as far as the facts take it.
+fn settle(mut run: Run, facts: &Facts<'_>, effects: &mut Vec<Effect>) -> Run {
+    loop {
+        let stage = std::mem::replace(&mut run.stage, Stage::Deleted);
+        let (stage, again) = match (stage, facts.deleting) {
+            (Stage::Deleted, _) => (Stage::Deleted, false),
+            (Stage::Deleting { attempt, delete_by }, Some(grace)) => {
+                (delete(attempt, delete_by, grace, facts, effects), false)
+            }
+            (other, Some(_)) => {
+                let attempt = match other {
+                    Stage::Dispatched { attempt, .. } => Some(attempt),
+                    Stage::Finished { attempt } => attempt,
+                    _ => None,
+                };
+                let stage = Stage::Deleting {
+                    attempt,
+                    delete_by: None,
+                };
+                (stage, true)
+            }
+            (Stage::Admitting, None) => match (facts.admission)() {
+                None => (Stage::Admitting, false),
+                Some(Ok(runtime)) => (
+                    Stage::Resolving {
+                        runtime,
+                        blocked: None,
+                        in_flight: false,
+                    },
+                    true,
+                ),
+                Some(Err(refusal)) => {
+                    effects.push(Effect::Warn {
+                        reason: refusal.reason.into(),
+                        message: refusal.message.clone(),
+                        once: false,
+                    });
+                    let stage = Stage::Failed {
+                        reason: refusal.reason.into(),
+                        message: refusal.message,
+                    };
+                    (stage, false)
+                }
+            },
+            (
+                Stage::Resolving {
+                    runtime,
+                    blocked,
+                    in_flight,
+                },
+                None,
+            ) => {
+                let due = blocked.as_ref().is_none_or(|b| facts.now >= b.retry_at);
+                let start = !in_flight && due;
+                if start {
+                    effects.push(Effect::Resolve);
+                }
+                let stage = Stage::Resolving {
+                    runtime,
+                    blocked,
+                    in_flight: in_flight || start,
+                };
+                (stage, false)
+            }
+            (Stage::Unplaced { ready, why: _ }, None) if facts.warm => match (facts.choose)(&ready)
+            {
+                Ok(choice) => {
+                    let attempt = Attempt {
+                        task: TaskId {
+                            uid: facts.uid.to_string(),
+                            number: run.next_number.max(1),
+                        },
+                        device: choice.device,
+                        millicores: choice.millicores,
+                        memory: choice.memory,
+                        report: None,
+                        cancelled: false,
+                    };
+                    run.next_number = attempt.task.number + 1;
+                    effects.push(Effect::Assign);
+                    let stage = Stage::Dispatched {
+                        attempt,
+                        ready: Some(ready),
+                    };
+                    (stage, false)
+                }
+                Err(why) => {
+                    effects.push(Effect::Warn {
+                        reason: "NoDeviceFits".into(),
+                        message: why.clone(),
+                        once: true,
+                    });
+                    let stage = Stage::Unplaced {
+                        ready,
+                        why: Some(why),
+                    };
+                    (stage, false)
+                }
+            },
+            (Stage::Dispatched { mut attempt, ready }, None) => {
+                let phase = attempt.phase();
+                let lost = match (facts.online)(&attempt.device) {
+                    Some(online) => !online,
+                    None => facts.warm,
+                };
+                if lost && !terminal(phase) {
+                    let message = format!(
+                        "device {} was lost (no heartbeat within the pool's deviceLostAfterSeconds)",
+                        attempt.device
+                    );
+                    run.stage = Stage::Dispatched { attempt, ready };
+                    run = lose(run, LossReason::DeviceLost, message, facts, effects);
+                    continue;
+                }
+                if phase == TaskPhase::Preempted {
+                    let report = attempt.report.clone().unwrap_or_default();
+                    let words = if report.message.is_empty() {
+                        report.reason
+                    } else {
+                        report.message
+                    };
+                    let message =
+                        format!("device {} handed the task back: {words}", attempt.device);
+                    run.stage = Stage::Dispatched { attempt, ready };
+                    run = lose(run, LossReason::Preempted, message, facts, effects);
+                    continue;
+                }
+                if terminal(phase) {
+                    effects.push(Effect::Completed {
+                        succeeded: phase == TaskPhase::Succeeded,
+                    });
+                    effects.push(Effect::Cancel {
+                        device: attempt.device.clone(),
+                        task: attempt.task.clone(),
+                        grace: 0,
+                        reason: "its outcome is recorded",
+                    });
+                    attempt.cancelled = true;
+                    let stage = Stage::Finished {
+                        attempt: Some(attempt),
+                    };
+                    (stage, false)
+                } else {
+                    (Stage::Dispatched { attempt, ready }, false)
+                }
+            }
+            (stage, None) => (stage, false),
+        };
+        run.stage = stage;
+        if !again {
+            return run;
+        }
+    }
+}
+
+/// A deleting pod: its task is told to stop within `grace`; the pod is deleted once it has
+/// stopped, its device is away, or the grace and a slack have passed.
+fn delete(
+    mut attempt: Option<Attempt>,
+    mut delete_by: Option<Instant>,
+    grace: u32,
+    facts: &Facts<'_>,
+    effects: &mut Vec<Effect>,
+) -> Stage {
+    if let Some(attempt) = attempt.as_mut().filter(|a| !a.cancelled) {
+        effects.push(Effect::Cancel {
+            device: attempt.device.clone(),
+            task: attempt.task.clone(),
+            grace,
+            reason: "the pod is being deleted",
+        });
+        attempt.cancelled = true;
+        delete_by = Some(facts.now + Duration::from_secs(u64::from(grace)) + STOP_SLACK);
+    }
+    let running = attempt
+        .as_ref()
+        .is_some_and(|a| a.busy() && a.phase() != TaskPhase::Preempted);
+    let online = attempt
+        .as_ref()
+        .is_some_and(|a| (facts.online)(&a.device) == Some(true));
+    let stopped = !running || !online || delete_by.is_some_and(|by| facts.now >= by);
+    if !stopped {
+        return Stage::Deleting { attempt, delete_by };
+    }
+    // With grace 0 (force deletion, or a finished pod) the API server removes the pod in the
+    // same request: deleting it again would only cost a 404.
+    if grace > 0 {
+        effects.push(Effect::Delete);
+    }
+    Stage::Deleted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The world a test steps a pod in.
+    struct World {
+        now: Instant,
+        warm: bool,
+        deleting: Option<u32>,
+        admission: Option<Result<Runtime, Refusal>>,
+        online: Option<bool>,
+        fits: Result<&'static str, &'static str>,
+    }
+
+    impl World {
+        fn new() -> World {
+            World {
+                now: Instant::now(),
+                warm: true,
+                deleting: None,
+                admission: Some(Ok(Runtime::Oci)),
+                online: Some(true),
+                fits: Ok("dev-a"),
+            }
+        }
+
+        fn step(&self, run: Run, event: Event) -> (Run, Vec<Effect>) {
+            let online = |_: &str| self.online;
+            let choose = |_: &Ready| {
+                self.fits
+                    .map(|device| Choice {
+                        device: device.into(),
+                        millicores: 500,
+                        memory: 64 << 20,
+                    })
+                    .map_err(String::from)
+            };
+            let admission = || self.admission.clone();
+            let facts = Facts {
+                uid: "pod-uid",
+                now: self.now,
+                unix_ms: 1_700_000_000_000,
+                warm: self.warm,
+                deleting: self.deleting,
+                admission: &admission,
+                max_redispatches: 2,
+                online: &online,
+                choose: &choose,
+            };
+            step(run, event, &facts)
+        }
+    }
+
+    fn report(phase: TaskPhase, reason: &str, message: &str) -> Event {
+        Event::Report(TaskStatus {
+            task_id: "pod-uid.1".into(),
+            phase: phase as i32,
+            reason: reason.into(),
+            message: message.into(),
+            ..Default::default()
+        })
+    }
+
+    fn ready() -> Ready {
+        Ready {
+            runtime: Runtime::Oci,
+            resolved: Box::default(),
+        }
+    }
+
+    /// A run with its first attempt dispatched to dev-a.
+    fn dispatched(world: &World) -> Run {
+        let (run, _) = world.step(Run::default(), Event::Look);
+        let (run, effects) = world.step(run, Event::Resolved(Ok(Box::default())));
+        assert_eq!(effects, [Effect::Assign]);
+        run
+    }
+
+    fn attempt_of(run: &Run) -> &Attempt {
+        run.attempt().expect("an attempt")
+    }
+
+    fn is_cancel(effect: &Effect, why: &str) -> bool {
+        matches!(effect, Effect::Cancel { reason, .. } if *reason == why)
+    }
+
+    #[test]
+    fn a_pod_is_admitted_resolved_placed_and_dispatched() {
+        let mut world = World::new();
+        world.admission = None;
+        let (run, effects) = world.step(Run::default(), Event::Look);
+        assert_eq!((&run.stage, effects.len()), (&Stage::Admitting, 0));
+        assert!(!run.shows_status(), "nothing is written before admission");
+        world.admission = Some(Ok(Runtime::Wasm));
+        let (run, effects) = world.step(run, Event::Look);
+        assert_eq!(effects, [Effect::Resolve]);
+        assert!(matches!(
+            run.stage,
+            Stage::Resolving {
+                runtime: Runtime::Wasm,
+                in_flight: true,
+                ..
+            }
+        ));
+        // A second look while it resolves starts nothing more.
+        let (run, effects) = world.step(run, Event::Look);
+        assert!(effects.is_empty());
+        let (run, effects) = world.step(run, Event::Resolved(Ok(Box::default())));
+        assert_eq!(effects, [Effect::Assign]);
+        let attempt = attempt_of(&run);
+        assert_eq!(attempt.task.to_string(), "pod-uid.1");
+        assert_eq!(
+            (attempt.device.as_str(), attempt.millicores),
+            ("dev-a", 500)
+        );
+        assert_eq!(run.next_number, 2);
+    }
+
+    #[test]
+    fn a_blocked_resolution_is_tried_again_after_the_retry_time() {
+        let mut world = World::new();
+        let (run, _) = world.step(Run::default(), Event::Look);
+        let (run, effects) = world.step(run, Event::Resolved(Err("no ConfigMap x".into())));
+        assert!(effects.is_empty());
+        assert!(
+            matches!(&run.stage, Stage::Resolving { blocked: Some(b), in_flight: false, .. } if b.message == "no ConfigMap x")
+        );
+        world.now += RESOLVE_RETRY / 2;
+        let (run, effects) = world.step(run, Event::Look);
+        assert!(effects.is_empty());
+        world.now += RESOLVE_RETRY;
+        let (_, effects) = world.step(run, Event::Look);
+        assert_eq!(effects, [Effect::Resolve]);
+    }
+
+    #[test]
+    fn a_refused_pod_fails_with_the_pools_reason() {
+        let mut world = World::new();
+        world.admission = Some(Err(Refusal {
+            reason: "RuntimeNotAllowed",
+            message: "pool lab does not allow process".into(),
+        }));
+        let (run, effects) = world.step(Run::default(), Event::Look);
+        assert!(
+            matches!(&run.stage, Stage::Failed { reason, .. } if reason == "RuntimeNotAllowed")
+        );
+        assert!(
+            matches!(&effects[..], [Effect::Warn { reason, once: false, .. }] if reason == "RuntimeNotAllowed")
+        );
+        assert!(!run.waits_on_time(false, |_| Some(true)));
+    }
+
+    #[test]
+    fn nothing_is_placed_during_the_warm_up_and_an_unfit_pod_says_why_once() {
+        let mut world = World::new();
+        world.warm = false;
+        let (run, _) = world.step(Run::default(), Event::Look);
+        let (run, effects) = world.step(run, Event::Resolved(Ok(Box::default())));
+        assert!(effects.is_empty());
+        assert!(matches!(run.stage, Stage::Unplaced { why: None, .. }));
+        world.warm = true;
+        world.fits = Err("no device offers 4 cores");
+        let (run, effects) = world.step(run, Event::Look);
+        assert!(
+            matches!(&effects[..], [Effect::Warn { reason, once: true, .. }] if reason == "NoDeviceFits")
+        );
+        assert!(
+            matches!(&run.stage, Stage::Unplaced { why: Some(w), .. } if w == "no device offers 4 cores")
+        );
+        assert!(
+            run.waits_on_time(false, |_| None),
+            "placement is tried again"
+        );
+    }
+
+    #[test]
+    fn a_lost_device_abandons_the_attempt_and_the_task_runs_again_elsewhere() {
+        let mut world = World::new();
+        let run = dispatched(&world);
+        assert!(!run.waits_on_time(false, |_| Some(true)));
+        world.online = Some(false);
+        world.fits = Ok("dev-b");
+        let (run, effects) = world.step(run, Event::Look);
+        assert!(is_cancel(&effects[0], "this attempt was abandoned"));
+        assert_eq!(effects[1], Effect::Redispatched(LossReason::DeviceLost));
+        assert!(matches!(&effects[2], Effect::Warn { reason, message, .. }
+            if reason == "DeviceLost" && message.ends_with("attempt 1 of the task ended")));
+        assert_eq!(effects[3], Effect::Assign);
+        let attempt = attempt_of(&run);
+        assert_eq!((attempt.task.number, attempt.device.as_str()), (2, "dev-b"));
+        let loss = run.last_loss.as_ref().unwrap();
+        assert_eq!(loss.reason, "DeviceLost");
+        assert!(
+            loss.message.contains("device dev-a was lost"),
+            "{}",
+            loss.message
+        );
+    }
+
+    #[test]
+    fn a_pod_lost_more_often_than_the_pool_allows_fails() {
+        let mut world = World::new();
+        let mut run = dispatched(&world);
+        world.online = Some(false);
+        world.fits = Err("no device is online");
+        // Attempts 1 and 2 are lost and placed again; losing attempt 3 passes maxRedispatches 2.
+        for number in 1..=3 {
+            run.stage = Stage::Dispatched {
+                attempt: Attempt {
+                    task: TaskId {
+                        uid: "pod-uid".into(),
+                        number,
+                    },
+                    device: "dev-a".into(),
+                    millicores: 0,
+                    memory: 0,
+                    report: None,
+                    cancelled: false,
+                },
+                ready: Some(ready()),
+            };
+            (run, _) = world.step(run, Event::Look);
+        }
+        assert!(
+            matches!(&run.stage, Stage::Failed { reason, message }
+            if reason == "DeviceLost" && message.contains("dispatched 3 times")),
+            "{:?}",
+            run.stage
+        );
+        assert_eq!(run.next_number, 4);
+    }
+
+    #[test]
+    fn a_preempted_task_runs_again_with_the_devices_words() {
+        let world = World::new();
+        let run = dispatched(&world);
+        let (run, effects) = world.step(
+            run,
+            report(TaskPhase::Preempted, "Preempted", "the owner is back"),
+        );
+        assert_eq!(effects[1], Effect::Redispatched(LossReason::Preempted));
+        assert_eq!(attempt_of(&run).task.number, 2);
+        assert_eq!(
+            run.last_loss.unwrap().message,
+            "device dev-a handed the task back: the owner is back"
+        );
+    }
+
+    #[test]
+    fn a_finished_task_is_recorded_then_released() {
+        let world = World::new();
+        let run = dispatched(&world);
+        let (run, effects) = world.step(run, report(TaskPhase::Running, "", ""));
+        assert!(effects.is_empty());
+        let (run, effects) = world.step(run, report(TaskPhase::Succeeded, "", ""));
+        assert_eq!(effects[0], Effect::Completed { succeeded: true });
+        assert!(is_cancel(&effects[1], "its outcome is recorded"));
+        assert!(matches!(&run.stage, Stage::Finished { attempt: Some(a) } if a.cancelled));
+        assert!(run.shows_status(), "the outcome is still to be shown");
+        // The device comes back without the released task: that is no loss.
+        let (run, effects) = world.step(run, Event::Lost(LossReason::DeviceLost, "gone".into()));
+        assert!(effects.is_empty());
+        assert!(run.last_loss.is_none());
+    }
+
+    #[test]
+    fn an_evicted_task_says_so_in_an_event_and_fails() {
+        let world = World::new();
+        let run = dispatched(&world);
+        let (run, effects) = world.step(run, report(TaskPhase::Failed, "Evicted", "over 4Mi"));
+        assert!(matches!(&effects[0], Effect::Warn { reason, message, .. }
+            if reason == "Evicted" && message == "over 4Mi"));
+        assert_eq!(effects[1], Effect::Completed { succeeded: false });
+        assert!(matches!(run.stage, Stage::Finished { .. }));
+    }
+
+    #[test]
+    fn after_a_restart_an_adopted_attempt_waits_for_its_device_through_the_warm_up() {
+        let mut world = World::new();
+        world.warm = false;
+        world.online = None;
+        let adopted = Run {
+            stage: Stage::Dispatched {
+                attempt: Attempt {
+                    task: TaskId {
+                        uid: "pod-uid".into(),
+                        number: 2,
+                    },
+                    device: "dev-a".into(),
+                    millicores: 0,
+                    memory: 0,
+                    report: None,
+                    cancelled: false,
+                },
+                ready: None,
+            },
+            next_number: 3,
+            last_loss: None,
+        };
+        let (run, effects) = world.step(adopted, Event::Look);
+        assert!(
+            effects.is_empty(),
+            "not lost while its device may be reconnecting"
+        );
+        assert!(run.waits_on_time(false, |_| None));
+        // Warm, and the device never came back: lost; with nothing resolved, it starts over.
+        world.warm = true;
+        let (run, effects) = world.step(run, Event::Look);
+        assert_eq!(effects[1], Effect::Redispatched(LossReason::DeviceLost));
+        assert_eq!(effects.last(), Some(&Effect::Resolve));
+        assert!(matches!(run.stage, Stage::Resolving { .. }));
+        assert_eq!(run.next_number, 3);
+    }
+
+    #[test]
+    fn a_task_found_running_is_adopted_only_by_a_pod_without_one() {
+        let world = World::new();
+        let (resolving, _) = world.step(Run::default(), Event::Look);
+        assert!(resolving.adopts(1));
+        let found = Attempt {
+            task: TaskId {
+                uid: "pod-uid".into(),
+                number: 5,
+            },
+            device: "dev-c".into(),
+            millicores: 0,
+            memory: 0,
+            report: None,
+            cancelled: false,
+        };
+        let (run, effects) = world.step(resolving, Event::Adopt(found.clone()));
+        assert!(effects.is_empty());
+        assert_eq!(attempt_of(&run).device, "dev-c");
+        assert_eq!(run.next_number, 6);
+        assert!(!run.adopts(6), "it has an attempt now");
+        // Older than an attempt already made: not adopted.
+        let stale = Run {
+            next_number: 8,
+            ..Run::default()
+        };
+        assert!(!stale.adopts(5));
+        let failed = Run {
+            stage: Stage::Failed {
+                reason: "x".into(),
+                message: "y".into(),
+            },
+            ..Run::default()
+        };
+        assert!(!failed.adopts(9));
+    }
+
+    #[test]
+    fn a_deleted_pod_stops_its_task_within_the_grace_period_then_is_deleted() {
+        let mut world = World::new();
+        let run = dispatched(&world);
+        let (run, _) = world.step(run, report(TaskPhase::Running, "", ""));
+        world.deleting = Some(30);
+        let (run, effects) = world.step(run, Event::Look);
+        assert!(
+            matches!(&effects[..], [Effect::Cancel { grace: 30, reason, .. }] if *reason == "the pod is being deleted")
+        );
+        assert!(matches!(
+            run.stage,
+            Stage::Deleting {
+                delete_by: Some(_),
+                ..
+            }
+        ));
+        assert!(!run.shows_status());
+        let (run, effects) = world.step(run, Event::Look);
+        assert!(effects.is_empty(), "the stop is sent once");
+        // The task ends: the pod is deleted.
+        let (run, effects) = world.step(run, report(TaskPhase::Failed, "Stopped", ""));
+        assert_eq!(effects, [Effect::Delete]);
+        assert_eq!(run.stage, Stage::Deleted);
+        assert!(!run.waits_on_time(true, |_| None));
+    }
+
+    #[test]
+    fn a_deleted_pod_whose_task_hangs_is_deleted_after_the_grace_and_slack() {
+        let mut world = World::new();
+        let run = dispatched(&world);
+        let (run, _) = world.step(run, report(TaskPhase::Running, "", ""));
+        world.deleting = Some(5);
+        let (run, _) = world.step(run, Event::Look);
+        world.now += Duration::from_secs(5) + STOP_SLACK;
+        let (run, effects) = world.step(run, Event::Look);
+        assert_eq!((effects, run.stage), (vec![Effect::Delete], Stage::Deleted));
+    }
+
+    #[test]
+    fn deletion_during_dispatch_or_with_the_device_away_deletes_at_once() {
+        let mut world = World::new();
+        // Deleted (force, grace 0) right as it is dispatched: its task is stopped, and the API
+        // server removes the pod by itself.
+        world.deleting = Some(0);
+        let (run, _) = world.step(Run::default(), Event::Look);
+        assert_eq!(run.stage, Stage::Deleted, "nothing to stop before dispatch");
+        let mut world = World::new();
+        let run = dispatched(&world);
+        world.deleting = Some(30);
+        world.online = Some(false);
+        let (run, effects) = world.step(run, Event::Look);
+        assert!(is_cancel(&effects[0], "the pod is being deleted"));
+        assert_eq!(effects[1], Effect::Delete);
+        assert_eq!(run.stage, Stage::Deleted);
+        // A late report of an abandoned or deleted pod changes nothing.
+        let (run, effects) = world.step(run, report(TaskPhase::Running, "", ""));
+        assert!(effects.is_empty());
+        assert_eq!(run.stage, Stage::Deleted);
+    }
+
+    #[test]
+    fn a_device_lost_while_its_pod_is_deleted_lets_the_deletion_finish() {
+        let mut world = World::new();
+        let run = dispatched(&world);
+        let (run, _) = world.step(run, report(TaskPhase::Running, "", ""));
+        world.deleting = Some(30);
+        let (run, _) = world.step(run, Event::Look);
+        let (run, effects) =
+            world.step(run, Event::Lost(LossReason::DeviceLost, "restarted".into()));
+        assert!(is_cancel(&effects[0], "this attempt was abandoned"));
+        assert_eq!(effects[1], Effect::Delete);
+        assert_eq!(run.stage, Stage::Deleted);
+    }
+}
