@@ -17,23 +17,50 @@ use crate::metrics::Metrics;
 
 /// What /readyz answers. A standby is ready: it is healthy and waiting, and the gateway Service
 /// does not route to it (only the leader's address is in its EndpointSlice). A leader is ready
-/// once its caches are synced.
+/// once its caches are synced, and stops being ready when one of its loops has stopped.
 #[derive(Default)]
-pub struct Readiness(AtomicU8);
+pub struct Readiness {
+    state: AtomicU8,
+    failure: std::sync::Mutex<String>,
+}
 
 const SYNCING: u8 = 0;
 const STANDBY: u8 = 1;
 const READY: u8 = 2;
+const FAILED: u8 = 3;
 
 impl Readiness {
     pub fn standby(&self) {
-        self.0.store(STANDBY, Ordering::Relaxed);
+        self.state.store(STANDBY, Ordering::Relaxed);
     }
     pub fn syncing(&self) {
-        self.0.store(SYNCING, Ordering::Relaxed);
+        self.state.store(SYNCING, Ordering::Relaxed);
     }
+    /// Ready, unless a loop has failed already.
     pub fn ready(&self) {
-        self.0.store(READY, Ordering::Relaxed);
+        let _ = self
+            .state
+            .compare_exchange(SYNCING, READY, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    /// A loop the operator needs has stopped: not ready again in this process.
+    pub fn failed(&self, why: String) {
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = why;
+        self.state.store(FAILED, Ordering::Relaxed);
+    }
+
+    fn answer(&self) -> (StatusCode, String) {
+        match self.state.load(Ordering::Relaxed) {
+            READY => (StatusCode::OK, "ok\n".into()),
+            STANDBY => (StatusCode::OK, "standby: another replica leads\n".into()),
+            FAILED => {
+                let why = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+                (StatusCode::SERVICE_UNAVAILABLE, format!("failed: {why}\n"))
+            }
+            _ => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "waiting for the DevicePool and Node caches to sync\n".into(),
+            ),
+        }
     }
 }
 
@@ -54,14 +81,7 @@ pub fn router(health: Health) -> Router {
 }
 
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {
-    match health.readiness.0.load(Ordering::Relaxed) {
-        READY => (StatusCode::OK, "ok\n"),
-        STANDBY => (StatusCode::OK, "standby: another replica leads\n"),
-        _ => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "waiting for the DevicePool and Node caches to sync\n",
-        ),
-    }
+    health.readiness.answer()
 }
 
 async fn metrics(State(health): State<Health>) -> impl IntoResponse {

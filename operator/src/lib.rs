@@ -16,4 +16,5 @@ pub mod metrics;
 pub mod pods;
 pub mod pool;
 pub mod run;
+pub mod supervise;
 pub mod usage;

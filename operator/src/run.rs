@@ -37,6 +37,7 @@ use crate::pods::writer::Writer;
 use crate::pool::controller::{Context, REGISTRY_WARMUP, error_policy, reconcile};
 use crate::pool::node_status::KubeletEndpoint;
 use crate::pool::{FIELD_MANAGER, POOL_LABEL, lease};
+use crate::supervise::Supervisor;
 use crate::usage::recorder::Recorder as UsageRecorder;
 
 /// Options of `darkcore-operator run`.
@@ -255,19 +256,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics.clone(),
         Duration::from_secs(args.usage_flush_seconds),
     );
-    let usage_loop = tokio::spawn(usage_recorder.run(usage_inbox));
+    let mut loops = Supervisor::default();
+    loops.spawn("usage", usage_recorder.run(usage_inbox));
     let task_reports = TaskReports {
         controller: pod_controller.inbox(),
         logs: logs.clone(),
         usage,
     };
-    let pod_watches = tokio::spawn(crate::pods::watch::follow_nodes(
-        client.clone(),
-        pool_store.clone(),
-        nodes.clone(),
-        pod_controller.inbox(),
-    ));
-    let pod_loop = tokio::spawn(pod_controller.run(pod_inbox));
+    loops.spawn(
+        "pod watch",
+        crate::pods::watch::follow_nodes(
+            client.clone(),
+            pool_store.clone(),
+            nodes.clone(),
+            pod_controller.inbox(),
+        ),
+    );
+    loops.spawn("pod", pod_controller.run(pod_inbox));
     let kubelet_addr = SocketAddr::new(args.kubelet_bind, args.kubelet_port as u16);
     let client_ca = kubelet::client_ca(&client).await.unwrap_or_else(|error| {
         tracing::warn!(%error, "no client CA for the kubelet API: only bearer tokens will be accepted");
@@ -286,7 +291,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }),
     )
     .await?;
-    let kubelet_api = tokio::spawn(kubelet_api);
+    loops.watch("kubelet API", tokio::spawn(kubelet_api));
 
     let pool_served: PoolCheck = {
         let (pools, synced) = (pool_store.clone(), pools_synced.clone());
@@ -316,7 +321,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     )
     .await?;
-    let gateway = tokio::spawn(async move {
+    loops.spawn("agent gateway", async move {
         if let Err(error) = gateway.await {
             tracing::error!(%error, "the agent gateway stopped");
         }
@@ -339,19 +344,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         })?;
         tracing::info!(%service, address = %args.node_address, "the gateway Service now leads to this replica");
     }
-    let sweeper = tokio::spawn(sweep_loop(registry.clone(), pool_store.clone()));
-    let revocations = tokio::spawn(watch_revocations(
-        client.clone(),
-        args.namespace.clone(),
-        registry.clone(),
-    ));
+    loops.spawn(
+        "device sweep",
+        sweep_loop(registry.clone(), pool_store.clone()),
+    );
+    loops.spawn(
+        "revocation watch",
+        watch_revocations(client.clone(), args.namespace.clone(), registry.clone()),
+    );
 
-    let renewer = tokio::spawn(lease::renew_loop(
-        client.clone(),
-        pool_store,
-        nodes.clone(),
-        metrics.clone(),
-    ));
+    loops.spawn(
+        "node lease",
+        lease::renew_loop(client.clone(), pool_store, nodes.clone(), metrics.clone()),
+    );
+    let readiness_state = readiness.clone();
     let readiness = {
         let nodes_synced = nodes_synced.clone();
         tokio::spawn(async move {
@@ -397,20 +403,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         lost = lost => Err(anyhow::Error::new(lost).context(
             "stopped acting because leadership was lost; a restart rejoins as a standby",
         )),
+        stopped = loops.first_stopped() => {
+            readiness_state.failed(stopped.to_string());
+            Err(anyhow::Error::new(stopped).context(
+                "stopped acting because a loop it needs stopped; a restart starts it afresh",
+            ))
+        }
     };
 
     tracing::info!(
         "shutting down; nodes stay until their leases expire, so no pod is evicted by a restart"
     );
-    renewer.abort();
-    pod_watches.abort();
-    pod_loop.abort();
-    kubelet_api.abort();
-    gateway.abort();
     // Records not yet written were not acknowledged: agents send them to the next leader.
-    usage_loop.abort();
-    sweeper.abort();
-    revocations.abort();
+    loops.abort_all();
     readiness.abort();
     // No renewal may land after the release.
     drop(held);

@@ -311,6 +311,22 @@ impl Bench {
         self.pods().delete(pod, &params).await.unwrap();
     }
 
+    /// Waits until the pool's status counts `busy` devices running tasks.
+    pub async fn busy_devices_are(&self, busy: i32) {
+        poll_until(
+            "the pool's busyDevices",
+            Duration::from_secs(20),
+            || async {
+                let status = self.fx.pool_status().await;
+                match status.busy_devices == busy {
+                    true => Ok(()),
+                    false => Err(format!("busyDevices {}", status.busy_devices)),
+                }
+            },
+        )
+        .await;
+    }
+
     pub(crate) async fn events(&self, pod: &str) -> Vec<(String, String)> {
         let events: Api<Event> = Api::namespaced(self.fx.client.clone(), &self.ns.name);
         events
@@ -764,6 +780,7 @@ async fn deletion_stops_the_task_within_its_grace_period() {
             .logs_show("forced", "ready ", Duration::from_secs(60))
             .await,
     );
+    bench.busy_devices_are(1).await;
     let (polite_took, stubborn_took, ()) = tokio::join!(
         bench.delete_and_time("polite"),
         bench.delete_and_time("stubborn"),
@@ -786,6 +803,7 @@ async fn deletion_stops_the_task_within_its_grace_period() {
             "process {pid} is gone once its pod is"
         );
     }
+    bench.busy_devices_are(0).await;
     bench.finish().await;
 }
 

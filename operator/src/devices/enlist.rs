@@ -1,5 +1,5 @@
 //! Which eligible devices a pool enlists under `spec.replicas`: devices already enlisted stay
-//! (no churn), the rest are filled by the most capable and most reliable. Devices that fall
+//! (no churn), the rest are filled by those whose owners offer the most. Devices that fall
 //! out are released, and the caller drains them before letting go.
 
 use std::cmp::Ordering;
@@ -35,11 +35,11 @@ pub fn plan(replicas: Option<i32>, eligible: &[&Device], current: &BTreeSet<Stri
     EnlistPlan { enlisted, released }
 }
 
-/// What the owner lets the device offer, weighted by how often it is there.
+/// What the owner lets the device offer: a core, or 4 GiB of memory, counts one.
 fn score(device: &Device) -> f64 {
     let cores = f64::from(device.offer.millicores) / 1000.0;
     let memory_gib = device.offer.memory_bytes as f64 / f64::from(1u32 << 30);
-    (cores + memory_gib / 4.0) * (0.25 + device.reliability.clamp(0.0, 1.0))
+    cores + memory_gib / 4.0
 }
 
 #[cfg(test)]
@@ -47,11 +47,8 @@ mod tests {
     use super::*;
     use crate::devices::test_device;
 
-    fn device(id: &str, cores: u32, reliability: f64) -> Device {
-        Device {
-            reliability,
-            ..test_device(id, "amd64", cores, 8)
-        }
+    fn device(id: &str, cores: u32) -> Device {
+        test_device(id, "amd64", cores, 8)
     }
 
     fn ids(set: &[&str]) -> BTreeSet<String> {
@@ -60,33 +57,25 @@ mod tests {
 
     #[test]
     fn without_replicas_every_eligible_device_is_enlisted() {
-        let (a, b) = (device("a", 2, 0.5), device("b", 8, 0.5));
+        let (a, b) = (device("a", 2), device("b", 8));
         let plan = plan(None, &[&a, &b], &BTreeSet::new());
         assert_eq!(plan.enlisted, ["b", "a"]);
         assert!(plan.released.is_empty());
     }
 
     #[test]
-    fn replicas_take_the_most_capable_and_reliable_first() {
-        let (small, big, flaky) = (
-            device("small", 2, 0.9),
-            device("big", 8, 0.9),
-            device("flaky", 16, 0.0),
-        );
-        let plan = plan(Some(2), &[&small, &big, &flaky], &BTreeSet::new());
-        assert_eq!(
-            plan.enlisted,
-            ["big", "small"],
-            "a device that is rarely there loses to a smaller one that is"
-        );
-        let plan2 = super::plan(Some(1), &[&small, &big, &flaky], &BTreeSet::new());
+    fn replicas_take_the_most_capable_first() {
+        let (small, big, middle) = (device("small", 2), device("big", 16), device("middle", 8));
+        let plan = plan(Some(2), &[&small, &big, &middle], &BTreeSet::new());
+        assert_eq!(plan.enlisted, ["big", "middle"]);
+        let plan2 = super::plan(Some(1), &[&small, &big, &middle], &BTreeSet::new());
         assert_eq!(plan2.enlisted, ["big"]);
     }
 
     #[test]
     fn what_the_owner_offers_counts_not_the_hardware() {
-        let mut generous = device("generous", 4, 0.5);
-        let mut stingy = device("stingy", 4, 0.5);
+        let mut generous = device("generous", 4);
+        let mut stingy = device("stingy", 4);
         generous.offer.millicores = 3000;
         stingy.offer.millicores = 500;
         let plan = plan(
@@ -100,7 +89,7 @@ mod tests {
 
     #[test]
     fn enlisted_devices_stay_when_better_ones_appear() {
-        let (held, better) = (device("held", 2, 0.5), device("better", 16, 1.0));
+        let (held, better) = (device("held", 2), device("better", 16));
         let plan = plan(Some(1), &[&held, &better], &ids(&["held"]));
         assert_eq!(plan.enlisted, ["held"]);
         assert!(plan.released.is_empty());
@@ -108,11 +97,7 @@ mod tests {
 
     #[test]
     fn scaling_down_releases_the_least_valuable_and_lost_devices() {
-        let (a, b, c) = (
-            device("a", 8, 0.5),
-            device("b", 4, 0.5),
-            device("c", 2, 0.5),
-        );
+        let (a, b, c) = (device("a", 8), device("b", 4), device("c", 2));
         let plan = plan(Some(2), &[&a, &b, &c], &ids(&["a", "b", "c", "gone"]));
         assert_eq!(plan.enlisted, ["a", "b"]);
         assert_eq!(
@@ -124,7 +109,7 @@ mod tests {
 
     #[test]
     fn more_replicas_than_devices_enlists_them_all_and_zero_enlists_none() {
-        let a = device("a", 2, 0.5);
+        let a = device("a", 2);
         assert_eq!(plan(Some(5), &[&a], &BTreeSet::new()).enlisted, ["a"]);
         assert_eq!(plan(Some(0), &[&a], &ids(&["a"])).released, ["a"]);
     }

@@ -26,8 +26,6 @@ pub struct Device {
     /// Whether the owner's policy lets it take work now, and what it offers then.
     pub available: bool,
     pub offer: Offer,
-    /// Share of the last day the device was online (0.0 to 1.0); new devices start at 0.5.
-    pub reliability: f64,
 }
 
 /// Something that happened to a device of a pool, reported on the pool as an Event.
@@ -69,6 +67,5 @@ pub(crate) fn test_device(id: &str, arch: &str, cores: u32, memory_gib: u64) -> 
             disk_bytes: 10 << 30,
             runtimes: vec![Runtime::Oci as i32],
         },
-        reliability: 0.5,
     }
 }

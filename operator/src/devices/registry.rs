@@ -59,6 +59,8 @@ struct State {
     revoked: HashSet<String>,
     dirty: BTreeSet<String>,
     next_generation: u64,
+    /// Devices carrying at least one unfinished task, as the pod controller counts them.
+    busy: HashSet<String>,
 }
 
 impl State {
@@ -123,6 +125,23 @@ impl Registry {
         self.dirty.notify_one();
     }
 
+    /// The pod controller's count of the unfinished tasks a device carries changed: the
+    /// device's pool shows it among its busy devices while it carries any.
+    pub fn carrying(&self, device: &str, tasks: usize) {
+        let mut state = self.lock();
+        let changed = if tasks > 0 {
+            state.busy.insert(device.to_string())
+        } else {
+            state.busy.remove(device)
+        };
+        let pool = state.devices.get(device).map(|e| e.pool.clone());
+        if let (true, Some(pool)) = (changed, pool) {
+            state.changed(&pool, None);
+            drop(state);
+            self.notify();
+        }
+    }
+
     /// A device's stream said Hello. Replaces (and closes) any older stream of the device.
     /// Returns the stream's generation, which later calls name it by.
     pub fn attach(
@@ -148,7 +167,6 @@ impl Registry {
             online: true,
             available: owner.available,
             offer: owner.offer.unwrap_or_default(),
-            reliability: 0.5,
         };
         let connection = Connection {
             generation,
@@ -164,10 +182,7 @@ impl Registry {
                     ));
                 }
                 let was_online = entry.device.online;
-                entry.device = Device {
-                    reliability: entry.device.reliability,
-                    ..device
-                };
+                entry.device = device;
                 entry.pool = pool.into();
                 entry.address = address;
                 entry.agent_version = hello.agent_version.clone();
@@ -456,10 +471,14 @@ impl DeviceInventory for Registry {
         if !plan.released.is_empty() {
             tracing::info!(pool = %name, released = ?plan.released, "devices released from the pool");
         }
+        let busy = enlisted
+            .iter()
+            .filter(|d| state.busy.contains(&d.id))
+            .count() as u32;
         let survey = PoolSurvey {
             platforms: capacity::by_platform(enlisted),
             online,
-            busy: 0,
+            busy,
         };
         for entry in state.devices.values_mut().filter(|e| {
             e.pool == name
@@ -603,6 +622,23 @@ mod tests {
         registry.heartbeat("a", generation);
         assert_eq!(cpu(&registry.survey(&lab(None))), 2000);
         assert_eq!(registry.take_changes("lab")[0].kind, ChangeKind::Joined);
+    }
+
+    #[test]
+    fn enlisted_devices_carrying_tasks_count_as_busy() {
+        let registry = Registry::default();
+        connect(&registry, "a", 1);
+        connect(&registry, "b", 1);
+        connect(&registry, "c", 1);
+        assert_eq!(registry.survey(&lab(None)).busy, 0);
+        registry.carrying("a", 2);
+        registry.carrying("b", 1);
+        assert_eq!(registry.survey(&lab(None)).busy, 2);
+        registry.carrying("b", 0);
+        assert_eq!(registry.survey(&lab(None)).busy, 1);
+        // Only enlisted devices count: with one replica, the pool holds a single device.
+        let one = registry.survey(&lab(Some(1)));
+        assert!(one.busy <= 1, "{one:?}");
     }
 
     #[test]

@@ -266,6 +266,10 @@ impl Controller {
             };
             if let Some(share) = share(&run) {
                 self.load.add(share);
+                let device = share.device;
+                self.shared
+                    .registry
+                    .carrying(device, self.load.of(device).tasks);
             }
             let entry = Entry {
                 pod: pod.clone(),
@@ -290,6 +294,10 @@ impl Controller {
         self.shared.index.remove(&entry.pod);
         if let Some(share) = share(&entry.run) {
             self.load.remove(share);
+            let device = share.device;
+            self.shared
+                .registry
+                .carrying(device, self.load.of(device).tasks);
         }
         if let Some(attempt) = entry.run.attempt().filter(|a| !a.cancelled || a.busy()) {
             cancel(
@@ -429,6 +437,7 @@ impl Controller {
             return;
         };
         let run = std::mem::take(&mut entry.run);
+        let carrier = share(&run).map(|share| share.device.to_string());
         if let Some(share) = share(&run) {
             self.load.remove(share);
         }
@@ -464,6 +473,13 @@ impl Controller {
         let (run, effects) = lifecycle::step(run, event, &facts);
         if let Some(share) = share(&run) {
             self.load.add(share);
+        }
+        // The pool shows which devices carry tasks: tell the registry when that moves.
+        let now_carrier = share(&run).map(|share| share.device);
+        if carrier.as_deref() != now_carrier {
+            for device in carrier.as_deref().into_iter().chain(now_carrier) {
+                shared.registry.carrying(device, self.load.of(device).tasks);
+            }
         }
         entry.run = run;
         for effect in effects {
