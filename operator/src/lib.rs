@@ -15,6 +15,8 @@ pub mod leader;
 pub mod metrics;
 pub mod pods;
 pub mod pool;
+pub mod reports;
 pub mod run;
 pub mod supervise;
+pub mod tls;
 pub mod usage;

@@ -21,9 +21,9 @@ use crate::devices::registry::Registry;
 use crate::enroll::ca;
 use crate::enroll::redeem::Redeemer;
 use crate::enroll::revocation::{REVOKED_CONFIGMAP, revoked_ids};
-use crate::gateway::attach::{AttachService, PoolCheck, TaskReports};
+use crate::gateway;
+use crate::gateway::attach::{AttachService, PoolCheck};
 use crate::gateway::join::JoinService;
-use crate::gateway::{self, tls};
 use crate::http::{self, Health, Readiness};
 use crate::installation;
 use crate::kubelet::auth::Authorizer;
@@ -37,7 +37,9 @@ use crate::pods::writer::Writer;
 use crate::pool::controller::{Context, REGISTRY_WARMUP, error_policy, reconcile};
 use crate::pool::node_status::KubeletEndpoint;
 use crate::pool::{FIELD_MANAGER, POOL_LABEL, lease};
+use crate::reports::TaskReports;
 use crate::supervise::Supervisor;
+use crate::tls;
 use crate::usage::recorder::Recorder as UsageRecorder;
 
 /// Options of `darkcore-operator run`.
@@ -317,7 +319,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             registry: registry.clone(),
             metrics: metrics.clone(),
             pool_served,
-            tasks: task_reports,
+            tasks: Arc::new(task_reports),
         },
     )
     .await?;

@@ -22,7 +22,7 @@ use darkcore_agent::identity::{DeviceRecord, Identity};
 use darkcore_crds::DevicePool;
 use darkcore_operator::devices::registry::Registry;
 use darkcore_operator::enroll::ca::CaMaterial;
-use darkcore_operator::gateway::{self, attach, join, tls};
+use darkcore_operator::gateway::{self, attach, join};
 use darkcore_operator::kubelet::PodIndex;
 use darkcore_operator::kubelet::log_store::LogStore;
 use darkcore_operator::metrics::Metrics;
@@ -30,6 +30,7 @@ use darkcore_operator::pods::controller::{Controller, Input, Shared};
 use darkcore_operator::pods::writer::Writer;
 use darkcore_operator::pool::POOL_LABEL;
 use darkcore_operator::pool::capacity::DeviceInventory as _;
+use darkcore_operator::tls;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector;
@@ -126,11 +127,11 @@ async fn main() -> anyhow::Result<()> {
             registry: registry.clone(),
             metrics: metrics.clone(),
             pool_served: Arc::new(|pool: &str| Some(pool == POOL)),
-            tasks: attach::TaskReports {
+            tasks: Arc::new(darkcore_operator::reports::TaskReports {
                 controller: controller_inbox.clone(),
                 logs,
                 usage,
-            },
+            }),
         },
     )
     .await?;

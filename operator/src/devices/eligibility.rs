@@ -5,7 +5,7 @@ use darkcore_crds::DevicePoolSpec;
 use darkcore_proto::agent::v1::Runtime as WireRuntime;
 
 use crate::devices::Device;
-use crate::pool::capacity::parse_memory;
+use crate::domain::quantity::parse_memory;
 
 pub fn check(spec: &DevicePoolSpec, device: &Device) -> Result<(), String> {
     let caps = &device.capabilities;

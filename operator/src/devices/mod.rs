@@ -28,23 +28,6 @@ pub struct Device {
     pub offer: Offer,
 }
 
-/// Something that happened to a device of a pool, reported on the pool as an Event.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeviceChange {
-    pub kind: ChangeKind,
-    pub device: String,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ChangeKind {
-    /// Its agent connected (first time, or back after being lost).
-    Joined,
-    /// Its agent said nothing for longer than the pool's `deviceLostAfterSeconds`.
-    Lost,
-    /// `darkcore-operator device revoke` shut it out for good.
-    Revoked,
-}
-
 /// A device for tests: linux, online, available, offering all its cores and memory to `oci`.
 #[cfg(test)]
 pub(crate) fn test_device(id: &str, arch: &str, cores: u32, memory_gib: u64) -> Device {

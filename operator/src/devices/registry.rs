@@ -18,7 +18,8 @@ use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::devices::{ChangeKind, Device, DeviceChange, capacity, eligibility, enlist};
+use crate::devices::{Device, capacity, eligibility, enlist};
+use crate::pool::capacity::{ChangeKind, DeviceChange};
 use crate::pool::capacity::{DeviceInventory, PoolSurvey};
 
 /// What the gateway sends an agent through; bounded, so a slow agent gets backpressure.

@@ -7,20 +7,18 @@ use std::time::Duration;
 
 use darkcore_proto::agent::v1::agent_gateway_server::AgentGateway;
 use darkcore_proto::agent::v1::{
-    AgentMessage, Hello, OperatorMessage, Refusal, Welcome, agent_message, operator_message,
-    refusal::Code,
+    AgentMessage, Hello, LogChunk, OperatorMessage, Refusal, TaskStatus, UsageRecord, Welcome,
+    agent_message, operator_message, refusal::Code,
 };
 use darkcore_proto::{PROTOCOL_VERSION, check_version};
+use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code as StatusCode, Request, Response, Status, Streaming};
 
 use crate::devices::registry::{AgentSender, Registry, refusal, refusal_message};
-use crate::gateway::tls::{DeviceIdentity, identity_of};
-use crate::kubelet::log_store::{LogStore, Refused};
 use crate::metrics::Metrics;
-use crate::pods::controller::Input;
-use crate::usage::recorder::Charged;
+use crate::tls::{DeviceIdentity, identity_of};
 
 /// Messages queued for one agent before the sender waits (backpressure, bounded memory).
 pub const SEND_QUEUE: usize = 64;
@@ -36,16 +34,26 @@ pub struct AttachService {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub pool_served: PoolCheck,
-    pub tasks: TaskReports,
+    pub tasks: Arc<dyn TaskSink>,
 }
 
-/// Where task reports, output and usage from agents go: the pod controller, the log store
-/// and the usage recorder.
-#[derive(Clone)]
-pub struct TaskReports {
-    pub controller: mpsc::Sender<Input>,
-    pub logs: Arc<LogStore>,
-    pub usage: mpsc::Sender<Charged>,
+/// Where what agents say about their tasks goes. The gateway only carries it: the operator's
+/// wiring joins it to the pod controller, the log store and the usage recorder.
+pub trait TaskSink: Send + Sync + 'static {
+    /// A device attached, holding these tasks.
+    fn hello(&self, device: &str, tasks: Vec<TaskStatus>) -> BoxFuture<'_, ()>;
+    /// A task's status changed. Waiting here is backpressure on a fast reporter.
+    fn status(&self, device: &str, status: TaskStatus) -> BoxFuture<'_, ()>;
+    /// A chunk of a task's output; a refusal names why, for the rejected-frames metric.
+    fn output(&self, device: &str, chunk: &LogChunk) -> Result<(), &'static str>;
+    /// Finished runs to charge; their acknowledgement goes back through `ack`.
+    fn usage(
+        &self,
+        device: &str,
+        pool: &str,
+        records: Vec<UsageRecord>,
+        ack: AgentSender,
+    ) -> BoxFuture<'_, ()>;
 }
 
 #[tonic::async_trait]
@@ -98,7 +106,7 @@ impl AgentGateway for AttachService {
 struct AgentStream {
     identity: DeviceIdentity,
     address: Option<String>,
-    tasks: TaskReports,
+    tasks: Arc<dyn TaskSink>,
     inbound: Streaming<AgentMessage>,
     sender: AgentSender,
     registry: Arc<Registry>,
@@ -194,11 +202,7 @@ impl AgentStream {
             self.registry.detach(&device_id, generation);
             return Ending::Closed;
         }
-        let _ = self
-            .tasks
-            .controller
-            .send(Input::Hello(device_id.clone(), hello.tasks))
-            .await;
+        self.tasks.hello(&device_id, hello.tasks).await;
         let ending = loop {
             tokio::select! {
                 refusal = &mut closed => {
@@ -231,32 +235,20 @@ impl AgentStream {
             Some(agent_message::Body::TaskStatus(status)) => {
                 self.registry.heartbeat(device, generation);
                 // Waiting here is backpressure on a fast reporter, never a lost report.
-                let _ = self
-                    .tasks
-                    .controller
-                    .send(Input::Report(device.to_string(), status))
-                    .await;
+                self.tasks.status(device, status).await;
             }
             Some(agent_message::Body::LogChunk(chunk)) => {
                 self.registry.heartbeat(device, generation);
-                if let Err(refused) = self.tasks.logs.append(device, &chunk) {
+                if let Err(refused) = self.tasks.output(device, &chunk) {
                     tracing::debug!(%device, task = %chunk.task_id, %refused, "log chunk refused");
-                    self.metrics.frame_rejected(match refused {
-                        Refused::BadTaskId => "log_bad_task_id",
-                        Refused::NotHolder => "log_not_held",
-                    });
+                    self.metrics.frame_rejected(refused);
                 }
             }
             Some(agent_message::Body::UsageRecords(usage)) => {
                 self.registry.heartbeat(device, generation);
-                let charged = Charged {
-                    device: device.to_string(),
-                    pool: self.identity.pool.clone(),
-                    records: usage.records,
-                    ack: self.sender.clone(),
-                };
                 // Waiting here is backpressure; a record is never dropped unacknowledged.
-                let _ = self.tasks.usage.send(charged).await;
+                let (pool, ack) = (&self.identity.pool, self.sender.clone());
+                self.tasks.usage(device, pool, usage.records, ack).await;
             }
             // Live usage (for `kubectl top`) is not read yet; it shows the device is alive.
             Some(_) => self.registry.heartbeat(device, generation),

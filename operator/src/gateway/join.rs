@@ -13,8 +13,8 @@ use tonic::{Request, Response, Status};
 use crate::enroll::ca::CaMaterial;
 use crate::enroll::redeem::{RedeemError, Redeemer};
 use crate::enroll::token::{JoinToken, MalformedToken};
-use crate::gateway::tls::{self, DeviceIdentity, TlsError};
 use crate::metrics::Metrics;
+use crate::tls::{self, DeviceIdentity, TlsError};
 
 pub struct JoinService {
     pub client: Client,

@@ -10,7 +10,6 @@
 pub mod attach;
 pub mod endpoint;
 pub mod join;
-pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -39,7 +38,7 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 pub async fn serve(
     addr: SocketAddr,
     ca: &CaMaterial,
-    serving: tls::ServingIdentity,
+    serving: crate::tls::ServingIdentity,
     join: join::JoinService,
     attach: attach::AttachService,
 ) -> anyhow::Result<impl Future<Output = Result<(), tonic::transport::Error>> + use<>> {

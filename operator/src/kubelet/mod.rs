@@ -24,9 +24,9 @@ use rustls::server::WebPkiClientVerifier;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::gateway::tls::ServingIdentity;
 use crate::kubelet::auth::{Authorizer, User, user_of_certificate};
 use crate::kubelet::log_store::LogStore;
+use crate::tls::ServingIdentity;
 
 /// The pods on darkcore's nodes by namespace and name, as the pod controller last saw them.
 #[derive(Default)]

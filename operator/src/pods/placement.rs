@@ -3,7 +3,7 @@
 //! load spreads instead of filling one device while others idle. When none fits, the reason
 //! says what is missing, in the numbers the user asked for.
 
-use crate::pool::capacity::{bytes_quantity, cpu_quantity};
+use crate::domain::quantity::{bytes_quantity, cpu_quantity};
 
 /// A device the pod could go to, with what it already carries.
 #[derive(Clone, Debug, PartialEq)]

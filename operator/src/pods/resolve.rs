@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{
 };
 
 use super::pull_secrets;
-use crate::pool::capacity::{cpu_millis, parse_memory};
+use crate::domain::quantity::{cpu_millis, parse_memory};
 
 /// Mode of volume files when the pod sets none (as the kubelet: 0644).
 pub const DEFAULT_FILE_MODE: u32 = 0o644;

@@ -18,8 +18,9 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
+use crate::domain::quantity::cpu_millis;
 use crate::metrics::Metrics;
-use crate::pool::capacity::{DeviceInventory, PlatformCapacity, PoolSurvey, cpu_millis};
+use crate::pool::capacity::{DeviceInventory, PlatformCapacity, PoolSurvey};
 use crate::pool::events::summarize_changes;
 use crate::pool::lease::{self, NODE_LEASE_NAMESPACE};
 use crate::pool::node::{Platform, desired_node, node_name, node_spec_outdated, platforms};

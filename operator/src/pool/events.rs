@@ -3,7 +3,7 @@
 
 use kube::runtime::events::EventType;
 
-use crate::devices::{ChangeKind, DeviceChange};
+use crate::pool::capacity::{ChangeKind, DeviceChange};
 
 /// How many device ids an Event names before it says "and N more".
 pub const NAMED_DEVICES: usize = 10;

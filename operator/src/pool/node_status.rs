@@ -11,7 +11,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::conditions::{status_word, transition_time};
-use crate::pool::capacity::{PlatformCapacity, bytes_quantity, count_quantity, cpu_quantity};
+use crate::domain::quantity::{bytes_quantity, count_quantity, cpu_quantity};
+use crate::pool::capacity::PlatformCapacity;
 use crate::pool::node::Platform;
 
 /// A node's status is rewritten at least this often, as virtual-kubelet does, even when

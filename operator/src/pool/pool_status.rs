@@ -7,8 +7,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 
 use crate::conditions::{status_word, transition_time};
+use crate::domain::quantity::{bytes_quantity, cpu_quantity};
 use crate::pool::POOL_LABEL;
-use crate::pool::capacity::{PlatformCapacity, PoolSurvey, bytes_quantity, cpu_quantity};
+use crate::pool::capacity::{PlatformCapacity, PoolSurvey};
 
 /// The pool's nodes are published and current.
 pub const READY: &str = "Ready";

@@ -1,5 +1,6 @@
-//! Certificates of the gateway: the serving certificate it presents to agents, the device
-//! certificates it signs at join, and reading a device's identity back from its certificate.
+//! The operator's certificates: the serving certificates the gateway and the kubelet API
+//! present, the device certificates the gateway signs at join, and reading a device's
+//! identity back from its certificate.
 
 use std::time::{Duration, SystemTime};
 

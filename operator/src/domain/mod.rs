@@ -1,5 +1,8 @@
 //! The words several parts of the operator share (the pod controller, the gateway, the
-//! kubelet API, usage): task ids and the wall clock, kept here so none depends on another.
+//! kubelet API, usage, devices): task ids, Kubernetes quantities and the wall clock, kept here
+//! so none of them depends on another.
+
+pub mod quantity;
 
 /// A task: attempt `number` (1 for the first) of the pod with `uid`, written `<uid>.<number>`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
