@@ -84,12 +84,37 @@ pub struct DevicePoolSpec {
     #[schemars(range(min = 0, max = 100))]
     pub max_redispatches: u32,
 
+    /// Seconds a device may go without word from the operator before it stops its tasks
+    /// itself (fencing). The operator runs a silent device's tasks elsewhere only once this,
+    /// and a 10 s margin, have passed since it last heard from the device, so that no task
+    /// runs on two devices at once. Network blips shorter than this cost nothing.
+    #[serde(default = "default_fence_seconds")]
+    #[schemars(range(min = 5, max = 86400))]
+    pub fence_seconds: u32,
+
+    /// What a device's tasks do once it has been cut off for `fenceSeconds`: `Stop` (the
+    /// default: a task never runs on two devices at once), or `KeepRunning` (they run on
+    /// through long outages, as KubeEdge's autonomy does; a task may then run twice at once,
+    /// and is at least once, not at most once).
+    #[serde(default)]
+    pub when_cut_off: WhenCutOff,
+
     /// What `oci` containers may reach: `internet` (public addresses only, through a user-mode
     /// network; no loopback, private, link-local, multicast or metadata ranges of the device's
     /// network), `none` (loopback only), or `host` (the device's own network, for trusted
     /// fleets; used only where the device's owner allows `host` too). An owner may narrow it.
     #[serde(default)]
     pub network: NetworkMode,
+}
+
+/// What a cut-off device does with its tasks.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum WhenCutOff {
+    /// Stop them at the fence time: at most one copy of a task runs at once.
+    #[default]
+    Stop,
+    /// Keep them running: availability over fencing, at-least-once.
+    KeepRunning,
 }
 
 /// Which devices may join a pool.
@@ -339,6 +364,8 @@ impl Default for DevicePoolSpec {
             allowed_namespaces: Vec::new(),
             device_lost_after_seconds: default_device_lost_after_seconds(),
             max_redispatches: default_max_redispatches(),
+            fence_seconds: default_fence_seconds(),
+            when_cut_off: WhenCutOff::default(),
             network: NetworkMode::default(),
         }
     }
@@ -353,6 +380,16 @@ pub const DEFAULT_MAX_REDISPATCHES: u32 = 3;
 
 fn default_max_redispatches() -> u32 {
     DEFAULT_MAX_REDISPATCHES
+}
+
+/// Seconds a cut-off device keeps its tasks, by default.
+pub const DEFAULT_FENCE_SECONDS: u32 = 30;
+/// What the operator waits past a pool's fence before running a silent device's tasks
+/// elsewhere: the agent's stop grace when it fences (5 s), and slack.
+pub const FENCE_MARGIN_SECONDS: u32 = 10;
+
+fn default_fence_seconds() -> u32 {
+    DEFAULT_FENCE_SECONDS
 }
 
 fn default_device_lost_after_seconds() -> u32 {

@@ -8,7 +8,7 @@ pub mod pool_usage;
 
 pub use device_pool::{
     Arch, DevicePool, DevicePoolSpec, DevicePoolStatus, DeviceSelector, NetworkMode, NodeTemplate,
-    Os, PoolTaint, Runtime, TaintEffect,
+    Os, PoolTaint, Runtime, TaintEffect, WhenCutOff,
 };
 pub use generate::{Error, crd_yaml};
 pub use pool_usage::{Amounts, DeviceUsage, PoolUsage, PoolUsageSpec};

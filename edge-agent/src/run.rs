@@ -106,6 +106,8 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
     status.usage(tasks.usage());
     tokio::spawn(tasks.watch_disk(move || images.room_left(), policy.interval()));
     crate::tasks::workdir::reap_stale(&state_dir.join("tasks"));
+    let fence = Arc::new(crate::fence::Fence::default());
+    tokio::spawn(tasks.watch_fence(fence.clone()));
 
     let seed = seed(&identity.device.device_id);
     let mut backoff = Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF, seed);
@@ -124,6 +126,7 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
         let started = Instant::now();
         let agent = Agent {
             policy: &mut policy,
+            fence: &fence,
             status: &mut status,
             tasks: &tasks,
             reports: &mut reports,

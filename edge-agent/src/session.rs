@@ -104,6 +104,8 @@ pub fn follow_owner(
 /// The parts of a session that outlive it: the policy, the status file and the tasks.
 pub struct Agent<'a> {
     pub policy: &'a mut PolicyMonitor,
+    /// What the operator has acknowledged hearing, for fencing.
+    pub fence: &'a crate::fence::Fence,
     pub status: &'a mut StatusFile,
     pub tasks: &'a TaskManager,
     pub reports: &'a mut Reports,
@@ -117,6 +119,7 @@ pub async fn attach(
 ) -> Result<SessionEnd, SessionError> {
     let Agent {
         policy,
+        fence,
         status,
         tasks,
         reports,
@@ -127,6 +130,7 @@ pub async fn attach(
         .as_ref()
         .map(|o| (o.available, o.offer.clone().unwrap_or_default()));
     let (tx, rx) = mpsc::channel(SEND_QUEUE);
+    let dialled = std::time::Instant::now();
     tx.send(message(agent_message::Body::Hello(hello)))
         .await
         .map_err(|e| retry("queueing Hello", &e))?;
@@ -165,7 +169,8 @@ pub async fn attach(
         }
     };
     check_version(first.version, "agent").map_err(|e| SessionError::Final(e.to_string()))?;
-    tracing::info!(device = %welcome.device_id, pool = %welcome.pool, "attached to the gateway");
+    tracing::info!(device = %welcome.device_id, pool = %welcome.pool, fence_seconds = welcome.fence_seconds, "attached to the gateway");
+    fence.welcomed(dialled, welcome.fence_seconds);
     status.connection(true, "connected".into());
     tasks.usage().resend();
 
@@ -180,6 +185,7 @@ pub async fn attach(
         tokio::select! {
             _ = heartbeat.tick() => {
                 sequence += 1;
+                fence.sent(sequence, std::time::Instant::now());
                 tx.send(message(agent_message::Body::Heartbeat(Heartbeat { sequence })))
                     .await
                     .map_err(|e| retry("sending a heartbeat", &e))?;
@@ -214,6 +220,7 @@ pub async fn attach(
                             tasks.cancel(&cancel.task_id, Duration::from_secs(u64::from(cancel.grace_seconds)));
                             status.tasks(tasks.running());
                         }
+                        Some(operator_message::Body::HeartbeatAck(ack)) => fence.acknowledged(ack.sequence),
                         Some(operator_message::Body::UsageAck(ack)) => {
                             tasks.usage().acknowledge(ack.through_sequence);
                             status.usage(tasks.usage());

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use darkcore_crds::DevicePool;
+use darkcore_crds::{DevicePool, WhenCutOff};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::api::ListParams;
@@ -22,7 +22,7 @@ use crate::enroll::ca;
 use crate::enroll::redeem::Redeemer;
 use crate::enroll::revocation::{REVOKED_CONFIGMAP, revoked_ids};
 use crate::gateway;
-use crate::gateway::attach::{AttachService, PoolCheck};
+use crate::gateway::attach::{AttachService, PoolCheck, Served};
 use crate::gateway::join::JoinService;
 use crate::http::{self, Health, Readiness};
 use crate::installation;
@@ -250,6 +250,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         index: pod_index.clone(),
         writer: Writer::start(client.clone(), metrics.clone(), recorder.clone()),
         warm_at: started + REGISTRY_WARMUP,
+        started,
         host_ip: args.node_address.clone(),
         metrics: metrics.clone(),
     }));
@@ -298,9 +299,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let pool_served: PoolCheck = {
         let (pools, synced) = (pool_store.clone(), pools_synced.clone());
         Arc::new(move |pool: &str| {
-            synced
-                .load(Ordering::Relaxed)
-                .then(|| pools.get(&ObjectRef::new(pool)).is_some())
+            if !synced.load(Ordering::Relaxed) {
+                return Served::NotYetKnown;
+            }
+            match pools.get(&ObjectRef::new(pool)) {
+                None => Served::No,
+                Some(pool) => Served::Yes {
+                    fence_seconds: match pool.spec.when_cut_off {
+                        WhenCutOff::Stop => pool.spec.fence_seconds,
+                        WhenCutOff::KeepRunning => 0,
+                    },
+                },
+            }
         })
     };
     let mut names = args.gateway_names.clone();

@@ -102,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
         index: Arc::new(PodIndex::default()),
         writer: Writer::start(client.clone(), metrics.clone(), recorder),
         warm_at: Instant::now(),
+        started: Instant::now(),
         host_ip: "127.0.0.1".into(),
         metrics: metrics.clone(),
     });
@@ -126,7 +127,10 @@ async fn main() -> anyhow::Result<()> {
         attach::AttachService {
             registry: registry.clone(),
             metrics: metrics.clone(),
-            pool_served: Arc::new(|pool: &str| Some(pool == POOL)),
+            pool_served: Arc::new(|pool: &str| match pool == POOL {
+                true => attach::Served::Yes { fence_seconds: 30 },
+                false => attach::Served::No,
+            }),
             tasks: Arc::new(darkcore_operator::reports::TaskReports {
                 controller: controller_inbox.clone(),
                 logs,

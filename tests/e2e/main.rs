@@ -2,6 +2,7 @@
 //! the real darkcore-operator binary, one operator and one namespace per test.
 
 mod devices;
+mod fencing;
 mod fleet;
 mod frames;
 mod harness;

@@ -839,6 +839,8 @@ async fn a_pod_force_deleted_while_the_operator_is_down_is_stopped_when_it_retur
 async fn a_lost_device_or_a_returning_owner_moves_the_task_elsewhere() {
     let spec = DevicePoolSpec {
         device_lost_after_seconds: 5,
+        // The task runs elsewhere once the fence (and its 10 s margin) has passed.
+        fence_seconds: 5,
         ..process_pool()
     };
     let mut bench = Bench::start("podlost", 2, spec).await;

@@ -31,6 +31,9 @@ use crate::tasks::runtime::Runtime;
 use crate::tasks::supervise::{Stop, StopCause, Supervisor};
 use crate::usage::{Ledger, Run};
 
+/// A fenced task's grace period: within the margin the operator waits past the fence.
+const FENCE_GRACE: Duration = Duration::from_secs(5);
+
 /// An evicted task's grace period: the kubelet's least, for a hard eviction threshold.
 const EVICTION_GRACE: Duration = Duration::from_secs(2);
 
@@ -146,6 +149,26 @@ impl Board {
                     }
                     unset
                 });
+            }
+        }
+    }
+
+    /// Stops every running task not stopping already within `grace`; each ends Preempted.
+    fn preempt_all(&self, grace: Duration, reason: &str) {
+        let entries = lock(&self.entries);
+        for (id, entry) in entries.iter().filter(|(_, e)| !e.finished) {
+            let stopped = entry.stop.send_if_modified(|stop| {
+                let unset = stop.is_none();
+                if unset {
+                    *stop = Some(Stop {
+                        grace,
+                        cause: StopCause::Preempted(reason.into()),
+                    });
+                }
+                unset
+            });
+            if stopped {
+                tracing::info!(task = %id, %reason, "stopping the task here: it is to run elsewhere");
             }
         }
     }
@@ -340,20 +363,28 @@ impl TaskManager {
 
     /// The owner came back: every running task stops within `grace` and ends Preempted.
     pub fn preempt_all(&self, grace: Duration, reason: &str) {
-        let entries = lock(&self.board.entries);
-        for (id, entry) in entries.iter().filter(|(_, e)| !e.finished) {
-            tracing::info!(task = %id, %reason, "preempting the task: the owner needs the device");
-            entry.stop.send_if_modified(|stop| {
-                if stop.is_none() {
-                    *stop = Some(Stop {
-                        grace,
-                        cause: StopCause::Preempted(reason.into()),
-                    });
-                    true
-                } else {
-                    false
+        self.board.preempt_all(grace, reason);
+    }
+
+    /// Every second, stops the running tasks once `fence` says the operator has not heard
+    /// this device for the pool's fence time: it may run them elsewhere from then on.
+    pub fn watch_fence(
+        &self,
+        fence: Arc<crate::fence::Fence>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let board = self.board.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if let Some(silent) = fence.overdue(std::time::Instant::now()) {
+                    let reason = format!(
+                        "Fenced: the operator has not acknowledged this device for {} s, so it may run the task elsewhere",
+                        silent.as_secs()
+                    );
+                    board.preempt_all(FENCE_GRACE, &reason);
                 }
-            });
+            }
         }
     }
 

@@ -19,6 +19,7 @@ use kube::runtime::reflector::ObjectRef;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::devices::{Device, capacity, eligibility, enlist};
+use crate::domain::Presence;
 use crate::pool::capacity::{ChangeKind, DeviceChange};
 use crate::pool::capacity::{DeviceInventory, PoolSurvey};
 
@@ -344,9 +345,15 @@ impl Registry {
         entry.connection.as_ref().map(|c| c.sender.clone())
     }
 
-    /// Whether a device is online now; `None` if this operator has not heard of it (yet).
-    pub fn presence(&self, id: &str) -> Option<bool> {
-        self.lock().devices.get(id).map(|e| e.device.online)
+    /// Whether a device is online now, or since when it has been silent.
+    pub fn presence(&self, id: &str) -> Presence {
+        match self.lock().devices.get(id) {
+            None => Presence::Unknown,
+            Some(e) if e.device.online => Presence::Online,
+            Some(e) => Presence::Away {
+                last_heard: e.last_seen,
+            },
+        }
     }
 
     /// The pool a device joined.

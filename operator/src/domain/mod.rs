@@ -33,6 +33,18 @@ impl std::fmt::Display for TaskId {
     }
 }
 
+/// Whether the operator hears a device now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Presence {
+    Online,
+    /// Silent past its pool's `deviceLostAfterSeconds`; last heard at that moment.
+    Away {
+        last_heard: std::time::Instant,
+    },
+    /// Not heard of since this operator started.
+    Unknown,
+}
+
 /// Milliseconds since the Unix epoch, as pod statuses and usage records show times.
 pub fn unix_ms() -> i64 {
     std::time::SystemTime::now()

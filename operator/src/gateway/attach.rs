@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use darkcore_proto::agent::v1::agent_gateway_server::AgentGateway;
 use darkcore_proto::agent::v1::{
-    AgentMessage, Hello, LogChunk, OperatorMessage, Refusal, TaskStatus, UsageRecord, Welcome,
-    agent_message, operator_message, refusal::Code,
+    AgentMessage, HeartbeatAck, Hello, LogChunk, OperatorMessage, Refusal, TaskStatus, UsageRecord,
+    Welcome, agent_message, operator_message, refusal::Code,
 };
 use darkcore_proto::{PROTOCOL_VERSION, check_version};
 use futures::future::BoxFuture;
@@ -27,8 +27,39 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often agents send a Heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Whether this operator serves a pool; `None` while it does not know yet (cache not synced).
-pub type PoolCheck = Arc<dyn Fn(&str) -> Option<bool> + Send + Sync>;
+/// Seconds between an agent's heartbeats: `HEARTBEAT_INTERVAL`, or a third of a shorter
+/// fence, so that several acknowledged beats fit in it and a late one never fences.
+fn heartbeat_interval(fence_seconds: u32) -> u32 {
+    let usual = HEARTBEAT_INTERVAL.as_secs() as u32;
+    match fence_seconds {
+        0 => usual,
+        fence => (fence / 3).clamp(1, usual),
+    }
+}
+
+/// Whether this operator serves a pool, and what its agents are told of it.
+pub type PoolCheck = Arc<dyn Fn(&str) -> Served + Send + Sync>;
+
+/// A pool as the gateway sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// The pool cache has not synced yet: the device is let in, with the default fence.
+    NotYetKnown,
+    /// Gone, or another operator's.
+    No,
+    /// Served here; its agents stop their tasks after `fence_seconds` cut off (0: never).
+    Yes { fence_seconds: u32 },
+}
+
+impl Served {
+    /// The fence its agents keep: the default until the pool is known, the safe side.
+    fn fence_seconds(self) -> u32 {
+        match self {
+            Served::Yes { fence_seconds } => fence_seconds,
+            _ => darkcore_crds::device_pool::DEFAULT_FENCE_SECONDS,
+        }
+    }
+}
 
 pub struct AttachService {
     pub registry: Arc<Registry>,
@@ -157,7 +188,7 @@ impl AgentStream {
                 "no_hello",
             ));
         };
-        if (self.pool_served)(&self.identity.pool) == Some(false) {
+        if (self.pool_served)(&self.identity.pool) == Served::No {
             return Err(Ending::Refused(
                 refusal(
                     Code::PoolGone,
@@ -190,12 +221,14 @@ impl AgentStream {
             }
         };
         tracing::info!(device = %device_id, %pool, agent = %hello.agent_version, "agent attached");
+        let fence_seconds = (self.pool_served)(&pool).fence_seconds();
         let welcome = OperatorMessage {
             version: PROTOCOL_VERSION as i32,
             body: Some(operator_message::Body::Welcome(Welcome {
                 device_id: device_id.clone(),
                 pool: pool.clone(),
-                heartbeat_interval_seconds: HEARTBEAT_INTERVAL.as_secs() as u32,
+                heartbeat_interval_seconds: heartbeat_interval(fence_seconds),
+                fence_seconds,
             })),
         };
         if self.sender.send(Box::new(welcome)).await.is_err() {
@@ -228,7 +261,18 @@ impl AgentStream {
 
     async fn dispatch(&self, device: &str, generation: u64, message: AgentMessage) {
         match message.body {
-            Some(agent_message::Body::Heartbeat(_)) => self.registry.heartbeat(device, generation),
+            Some(agent_message::Body::Heartbeat(beat)) => {
+                self.registry.heartbeat(device, generation);
+                // The agent fences by these: an ack that does not fit is as if never sent,
+                // which only makes the agent stop its tasks sooner. Never waits.
+                let ack = OperatorMessage {
+                    version: PROTOCOL_VERSION as i32,
+                    body: Some(operator_message::Body::HeartbeatAck(HeartbeatAck {
+                        sequence: beat.sequence,
+                    })),
+                };
+                let _ = self.sender.try_send(Box::new(ack));
+            }
             Some(agent_message::Body::OwnerState(owner)) => {
                 self.registry.owner_state(device, generation, &owner)
             }
@@ -293,5 +337,18 @@ impl AgentStream {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_heartbeats_fit_in_a_fence() {
+        assert_eq!(heartbeat_interval(0), 5);
+        assert_eq!(heartbeat_interval(30), 5);
+        assert_eq!(heartbeat_interval(9), 3);
+        assert_eq!(heartbeat_interval(5), 1);
     }
 }

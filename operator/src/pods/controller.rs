@@ -66,6 +66,8 @@ pub struct Shared {
     /// Until then, agents are still reconnecting after an operator start: recorded attempts
     /// are not declared lost, and unrecorded pods are not placed (they may be running).
     pub warm_at: Instant,
+    /// When this operator started: devices not heard of since are fenced from then on.
+    pub started: Instant,
     /// The address published as each node's InternalIP (the pods' hostIP).
     pub host_ip: String,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -443,7 +445,7 @@ impl Controller {
         }
         let load = &self.load;
         let pod = &entry.pod;
-        let online = |device: &str| shared.registry.presence(device);
+        let presence = |device: &str| shared.registry.presence(device);
         let choose = |ready: &Ready| choose(&shared, pool.as_deref(), pod, ready, load);
         let admission = || {
             let pool = pool.as_ref()?;
@@ -462,12 +464,14 @@ impl Controller {
                     .max(0) as u32
             }),
             admission: &admission,
+            started: shared.started,
+            fence_wait: fence_wait(pool.as_deref()),
             max_redispatches: pool
                 .as_ref()
                 .map_or(darkcore_crds::device_pool::DEFAULT_MAX_REDISPATCHES, |p| {
                     p.spec.max_redispatches
                 }),
-            online: &online,
+            presence: &presence,
             choose: &choose,
         };
         let (run, effects) = lifecycle::step(run, event, &facts);
@@ -624,6 +628,14 @@ impl Controller {
         // Assume it lands, so the next pass compares against it (the watch confirms).
         entry.pod.status = Some(desired);
     }
+}
+
+/// How long after a device was last heard its tasks may run elsewhere: the pool's fence, by
+/// when the device has stopped them itself, and the margin for their stop grace.
+fn fence_wait(pool: Option<&DevicePool>) -> Duration {
+    use darkcore_crds::device_pool::{DEFAULT_FENCE_SECONDS, FENCE_MARGIN_SECONDS};
+    let fence = pool.map_or(DEFAULT_FENCE_SECONDS, |p| p.spec.fence_seconds);
+    Duration::from_secs(u64::from(fence) + u64::from(FENCE_MARGIN_SECONDS))
 }
 
 fn pod_finished(pod: &Pod) -> bool {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use darkcore_crds::Runtime;
 use darkcore_proto::agent::v1::{TaskPhase, TaskStatus};
 
+pub use crate::domain::Presence;
 pub use crate::domain::TaskId;
 use crate::pods::admission::Refusal;
 use crate::pods::resolve::Resolved;
@@ -156,12 +157,12 @@ impl Run {
 
     /// Whether time alone (a retry, a deadline, a quiet device, the warm-up) can move it: the
     /// controller's tick looks only at these.
-    pub fn waits_on_time(&self, deleting: bool, online: impl Fn(&str) -> Option<bool>) -> bool {
+    pub fn waits_on_time(&self, deleting: bool, presence: impl Fn(&str) -> Presence) -> bool {
         match &self.stage {
             Stage::Deleted => false,
             _ if deleting => true,
             Stage::Admitting | Stage::Resolving { .. } | Stage::Unplaced { .. } => true,
-            Stage::Dispatched { attempt, .. } => online(&attempt.device) != Some(true),
+            Stage::Dispatched { attempt, .. } => presence(&attempt.device) != Presence::Online,
             Stage::Deleting { .. } => true,
             Stage::Finished { .. } | Stage::Failed { .. } => false,
         }
@@ -225,10 +226,16 @@ pub struct Facts<'a> {
     /// The pool's verdict on the pod; `None` while its pool or node is not known. Asked only
     /// while admitting.
     pub admission: &'a dyn Fn() -> Option<Result<Runtime, Refusal>>,
+    /// When this operator started: a device not heard of since may have been heard just
+    /// before, so the fence counts from here.
+    pub started: Instant,
+    /// How long after a device was last heard its tasks may run elsewhere: the pool's fence
+    /// (by then the device has stopped them itself) and a margin.
+    pub fence_wait: Duration,
     /// Attempts past this many re-dispatches fail the pod.
     pub max_redispatches: u32,
-    /// Whether a device is online (`None`: not seen since the operator started).
-    pub online: &'a dyn Fn(&str) -> Option<bool>,
+    /// Whether a device is heard now, or since when it is silent.
+    pub presence: &'a dyn Fn(&str) -> Presence,
     /// A device for a ready pod, or why none fits.
     pub choose: &'a dyn Fn(&Ready) -> Result<Choice, String>,
 }
@@ -491,14 +498,20 @@ fn settle(mut run: Run, facts: &Facts<'_>, effects: &mut Vec<Effect>) -> Run {
             },
             (Stage::Dispatched { mut attempt, ready }, None) => {
                 let phase = attempt.phase();
-                let lost = match (facts.online)(&attempt.device) {
-                    Some(online) => !online,
-                    None => facts.warm,
+                // A silent device's task runs elsewhere only once the device has stopped it
+                // (fencing): its fence has passed since it was last heard, or since this
+                // operator started when it has not been heard of since.
+                let heard = match (facts.presence)(&attempt.device) {
+                    Presence::Online => None,
+                    Presence::Away { last_heard } => Some(last_heard),
+                    Presence::Unknown => Some(facts.started),
                 };
-                if lost && !terminal(phase) {
+                let fenced = heard.is_some_and(|at| facts.now >= at + facts.fence_wait);
+                if fenced && facts.warm && !terminal(phase) {
                     let message = format!(
-                        "device {} was lost (no heartbeat within the pool's deviceLostAfterSeconds)",
-                        attempt.device
+                        "device {} was lost: not heard from for {} s, past the pool's fence, so it has stopped the task",
+                        attempt.device,
+                        facts.fence_wait.as_secs()
                     );
                     run.stage = Stage::Dispatched { attempt, ready };
                     run = lose(run, LossReason::DeviceLost, message, facts, effects);
@@ -569,7 +582,7 @@ fn delete(
         .is_some_and(|a| a.busy() && a.phase() != TaskPhase::Preempted);
     let online = attempt
         .as_ref()
-        .is_some_and(|a| (facts.online)(&a.device) == Some(true));
+        .is_some_and(|a| (facts.presence)(&a.device) == Presence::Online);
     let stopped = !running || !online || delete_by.is_some_and(|by| facts.now >= by);
     if !stopped {
         return Stage::Deleting { attempt, delete_by };
@@ -586,13 +599,17 @@ fn delete(
 mod tests {
     use super::*;
 
+    /// A pool's fence and the operator's margin, in these tests.
+    const FENCE_WAIT: Duration = Duration::from_secs(40);
+
     /// The world a test steps a pod in.
     struct World {
         now: Instant,
         warm: bool,
         deleting: Option<u32>,
         admission: Option<Result<Runtime, Refusal>>,
-        online: Option<bool>,
+        presence: Presence,
+        started: Instant,
         fits: Result<&'static str, &'static str>,
     }
 
@@ -603,13 +620,14 @@ mod tests {
                 warm: true,
                 deleting: None,
                 admission: Some(Ok(Runtime::Oci)),
-                online: Some(true),
+                presence: Presence::Online,
+                started: Instant::now(),
                 fits: Ok("dev-a"),
             }
         }
 
         fn step(&self, run: Run, event: Event) -> (Run, Vec<Effect>) {
-            let online = |_: &str| self.online;
+            let presence = |_: &str| self.presence;
             let choose = |_: &Ready| {
                 self.fits
                     .map(|device| Choice {
@@ -627,8 +645,10 @@ mod tests {
                 warm: self.warm,
                 deleting: self.deleting,
                 admission: &admission,
+                started: self.started,
+                fence_wait: FENCE_WAIT,
                 max_redispatches: 2,
-                online: &online,
+                presence: &presence,
                 choose: &choose,
             };
             step(run, event, &facts)
@@ -731,7 +751,7 @@ mod tests {
         assert!(
             matches!(&effects[..], [Effect::Warn { reason, once: false, .. }] if reason == "RuntimeNotAllowed")
         );
-        assert!(!run.waits_on_time(false, |_| Some(true)));
+        assert!(!run.waits_on_time(false, |_| Presence::Online));
     }
 
     #[test]
@@ -752,7 +772,7 @@ mod tests {
             matches!(&run.stage, Stage::Unplaced { why: Some(w), .. } if w == "no device offers 4 cores")
         );
         assert!(
-            run.waits_on_time(false, |_| None),
+            run.waits_on_time(false, |_| Presence::Unknown),
             "placement is tried again"
         );
     }
@@ -761,9 +781,17 @@ mod tests {
     fn a_lost_device_abandons_the_attempt_and_the_task_runs_again_elsewhere() {
         let mut world = World::new();
         let run = dispatched(&world);
-        assert!(!run.waits_on_time(false, |_| Some(true)));
-        world.online = Some(false);
+        assert!(!run.waits_on_time(false, |_| Presence::Online));
+        // Silent: nothing happens until its fence has passed, when it has stopped the task.
+        world.presence = Presence::Away {
+            last_heard: world.now,
+        };
         world.fits = Ok("dev-b");
+        world.now += FENCE_WAIT - Duration::from_secs(1);
+        let (run, effects) = world.step(run, Event::Look);
+        assert!(effects.is_empty(), "{effects:?}");
+        assert!(run.waits_on_time(false, |_| world.presence));
+        world.now += Duration::from_secs(1);
         let (run, effects) = world.step(run, Event::Look);
         assert!(is_cancel(&effects[0], "this attempt was abandoned"));
         assert_eq!(effects[1], Effect::Redispatched(LossReason::DeviceLost));
@@ -775,7 +803,8 @@ mod tests {
         let loss = run.last_loss.as_ref().unwrap();
         assert_eq!(loss.reason, "DeviceLost");
         assert!(
-            loss.message.contains("device dev-a was lost"),
+            loss.message
+                .contains("device dev-a was lost: not heard from for 40 s"),
             "{}",
             loss.message
         );
@@ -785,7 +814,9 @@ mod tests {
     fn a_pod_lost_more_often_than_the_pool_allows_fails() {
         let mut world = World::new();
         let mut run = dispatched(&world);
-        world.online = Some(false);
+        world.presence = Presence::Away {
+            last_heard: world.now - FENCE_WAIT,
+        };
         world.fits = Err("no device is online");
         // Attempts 1 and 2 are lost and placed again; losing attempt 3 passes maxRedispatches 2.
         for number in 1..=3 {
@@ -862,7 +893,7 @@ mod tests {
     fn after_a_restart_an_adopted_attempt_waits_for_its_device_through_the_warm_up() {
         let mut world = World::new();
         world.warm = false;
-        world.online = None;
+        world.presence = Presence::Unknown;
         let adopted = Run {
             stage: Stage::Dispatched {
                 attempt: Attempt {
@@ -886,9 +917,14 @@ mod tests {
             effects.is_empty(),
             "not lost while its device may be reconnecting"
         );
-        assert!(run.waits_on_time(false, |_| None));
-        // Warm, and the device never came back: lost; with nothing resolved, it starts over.
+        assert!(run.waits_on_time(false, |_| Presence::Unknown));
+        // Warm, but the device may have been heard just before the restart: it keeps the
+        // task until its fence has passed since the operator started.
         world.warm = true;
+        let (run, effects) = world.step(run, Event::Look);
+        assert!(effects.is_empty(), "{effects:?}");
+        // The device never came back: lost; with nothing resolved, it starts over.
+        world.now = world.started + FENCE_WAIT;
         let (run, effects) = world.step(run, Event::Look);
         assert_eq!(effects[1], Effect::Redispatched(LossReason::DeviceLost));
         assert_eq!(effects.last(), Some(&Effect::Resolve));
@@ -957,7 +993,7 @@ mod tests {
         let (run, effects) = world.step(run, report(TaskPhase::Failed, "Stopped", ""));
         assert_eq!(effects, [Effect::Delete]);
         assert_eq!(run.stage, Stage::Deleted);
-        assert!(!run.waits_on_time(true, |_| None));
+        assert!(!run.waits_on_time(true, |_| Presence::Unknown));
     }
 
     #[test]
@@ -983,7 +1019,9 @@ mod tests {
         let mut world = World::new();
         let run = dispatched(&world);
         world.deleting = Some(30);
-        world.online = Some(false);
+        world.presence = Presence::Away {
+            last_heard: world.now,
+        };
         let (run, effects) = world.step(run, Event::Look);
         assert!(is_cancel(&effects[0], "the pod is being deleted"));
         assert_eq!(effects[1], Effect::Delete);
