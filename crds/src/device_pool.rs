@@ -84,6 +84,12 @@ pub struct DevicePoolSpec {
     #[schemars(range(min = 0, max = 100))]
     pub max_redispatches: u32,
 
+    /// The most one device may offer. A device that claims more, or more than the hardware it
+    /// reports, is not enlisted (a lying device would otherwise draw every pod of the pool, and
+    /// their Secrets); `kubectl get` of its listing and a `DevicesImplausible` Event say why.
+    #[serde(default)]
+    pub device_limits: DeviceLimits,
+
     /// Seconds a device may go without word from the operator before it stops its tasks
     /// itself (fencing). The operator runs a silent device's tasks elsewhere only once this,
     /// and a 10 s margin, have passed since it last heard from the device, so that no task
@@ -106,6 +112,25 @@ pub struct DevicePoolSpec {
     #[serde(default)]
     pub network: NetworkMode,
 }
+
+/// The most one device of a pool may offer.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceLimits {
+    /// Cores. Default 256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_cores: Option<u32>,
+    /// Memory, as a Kubernetes quantity. Default 4Ti.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isQuantity(string(self))").message("spec.deviceLimits.maxMemory must be a Kubernetes quantity such as 64Gi"))]
+    pub max_memory: Option<Quantity>,
+}
+
+/// Cores one device may offer when a pool sets no `deviceLimits.maxCores`.
+pub const DEFAULT_MAX_DEVICE_CORES: u32 = 256;
+/// Memory one device may offer when a pool sets no `deviceLimits.maxMemory`: 4 TiB.
+pub const DEFAULT_MAX_DEVICE_MEMORY: u64 = 4 << 40;
 
 /// What a cut-off device does with its tasks.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -364,6 +389,7 @@ impl Default for DevicePoolSpec {
             allowed_namespaces: Vec::new(),
             device_lost_after_seconds: default_device_lost_after_seconds(),
             max_redispatches: default_max_redispatches(),
+            device_limits: DeviceLimits::default(),
             fence_seconds: default_fence_seconds(),
             when_cut_off: WhenCutOff::default(),
             network: NetworkMode::default(),

@@ -54,7 +54,7 @@ pub fn classify(refusal: &Refusal) -> SessionError {
         Ok(Code::Replaced) => SessionError::Retry(format!(
             "{text} (if this repeats, another agent with the same state dir is running)"
         )),
-        Ok(Code::TimedOut) => SessionError::Retry(text),
+        Ok(Code::TimedOut | Code::SlowReader) => SessionError::Retry(text),
         _ => SessionError::Final(text),
     }
 }
@@ -260,7 +260,7 @@ mod tests {
 
     #[test]
     fn only_refusals_that_say_try_again_are_retried() {
-        for code in [Code::Replaced, Code::TimedOut] {
+        for code in [Code::Replaced, Code::TimedOut, Code::SlowReader] {
             assert!(matches!(refused(code), SessionError::Retry(_)), "{code:?}");
         }
         for code in [Code::Revoked, Code::PoolGone, Code::Malformed] {

@@ -400,3 +400,50 @@ async fn a_killed_operator_is_replaced_and_the_agents_come_back_without_a_restar
     assert_eq!((a.pid(), b.pid()), pids, "the agents were not restarted");
     fx.finish().await;
 }
+
+#[tokio::test]
+async fn a_device_claiming_a_million_cores_is_not_believed() {
+    let fx = PoolFixture::start("liar", process_pool()).await;
+    let join_token = token(&fx.pool, &[]);
+    let _honest = Agent::start(fx.operator.gateway_port, &join_token, 1.0).await;
+    let liar = Agent::start_with(
+        fx.operator.gateway_port,
+        &join_token,
+        1.0,
+        "report_cores = 1000000\n",
+    )
+    .await;
+    // Only the honest device's core counts; the liar's claim never reaches the node.
+    let nodes = fx.nodes();
+    node_cpu_is(&nodes, &fx.node, 1000, FOLLOWS).await;
+    let events = fx.pool_events_include(&["DevicesImplausible"]).await;
+    assert!(
+        events.iter().any(|e| e.contains(&liar.device_id)),
+        "{events:?}"
+    );
+    let (_, listing) = fx.operator.get("/devices").await.unwrap();
+    let devices: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    let note = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == liar.device_id.as_str())
+        .map(|d| d["note"].to_string())
+        .unwrap();
+    assert!(
+        note.contains("implausible") && note.contains("maxCores"),
+        "{note}"
+    );
+    let cpu = nodes
+        .get(&fx.node)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .capacity
+        .unwrap()["cpu"]
+        .0
+        .clone();
+    assert_eq!(cpu, "1");
+    fx.finish().await;
+}

@@ -54,6 +54,9 @@ pub struct TestHooks {
     /// Report this arch instead of the machine's (tests of mixed-arch pools, which one
     /// machine cannot otherwise make; only `wasm` tasks run right on such a device).
     pub report_arch: Option<String>,
+    /// Report this many cores instead of the machine's: a device lying about its size, for
+    /// tests of what the operator believes.
+    pub report_cores: Option<u32>,
 }
 
 impl TestHooks {
@@ -61,6 +64,9 @@ impl TestHooks {
     pub fn apply(&self, capabilities: &mut darkcore_proto::agent::v1::Capabilities) {
         if let Some(arch) = &self.report_arch {
             capabilities.arch = arch.clone();
+        }
+        if let Some(cores) = self.report_cores {
+            capabilities.cores = cores;
         }
     }
 }

@@ -7,7 +7,50 @@ use darkcore_proto::agent::v1::Runtime as WireRuntime;
 use crate::devices::Device;
 use crate::domain::quantity::parse_memory;
 
+/// Whether what a device claims is believable: no more than the pool's `deviceLimits`, and
+/// no more than the hardware it reports. Every number here is the device's own word.
+pub fn plausible(spec: &DevicePoolSpec, device: &Device) -> Result<(), String> {
+    use darkcore_crds::device_pool::{DEFAULT_MAX_DEVICE_CORES, DEFAULT_MAX_DEVICE_MEMORY};
+    let limits = &spec.device_limits;
+    let max_cores = limits.max_cores.unwrap_or(DEFAULT_MAX_DEVICE_CORES);
+    let max_memory = limits
+        .max_memory
+        .as_ref()
+        .and_then(|q| parse_memory(&q.0))
+        .unwrap_or(DEFAULT_MAX_DEVICE_MEMORY);
+    let (caps, offer) = (&device.capabilities, &device.offer);
+    let cores = |millis: u32| f64::from(millis) / 1000.0;
+    if u64::from(offer.millicores) > u64::from(max_cores) * 1000 || caps.cores > max_cores {
+        return Err(format!(
+            "implausible: it claims {} cores ({} offered), more than the pool's spec.deviceLimits.maxCores ({max_cores}) allows",
+            caps.cores,
+            cores(offer.millicores)
+        ));
+    }
+    if offer.memory_bytes > max_memory || caps.memory_bytes > max_memory {
+        return Err(format!(
+            "implausible: it claims {} MiB of memory ({} MiB offered), more than the pool's spec.deviceLimits.maxMemory ({} MiB) allows",
+            caps.memory_bytes >> 20,
+            offer.memory_bytes >> 20,
+            max_memory >> 20
+        ));
+    }
+    if u64::from(offer.millicores) > u64::from(caps.cores) * 1000
+        || offer.memory_bytes > caps.memory_bytes
+    {
+        return Err(format!(
+            "implausible: it offers {} cores and {} MiB, more than the {} cores and {} MiB it says it has",
+            cores(offer.millicores),
+            offer.memory_bytes >> 20,
+            caps.cores,
+            caps.memory_bytes >> 20
+        ));
+    }
+    Ok(())
+}
+
 pub fn check(spec: &DevicePoolSpec, device: &Device) -> Result<(), String> {
+    plausible(spec, device)?;
     let caps = &device.capabilities;
     if !spec.admitted_os().iter().any(|os| os.as_str() == caps.os) {
         return Err(format!(
@@ -96,6 +139,37 @@ mod tests {
     }
 
     #[test]
+    fn a_device_claiming_more_than_the_limits_or_its_hardware_is_implausible() {
+        let spec = DevicePoolSpec::default();
+        // A claimed million cores and a petabyte: over the default limits.
+        let mut liar = device("linux", "amd64", 1_000_000, 1 << 20);
+        let err = check(&spec, &liar).unwrap_err();
+        assert!(
+            err.starts_with("implausible") && err.contains("maxCores (256)"),
+            "{err}"
+        );
+        liar.capabilities.cores = 8;
+        liar.offer.millicores = 8000;
+        let err = check(&spec, &liar).unwrap_err();
+        assert!(err.contains("maxMemory"), "{err}");
+        // Offering more than it says it has.
+        let mut inflated = device("linux", "amd64", 4, 8);
+        inflated.offer.millicores = 8000;
+        assert!(
+            check(&spec, &inflated)
+                .unwrap_err()
+                .contains("more than the 4 cores")
+        );
+        // A pool may set its own limits.
+        let mut small = DevicePoolSpec::default();
+        small.device_limits.max_cores = Some(2);
+        small.device_limits.max_memory = Some(Quantity("4Gi".into()));
+        assert!(check(&small, &device("linux", "amd64", 4, 2)).is_err());
+        assert!(check(&small, &device("linux", "amd64", 2, 8)).is_err());
+        assert_eq!(check(&small, &device("linux", "amd64", 2, 4)), Ok(()));
+    }
+
+    #[test]
     fn a_default_pool_takes_linux_amd64_devices_with_oci_or_wasm() {
         assert_eq!(
             check(&DevicePoolSpec::default(), &device("linux", "amd64", 4, 8)),
@@ -126,10 +200,10 @@ mod tests {
         );
         d.labels.insert("room".into(), "lab-3".into());
         assert_eq!(check(&spec, &d), Ok(()));
-        d.capabilities.cores = 2;
+        (d.capabilities.cores, d.offer.millicores) = (2, 2000);
         assert!(check(&spec, &d).unwrap_err().contains("at least 4"));
-        d.capabilities.cores = 4;
-        d.capabilities.memory_bytes = 4 << 30;
+        (d.capabilities.cores, d.offer.millicores) = (4, 4000);
+        (d.capabilities.memory_bytes, d.offer.memory_bytes) = (4 << 30, 4 << 30);
         assert!(check(&spec, &d).unwrap_err().contains("at least 6Gi"));
     }
 

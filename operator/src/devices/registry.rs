@@ -107,6 +107,9 @@ pub enum AttachRefused {
     Revoked(String),
 }
 
+/// How the note of a device whose claims are not believable starts.
+const IMPLAUSIBLE: &str = "not eligible: implausible";
+
 #[derive(Default)]
 pub struct Registry {
     state: Mutex<State>,
@@ -304,6 +307,18 @@ impl Registry {
         }
     }
 
+    /// Closes a device's stream because it does not read what it is sent; it may reconnect,
+    /// and its Hello settles what it missed.
+    pub fn cut_off(&self, id: &str, why: &str) {
+        let mut state = self.lock();
+        if let Some(connection) = state.devices.get_mut(id).and_then(|e| e.connection.take()) {
+            tracing::warn!(device = %id, %why, "closing the device's stream");
+            let _ = connection
+                .close
+                .send(refusal(refusal::Code::SlowReader, why));
+        }
+    }
+
     /// Replaces the set of revoked devices. Newly revoked devices are cut off at once.
     pub fn set_revoked(&self, revoked: HashSet<String>) {
         let mut state = self.lock();
@@ -457,7 +472,12 @@ impl DeviceInventory for Registry {
         let state = &mut *state;
         let mut eligible = Vec::new();
         let mut online = 0;
+        let mut implausible = Vec::new();
         for entry in state.devices.values_mut().filter(|e| e.pool == name) {
+            let was_implausible = entry
+                .ineligible
+                .as_deref()
+                .is_some_and(|n| n.starts_with(IMPLAUSIBLE));
             entry.ineligible = None;
             if !entry.device.online {
                 continue;
@@ -465,9 +485,21 @@ impl DeviceInventory for Registry {
             online += 1;
             match eligibility::check(&pool.spec, &entry.device) {
                 Ok(()) => eligible.push(&entry.device),
-                Err(reason) => entry.ineligible = Some(format!("not eligible: {reason}")),
+                Err(reason) => {
+                    let note = format!("not eligible: {reason}");
+                    if note.starts_with(IMPLAUSIBLE) && !was_implausible {
+                        implausible.push(entry.device.id.clone());
+                    }
+                    entry.ineligible = Some(note);
+                }
             }
         }
+        // Reported once, when a device starts to claim too much.
+        let changes = state.changes.entry(name.clone()).or_default();
+        changes.extend(implausible.into_iter().map(|device| DeviceChange {
+            kind: ChangeKind::Implausible,
+            device,
+        }));
         let current = state.enlisted.entry(name.clone()).or_default();
         let plan = enlist::plan(pool.spec.replicas, &eligible, current);
         *current = plan.enlisted.iter().cloned().collect();
@@ -630,6 +662,24 @@ mod tests {
         registry.heartbeat("a", generation);
         assert_eq!(cpu(&registry.survey(&lab(None))), 2000);
         assert_eq!(registry.take_changes("lab")[0].kind, ChangeKind::Joined);
+    }
+
+    #[test]
+    fn a_device_claiming_too_much_is_not_enlisted_and_reported_once() {
+        let registry = Registry::default();
+        connect(&registry, "honest", 2);
+        connect(&registry, "liar", 1_000_000);
+        registry.take_changes("lab");
+        let survey = registry.survey(&lab(None));
+        assert_eq!(cpu(&survey), 2000, "only the honest device counts");
+        let changes = registry.take_changes("lab");
+        assert_eq!(changes.len(), 1);
+        assert_eq!(
+            (changes[0].kind, changes[0].device.as_str()),
+            (ChangeKind::Implausible, "liar")
+        );
+        registry.survey(&lab(None));
+        assert!(registry.take_changes("lab").is_empty(), "reported once");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code as StatusCode, Request, Response, Status, Streaming};
 
 use crate::devices::registry::{AgentSender, Registry, refusal, refusal_message};
+use crate::gateway::bounds;
 use crate::metrics::Metrics;
 use crate::tls::{DeviceIdentity, identity_of};
 
@@ -235,7 +236,13 @@ impl AgentStream {
             self.registry.detach(&device_id, generation);
             return Ending::Closed;
         }
-        self.tasks.hello(&device_id, hello.tasks).await;
+        let mut tasks = hello.tasks;
+        for status in &mut tasks {
+            if bounds::bound_status(status) {
+                self.metrics.frame_rejected("status_too_long");
+            }
+        }
+        self.tasks.hello(&device_id, tasks).await;
         let ending = loop {
             tokio::select! {
                 refusal = &mut closed => {
@@ -276,8 +283,11 @@ impl AgentStream {
             Some(agent_message::Body::OwnerState(owner)) => {
                 self.registry.owner_state(device, generation, &owner)
             }
-            Some(agent_message::Body::TaskStatus(status)) => {
+            Some(agent_message::Body::TaskStatus(mut status)) => {
                 self.registry.heartbeat(device, generation);
+                if bounds::bound_status(&mut status) {
+                    self.metrics.frame_rejected("status_too_long");
+                }
                 // Waiting here is backpressure on a fast reporter, never a lost report.
                 self.tasks.status(device, status).await;
             }

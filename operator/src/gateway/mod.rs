@@ -8,6 +8,7 @@
 //! ```
 
 pub mod attach;
+pub mod bounds;
 pub mod endpoint;
 pub mod join;
 

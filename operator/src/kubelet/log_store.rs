@@ -17,6 +17,10 @@ use tokio::sync::Notify;
 
 /// Bytes kept per container run.
 pub const RUN_BYTES: usize = 1 << 20;
+/// What a line costs beside its bytes: its slot in the run and its allocation's header and
+/// rounding. Charged so that a flood of 1-byte lines is held to the budget in real memory,
+/// not at about 60 times it.
+pub const LINE_OVERHEAD: usize = std::mem::size_of::<Line>() + 32;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Line {
@@ -119,7 +123,7 @@ impl LogStore {
             return Ok(()); // a run older than the two kept
         };
         for piece in chunk.data.split_inclusive(|b| *b == b'\n') {
-            run.bytes += piece.len();
+            run.bytes += piece.len() + LINE_OVERHEAD;
             run.appended += 1;
             run.lines.push_back(Line {
                 timestamp_unix_nanos: chunk.timestamp_unix_nanos,
@@ -128,7 +132,7 @@ impl LogStore {
         }
         while run.bytes > RUN_BYTES {
             match run.lines.pop_front() {
-                Some(line) => run.bytes -= line.data.len(),
+                Some(line) => run.bytes -= line.data.len() + LINE_OVERHEAD,
                 None => break,
             }
         }
@@ -269,8 +273,20 @@ mod tests {
             store.append("dev", &chunk("uid.1", 0, &line)).unwrap();
         }
         let read = store.read("uid", "main", false, 0).unwrap();
-        assert_eq!(read.lines.len(), RUN_BYTES / 1024);
+        assert_eq!(read.lines.len(), RUN_BYTES / (1024 + LINE_OVERHEAD));
         assert_eq!(read.next, (RUN_BYTES / 1024 + 10) as u64);
+    }
+
+    #[test]
+    fn a_flood_of_tiny_lines_is_charged_what_the_lines_cost() {
+        let store = held(&["uid.1"]);
+        let flood = "\n".repeat(64 * 1024);
+        for _ in 0..8 {
+            store.append("dev", &chunk("uid.1", 0, &flood)).unwrap();
+        }
+        let read = store.read("uid", "main", false, 0).unwrap();
+        assert_eq!(read.lines.len(), RUN_BYTES / (1 + LINE_OVERHEAD));
+        assert_eq!(read.next, 8 * 64 * 1024);
     }
 
     #[test]

@@ -36,6 +36,10 @@ use crate::pods::status::{self, RunView};
 use crate::pods::writer::Writer;
 use crate::pool::POOL_LABEL;
 
+/// Reports for pods not (yet) known held at once: more than a whole fleet's Hellos after a
+/// restart ever name, so only a device inventing tasks reaches it.
+pub const ORPHANS: usize = 100_000;
+
 /// How soon messages that did not fit an agent's queue are tried again.
 pub const OUTBOX_RETRY: Duration = Duration::from_millis(20);
 
@@ -339,14 +343,10 @@ impl Controller {
 
     fn report(&mut self, device: &str, report: TaskStatus) {
         let Some(task) = TaskId::parse(&report.task_id) else {
-            cancel(
-                &mut self.outbox,
-                &self.shared.registry,
-                device,
-                &report.task_id,
-                0,
-                "not a task of this operator",
-            );
+            // Never a task of this operator: counted, not answered (a device flooding garbage
+            // ids must not fill its own queue with our replies).
+            tracing::debug!(%device, task = %report.task_id, "a report for a task id no operator makes");
+            self.shared.metrics.frame_rejected("report_bad_task_id");
             return;
         };
         // Only a device of the pod's own pool may claim a task this operator did not record.
@@ -355,6 +355,12 @@ impl Controller {
             _ => false,
         };
         let Some(entry) = self.pods.get(&task.uid) else {
+            // Until warm, a report may name a pod not listed yet; once warm, its pod is gone.
+            // Held at most ORPHANS at once: beyond, a device's reports are refused, counted.
+            if self.orphans.len() >= ORPHANS {
+                self.shared.metrics.frame_rejected("report_unknown_pod");
+                return;
+            }
             self.orphans.push((device.to_string(), report));
             return;
         };

@@ -10,6 +10,10 @@ use tokio::sync::mpsc::error::TrySendError;
 
 use crate::devices::registry::{AgentSender, Registry};
 
+/// Messages held for one device beyond its stream's own queue. A device that leaves more
+/// unread is cut off: it reconnects, and its Hello settles what it missed.
+pub const WAITING_PER_DEVICE: usize = 1024;
+
 #[derive(Default)]
 pub struct Outbox {
     /// Per device, the stream the messages were meant for and the messages, oldest first.
@@ -31,7 +35,15 @@ impl Outbox {
             // The same stream: queue behind what waits. A new stream: the old one's backlog
             // went nowhere, and the device's Hello settles it.
             Some((waiting_for, queue)) if waiting_for.same_channel(&sender) => {
-                queue.push_back(message);
+                if queue.len() < WAITING_PER_DEVICE {
+                    queue.push_back(message);
+                } else {
+                    self.waiting.remove(device);
+                    registry.cut_off(
+                        device,
+                        &format!("more than {WAITING_PER_DEVICE} messages to it were left unread"),
+                    );
+                }
                 return;
             }
             Some(_) => {
@@ -155,5 +167,25 @@ mod tests {
         assert!(outbox.is_empty());
         outbox.send(&registry, "dev-2", cancel("c"));
         assert!(outbox.is_empty());
+    }
+
+    #[test]
+    fn a_device_that_reads_nothing_is_cut_off_not_buffered_without_end() {
+        let registry = Registry::new();
+        let (sender, _unread) = mpsc::channel(1);
+        let (close, mut closed) = oneshot::channel();
+        registry
+            .attach("dev-1", "lab", &Hello::default(), None, sender, close)
+            .expect("attached");
+        let mut outbox = Outbox::default();
+        for n in 0..=WAITING_PER_DEVICE + 1 {
+            outbox.send(&registry, "dev-1", cancel(&n.to_string()));
+        }
+        assert!(outbox.is_empty(), "its backlog is dropped");
+        let refusal = closed.try_recv().expect("its stream is closed");
+        assert_eq!(
+            refusal.code,
+            darkcore_proto::agent::v1::refusal::Code::SlowReader as i32
+        );
     }
 }

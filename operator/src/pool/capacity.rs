@@ -73,6 +73,8 @@ pub enum ChangeKind {
     Lost,
     /// `darkcore-operator device revoke` shut it out for good.
     Revoked,
+    /// It claims more than the pool's deviceLimits, or than its own hardware: not enlisted.
+    Implausible,
 }
 
 /// Where the pool controller learns about devices: the device registry, fed by the gateway.

@@ -20,7 +20,7 @@ use serde_json::json;
 
 use crate::domain::quantity::cpu_millis;
 use crate::metrics::Metrics;
-use crate::pool::capacity::{DeviceInventory, PlatformCapacity, PoolSurvey};
+use crate::pool::capacity::{ChangeKind, DeviceInventory, PlatformCapacity, PoolSurvey};
 use crate::pool::events::summarize_changes;
 use crate::pool::lease::{self, NODE_LEASE_NAMESPACE};
 use crate::pool::node::{Platform, desired_node, node_name, node_spec_outdated, platforms};
@@ -270,6 +270,9 @@ async fn write_pool_status(
 /// reconcile, naming the devices, so a thousand joins make one Event rather than a thousand.
 async fn record_device_changes(pool: &DevicePool, ctx: &Context) {
     let changes = ctx.inventory.take_changes(&pool.name_any());
+    for _ in changes.iter().filter(|c| c.kind == ChangeKind::Implausible) {
+        ctx.metrics.refusal("implausible_device");
+    }
     for summary in summarize_changes(&changes) {
         let event = KubeEvent {
             type_: summary.type_,

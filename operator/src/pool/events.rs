@@ -35,6 +35,12 @@ pub fn summarize_changes(changes: &[DeviceChange]) -> Vec<ChangeSummary> {
             "DevicesRevoked",
             "revoked",
         ),
+        (
+            ChangeKind::Implausible,
+            EventType::Warning,
+            "DevicesImplausible",
+            "not enlisted: they claim more than spec.deviceLimits or their own hardware (see darkcore-operator device list)",
+        ),
     ];
     kinds
         .into_iter()
