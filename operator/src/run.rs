@@ -467,18 +467,39 @@ async fn sweep_loop(registry: Arc<Registry>, pools: reflector::Store<DevicePool>
     }
 }
 
-/// Follows the revoked-devices ConfigMap and cuts revoked devices off as it changes.
+/// Follows the revoked-devices ConfigMap and cuts revoked devices off as it changes. Fails
+/// closed: the gateway attaches no device before the first listing is read, and deleting the
+/// ConfigMap revokes nothing back (the operator writes it again from what it knows).
 async fn watch_revocations(client: Client, namespace: String, registry: Arc<Registry>) {
-    let maps: Api<ConfigMap> = Api::namespaced(client, &namespace);
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
     let config = watcher::Config::default().fields(&format!("metadata.name={REVOKED_CONFIGMAP}"));
     let mut events = std::pin::pin!(watcher(maps, config).default_backoff());
+    let mut listing = std::collections::HashSet::new();
     while let Some(event) = events.next().await {
         match event {
-            Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => {
-                registry.set_revoked(revoked_ids(Some(&cm)))
+            Ok(watcher::Event::Init) => listing.clear(),
+            Ok(watcher::Event::InitApply(cm)) => listing.extend(revoked_ids(Some(&cm))),
+            // A relisting adds to what is known: only an edit of the ConfigMap takes an id out.
+            Ok(watcher::Event::InitDone) => {
+                let mut known = registry.revoked();
+                known.extend(listing.drain());
+                registry.set_revoked(known);
             }
-            Ok(watcher::Event::Delete(_)) => registry.set_revoked(Default::default()),
-            Ok(_) => {}
+            Ok(watcher::Event::Apply(cm)) => registry.set_revoked(revoked_ids(Some(&cm))),
+            Ok(watcher::Event::Delete(_)) => {
+                let known = registry.revoked();
+                tracing::warn!(
+                    revoked = known.len(),
+                    "the revoked-devices ConfigMap was deleted; writing it again: its devices stay revoked"
+                );
+                for id in known {
+                    if let Err(error) =
+                        crate::enroll::revocation::revoke(&client, &namespace, &id).await
+                    {
+                        tracing::warn!(%error, device = %id, "writing a revocation back");
+                    }
+                }
+            }
             Err(error) => tracing::warn!(%error, "watching revoked devices"),
         }
     }

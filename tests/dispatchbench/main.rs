@@ -79,6 +79,8 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::new(api.clone().service(), NAMESPACE);
     let metrics = Arc::new(Metrics::default());
     let registry = Registry::new();
+    // No revocation list in a benchmark: an empty one, read.
+    registry.set_revoked(Default::default());
     let pool = bench_pool()?;
     let (pools, mut pool_writer) = reflector::store::<DevicePool>();
     pool_writer.apply_watcher_event(&watcher::Event::Apply(pool.clone()));

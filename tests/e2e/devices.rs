@@ -226,6 +226,34 @@ async fn three_agents_add_up_restart_with_the_same_identity_and_a_revoked_one_is
     victim.run();
     let (exit, _) = victim.exited().await;
     assert!(!exit.success());
+    // Deleting the revocation list revokes nothing back: the operator writes it again.
+    let maps: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(fx.client.clone(), crate::harness::OPERATOR_NAMESPACE);
+    let _ = maps
+        .delete("darkcore-revoked-devices", &Default::default())
+        .await;
+    crate::harness::poll_until(
+        "the revocation list written again",
+        Duration::from_secs(20),
+        || async {
+            let cm = maps.get_opt("darkcore-revoked-devices").await;
+            match &cm {
+                Ok(Some(cm))
+                    if cm
+                        .data
+                        .as_ref()
+                        .is_some_and(|d| d.contains_key(&victim.device_id)) =>
+                {
+                    Ok(())
+                }
+                _ => Err(format!("{cm:?}")),
+            }
+        },
+    )
+    .await;
+    victim.run();
+    let (exit, _) = victim.exited().await;
+    assert!(!exit.success(), "still revoked");
     fx.pool_events_include(&["DevicesJoined", "DevicesRevoked"])
         .await;
     fx.finish().await;

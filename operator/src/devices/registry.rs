@@ -63,6 +63,8 @@ struct State {
     next_generation: u64,
     /// Devices carrying at least one unfinished task, as the pod controller counts them.
     busy: HashSet<String>,
+    /// The revocation list has been read once.
+    revocations_known: bool,
 }
 
 impl State {
@@ -319,11 +321,22 @@ impl Registry {
         }
     }
 
+    /// The devices revoked, as last read.
+    pub fn revoked(&self) -> HashSet<String> {
+        self.lock().revoked.clone()
+    }
+
+    /// Whether the revocation list has been read since start: until then no device attaches.
+    pub fn revocations_known(&self) -> bool {
+        self.lock().revocations_known
+    }
+
     /// Replaces the set of revoked devices. Newly revoked devices are cut off at once.
     pub fn set_revoked(&self, revoked: HashSet<String>) {
         let mut state = self.lock();
         let newly: Vec<String> = revoked.difference(&state.revoked).cloned().collect();
         state.revoked = revoked;
+        state.revocations_known = true;
         let mut any = false;
         for id in newly {
             let Some(entry) = state.devices.get_mut(&id) else {

@@ -208,6 +208,16 @@ impl AgentStream {
     async fn attached(&mut self, hello: Hello) -> Ending {
         let (close, mut closed) = oneshot::channel();
         let DeviceIdentity { device_id, pool } = self.identity.clone();
+        // Fail closed: a revoked device must not slip in while the list is still unread.
+        if !self.registry.revocations_known() {
+            return Ending::Refused(
+                refusal(
+                    Code::TimedOut,
+                    "the operator has not read its revocation list yet; the agent retries",
+                ),
+                "revocations_unknown",
+            );
+        }
         let generation = match self.registry.attach(
             &device_id,
             &pool,
