@@ -28,6 +28,31 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often agents send a Heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How often a device counts as heard while its stream waits on the operator's own side.
+const PRESENT_EVERY: Duration = Duration::from_secs(1);
+
+/// Waits for a consumer of a device's reports (the pod controller, the usage recorder) while
+/// keeping the device present: while its stream waits on the operator's own slow side, its
+/// heartbeats go unread, but it is not silent. Counting it present only delays a re-dispatch,
+/// never hastens one.
+async fn keeping_present(
+    registry: &Registry,
+    device: &str,
+    generation: u64,
+    every: Duration,
+    work: impl std::future::Future<Output = ()>,
+) {
+    let mut work = std::pin::pin!(work);
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            () = &mut work => return,
+            _ = tick.tick() => registry.heartbeat(device, generation),
+        }
+    }
+}
+
 /// Seconds between an agent's heartbeats: `HEARTBEAT_INTERVAL`, or a third of a shorter
 /// fence, so that several acknowledged beats fit in it and a late one never fences.
 fn heartbeat_interval(fence_seconds: u32) -> u32 {
@@ -252,7 +277,8 @@ impl AgentStream {
                 self.metrics.frame_rejected("status_too_long");
             }
         }
-        self.tasks.hello(&device_id, tasks).await;
+        let hello = self.tasks.hello(&device_id, tasks);
+        keeping_present(&self.registry, &device_id, generation, PRESENT_EVERY, hello).await;
         let ending = loop {
             tokio::select! {
                 refusal = &mut closed => {
@@ -299,7 +325,8 @@ impl AgentStream {
                     self.metrics.frame_rejected("status_too_long");
                 }
                 // Waiting here is backpressure on a fast reporter, never a lost report.
-                self.tasks.status(device, status).await;
+                let status = self.tasks.status(device, status);
+                keeping_present(&self.registry, device, generation, PRESENT_EVERY, status).await;
             }
             Some(agent_message::Body::LogChunk(chunk)) => {
                 self.registry.heartbeat(device, generation);
@@ -312,7 +339,8 @@ impl AgentStream {
                 self.registry.heartbeat(device, generation);
                 // Waiting here is backpressure; a record is never dropped unacknowledged.
                 let (pool, ack) = (&self.identity.pool, self.sender.clone());
-                self.tasks.usage(device, pool, usage.records, ack).await;
+                let usage = self.tasks.usage(device, pool, usage.records, ack);
+                keeping_present(&self.registry, device, generation, PRESENT_EVERY, usage).await;
             }
             // Live usage (for `kubectl top`) is not read yet; it shows the device is alive.
             Some(_) => self.registry.heartbeat(device, generation),
@@ -363,6 +391,38 @@ impl AgentStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_device_waiting_on_a_slow_consumer_stays_present() {
+        use crate::domain::Presence;
+        let registry = Registry::default();
+        let (sender, _receiver) = mpsc::channel(1);
+        let (close, _closed) = oneshot::channel();
+        let generation = registry
+            .attach("dev", "lab", &Hello::default(), None, sender, close)
+            .unwrap();
+        let slow = tokio::time::sleep(Duration::from_millis(600));
+        keeping_present(
+            &registry,
+            "dev",
+            generation,
+            Duration::from_millis(20),
+            slow,
+        )
+        .await;
+        // Silent for 250 ms would be lost; it was heard within the last tick.
+        let threshold = |_: &str| Duration::from_millis(250);
+        registry.sweep(
+            std::time::Instant::now() + Duration::from_millis(100),
+            threshold,
+        );
+        assert_eq!(registry.presence("dev"), Presence::Online);
+        registry.sweep(
+            std::time::Instant::now() + Duration::from_secs(1),
+            threshold,
+        );
+        assert!(matches!(registry.presence("dev"), Presence::Away { .. }));
+    }
 
     #[test]
     fn several_heartbeats_fit_in_a_fence() {
