@@ -107,7 +107,7 @@ metadata: { name: $POOL, labels: { ${SELECTOR%%=*}: ${SELECTOR#*=} } }
 spec: { runtimes: [${1:-process}] }
 YAML
   kubectl wait --for=create "node/$NODE" --timeout=60s >/dev/null
-  token=$("$BIN/darkcore-operator" token create --pool "$POOL" 2>/dev/null)
+  token=$("$BIN/darkcore-operator" token create --pool "$POOL" --uses 0 2>/dev/null)
 }
 
 # Joins and runs `count` real agents giving one core each; their pids go to agent_pids.

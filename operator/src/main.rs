@@ -96,9 +96,10 @@ enum TokenCommand {
         /// How long the token is valid: 90s, 30m, 24h, 7d.
         #[arg(long, default_value = "24h", value_parser = token::parse_ttl)]
         ttl: Duration,
-        /// How many devices may join with it. Default: any number until it expires.
-        #[arg(long)]
-        uses: Option<u32>,
+        /// How many devices may join with it: one by default, so a leaked token admits at
+        /// most one stranger. 0: any number until it expires.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
         #[command(flatten)]
         scope: Scope,
     },
@@ -184,14 +185,16 @@ async fn tokens(command: TokenCommand) -> anyhow::Result<()> {
             uses,
             scope,
         } => {
+            let uses = (uses > 0).then_some(uses);
             let token = token_store::create(&client, &scope.namespace, &pool, ttl, uses).await?;
             println!("{token}");
             eprintln!(
                 "Join token {} for pool {pool}, valid for {}{}. It is shown only now; give it to device owners:\n  darkcore-agent join --server <gateway address> --token {token}",
                 token.id,
                 humanize(ttl),
-                uses.map(|n| format!(", for {n} device(s)"))
-                    .unwrap_or_default(),
+                uses.map_or(", for any number of devices".into(), |n| format!(
+                    ", for {n} device(s)"
+                )),
             );
             Ok(())
         }

@@ -35,7 +35,20 @@ async fn joins_accept_a_valid_token_and_refuse_used_up_expired_revoked_and_garba
     let fx = PoolFixture::start("join", process_pool()).await;
     let port = fx.operator.gateway_port;
 
-    let once = token(&fx.pool, &["--uses", "1"]);
+    // A token admits one device unless it says otherwise.
+    let created = operator_cli(&[
+        "token",
+        "create",
+        "--pool",
+        &fx.pool,
+        "-n",
+        "darkcore-system",
+    ]);
+    assert!(created.status.success());
+    let once = String::from_utf8(created.stdout)
+        .unwrap()
+        .trim()
+        .to_string();
     let first = fleet::join(port, &once, 1.0);
     assert!(first.ok, "a fresh token joins: {}", first.output);
     use std::os::unix::fs::PermissionsExt;

@@ -14,9 +14,13 @@ use crate::harness::{
 };
 
 /// Creates a join token for `pool` with the real CLI; `extra` adds flags like `--uses 1`.
+/// Without `--uses` in `extra`, the token admits any number of devices (`--uses 0`).
 pub fn token(pool: &str, extra: &[&str]) -> String {
     let mut args = vec!["token", "create", "--pool", pool, "-n", OPERATOR_NAMESPACE];
     args.extend_from_slice(extra);
+    if !extra.contains(&"--uses") {
+        args.extend_from_slice(&["--uses", "0"]);
+    }
     let out = operator_cli(&args);
     assert!(
         out.status.success(),
