@@ -9,6 +9,7 @@ mod harness;
 mod helm;
 mod hostile;
 mod images;
+mod kubelet_api;
 mod leadership;
 mod network;
 mod oci;

@@ -20,6 +20,17 @@ use crate::kubelet::KubeletState;
 use crate::kubelet::auth::{Denied, User};
 use crate::kubelet::log_store::Line;
 
+/// The earliest line time (Unix nanoseconds) a logs request asks for: `sinceTime`, else
+/// `sinceSeconds` before `now`. Any number a caller sends is fine: nothing overflows.
+fn since_nanos(since_time: Option<&str>, since_seconds: Option<i64>, now: i64) -> Option<i64> {
+    since_time
+        .and_then(|t| t.parse::<Timestamp>().ok())
+        .map(|t| t.as_nanosecond().clamp(i64::MIN as i128, i64::MAX as i128) as i64)
+        .or_else(|| {
+            since_seconds.map(|s| now.saturating_sub(s.max(0).saturating_mul(1_000_000_000)))
+        })
+}
+
 /// How often a follower re-checks that its pod still exists while no output comes.
 const FOLLOW_RECHECK: Duration = Duration::from_secs(5);
 
@@ -160,16 +171,8 @@ async fn container_logs(
             ),
         );
     };
-    let since = options
-        .since_time
-        .as_deref()
-        .and_then(|t| t.parse::<Timestamp>().ok())
-        .map(|t| t.as_nanosecond() as i64)
-        .or_else(|| {
-            options
-                .since_seconds
-                .map(|s| Timestamp::now().as_nanosecond() as i64 - s * 1_000_000_000)
-        });
+    let now = Timestamp::now().as_nanosecond() as i64;
+    let since = since_nanos(options.since_time.as_deref(), options.since_seconds, now);
     let timestamps = flag(&options.timestamps);
     let mut budget = options.limit_bytes.filter(|l| *l > 0).map(|l| l as usize);
     let mut take = move |lines: Vec<Line>| -> (Vec<u8>, bool) {
@@ -316,6 +319,19 @@ mod tests {
             timestamp_unix_nanos: at,
             data: text.as_bytes().to_vec(),
         }
+    }
+
+    #[test]
+    fn since_never_overflows_whatever_a_caller_sends() {
+        let now = 1_700_000_000_000_000_000;
+        assert_eq!(since_nanos(None, Some(10), now), Some(now - 10_000_000_000));
+        assert_eq!(since_nanos(None, Some(i64::MAX), now), Some(now - i64::MAX));
+        assert_eq!(since_nanos(None, Some(-5), now), Some(now));
+        assert_eq!(since_nanos(None, None, now), None);
+        assert_eq!(
+            since_nanos(Some("2024-01-01T00:00:00Z"), Some(10), now),
+            Some(1_704_067_200_000_000_000)
+        );
     }
 
     #[test]

@@ -16,6 +16,33 @@ use kube::{Api, Client};
 
 /// How long an authentication or authorization answer is reused.
 pub const CACHE_FOR: Duration = Duration::from_secs(10);
+/// Answers cached at most, per kind: a caller sending a new bearer string with every request
+/// cannot grow the operator without end.
+pub const CACHED_AT_MOST: usize = 4096;
+
+/// Answers by key, with when they were given.
+type Cache<K, V> = Mutex<HashMap<K, (Instant, V)>>;
+
+/// Caches an answer: expired ones go first when the cache is full, and everything when it is
+/// still full of fresh ones (only a flood of new callers fills it).
+fn remember<K: std::hash::Hash + Eq, V>(cache: &Mutex<HashMap<K, (Instant, V)>>, key: K, value: V) {
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.len() >= CACHED_AT_MOST {
+        cache.retain(|_, (at, _)| at.elapsed() < CACHE_FOR);
+        if cache.len() >= CACHED_AT_MOST {
+            cache.clear();
+        }
+    }
+    cache.insert(key, (Instant::now(), value));
+}
+
+/// A bearer token as a cache key: its SHA-256, so no token is held in memory past its request.
+fn token_key(token: &str) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut key = [0u8; 32];
+    key.copy_from_slice(digest.as_ref());
+    key
+}
 
 /// A caller, as established by its certificate or token.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -51,8 +78,8 @@ type Key = (User, &'static str, String);
 
 pub struct Authorizer {
     client: Client,
-    tokens: Mutex<HashMap<String, (Instant, Option<User>)>>,
-    decisions: Mutex<HashMap<Key, (Instant, bool)>>,
+    tokens: Cache<[u8; 32], Option<User>>,
+    decisions: Cache<Key, bool>,
 }
 
 impl Authorizer {
@@ -82,7 +109,7 @@ impl Authorizer {
             .tokens
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(token)
+            .get(&token_key(token))
             .cloned();
         let user = match cached {
             Some((at, user)) if at.elapsed() < CACHE_FOR => user,
@@ -107,10 +134,7 @@ impl Authorizer {
                         name: u.username.unwrap_or_default(),
                         groups: u.groups.unwrap_or_default(),
                     });
-                self.tokens
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(token.into(), (Instant::now(), user.clone()));
+                remember(&self.tokens, token_key(token), user.clone());
                 user
             }
         };
@@ -156,10 +180,7 @@ impl Authorizer {
                     .await
                     .map_err(|e| Denied::Forbidden(format!("access could not be reviewed: {e}")))?;
                 let allowed = answer.status.is_some_and(|s| s.allowed);
-                self.decisions
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(key, (Instant::now(), allowed));
+                remember(&self.decisions, key, allowed);
                 allowed
             }
         };
@@ -176,5 +197,20 @@ impl Authorizer {
                 }
             )))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_of_new_tokens_never_grows_the_cache_past_its_bound() {
+        let cache: Cache<[u8; 32], Option<User>> = Mutex::default();
+        for n in 0..3 * CACHED_AT_MOST {
+            remember(&cache, token_key(&format!("token-{n}")), None);
+            assert!(cache.lock().unwrap().len() <= CACHED_AT_MOST);
+        }
+        assert_ne!(token_key("a"), token_key("b"));
     }
 }

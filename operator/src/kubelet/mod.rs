@@ -104,6 +104,13 @@ pub async fn client_ca(client: &Client) -> anyhow::Result<Vec<CertificateDer<'st
         .context("parsing the cluster's client CA")
 }
 
+/// Connections served at once; more are closed as they come.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// How long a client may take over its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a client may take to send a request's headers, or idle between requests.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Binds the kubelet API and returns the future that serves it.
 pub async fn serve(
     addr: SocketAddr,
@@ -137,14 +144,24 @@ pub async fn serve(
         format!("binding the kubelet API to {addr} (set --kubelet-port to a free port)")
     })?;
     tracing::info!(%addr, "kubelet API listening");
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     Ok(async move {
         loop {
-            let Ok((tcp, _peer)) = listener.accept().await else {
+            let Ok((tcp, peer)) = listener.accept().await else {
+                continue;
+            };
+            // Past the cap a connection is closed at once: the API server retries, and a
+            // flood of idle sockets cannot take the operator's memory or descriptors.
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, "kubelet API: too many connections; closing one");
                 continue;
             };
             let (acceptor, state) = (acceptor.clone(), state.clone());
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
+                let _permit = permit;
+                let Ok(Ok(tls)) =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                else {
                     return;
                 };
                 let user: Option<User> = tls
@@ -158,7 +175,11 @@ pub async fn serve(
                     let app = app.clone();
                     async move { tower::ServiceExt::oneshot(app, request).await }
                 });
+                // Headers must come within the timeout, also between requests on a kept-alive
+                // connection; a `logs -f` body streams as long as it has to.
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(tls), service)
                     .await;
             });
