@@ -230,9 +230,12 @@ impl Controller {
                         .announced
                         .insert(format!("{}:{}", warning.reason, warning.message))
                     {
-                        self.shared
-                            .writer
-                            .event(&entry.pod, true, warning.reason, warning.message);
+                        self.shared.writer.event(
+                            &entry.pod,
+                            warning.warning,
+                            warning.reason,
+                            warning.message,
+                        );
                     }
                 }
                 let result = result.map(Box::new).map_err(|blocked| blocked.message);

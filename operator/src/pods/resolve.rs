@@ -44,6 +44,8 @@ pub struct Placement {
 pub struct Warning {
     pub reason: &'static str,
     pub message: String,
+    /// Published as a Warning Event; otherwise as a Normal one (something to know, not to fix).
+    pub warning: bool,
 }
 
 /// Why the pod cannot start now; it is retried, as the kubelet retries.
@@ -196,6 +198,7 @@ impl Resolver<'_> {
             message: format!(
                 "image pull secret {namespace}/{name} is not used, because {problem}; pulls go ahead without it"
             ),
+            warning: true,
         });
         Vec::new()
     }
@@ -251,6 +254,7 @@ impl Resolver<'_> {
                     "optional {} {namespace}/{name} not found; the pod starts without it",
                     kind.word()
                 ),
+                warning: true,
             });
             Ok(None)
         } else {
@@ -260,6 +264,7 @@ impl Resolver<'_> {
                     "{} {namespace}/{name} not found: create it, or mark the reference optional",
                     kind.word()
                 ),
+                warning: true,
             });
             Err(Blocked { message })
         }
@@ -519,12 +524,15 @@ impl Resolver<'_> {
                         .extend(self.downward(d.items.as_deref().unwrap_or_default(), mode)?);
                 }
                 if source.service_account_token.is_some() {
+                    // The token volume Kubernetes adds to every pod is expected to go without:
+                    // a Normal Event says so; one the pod asks for itself is a Warning.
                     self.warnings.push(Warning {
                         reason: "ServiceAccountTokenNotProjected",
                         message: format!(
                             "volume {:?}: service account tokens are not projected onto devices (they would carry cluster credentials off the cluster)",
                             v.name
                         ),
+                        warning: !v.name.starts_with("kube-api-access-"),
                     });
                 }
             }
@@ -944,6 +952,39 @@ mod tests {
         assert_eq!(
             (token.path.as_str(), token.content.as_slice(), token.mode),
             ("api/token", b"s3cret".as_slice(), 0o400)
+        );
+    }
+
+    #[test]
+    fn the_token_kubernetes_adds_is_a_normal_event_one_asked_for_a_warning() {
+        use k8s_openapi::api::core::v1::{
+            ProjectedVolumeSource, ServiceAccountTokenProjection, VolumeProjection,
+        };
+        let token = |name: &str| KVolume {
+            name: name.into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        path: "token".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let volumes = vec![token("kube-api-access-x7k2p"), token("vault-token")];
+        let (resolved, warnings) =
+            resolve(&pod(vec![], volumes), &lookups(), &Placement::default());
+        assert!(resolved.is_ok());
+        let kinds: Vec<_> = warnings.iter().map(|w| (w.reason, w.warning)).collect();
+        assert_eq!(
+            kinds,
+            [
+                ("ServiceAccountTokenNotProjected", false),
+                ("ServiceAccountTokenNotProjected", true)
+            ]
         );
     }
 
