@@ -32,6 +32,10 @@ struct Pending {
     writing: HashSet<String>,
 }
 
+/// The first wait before a failed pod delete is tried again; it doubles up to the most.
+const DELETE_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
+const DELETE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub struct Writer {
     client: Client,
     metrics: Arc<Metrics>,
@@ -131,7 +135,8 @@ impl Writer {
         }
     }
 
-    /// Deletes a pod whose task has stopped, with grace 0 and its UID as precondition.
+    /// Deletes a pod whose task has stopped, with grace 0 and its UID as precondition, retried
+    /// with backoff until it lands or the pod is gone.
     pub fn delete(&self, pod: &Pod) {
         let (client, metrics) = (self.client.clone(), self.metrics.clone());
         let namespace = pod.metadata.namespace.clone().unwrap_or_default();
@@ -147,14 +152,20 @@ impl Writer {
                 }),
                 ..Default::default()
             };
-            metrics.api_write("pod", "delete");
-            if let Err(error) = api.delete(&name, &params).await {
-                match &error {
-                    kube::Error::Api(s) if s.code == 404 || s.code == 409 => {}
-                    _ => {
-                        tracing::warn!(pod = %format!("{namespace}/{name}"), %error, "deleting a stopped pod")
+            // Until it lands or the pod is gone (404) or is another pod of that name (409): a
+            // delete lost to a failing API server would leave the pod Terminating for ever.
+            let mut wait = DELETE_RETRY_FIRST;
+            loop {
+                metrics.api_write("pod", "delete");
+                match api.delete(&name, &params).await {
+                    Ok(_) => return,
+                    Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => return,
+                    Err(error) => {
+                        tracing::warn!(pod = %format!("{namespace}/{name}"), %error, retry_in = ?wait, "deleting a stopped pod");
                     }
                 }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(DELETE_RETRY_MAX);
             }
         });
     }
