@@ -1036,3 +1036,93 @@ async fn a_job_survives_an_operator_kill_without_running_any_index_twice() {
     );
     bench.finish().await;
 }
+
+#[tokio::test]
+async fn a_refused_final_delete_is_retried_until_it_lands() {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    let bench = Bench::start("podredel", 1, process_pool()).await;
+    bench
+        .create(bench.pod("sticky", "echo ready $$$$; exec sleep 600", "Never"))
+        .await;
+    let pid = ready_pid(
+        &bench
+            .logs_show("sticky", "ready ", Duration::from_secs(60))
+            .await,
+    );
+    // The API server refuses the operator's deletes of pods in this namespace for a while.
+    let name = format!("darkcore-e2e-{}", bench.ns.name);
+    let operator = crate::helm::service_account_user();
+    let policy: ValidatingAdmissionPolicy = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": name },
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": { "resourceRules": [{
+                "apiGroups": [""], "apiVersions": ["v1"],
+                "operations": ["DELETE"], "resources": ["pods"],
+            }]},
+            "validations": [{
+                "expression": format!("request.userInfo.username != '{operator}'"),
+                "message": "e2e: the operator may not delete pods here for now",
+            }],
+        },
+    }))
+    .unwrap();
+    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": name },
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": { "namespaceSelector": { "matchLabels": {
+                "kubernetes.io/metadata.name": bench.ns.name,
+            }}},
+        },
+    }))
+    .unwrap();
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(bench.fx.client.clone());
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(bench.fx.client.clone());
+    let post = kube::api::PostParams::default();
+    policies.create(&post, &policy).await.unwrap();
+    bindings.create(&post, &binding).await.unwrap();
+    poll_until(
+        "the policy refuses the operator",
+        Duration::from_secs(30),
+        || async {
+            let out = bench.kubectl(&[
+                "--as",
+                &operator,
+                "delete",
+                "pod",
+                "sticky",
+                "--dry-run=server",
+            ]);
+            match out.contains("e2e: the operator may not delete pods") {
+                true => Ok(()),
+                false => Err(out),
+            }
+        },
+    )
+    .await;
+    bench.kubectl(&["delete", "pod", "sticky", "--wait=false"]);
+    process_exits(pid, Duration::from_secs(20)).await;
+    // The task has stopped; the operator's delete is refused, so the pod stays Terminating.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(bench.pods().get_opt("sticky").await.unwrap().is_some());
+    // Once the API server lets it, a retry lands.
+    bindings.delete(&name, &Default::default()).await.unwrap();
+    policies.delete(&name, &Default::default()).await.unwrap();
+    let released = Instant::now();
+    poll_until("the pod is deleted", Duration::from_secs(45), || async {
+        match bench.pods().get_opt("sticky").await.unwrap() {
+            None => Ok(()),
+            Some(_) => Err("still there".to_string()),
+        }
+    })
+    .await;
+    eprintln!(
+        "deleted {:?} after the API server allowed it",
+        released.elapsed()
+    );
+    bench.finish().await;
+}
