@@ -51,6 +51,19 @@ struct Entry {
     volume_limits: Vec<(String, u64)>,
 }
 
+impl Entry {
+    /// Stops the task with `stop`, unless it is stopping already (the first reason stands).
+    fn stop_unless_stopping(&self, stop: impl FnOnce() -> Stop) -> bool {
+        self.stop.send_if_modified(|current| {
+            let unset = current.is_none();
+            if unset {
+                *current = Some(stop());
+            }
+            unset
+        })
+    }
+}
+
 /// Where tasks report: the latest status of each (marked dirty until sent) and their output.
 pub struct Board {
     entries: Mutex<HashMap<String, Entry>>,
@@ -139,15 +152,9 @@ impl Board {
         for eviction in disk::evictions(&held, room) {
             tracing::warn!(task = %eviction.task_id, message = %eviction.message, "evicting the task");
             if let Some(entry) = lock(&self.entries).get(&eviction.task_id) {
-                entry.stop.send_if_modified(|stop| {
-                    let unset = stop.is_none();
-                    if unset {
-                        *stop = Some(Stop {
-                            grace: EVICTION_GRACE,
-                            cause: StopCause::Evicted(eviction.message.clone()),
-                        });
-                    }
-                    unset
+                entry.stop_unless_stopping(|| Stop {
+                    grace: EVICTION_GRACE,
+                    cause: StopCause::Evicted(eviction.message.clone()),
                 });
             }
         }
@@ -157,15 +164,9 @@ impl Board {
     fn preempt_all(&self, grace: Duration, reason: &str) {
         let entries = lock(&self.entries);
         for (id, entry) in entries.iter().filter(|(_, e)| !e.finished) {
-            let stopped = entry.stop.send_if_modified(|stop| {
-                let unset = stop.is_none();
-                if unset {
-                    *stop = Some(Stop {
-                        grace,
-                        cause: StopCause::Preempted(reason.into()),
-                    });
-                }
-                unset
+            let stopped = entry.stop_unless_stopping(|| Stop {
+                grace,
+                cause: StopCause::Preempted(reason.into()),
             });
             if stopped {
                 tracing::info!(task = %id, %reason, "stopping the task here: it is to run elsewhere");

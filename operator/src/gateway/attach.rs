@@ -43,6 +43,10 @@ async fn keeping_present(
     work: impl std::future::Future<Output = ()>,
 ) {
     let mut work = std::pin::pin!(work);
+    // Most reports are taken at once: no timer for them.
+    if futures::FutureExt::now_or_never(&mut work).is_some() {
+        return;
+    }
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
@@ -273,9 +277,7 @@ impl AgentStream {
         }
         let mut tasks = hello.tasks;
         for status in &mut tasks {
-            if bounds::bound_status(status) {
-                self.metrics.frame_rejected("status_too_long");
-            }
+            self.bound(status);
         }
         let hello = self.tasks.hello(&device_id, tasks);
         keeping_present(&self.registry, &device_id, generation, PRESENT_EVERY, hello).await;
@@ -302,6 +304,13 @@ impl AgentStream {
         ending
     }
 
+    /// Cuts a device's status to the sizes Kubernetes keeps, counting any cut.
+    fn bound(&self, status: &mut TaskStatus) {
+        if bounds::bound_status(status) {
+            self.metrics.frame_rejected("status_too_long");
+        }
+    }
+
     async fn dispatch(&self, device: &str, generation: u64, message: AgentMessage) {
         match message.body {
             Some(agent_message::Body::Heartbeat(beat)) => {
@@ -321,9 +330,7 @@ impl AgentStream {
             }
             Some(agent_message::Body::TaskStatus(mut status)) => {
                 self.registry.heartbeat(device, generation);
-                if bounds::bound_status(&mut status) {
-                    self.metrics.frame_rejected("status_too_long");
-                }
+                self.bound(&mut status);
                 // Waiting here is backpressure on a fast reporter, never a lost report.
                 let status = self.tasks.status(device, status);
                 keeping_present(&self.registry, device, generation, PRESENT_EVERY, status).await;

@@ -313,20 +313,15 @@ fn apply(mut run: Run, event: Event, facts: &Facts<'_>, effects: &mut Vec<Effect
                 attempt.report = Some(report);
             }
         }
-        Event::Adopt(attempt) => {
+        Event::Adopt(attempt) if run.adopts(attempt.task.number) => {
             let ready = match std::mem::replace(&mut run.stage, Stage::Admitting) {
-                Stage::Unplaced { ready, .. } => Some(Some(ready)),
-                Stage::Admitting | Stage::Resolving { .. } => Some(None),
-                other => {
-                    run.stage = other;
-                    None
-                }
+                Stage::Unplaced { ready, .. } => Some(ready),
+                _ => None,
             };
-            if let Some(ready) = ready {
-                run.next_number = run.next_number.max(attempt.task.number + 1);
-                run.stage = Stage::Dispatched { attempt, ready };
-            }
+            run.next_number = run.next_number.max(attempt.task.number + 1);
+            run.stage = Stage::Dispatched { attempt, ready };
         }
+        Event::Adopt(_) => {}
         Event::Lost(reason, message) => match run.stage {
             Stage::Dispatched { .. } => run = lose(run, reason, message, facts, effects),
             Stage::Deleting {
