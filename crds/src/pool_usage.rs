@@ -105,11 +105,14 @@ pub struct Amounts {
 }
 
 impl Amounts {
+    /// Adds `other`, saturating: a sum stops at the largest amount rather than wrapping.
     pub fn add(&mut self, other: &Amounts) {
-        self.tasks += other.tasks;
-        self.interrupted += other.interrupted;
-        self.cpu_milliseconds += other.cpu_milliseconds;
-        self.memory_mib_seconds += other.memory_mib_seconds;
+        self.tasks = self.tasks.saturating_add(other.tasks);
+        self.interrupted = self.interrupted.saturating_add(other.interrupted);
+        self.cpu_milliseconds = self.cpu_milliseconds.saturating_add(other.cpu_milliseconds);
+        self.memory_mib_seconds = self
+            .memory_mib_seconds
+            .saturating_add(other.memory_mib_seconds);
     }
 
     /// Core-seconds, for people.

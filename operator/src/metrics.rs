@@ -176,7 +176,7 @@ impl Default for Metrics {
         let usage_records = Family::<ResultLabels, Counter>::default();
         registry.register(
             "usage_records",
-            "Usage records from agents, by result: counted, or duplicate (sent again after a lost acknowledgement, counted before)",
+            "Usage records, by result: counted; duplicate (sent again after a lost acknowledgement, counted before); clipped (bounded by wall time × granted, then counted); refused_never_held, refused_not_holder, refused_already_charged (not counted); operator_charged (the operator's charge for an attempt lost with its device); dropped (such a charge the recorder had no room for)",
             usage_records.clone(),
         );
         Metrics {

@@ -50,7 +50,7 @@ impl TaskSink for TaskReports {
         records: Vec<UsageRecord>,
         ack: AgentSender,
     ) -> BoxFuture<'_, ()> {
-        let charged = Charged {
+        let charged = Charged::Reported {
             device: device.to_string(),
             pool: pool.to_string(),
             records,

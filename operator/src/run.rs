@@ -40,6 +40,7 @@ use crate::pool::{FIELD_MANAGER, POOL_LABEL, lease};
 use crate::reports::TaskReports;
 use crate::supervise::Supervisor;
 use crate::tls;
+use crate::usage::attempts::AttemptBook;
 use crate::usage::recorder::Recorder as UsageRecorder;
 
 /// Options of `darkcore-operator run`.
@@ -241,6 +242,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     let logs = Arc::new(LogStore::default());
     let pod_index = Arc::new(PodIndex::default());
+    let warm_at = started + REGISTRY_WARMUP;
+    let attempts = Arc::new(std::sync::Mutex::new(AttemptBook::default()));
+    let (usage_recorder, usage, usage_inbox) = UsageRecorder::new(
+        client.clone(),
+        metrics.clone(),
+        Duration::from_secs(args.usage_flush_seconds),
+        (attempts.clone(), registry.clone(), warm_at),
+    );
     let (pod_controller, pod_inbox) = PodController::new(Arc::new(PodShared {
         client: client.clone(),
         registry: registry.clone(),
@@ -249,16 +258,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         logs: logs.clone(),
         index: pod_index.clone(),
         writer: Writer::start(client.clone(), metrics.clone(), recorder.clone()),
-        warm_at: started + REGISTRY_WARMUP,
+        warm_at,
         started,
+        attempts,
+        usage: usage.clone(),
         host_ip: args.node_address.clone(),
         metrics: metrics.clone(),
     }));
-    let (usage_recorder, usage, usage_inbox) = UsageRecorder::new(
-        client.clone(),
-        metrics.clone(),
-        Duration::from_secs(args.usage_flush_seconds),
-    );
     let mut loops = Supervisor::default();
     loops.spawn("usage", usage_recorder.run(usage_inbox));
     let task_reports = TaskReports {

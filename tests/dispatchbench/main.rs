@@ -88,6 +88,8 @@ async fn main() -> anyhow::Result<()> {
     node_writer.apply_watcher_event(&watcher::Event::Apply(bench_node()?));
 
     let logs = Arc::new(LogStore::default());
+    let (usage, mut usage_inbox) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(async move { while usage_inbox.recv().await.is_some() {} });
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -107,12 +109,12 @@ async fn main() -> anyhow::Result<()> {
         started: Instant::now(),
         host_ip: "127.0.0.1".into(),
         metrics: metrics.clone(),
+        attempts: Default::default(),
+        usage: usage.clone(),
     });
     let (controller, inbox) = Controller::new(shared);
     let controller_inbox = controller.inbox();
     tokio::spawn(controller.run(inbox));
-    let (usage, mut usage_inbox) = tokio::sync::mpsc::channel(1024);
-    tokio::spawn(async move { while usage_inbox.recv().await.is_some() {} });
 
     let ca = CaMaterial::generate().context("making a CA")?;
     let addr = free_loopback_addr()?;

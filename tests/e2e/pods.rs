@@ -1037,11 +1037,102 @@ async fn a_job_survives_an_operator_kill_without_running_any_index_twice() {
     bench.finish().await;
 }
 
+/// A ValidatingAdmissionPolicy that makes the API server refuse some of the operator's
+/// requests in a bench's namespace, until lifted.
+struct Refusal {
+    name: String,
+    client: kube::Client,
+}
+
+impl Refusal {
+    /// Refuses the operator's `operation` on `resource` (e.g. "pods/status") where `allowed`
+    /// (a CEL expression) is false, with `message`. Dry runs are refused likewise, whoever
+    /// sends them: the policy is in force once `probe`, kubectl arguments run with a
+    /// server-side dry run, is refused.
+    async fn start(
+        bench: &Bench,
+        (operation, resource): (&str, &str),
+        allowed: &str,
+        message: &str,
+        probe: &[&str],
+    ) -> Refusal {
+        use k8s_openapi::api::admissionregistration::v1::{
+            ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+        };
+        let name = format!("darkcore-e2e-{}", bench.ns.name);
+        let operator = crate::helm::service_account_user();
+        let policy: ValidatingAdmissionPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name },
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": { "resourceRules": [{
+                    "apiGroups": [""], "apiVersions": ["v1"],
+                    "operations": [operation], "resources": [resource],
+                }]},
+                "validations": [{
+                    "expression": format!(
+                        "(request.userInfo.username != '{operator}' && !request.dryRun) || ({allowed})"
+                    ),
+                    "message": message,
+                }],
+            },
+        }))
+        .unwrap();
+        let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name },
+            "spec": {
+                "policyName": name,
+                "validationActions": ["Deny"],
+                "matchResources": { "namespaceSelector": { "matchLabels": {
+                    "kubernetes.io/metadata.name": bench.ns.name,
+                }}},
+            },
+        }))
+        .unwrap();
+        let client = bench.fx.client.clone();
+        let post = kube::api::PostParams::default();
+        Api::<ValidatingAdmissionPolicy>::all(client.clone())
+            .create(&post, &policy)
+            .await
+            .unwrap();
+        Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+            .create(&post, &binding)
+            .await
+            .unwrap();
+        let mut args = probe.to_vec();
+        args.push("--dry-run=server");
+        poll_until(
+            "the policy refuses the operator",
+            Duration::from_secs(30),
+            || async {
+                let out = bench.kubectl(&args);
+                match out.contains(message) {
+                    true => Ok(()),
+                    false => Err(out),
+                }
+            },
+        )
+        .await;
+        Refusal { name, client }
+    }
+
+    async fn lift(self) {
+        use k8s_openapi::api::admissionregistration::v1::{
+            ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+        };
+        Api::<ValidatingAdmissionPolicyBinding>::all(self.client.clone())
+            .delete(&self.name, &Default::default())
+            .await
+            .unwrap();
+        Api::<ValidatingAdmissionPolicy>::all(self.client)
+            .delete(&self.name, &Default::default())
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_refused_final_delete_is_retried_until_it_lands() {
-    use k8s_openapi::api::admissionregistration::v1::{
-        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
-    };
     let bench = Bench::start("podredel", 1, process_pool()).await;
     bench
         .create(bench.pod("sticky", "echo ready $$$$; exec sleep 600", "Never"))
@@ -1052,56 +1143,12 @@ async fn a_refused_final_delete_is_retried_until_it_lands() {
             .await,
     );
     // The API server refuses the operator's deletes of pods in this namespace for a while.
-    let name = format!("darkcore-e2e-{}", bench.ns.name);
-    let operator = crate::helm::service_account_user();
-    let policy: ValidatingAdmissionPolicy = serde_json::from_value(serde_json::json!({
-        "metadata": { "name": name },
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": { "resourceRules": [{
-                "apiGroups": [""], "apiVersions": ["v1"],
-                "operations": ["DELETE"], "resources": ["pods"],
-            }]},
-            "validations": [{
-                "expression": format!("request.userInfo.username != '{operator}'"),
-                "message": "e2e: the operator may not delete pods here for now",
-            }],
-        },
-    }))
-    .unwrap();
-    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(serde_json::json!({
-        "metadata": { "name": name },
-        "spec": {
-            "policyName": name,
-            "validationActions": ["Deny"],
-            "matchResources": { "namespaceSelector": { "matchLabels": {
-                "kubernetes.io/metadata.name": bench.ns.name,
-            }}},
-        },
-    }))
-    .unwrap();
-    let policies: Api<ValidatingAdmissionPolicy> = Api::all(bench.fx.client.clone());
-    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(bench.fx.client.clone());
-    let post = kube::api::PostParams::default();
-    policies.create(&post, &policy).await.unwrap();
-    bindings.create(&post, &binding).await.unwrap();
-    poll_until(
-        "the policy refuses the operator",
-        Duration::from_secs(30),
-        || async {
-            let out = bench.kubectl(&[
-                "--as",
-                &operator,
-                "delete",
-                "pod",
-                "sticky",
-                "--dry-run=server",
-            ]);
-            match out.contains("e2e: the operator may not delete pods") {
-                true => Ok(()),
-                false => Err(out),
-            }
-        },
+    let refusal = Refusal::start(
+        &bench,
+        ("DELETE", "pods"),
+        "false",
+        "e2e: the operator may not delete pods here for now",
+        &["delete", "pod", "sticky"],
     )
     .await;
     bench.kubectl(&["delete", "pod", "sticky", "--wait=false"]);
@@ -1110,8 +1157,7 @@ async fn a_refused_final_delete_is_retried_until_it_lands() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(bench.pods().get_opt("sticky").await.unwrap().is_some());
     // Once the API server lets it, a retry lands.
-    bindings.delete(&name, &Default::default()).await.unwrap();
-    policies.delete(&name, &Default::default()).await.unwrap();
+    refusal.lift().await;
     let released = Instant::now();
     poll_until("the pod is deleted", Duration::from_secs(45), || async {
         match bench.pods().get_opt("sticky").await.unwrap() {
@@ -1124,5 +1170,163 @@ async fn a_refused_final_delete_is_retried_until_it_lands() {
         "deleted {:?} after the API server allowed it",
         released.elapsed()
     );
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn a_finished_task_is_kept_on_its_device_until_its_outcome_is_stored() {
+    let bench = Bench::start("podkeep", 1, process_pool()).await;
+    let message = "e2e: the operator may not record an outcome here for now";
+    // A pod bound to no real node, for the probe to patch.
+    let mut placeholder = bench.pod("placeholder", "true", "Never");
+    let spec = placeholder.spec.as_mut().unwrap();
+    (spec.node_selector, spec.node_name) = (None, Some("nowhere".into()));
+    bench.create(placeholder).await;
+    let refusal = Refusal::start(
+        &bench,
+        ("UPDATE", "pods/status"),
+        "!has(object.status.phase) || object.status.phase != 'Succeeded'",
+        message,
+        &[
+            "patch",
+            "pod",
+            "placeholder",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"phase":"Succeeded"}}"#,
+        ],
+    )
+    .await;
+    let pod = bench
+        .create(bench.pod("done", "echo finished", "Never"))
+        .await;
+    let task = format!("{}.1", pod.uid().unwrap());
+    let agent_log = bench.agents[0].log.clone();
+    let released = || {
+        std::fs::read_to_string(&agent_log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(&task) && l.contains("task released by the operator"))
+    };
+    // The task ends on the device; the operator's write of Succeeded is refused.
+    poll_until(
+        "the operator's status write is refused",
+        Duration::from_secs(60),
+        || async {
+            let log = std::fs::read_to_string(&bench.fx.operator.log).unwrap_or_default();
+            match log
+                .lines()
+                .any(|l| l.contains(message) && l.contains("done"))
+            {
+                true => Ok(()),
+                false => Err("not yet".to_string()),
+            }
+        },
+    )
+    .await;
+    let shown = bench.pods().get("done").await.unwrap();
+    assert_ne!(
+        shown.status.and_then(|s| s.phase).as_deref(),
+        Some("Succeeded")
+    );
+    assert!(
+        !released(),
+        "the device was told to forget task {task} before its outcome was stored"
+    );
+    // Once the API server lets it, a retry lands, and only then is the task released.
+    refusal.lift().await;
+    bench
+        .phase_is("done", "Succeeded", Duration::from_secs(45))
+        .await;
+    poll_until(
+        "the device releases the task",
+        Duration::from_secs(30),
+        || async {
+            match released() {
+                true => Ok(()),
+                false => Err("still held".to_string()),
+            }
+        },
+    )
+    .await;
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn logs_name_the_run_laststate_describes_and_say_when_output_is_gone() {
+    let mut bench = Bench::start("podlogs", 1, process_pool()).await;
+    bench
+        .create(bench.pod("done", "echo finished here", "Never"))
+        .await;
+    bench
+        .create(bench.pod(
+            "crashy",
+            "echo crashed at $(date +%s%N); exit 3",
+            "OnFailure",
+        ))
+        .await;
+    bench
+        .phase_is("done", "Succeeded", Duration::from_secs(60))
+        .await;
+    assert_eq!(bench.kubectl(&["logs", "done"]), "finished here\n");
+    // Right after its first crash, waiting to restart: `--previous` is the run that crashed,
+    // as `lastState` says, and so is the plain read (the kubelet's choice while it waits).
+    poll_until(
+        "crashy waits to restart after one crash",
+        Duration::from_secs(60),
+        || async {
+            let pod = bench.pods().get("crashy").await.unwrap();
+            let status = main_status(&pod);
+            let last = status.last_state.and_then(|s| s.terminated);
+            match (last, status.state.and_then(|s| s.waiting)) {
+                (Some(last), Some(_)) if last.exit_code == 3 && status.restart_count == 1 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let previous = bench.kubectl(&["logs", "crashy", "--previous"]);
+    assert!(previous.starts_with("crashed at "), "{previous}");
+    assert_eq!(previous.lines().count(), 1, "{previous}");
+    bench
+        .pods()
+        .delete("crashy", &Default::default())
+        .await
+        .unwrap();
+
+    // The operator restarts: the finished pod's output went with it, and kubectl says so
+    // (before, it printed nothing and exited 0, as if there had been no output).
+    bench.fx.operator.kill().await;
+    bench.restart_operator().await;
+    // (Until the new operator has listed its pods, it does not know the pod at all.)
+    poll_until(
+        "kubectl logs says the output is gone",
+        Duration::from_secs(30),
+        || async {
+            let out = std::process::Command::new("kubectl")
+                .args(["-n", &bench.ns.name, "logs", "done"])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            match (
+                out.status.success(),
+                out.stdout.is_empty(),
+                stderr.contains("is gone"),
+            ) {
+                (false, true, true) => Ok(()),
+                _ => Err(format!("{:?} {stderr}", out.status)),
+            }
+        },
+    )
+    .await;
+    // A pod run after the restart reads as always.
+    bench
+        .create(bench.pod("after", "echo after the restart", "Never"))
+        .await;
+    bench
+        .phase_is("after", "Succeeded", Duration::from_secs(60))
+        .await;
+    assert_eq!(bench.kubectl(&["logs", "after"]), "after the restart\n");
     bench.finish().await;
 }

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use kube::ResourceExt;
 use serde_json::Value;
 
 use darkcore_crds::Amounts;
@@ -119,28 +120,10 @@ async fn usage_counts_every_run_once_across_an_operator_crash_and_a_preemption()
     .await;
 
     // The operator's objects agree with each device's ledger, exactly.
-    let out = operator_cli(&[
-        "usage",
-        "--pool",
-        &bench.fx.pool,
-        "--per-device",
-        "-o",
-        "json",
-    ]);
-    assert!(
-        out.status.success(),
-        "usage: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = stored_rows(&bench);
     let mut total = Amounts::default();
     for (device, ledger) in &ledgers {
-        let mut stored = Amounts::default();
-        for row in rows.iter().filter(|r| r["device"] == device.as_str()) {
-            assert_eq!(row["namespace"], bench.ns.name.as_str(), "{row}");
-            // A row carries the stored amounts under the CRD's own field names.
-            stored.add(&serde_json::from_value(row.clone()).unwrap());
-        }
+        let stored = stored_for(&bench, &rows, device);
         assert_eq!(&stored, ledger, "device {device}: stored vs its ledger");
         total.add(&stored);
     }
@@ -190,5 +173,178 @@ async fn usage_counts_every_run_once_across_an_operator_crash_and_a_preemption()
         ledger.tasks
     );
     assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    bench.finish().await;
+}
+
+/// The rows of `darkcore-operator usage --per-device` for the bench's pool.
+fn stored_rows(bench: &Bench) -> Vec<Value> {
+    let out = operator_cli(&[
+        "usage",
+        "--pool",
+        &bench.fx.pool,
+        "--per-device",
+        "-o",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "usage: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// What `rows` store for `device`, all in the bench's namespace.
+fn stored_for(bench: &Bench, rows: &[Value], device: &str) -> Amounts {
+    let mut stored = Amounts::default();
+    for row in rows.iter().filter(|r| r["device"] == device) {
+        assert_eq!(
+            row["namespace"],
+            bench.ns.name.as_str(),
+            "namespaces are the operator's: {row}"
+        );
+        // A row carries the stored amounts under the CRD's own field names.
+        stored.add(&serde_json::from_value(row.clone()).unwrap());
+    }
+    stored
+}
+
+/// The metric `darkcore_operator_usage_records_total{result=...}`, 0 while absent.
+async fn usage_records(bench: &Bench, result: &str) -> f64 {
+    let line = format!("darkcore_operator_usage_records_total{{result=\"{result}\"}}");
+    crate::devices::metric(&bench.fx.operator, &line)
+        .await
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_device_lying_about_usage_is_refused_or_bounded_and_an_honest_one_is_counted() {
+    let bench = Bench::start("usagelie", 1, process_pool()).await;
+    let created = std::time::Instant::now();
+    let day_at_start = k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%d")
+        .to_string();
+    // An honest run, whose task id the liar will claim as its own.
+    let honest = bench
+        .create(bench.pod(
+            "honest",
+            "i=0; while [ $i -lt 30000 ]; do i=$((i+1)); done; sleep 3",
+            "Never",
+        ))
+        .await;
+    let honest_task = format!("{}.1", honest.uid().unwrap());
+    bench
+        .phase_is("honest", "Running", Duration::from_secs(60))
+        .await;
+
+    // A device of four cores that, besides running its task, reports usage no agent would.
+    let state_dir = crate::harness::log_dir().join(crate::harness::unique("swarm-liar"));
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_darkcore-swarm"));
+    command.args([
+        "--server",
+        &format!("127.0.0.1:{}", bench.fx.operator.gateway_port),
+        "--token",
+        &crate::fleet::token(&bench.fx.pool, &[]),
+        "--agents",
+        "1",
+        "--millicores",
+        "4000",
+        "--task-seconds",
+        "2",
+        "--lie-usage",
+        "--claim",
+        &honest_task,
+        "--state-dir",
+    ]);
+    command.arg(&state_dir);
+    let _liar = crate::harness::spawn_logged(command, &state_dir.with_extension("log"));
+    crate::fleet::node_cpu_is(
+        &bench.fx.nodes(),
+        &bench.fx.node,
+        5000,
+        Duration::from_secs(60),
+    )
+    .await;
+    // Two cores: only the liar fits.
+    let mut lied = bench.pod("lied", "true", "Never");
+    lied.spec.as_mut().unwrap().containers[0].resources =
+        Some(serde_json::from_value(serde_json::json!({ "requests": { "cpu": "2" } })).unwrap());
+    bench.create(lied).await;
+    let done = bench
+        .phase_is("lied", "Succeeded", Duration::from_secs(60))
+        .await;
+    let liar = placed_on(&done).unwrap();
+    bench
+        .phase_is("honest", "Succeeded", Duration::from_secs(60))
+        .await;
+
+    // Every lie is refused or bounded: 20 more days of the same run, a task never held,
+    // the honest device's task, and the inflated run itself.
+    for (result, at_least) in [
+        ("refused_already_charged", 20.0),
+        ("refused_never_held", 1.0),
+        ("refused_not_holder", 1.0),
+        ("clipped", 1.0),
+    ] {
+        poll_until(result, Duration::from_secs(30), || async {
+            let seen = usage_records(&bench, result).await;
+            match seen >= at_least {
+                true => Ok(()),
+                false => Err(format!("{seen}")),
+            }
+        })
+        .await;
+    }
+
+    // The honest device's records are all stored, and match its ledger exactly.
+    let honest_device = &bench.agents[0];
+    let ledger = poll_until(
+        "the honest agent's usage acknowledged",
+        Duration::from_secs(30),
+        || async {
+            match acknowledged_ledger(honest_device) {
+                Some(ledger) if ledger.tasks == 1 => Ok(ledger),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let rows = stored_rows(&bench);
+    let stored = |device: &str| stored_for(&bench, &rows, device);
+    assert_eq!(
+        stored(&honest_device.device_id),
+        ledger,
+        "the honest device"
+    );
+    // The liar is charged one run, within what it could have used: its four cores for no
+    // longer than the test has run, and nothing reserved.
+    let charged = stored(&liar);
+    let bound = 4 * created.elapsed().as_millis() as u64;
+    assert_eq!((charged.tasks, charged.interrupted), (1, 0), "{charged:?}");
+    assert!(
+        charged.cpu_milliseconds <= bound,
+        "{charged:?} past {bound}"
+    );
+    assert!(charged.memory_mib_seconds <= 1, "{charged:?}");
+    // Days are the operator's too: no object for a year to come or the days before.
+    let today = k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%d")
+        .to_string();
+    let objects: Vec<darkcore_crds::PoolUsage> = kube::Api::all(bench.fx.client.clone())
+        .list(
+            &kube::api::ListParams::default()
+                .labels(&format!("darkcore.io/pool={}", bench.fx.pool)),
+        )
+        .await
+        .unwrap()
+        .items;
+    assert!(!objects.is_empty());
+    for object in &objects {
+        assert!(
+            [&day_at_start, &today].contains(&&object.spec.day),
+            "a PoolUsage for {}",
+            object.spec.day
+        );
+    }
     bench.finish().await;
 }

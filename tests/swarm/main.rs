@@ -5,11 +5,17 @@
 //! never, with a negative value), with no process behind it.
 //!
 //! darkcore-swarm --server 127.0.0.1:7443 --token dct1... --agents 1000 --state-dir DIR
+//!
+//! Test-only lies (`--lie-usage`): once a task of its succeeds, each device also reports usage
+//! no honest agent would: that task inflated past any bound, in another namespace and in a
+//! year to come; the same task again under 20 more sequences, one per day back; a task it
+//! never held; and each task named with `--claim` (another device's). The operator must
+//! refuse or bound every one of them.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -23,7 +29,8 @@ use darkcore_proto::PROTOCOL_VERSION;
 use darkcore_proto::agent::v1::agent_gateway_client::AgentGatewayClient;
 use darkcore_proto::agent::v1::{
     AgentMessage, Capabilities, ContainerStatus, Heartbeat, Hello, Offer, OwnerState, Runtime,
-    TaskAssign, TaskPhase, TaskStatus, agent_message, container_status::State, operator_message,
+    TaskAssign, TaskPhase, TaskStatus, UsageRecord, UsageRecords, agent_message,
+    container_status::State, operator_message,
 };
 use futures::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -58,6 +65,12 @@ struct Args {
     /// share a state dir without sharing devices.
     #[arg(long, default_value_t = 0)]
     first_device: usize,
+    /// Test only: report lying usage for every task that succeeds (see above).
+    #[arg(long)]
+    lie_usage: bool,
+    /// Test only, with --lie-usage: also charge this task (another device's) as one's own.
+    #[arg(long)]
+    claim: Vec<String>,
 }
 
 #[tokio::main]
@@ -76,13 +89,17 @@ async fn main() -> anyhow::Result<()> {
     for identity in identities {
         let attached = attached.clone();
         let server = args.server.clone();
-        let millicores = args.millicores;
-        let task_time =
-            (args.task_seconds >= 0.0).then(|| Duration::from_secs_f64(args.task_seconds));
+        let behaviour = Behaviour {
+            millicores: args.millicores,
+            task_time: (args.task_seconds >= 0.0)
+                .then(|| Duration::from_secs_f64(args.task_seconds)),
+            lie_usage: args.lie_usage,
+            claims: args.claim.clone(),
+        };
         tokio::spawn(async move {
+            let lied = AtomicU64::new(0);
             loop {
-                if let Err(error) = hold(&server, &identity, millicores, task_time, &attached).await
-                {
+                if let Err(error) = hold(&server, &identity, &behaviour, &lied, &attached).await {
                     eprintln!(
                         "swarm: {}: {error:#}; reconnecting",
                         identity.device.device_id
@@ -131,14 +148,47 @@ async fn join_all(args: &Args) -> anyhow::Result<Vec<Identity>> {
     results.into_iter().collect()
 }
 
+/// How each device of the swarm behaves.
+struct Behaviour {
+    millicores: u32,
+    /// How long a task runs; `None`: until cancelled.
+    task_time: Option<Duration>,
+    lie_usage: bool,
+    claims: Vec<String>,
+}
+
+/// The lying usage records for a task that succeeded on a device (see the module's doc),
+/// numbered on from `sequence`, which is advanced past them.
+fn lies(task: &TaskAssign, claims: &[String], sequence: &AtomicU64) -> Vec<UsageRecord> {
+    const DAY_MS: i64 = 86_400_000;
+    let now = unix_ms();
+    let record = |task_id: &str, ended_unix_ms: i64| UsageRecord {
+        sequence: sequence.fetch_add(1, Ordering::Relaxed) + 1,
+        task_id: task_id.into(),
+        namespace: "kube-system".into(),
+        pod_name: task.pod_name.clone(),
+        started_unix_ms: 0,
+        ended_unix_ms,
+        cpu_milliseconds: u64::MAX / 4,
+        memory_mib_seconds: u64::MAX / 4,
+        completed: true,
+    };
+    let mut records = vec![record(&task.task_id, now + 365 * DAY_MS)];
+    records.extend((1..=20).map(|day| record(&task.task_id, now - day * DAY_MS)));
+    records.push(record("00000000-0000-4000-8000-000000000000.1", now));
+    records.extend(claims.iter().map(|claim| record(claim, now)));
+    records
+}
+
 /// Holds one device's stream: Hello, then a heartbeat at the interval Welcome names.
 async fn hold(
     server: &str,
     identity: &Identity,
-    millicores: u32,
-    task_time: Option<Duration>,
+    behaviour: &Behaviour,
+    lied: &AtomicU64,
     attached: &AtomicUsize,
 ) -> anyhow::Result<()> {
+    let (millicores, task_time) = (behaviour.millicores, behaviour.task_time);
     let uri = gateway::server_uri(server)?;
     let channel = gateway::channel(
         &uri,
@@ -209,6 +259,9 @@ async fn hold(
                         let statuses = tx.clone();
                         let running = status(&task, TaskPhase::Running);
                         let done = status(&task, TaskPhase::Succeeded);
+                        let lies = behaviour
+                            .lie_usage
+                            .then(|| lies(&task, &behaviour.claims, lied));
                         tasks.insert(task.task_id.clone(), tokio::spawn(async move {
                             statuses.send(message(agent_message::Body::TaskStatus(running))).await?;
                             let Some(time) = task_time else {
@@ -216,6 +269,10 @@ async fn hold(
                             };
                             tokio::time::sleep(time).await;
                             statuses.send(message(agent_message::Body::TaskStatus(done))).await?;
+                            if let Some(records) = lies {
+                                let usage = UsageRecords { records };
+                                statuses.send(message(agent_message::Body::UsageRecords(usage))).await?;
+                            }
                             anyhow::Ok(())
                         }));
                     }

@@ -384,6 +384,11 @@ impl Registry {
         }
     }
 
+    /// What a device offers now, if it is known.
+    pub fn offer(&self, id: &str) -> Option<Offer> {
+        self.lock().devices.get(id).map(|e| e.device.offer.clone())
+    }
+
     /// The pool a device joined.
     pub fn pool(&self, id: &str) -> Option<String> {
         self.lock().devices.get(id).map(|e| e.pool.clone())

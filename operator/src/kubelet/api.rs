@@ -162,15 +162,23 @@ async fn container_logs(
         );
     }
     let uid = pod.metadata.uid.clone().unwrap_or_default();
-    let previous = flag(&options.previous);
+    let shown = shown_state(&pod, &container);
+    let previous = match which_run(flag(&options.previous), &shown) {
+        Ok(previous) => previous,
+        Err(why) => return text(StatusCode::BAD_REQUEST, why.message(&container, &pod_name)),
+    };
     let Some(first) = state.logs.read(&uid, &container, previous, 0) else {
+        let missing = Missing::Previous.message(&container, &pod_name);
+        return text(StatusCode::BAD_REQUEST, missing);
+    };
+    // A run that ended before this operator saw it start: its output is gone, and printing
+    // what is left (or nothing) would pass for all of it.
+    if !first.whole && (first.ended || previous || shown.terminated) {
         return text(
             StatusCode::BAD_REQUEST,
-            format!(
-                "previous terminated container \"{container}\" in pod \"{pod_name}\" not found\n"
-            ),
+            Missing::Gone.message(&container, &pod_name),
         );
-    };
+    }
     let now = Timestamp::now().as_nanosecond() as i64;
     let since = since_nanos(options.since_time.as_deref(), options.since_seconds, now);
     let timestamps = flag(&options.timestamps);
@@ -213,6 +221,85 @@ async fn container_logs(
     });
     let stream = futures::stream::once(async move { Ok(Bytes::from(body)) }).chain(rest);
     (plain, Body::from_stream(stream)).into_response()
+}
+
+/// What the pod's status shows of a container, as far as its logs go.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Shown {
+    pub running: bool,
+    pub terminated: bool,
+    /// Waiting, with this reason.
+    pub waiting: Option<String>,
+    /// A run before this one has ended (`lastState.terminated`).
+    pub last_terminated: bool,
+}
+
+fn shown_state(pod: &Pod, container: &str) -> Shown {
+    let status = pod.status.as_ref().and_then(|s| {
+        s.init_container_statuses
+            .iter()
+            .flatten()
+            .chain(s.container_statuses.iter().flatten())
+            .find(|c| c.name == container)
+    });
+    let Some(status) = status else {
+        return Shown {
+            waiting: Some("ContainerCreating".into()),
+            ..Default::default()
+        };
+    };
+    let state = status.state.clone().unwrap_or_default();
+    Shown {
+        running: state.running.is_some(),
+        terminated: state.terminated.is_some(),
+        waiting: state
+            .waiting
+            .map(|w| w.reason.unwrap_or_else(|| "ContainerCreating".into())),
+        last_terminated: status
+            .last_state
+            .as_ref()
+            .is_some_and(|s| s.terminated.is_some()),
+    }
+}
+
+/// Why a container's logs cannot be served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Missing {
+    /// It has not run yet, waiting for this reason.
+    Waiting(String),
+    /// `--previous`, and no run before this one has ended.
+    Previous,
+    /// It ran before this operator started, and its output went with the operator before.
+    Gone,
+}
+
+impl Missing {
+    fn message(&self, container: &str, pod: &str) -> String {
+        match self {
+            Missing::Waiting(reason) => format!(
+                "container \"{container}\" in pod \"{pod}\" is waiting to start: {reason}\n"
+            ),
+            Missing::Previous => format!(
+                "previous terminated container \"{container}\" in pod \"{pod}\" not found\n"
+            ),
+            Missing::Gone => format!(
+                "the output of container \"{container}\" in pod \"{pod}\" is gone: that run began before the darkcore operator last restarted, and the operator keeps output only in memory (a failed container with terminationMessagePolicy: FallbackToLogsOnError keeps its last lines in its termination message)\n"
+            ),
+        }
+    }
+}
+
+/// Which run a logs request reads, as the kubelet picks it: `--previous` is the run
+/// `lastState` describes; without it, the current run, or, while the container waits to
+/// restart, the run that just ended (also `lastState`'s). `Ok(true)`: the previous run.
+pub fn which_run(previous: bool, shown: &Shown) -> Result<bool, Missing> {
+    match (previous, shown) {
+        (true, s) if !s.last_terminated => Err(Missing::Previous),
+        (true, _) => Ok(true),
+        (false, s) if s.running || s.terminated => Ok(false),
+        (false, s) if s.last_terminated => Ok(true),
+        (false, s) => Err(Missing::Waiting(s.waiting.clone().unwrap_or_default())),
+    }
 }
 
 /// A `logs -f` reader: where it is in the container's current run, and how it renders.
@@ -343,6 +430,38 @@ mod tests {
         );
         assert_eq!(select(lines.clone(), Some(3), None), vec![line(3, "c\n")]);
         assert_eq!(select(lines, None, Some(0)), vec![]);
+    }
+
+    #[test]
+    fn the_run_read_is_the_one_the_kubelet_would_pick() {
+        let running = Shown {
+            running: true,
+            ..Default::default()
+        };
+        assert_eq!(which_run(false, &running), Ok(false));
+        assert_eq!(which_run(true, &running), Err(Missing::Previous));
+        // Crashed once, waiting to restart: both read the run that crashed.
+        let backing_off = Shown {
+            waiting: Some("CrashLoopBackOff".into()),
+            last_terminated: true,
+            ..Default::default()
+        };
+        assert_eq!(which_run(false, &backing_off), Ok(true));
+        assert_eq!(which_run(true, &backing_off), Ok(true));
+        let creating = Shown {
+            waiting: Some("ContainerCreating".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            which_run(false, &creating),
+            Err(Missing::Waiting("ContainerCreating".into()))
+        );
+        let done = Shown {
+            terminated: true,
+            ..Default::default()
+        };
+        assert_eq!(which_run(false, &done), Ok(false));
+        assert!(Missing::Gone.message("main", "pi-0").contains("is gone"));
     }
 
     #[test]

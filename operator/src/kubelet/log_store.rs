@@ -7,6 +7,10 @@
 //!
 //! Only the device an attempt was given to may write its output: the pod controller records
 //! each attempt's device here, and chunks from any other device are refused.
+//!
+//! The output lives only here: a run this operator did not see from its start (one that ran
+//! before a restart) is marked not `whole`, so that `kubectl logs` can say its output is gone
+//! instead of printing part of it, or nothing, as if that were all.
 
 use crate::domain::TaskId;
 use std::collections::{HashMap, VecDeque};
@@ -32,6 +36,8 @@ pub struct Line {
 #[derive(Default)]
 pub struct Run {
     pub id: (u32, u32),
+    /// This operator holds its output from the start.
+    pub whole: bool,
     pub lines: VecDeque<Line>,
     bytes: usize,
     /// Lines ever appended, so followers can tell how far they have read.
@@ -50,7 +56,23 @@ struct State {
     /// By pod uid, then container name.
     pods: HashMap<String, HashMap<String, ContainerLogs>>,
     /// By pod uid, then attempt number: the device holding that attempt.
-    holders: HashMap<String, HashMap<u32, String>>,
+    holders: HashMap<String, HashMap<u32, Holder>>,
+}
+
+/// The device an attempt was given to, and from which of its runs on this operator's watch.
+struct Holder {
+    device: String,
+    /// Runs from this one on are seen from their start; `None`: an attempt adopted after a
+    /// restart whose first run here is already under way.
+    whole_from: Option<u32>,
+}
+
+impl Holder {
+    /// Whether run `run` is seen from its start, when it is first heard of now.
+    fn sees_whole(&mut self, run: u32) -> bool {
+        let from = *self.whole_from.get_or_insert(run + 1);
+        run >= from
+    }
 }
 
 /// Why a chunk was not kept.
@@ -72,6 +94,8 @@ pub struct Read {
     pub lines: Vec<Line>,
     pub next: u64,
     pub ended: bool,
+    /// This operator holds the run's output from its start.
+    pub whole: bool,
     pub changed: Arc<Notify>,
 }
 
@@ -81,15 +105,40 @@ impl LogStore {
     }
 
     /// Records that the task (an attempt of a pod) was given to `device`, the only one whose
-    /// output for it is kept.
-    pub fn assign(&self, task_id: &str, device: &str) {
+    /// output for it is kept. `adopted`: found running after a restart, so the output of its
+    /// current run before now is not here.
+    pub fn assign(&self, task_id: &str, device: &str, adopted: bool) {
         if let Some((uid, attempt)) = TaskId::split(task_id) {
+            let holder = Holder {
+                device: device.to_string(),
+                whole_from: (!adopted).then_some(0),
+            };
             self.lock()
                 .holders
                 .entry(uid.to_string())
                 .or_default()
-                .insert(attempt, device.to_string());
+                .entry(attempt)
+                .or_insert(holder);
         }
+    }
+
+    /// The device reports the container on run `run` of the attempt (its restarts there): a
+    /// run with no output yet is still the current one, and the one before it the previous.
+    pub fn started(&self, task_id: &str, container: &str, run: u32) {
+        let Some((uid, attempt)) = TaskId::split(task_id) else {
+            return;
+        };
+        let mut state = self.lock();
+        let State { pods, holders } = &mut *state;
+        let Some(holder) = holders.get_mut(uid).and_then(|h| h.get_mut(&attempt)) else {
+            return;
+        };
+        let logs = pods
+            .entry(uid.to_string())
+            .or_default()
+            .entry(container.to_string())
+            .or_default();
+        open(logs, holder, (attempt, run));
     }
 
     /// Adds a chunk of output from `device`; it may hold several lines.
@@ -97,28 +146,17 @@ impl LogStore {
         let (uid, attempt) = TaskId::split(&chunk.task_id).ok_or(Refused::BadTaskId)?;
         let id = (attempt, chunk.run);
         let mut state = self.lock();
-        let holder = state.holders.get(uid).and_then(|h| h.get(&attempt));
-        if holder.map(String::as_str) != Some(device) {
+        let State { pods, holders } = &mut *state;
+        let holder = holders.get_mut(uid).and_then(|h| h.get_mut(&attempt));
+        let Some(holder) = holder.filter(|h| h.device == device) else {
             return Err(Refused::NotHolder);
-        }
-        let logs = state
-            .pods
+        };
+        let logs = pods
             .entry(uid.to_string())
             .or_default()
             .entry(chunk.container.clone())
             .or_default();
-        if logs.runs.iter().all(|r| r.id < id) {
-            if let Some(last) = logs.runs.back_mut() {
-                last.ended = true;
-            }
-            logs.runs.push_back(Run {
-                id,
-                ..Default::default()
-            });
-            while logs.runs.len() > 2 {
-                logs.runs.pop_front();
-            }
-        }
+        open(logs, holder, id);
         let Some(run) = logs.runs.iter_mut().find(|r| r.id == id) else {
             return Ok(()); // a run older than the two kept
         };
@@ -163,9 +201,15 @@ impl LogStore {
     }
 
     /// Lines of the current (or previous) run after `from` lines, and how far that reaches.
-    /// A container with no output yet reads as an empty, unfinished run.
+    /// A container with no output yet reads as an empty, unfinished run: whole if its attempt
+    /// was dispatched by this operator.
     pub fn read(&self, uid: &str, container: &str, previous: bool, from: u64) -> Option<Read> {
         let mut state = self.lock();
+        let dispatched_here = state.holders.get(uid).is_some_and(|h| {
+            h.iter()
+                .max_by_key(|(attempt, _)| **attempt)
+                .is_some_and(|(_, holder)| holder.whole_from == Some(0))
+        });
         let logs = state
             .pods
             .entry(uid.to_string())
@@ -186,6 +230,7 @@ impl LogStore {
                 lines: Vec::new(),
                 next: 0,
                 ended: false,
+                whole: dispatched_here,
                 changed,
             });
         };
@@ -195,9 +240,30 @@ impl LogStore {
             lines: run.lines.iter().skip(skip).cloned().collect(),
             next: run.appended,
             ended: run.ended,
+            whole: run.whole,
             changed,
         })
     }
+}
+
+/// Makes run `id` the container's current one if it is newer than every run kept (the one
+/// before it ends; at most two are kept).
+fn open(logs: &mut ContainerLogs, holder: &mut Holder, id: (u32, u32)) {
+    if logs.runs.iter().any(|r| r.id >= id) {
+        return;
+    }
+    if let Some(last) = logs.runs.back_mut() {
+        last.ended = true;
+    }
+    logs.runs.push_back(Run {
+        id,
+        whole: holder.sees_whole(id.1),
+        ..Default::default()
+    });
+    while logs.runs.len() > 2 {
+        logs.runs.pop_front();
+    }
+    logs.changed.notify_waiters();
 }
 
 #[cfg(test)]
@@ -218,7 +284,7 @@ mod tests {
     fn held(tasks: &[&str]) -> LogStore {
         let store = LogStore::default();
         for task in tasks {
-            store.assign(task, "dev");
+            store.assign(task, "dev", false);
         }
         store
     }
@@ -266,6 +332,50 @@ mod tests {
     }
 
     #[test]
+    fn a_restart_with_no_output_yet_is_the_current_run_and_the_crashed_one_the_previous() {
+        let store = held(&["uid.1"]);
+        store
+            .append("dev", &chunk("uid.1", 0, "crashed\n"))
+            .unwrap();
+        // The device reports the container restarted once; the new run prints nothing yet.
+        store.started("uid.1", "main", 1);
+        assert_eq!(
+            text(&store.read("uid", "main", true, 0).unwrap()),
+            "crashed\n"
+        );
+        let current = store.read("uid", "main", false, 0).unwrap();
+        assert_eq!(text(&current), "");
+        assert!(current.whole && !current.ended);
+        // Reported again: nothing moves.
+        store.started("uid.1", "main", 1);
+        assert_eq!(
+            text(&store.read("uid", "main", true, 0).unwrap()),
+            "crashed\n"
+        );
+    }
+
+    #[test]
+    fn output_from_before_a_restart_is_known_to_be_missing() {
+        let store = LogStore::default();
+        // Nothing of the pod was seen: not whole.
+        assert!(!store.read("uid", "main", false, 0).unwrap().whole);
+        // Adopted while running: the current run is partial, later runs are whole.
+        store.assign("uid.2", "dev", true);
+        store
+            .append("dev", &chunk("uid.2", 3, "tail of run 3\n"))
+            .unwrap();
+        assert!(!store.read("uid", "main", false, 0).unwrap().whole);
+        store
+            .append("dev", &chunk("uid.2", 4, "all of run 4\n"))
+            .unwrap();
+        assert!(store.read("uid", "main", false, 0).unwrap().whole);
+        assert!(!store.read("uid", "main", true, 0).unwrap().whole);
+        // Dispatched here: whole even before any output.
+        store.assign("other.1", "dev", false);
+        assert!(store.read("other", "main", false, 0).unwrap().whole);
+    }
+
+    #[test]
     fn the_oldest_lines_go_first_beyond_the_bound() {
         let store = held(&["uid.1", "uid.2"]);
         let line = "x".repeat(1023) + "\n";
@@ -292,7 +402,7 @@ mod tests {
     #[test]
     fn only_the_device_holding_an_attempt_writes_its_output() {
         let store = held(&["uid.1"]);
-        store.assign("uid.2", "other-dev");
+        store.assign("uid.2", "other-dev", false);
         assert_eq!(
             store.append("intruder", &chunk("uid.1", 0, "forged\n")),
             Err(Refused::NotHolder)

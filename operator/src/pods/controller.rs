@@ -1,6 +1,6 @@
 //! The pod controller: one task that owns what darkcore knows about the pods on its nodes and
 //! moves each along: admit -> resolve -> place -> dispatch -> follow the agent's reports ->
-//! write status -> release; and on deletion, stop the task then delete the pod.
+//! write status -> release once the API server holds it; and on deletion, stop the task then delete the pod.
 //!
 //! Inputs arrive on one channel (pod watches, agent reports, resolutions, a 1 s tick). The
 //! decisions use the pure modules beside this one; API calls go to the `Writer`, off the loop.
@@ -8,7 +8,7 @@
 //! and agents report what they hold in Hello, so a restarted operator adopts running tasks.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use darkcore_crds::{DevicePool, NetworkMode, Runtime};
@@ -25,6 +25,7 @@ use crate::devices::registry::Registry;
 use crate::kubelet::PodIndex;
 use crate::kubelet::log_store::LogStore;
 use crate::pods::admission;
+use crate::pods::demand::{demand_of, demand_of_task};
 use crate::pods::lifecycle::{
     self, Attempt, Choice, Effect, Event, Facts, LossReason, Ready, Run, Stage, TaskId,
 };
@@ -35,6 +36,8 @@ use crate::pods::resolve::{self, Lookups, Placement, Resolved};
 use crate::pods::status::{self, RunView};
 use crate::pods::writer::Writer;
 use crate::pool::POOL_LABEL;
+use crate::usage::attempts::{AttemptBook, Held};
+use crate::usage::recorder::Charged;
 
 /// Reports for pods not (yet) known held at once: more than a whole fleet's Hellos after a
 /// restart ever name, so only a device inventing tasks reaches it.
@@ -75,6 +78,10 @@ pub struct Shared {
     /// The address published as each node's InternalIP (the pods' hostIP).
     pub host_ip: String,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The operator's record of each attempt, which bounds what devices may charge.
+    pub attempts: Arc<Mutex<AttemptBook>>,
+    /// Where the charges for attempts lost with their devices go.
+    pub usage: mpsc::Sender<Charged>,
 }
 
 struct Entry {
@@ -86,6 +93,9 @@ struct Entry {
     seen_at: Option<Instant>,
     /// Its create-to-Running time is counted once.
     running_counted: bool,
+    /// The pod as last read from the API server shows a final phase (`pod.status` may be
+    /// one written but not yet confirmed).
+    recorded: bool,
 }
 
 pub struct Controller {
@@ -252,14 +262,15 @@ impl Controller {
             // until its device says otherwise or stays away.
             let recorded = status::recorded_attempt(&pod)
                 .and_then(|(task_id, device)| Some((TaskId::parse(&task_id)?, device)));
-            if let Some((task, _)) = &recorded {
+            if let Some((task, device)) = &recorded {
                 run.next_number = task.number + 1;
+                self.book_adopted(&pod, task, device);
             }
             run.stage = match recorded {
                 _ if pod_finished(&pod) => Stage::Finished { attempt: None },
                 None => Stage::Admitting,
                 Some((task, device)) => {
-                    self.shared.logs.assign(&task.to_string(), &device);
+                    self.shared.logs.assign(&task.to_string(), &device, true);
                     Stage::Dispatched {
                         attempt: Attempt {
                             task,
@@ -286,20 +297,55 @@ impl Controller {
                 announced: HashSet::new(),
                 seen_at: Some(Instant::now()),
                 running_counted: false,
+                recorded: false,
             };
             self.pods.insert(uid.clone(), entry);
         }
         self.shared.index.set(&pod);
         if let Some(entry) = self.pods.get_mut(&uid) {
+            entry.recorded = pod_finished(&pod);
             entry.pod = pod;
         }
         self.advance(&uid, Event::Look);
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, AttemptBook> {
+        lock(&self.shared.attempts)
+    }
+
+    /// Records an attempt found on a device or in a pod's status after a restart. When it was
+    /// sent is not known: its pod's creation, which the API server stamped, bounds it.
+    fn book_adopted(&self, pod: &Pod, task: &TaskId, device: &str) {
+        let demand = demand_of(pod);
+        let from_ms = pod
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or_else(crate::domain::unix_ms, |t| t.0.as_millisecond());
+        let pool = self.shared.registry.pool(device).unwrap_or_default();
+        let held = Held {
+            device: device.to_string(),
+            pool,
+            namespace: pod.namespace().unwrap_or_default(),
+            millicores: demand.millicores,
+            memory: demand.memory,
+            cpu_limit: demand.cpu_limit,
+            from_ms,
+            until_ms: None,
+            completed: None,
+            charged: false,
+        };
+        self.book().began(&task.to_string(), held);
     }
 
     fn deleted(&mut self, uid: &str) {
         let Some(entry) = self.pods.remove(uid) else {
             return;
         };
+        if let Some(attempt) = entry.run.attempt() {
+            self.book()
+                .ended(&attempt.task.to_string(), crate::domain::unix_ms(), false);
+        }
         self.shared.index.remove(&entry.pod);
         if let Some(share) = share(&entry.run) {
             self.load.remove(share);
@@ -374,12 +420,20 @@ impl Controller {
         let adoptable = same_pool && !pod_finished(&entry.pod) && entry.run.adopts(task.number);
         let uid = task.uid.clone();
         match (current, adoptable) {
-            (true, _) => self.advance(&uid, Event::Report(report)),
+            (true, _) => {
+                // Restarts on the device open runs before they print, for `logs --previous`.
+                for container in report.init_containers.iter().chain(&report.containers) {
+                    let (name, run) = (&container.name, container.restart_count);
+                    self.shared.logs.started(&report.task_id, name, run);
+                }
+                self.advance(&uid, Event::Report(report))
+            }
             (false, true) => {
                 // A running task this operator did not know about (it restarted before recording
                 // the attempt): adopt it rather than run the pod twice.
                 tracing::info!(%uid, task = %report.task_id, %device, "adopting a task its device still runs");
-                self.shared.logs.assign(&report.task_id, device);
+                self.shared.logs.assign(&report.task_id, device, true);
+                self.book_adopted(&entry.pod.clone(), &task, device);
                 let attempt = Attempt {
                     task,
                     device: device.to_string(),
@@ -472,6 +526,7 @@ impl Controller {
                     .unwrap_or(30)
                     .max(0) as u32
             }),
+            recorded: entry.recorded,
             admission: &admission,
             started: shared.started,
             fence_wait: fence_wait(pool.as_deref()),
@@ -524,6 +579,20 @@ impl Controller {
                 };
                 let network = pool.map_or(NetworkMode::default(), |p| p.spec.network);
                 let assign = assignment(&entry.pod, ready, attempt, network);
+                let limits = demand_of_task(&assign.containers, &assign.init_containers);
+                let held = Held {
+                    device: attempt.device.clone(),
+                    pool: pool.map(|p| p.name_any()).unwrap_or_default(),
+                    namespace: assign.namespace.clone(),
+                    millicores: attempt.millicores,
+                    memory: attempt.memory,
+                    cpu_limit: limits.cpu_limit,
+                    from_ms: crate::domain::unix_ms(),
+                    until_ms: None,
+                    completed: None,
+                    charged: false,
+                };
+                lock(&shared.attempts).began(&assign.task_id, held);
                 if let Some(seen) = entry.seen_at.take() {
                     shared
                         .metrics
@@ -531,7 +600,7 @@ impl Controller {
                         .observe(seen.elapsed().as_secs_f64());
                 }
                 tracing::info!(pod = %format!("{}/{}", assign.namespace, assign.pod_name), task = %assign.task_id, device = %attempt.device, "dispatching");
-                shared.logs.assign(&assign.task_id, &attempt.device);
+                shared.logs.assign(&assign.task_id, &attempt.device, false);
                 shared.metrics.task_dispatched(ready.runtime.as_str());
                 self.outbox.send(
                     &shared.registry,
@@ -561,11 +630,37 @@ impl Controller {
                     shared.writer.event(&entry.pod, true, &reason, message);
                 }
             }
-            Effect::Redispatched(reason) => {
+            Effect::Redispatched {
+                reason,
+                task,
+                device,
+                heard_ms,
+            } => {
                 tracing::info!(%uid, reason = reason.as_str(), "attempt lost; the task runs again elsewhere");
                 shared.metrics.task_redispatched(reason.as_str());
+                let task = task.to_string();
+                let mut book = lock(&shared.attempts);
+                if reason != LossReason::DeviceLost {
+                    // Its device handed it back, and charges it itself.
+                    book.ended(&task, heard_ms, false);
+                } else if let Some((held, record)) = book.lost(&task, heard_ms) {
+                    // Its device will not report it: the operator charges what it reserved.
+                    let charge = Charged::Lost {
+                        device,
+                        pool: held.pool,
+                        record,
+                    };
+                    if shared.usage.try_send(charge).is_err() {
+                        tracing::warn!(%task, "the usage recorder is full; a lost attempt goes uncharged");
+                        shared.metrics.usage_records("dropped", 1);
+                    }
+                }
             }
             Effect::Completed { succeeded } => {
+                if let Some(attempt) = entry.run.attempt() {
+                    let task = attempt.task.to_string();
+                    lock(&shared.attempts).ended(&task, crate::domain::unix_ms(), true);
+                }
                 for container in entry.pod.spec.iter().flat_map(|s| s.containers.iter()) {
                     shared.logs.end(uid, &container.name);
                 }
@@ -647,6 +742,10 @@ fn fence_wait(pool: Option<&DevicePool>) -> Duration {
     Duration::from_secs(u64::from(fence) + u64::from(FENCE_MARGIN_SECONDS))
 }
 
+fn lock(book: &Mutex<AttemptBook>) -> std::sync::MutexGuard<'_, AttemptBook> {
+    book.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn pod_finished(pod: &Pod) -> bool {
     matches!(
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
@@ -694,26 +793,10 @@ fn choose(
         .ok_or("the pod's node is not known yet")?;
     let label = |key: &str| node.labels().get(key).cloned().unwrap_or_default();
     let (os, arch) = (label("kubernetes.io/os"), label("kubernetes.io/arch"));
-    // A pod's request is the larger of its init containers' and the sum of its containers'.
-    let sum = |f: fn(&darkcore_proto::agent::v1::Resources) -> u64| -> u64 {
-        let regular: u64 = resolved
-            .containers
-            .iter()
-            .filter_map(|c| c.resources.as_ref())
-            .map(f)
-            .sum();
-        let init = resolved
-            .init_containers
-            .iter()
-            .filter_map(|c| c.resources.as_ref())
-            .map(f)
-            .max()
-            .unwrap_or(0);
-        regular.max(init)
-    };
+    let demand = demand_of_task(&resolved.containers, &resolved.init_containers);
     let need = Need {
-        millicores: sum(|r| u64::from(r.request_millicores)),
-        memory: sum(|r| r.request_memory_bytes),
+        millicores: demand.millicores,
+        memory: demand.memory,
         runtime: proto_runtime(ready.runtime) as i32,
         runtime_name: ready.runtime.as_str(),
     };

@@ -103,8 +103,8 @@ pub enum Stage {
         attempt: Attempt,
         ready: Option<Ready>,
     },
-    /// Nothing more to run: its outcome is recorded and its device told to release it, or
-    /// the pod was finished when first seen.
+    /// Nothing more to run: its outcome is known, and its device is told to release it once
+    /// the API server holds it; or the pod was finished when first seen.
     Finished { attempt: Option<Attempt> },
     /// It ends without running on: refused, or lost more often than the pool allows.
     Failed { reason: String, message: String },
@@ -223,6 +223,9 @@ pub struct Facts<'a> {
     pub warm: bool,
     /// The pod is being deleted, with this grace period (seconds).
     pub deleting: Option<u32>,
+    /// The API server holds the pod's final phase (as read back, not as last written): a
+    /// finished task may be released.
+    pub recorded: bool,
     /// The pool's verdict on the pod; `None` while its pool or node is not known. Asked only
     /// while admitting.
     pub admission: &'a dyn Fn() -> Option<Result<Runtime, Refusal>>,
@@ -260,8 +263,14 @@ pub enum Effect {
         message: String,
         once: bool,
     },
-    /// An attempt was lost and the task runs again.
-    Redispatched(LossReason),
+    /// An attempt was lost (the task runs again, or the pod fails past its re-dispatches).
+    /// `heard_ms`: when its device was last heard, which a lost attempt is charged until.
+    Redispatched {
+        reason: LossReason,
+        task: TaskId,
+        device: String,
+        heard_ms: i64,
+    },
     /// An attempt ended and its outcome is recorded.
     Completed { succeeded: bool },
     /// Delete the pod.
@@ -298,6 +307,14 @@ fn apply(mut run: Run, event: Event, facts: &Facts<'_>, effects: &mut Vec<Effect
             }
         }
         Event::Report(report) => {
+            if let Stage::Finished {
+                attempt: Some(attempt),
+            } = &mut run.stage
+            {
+                // It still names a task it was told to release: that message was lost (the
+                // device was away); tell it again.
+                attempt.cancelled = false;
+            }
             if let Some(attempt) = run.attempt_mut() {
                 let evicted = phase_of(Some(&report)) == TaskPhase::Failed
                     && report.reason == "Evicted"
@@ -362,7 +379,21 @@ fn lose(
         return run;
     };
     effects.push(abandon(&attempt));
-    effects.push(Effect::Redispatched(reason));
+    let since = |at: Instant| {
+        let ago = facts.now.saturating_duration_since(at).as_millis();
+        facts.unix_ms - i64::try_from(ago).unwrap_or(i64::MAX).min(facts.unix_ms)
+    };
+    let heard_ms = match (facts.presence)(&attempt.device) {
+        Presence::Online => facts.unix_ms,
+        Presence::Away { last_heard } => since(last_heard),
+        Presence::Unknown => since(facts.started),
+    };
+    effects.push(Effect::Redispatched {
+        reason,
+        task: attempt.task.clone(),
+        device: attempt.device.clone(),
+        heard_ms,
+    });
     let number = attempt.task.number;
     run.next_number = run.next_number.max(number + 1);
     run.last_loss = Some(Loss {
@@ -491,7 +522,7 @@ fn settle(mut run: Run, facts: &Facts<'_>, effects: &mut Vec<Effect>) -> Run {
                     (stage, false)
                 }
             },
-            (Stage::Dispatched { mut attempt, ready }, None) => {
+            (Stage::Dispatched { attempt, ready }, None) => {
                 let phase = attempt.phase();
                 // A silent device's task runs elsewhere only once the device has stopped it
                 // (fencing): its fence has passed since it was last heard, or since this
@@ -529,20 +560,33 @@ fn settle(mut run: Run, facts: &Facts<'_>, effects: &mut Vec<Effect>) -> Run {
                     effects.push(Effect::Completed {
                         succeeded: phase == TaskPhase::Succeeded,
                     });
-                    effects.push(Effect::Cancel {
-                        device: attempt.device.clone(),
-                        task: attempt.task.clone(),
-                        grace: 0,
-                        reason: "its outcome is recorded",
-                    });
-                    attempt.cancelled = true;
+                    // Released only once the outcome is stored (below): until then the device
+                    // keeps the finished task, and names it again after any restart.
                     let stage = Stage::Finished {
                         attempt: Some(attempt),
                     };
-                    (stage, false)
+                    (stage, true)
                 } else {
                     (Stage::Dispatched { attempt, ready }, false)
                 }
+            }
+            (
+                Stage::Finished {
+                    attempt: Some(mut attempt),
+                },
+                None,
+            ) if facts.recorded && !attempt.cancelled => {
+                effects.push(Effect::Cancel {
+                    device: attempt.device.clone(),
+                    task: attempt.task.clone(),
+                    grace: 0,
+                    reason: "its outcome is recorded",
+                });
+                attempt.cancelled = true;
+                let stage = Stage::Finished {
+                    attempt: Some(attempt),
+                };
+                (stage, false)
             }
             (stage, None) => (stage, false),
         };
@@ -596,12 +640,15 @@ mod tests {
 
     /// A pool's fence and the operator's margin, in these tests.
     const FENCE_WAIT: Duration = Duration::from_secs(40);
+    /// The wall clock at every step, in these tests.
+    const UNIX_MS: i64 = 1_700_000_000_000;
 
     /// The world a test steps a pod in.
     struct World {
         now: Instant,
         warm: bool,
         deleting: Option<u32>,
+        recorded: bool,
         admission: Option<Result<Runtime, Refusal>>,
         presence: Presence,
         started: Instant,
@@ -614,6 +661,7 @@ mod tests {
                 now: Instant::now(),
                 warm: true,
                 deleting: None,
+                recorded: false,
                 admission: Some(Ok(Runtime::Oci)),
                 presence: Presence::Online,
                 started: Instant::now(),
@@ -636,9 +684,10 @@ mod tests {
             let facts = Facts {
                 uid: "pod-uid",
                 now: self.now,
-                unix_ms: 1_700_000_000_000,
+                unix_ms: UNIX_MS,
                 warm: self.warm,
                 deleting: self.deleting,
+                recorded: self.recorded,
                 admission: &admission,
                 started: self.started,
                 fence_wait: FENCE_WAIT,
@@ -789,7 +838,12 @@ mod tests {
         world.now += Duration::from_secs(1);
         let (run, effects) = world.step(run, Event::Look);
         assert!(is_cancel(&effects[0], "this attempt was abandoned"));
-        assert_eq!(effects[1], Effect::Redispatched(LossReason::DeviceLost));
+        assert!(
+            matches!(&effects[1], Effect::Redispatched { reason: LossReason::DeviceLost, task, device, heard_ms }
+                if task.number == 1 && device == "dev-a" && *heard_ms == UNIX_MS - FENCE_WAIT.as_millis() as i64),
+            "charged until it was last heard: {:?}",
+            effects[1]
+        );
         assert!(matches!(&effects[2], Effect::Warn { reason, message, .. }
             if reason == "DeviceLost" && message.ends_with("attempt 1 of the task ended")));
         assert_eq!(effects[3], Effect::Assign);
@@ -848,7 +902,10 @@ mod tests {
             run,
             report(TaskPhase::Preempted, "Preempted", "the owner is back"),
         );
-        assert_eq!(effects[1], Effect::Redispatched(LossReason::Preempted));
+        assert!(
+            matches!(&effects[1], Effect::Redispatched { reason: LossReason::Preempted, heard_ms, .. }
+            if *heard_ms == UNIX_MS)
+        );
         assert_eq!(attempt_of(&run).task.number, 2);
         assert_eq!(
             run.last_loss.unwrap().message,
@@ -857,16 +914,33 @@ mod tests {
     }
 
     #[test]
-    fn a_finished_task_is_recorded_then_released() {
-        let world = World::new();
+    fn a_finished_task_is_released_only_once_its_outcome_is_stored() {
+        let mut world = World::new();
         let run = dispatched(&world);
         let (run, effects) = world.step(run, report(TaskPhase::Running, "", ""));
         assert!(effects.is_empty());
         let (run, effects) = world.step(run, report(TaskPhase::Succeeded, "", ""));
-        assert_eq!(effects[0], Effect::Completed { succeeded: true });
-        assert!(is_cancel(&effects[1], "its outcome is recorded"));
-        assert!(matches!(&run.stage, Stage::Finished { attempt: Some(a) } if a.cancelled));
+        assert_eq!(effects, [Effect::Completed { succeeded: true }]);
+        assert!(matches!(&run.stage, Stage::Finished { attempt: Some(a) } if !a.cancelled));
         assert!(run.shows_status(), "the outcome is still to be shown");
+        // The write has not landed (or failed): the device keeps the task.
+        let (run, effects) = world.step(run, Event::Look);
+        assert!(effects.is_empty(), "{effects:?}");
+        // Its device is away meanwhile: the outcome is known, so that is no loss.
+        let (run, effects) = world.step(run, Event::Lost(LossReason::DeviceLost, "gone".into()));
+        assert!(effects.is_empty());
+        // The API server holds the outcome: now the device may forget the task.
+        world.recorded = true;
+        let (run, effects) = world.step(run, Event::Look);
+        assert_eq!(effects.len(), 1);
+        assert!(is_cancel(&effects[0], "its outcome is recorded"));
+        assert!(matches!(&run.stage, Stage::Finished { attempt: Some(a) } if a.cancelled));
+        let (run, effects) = world.step(run, Event::Look);
+        assert!(effects.is_empty(), "released once");
+        // It was away and names the task again when it reattaches: it is told again.
+        let (run, effects) = world.step(run, report(TaskPhase::Succeeded, "", ""));
+        assert!(is_cancel(&effects[0], "its outcome is recorded"));
+        assert!(matches!(&run.stage, Stage::Finished { attempt: Some(a) } if a.cancelled));
         // The device comes back without the released task: that is no loss.
         let (run, effects) = world.step(run, Event::Lost(LossReason::DeviceLost, "gone".into()));
         assert!(effects.is_empty());
@@ -921,7 +995,11 @@ mod tests {
         // The device never came back: lost; with nothing resolved, it starts over.
         world.now = world.started + FENCE_WAIT;
         let (run, effects) = world.step(run, Event::Look);
-        assert_eq!(effects[1], Effect::Redispatched(LossReason::DeviceLost));
+        assert!(
+            matches!(&effects[1], Effect::Redispatched { reason: LossReason::DeviceLost, heard_ms, .. }
+            if *heard_ms == UNIX_MS - FENCE_WAIT.as_millis() as i64),
+            "since the operator started"
+        );
         assert_eq!(effects.last(), Some(&Effect::Resolve));
         assert!(matches!(run.stage, Stage::Resolving { .. }));
         assert_eq!(run.next_number, 3);

@@ -9,6 +9,7 @@
 
 pub mod admission;
 pub mod controller;
+pub mod demand;
 pub mod lifecycle;
 pub mod load;
 pub mod outbox;

@@ -8,14 +8,15 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use darkcore_proto::agent::v1::{
-    Container as TaskContainer, EnvVar, RegistryCredential, Resources, SecurityContext, Volume,
-    VolumeFile, VolumeMount, container::PullPolicy,
+    Container as TaskContainer, EnvVar, RegistryCredential, SecurityContext, Volume, VolumeFile,
+    VolumeMount, container::PullPolicy,
 };
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, DownwardAPIVolumeFile, KeyToPath, ObjectFieldSelector, Pod,
     ResourceFieldSelector, Secret,
 };
 
+use super::demand::container_resources;
 use super::pull_secrets;
 use crate::domain::quantity::{cpu_millis, parse_memory};
 
@@ -342,35 +343,6 @@ impl Resolver<'_> {
         let expand_all = |list: &Option<Vec<String>>| -> Vec<String> {
             list.iter().flatten().map(|s| expand(s, &env)).collect()
         };
-        let resources = c.resources.as_ref();
-        let quantity = |which: &str, name: &str| {
-            resources
-                .and_then(|r| {
-                    if which == "limits" {
-                        r.limits.as_ref()
-                    } else {
-                        r.requests.as_ref()
-                    }
-                })
-                .and_then(|m| m.get(name))
-                .map(|q| q.0.clone())
-        };
-        let millis = |which, name| {
-            quantity(which, name)
-                .and_then(|q| cpu_millis(&q))
-                .unwrap_or(0) as u32
-        };
-        let bytes = |which, name| {
-            quantity(which, name)
-                .and_then(|q| parse_memory(&q))
-                .unwrap_or(0)
-        };
-        let (limit_cpu, limit_mem) = (millis("limits", "cpu"), bytes("limits", "memory"));
-        // As in Kubernetes, a limit without a request makes the request equal to the limit.
-        let request_cpu =
-            quantity("requests", "cpu").map_or(limit_cpu, |_| millis("requests", "cpu"));
-        let request_mem =
-            quantity("requests", "memory").map_or(limit_mem, |_| bytes("requests", "memory"));
         let security = c.security_context.as_ref();
         let pod_security = self
             .pod
@@ -383,12 +355,7 @@ impl Resolver<'_> {
             command: expand_all(&c.command),
             args: expand_all(&c.args),
             working_dir: c.working_dir.clone().unwrap_or_default(),
-            resources: Some(Resources {
-                request_millicores: request_cpu,
-                request_memory_bytes: request_mem,
-                limit_millicores: limit_cpu,
-                limit_memory_bytes: limit_mem,
-            }),
+            resources: Some(container_resources(c)),
             mounts: c
                 .volume_mounts
                 .iter()

@@ -1,9 +1,11 @@
 //! The pod controller's writes, off its loop: status by server-side apply (coalesced per pod:
-//! only the latest wanted status is written, one write per pod at a time, by a few workers),
-//! final deletions with a UID precondition, and Events.
+//! only the latest wanted status is written, one write per pod at a time, by a few workers,
+//! retried with backoff until it lands or the pod is gone), final deletions with a UID
+//! precondition (retried too), and Events.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
@@ -30,11 +32,18 @@ struct Wanted {
 struct Pending {
     wanted: HashMap<String, Wanted>,
     writing: HashSet<String>,
+    /// Pods whose last write failed, with the wait before the next try.
+    failing: HashMap<String, Duration>,
 }
 
-/// The first wait before a failed pod delete is tried again; it doubles up to the most.
-const DELETE_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
-const DELETE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+/// The first wait before a failed write is tried again; it doubles up to the most.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The wait after `wait` when a retry fails too.
+fn backoff(wait: Duration) -> Duration {
+    (wait * 2).min(RETRY_MAX)
+}
 
 pub struct Writer {
     client: Client,
@@ -90,7 +99,9 @@ impl Writer {
     }
 
     /// Writes the pod's latest wanted status; one that arrived meanwhile is queued again after.
-    async fn write(&self, uid: &str) {
+    /// A failed write stays wanted (unless a newer status replaced it) and is tried again
+    /// after a backoff: a pod's outcome must land before its device forgets it.
+    async fn write(self: &Arc<Self>, uid: &str) {
         let wanted = {
             let mut pending = self.pending();
             let Some(wanted) = pending.wanted.remove(uid) else {
@@ -99,16 +110,38 @@ impl Writer {
             pending.writing.insert(uid.to_string());
             wanted
         };
-        self.apply(wanted).await;
+        let failed = self.apply(&wanted).await.err();
         let mut pending = self.pending();
         pending.writing.remove(uid);
-        if pending.wanted.contains_key(uid) {
-            let _ = self.queue.send(uid.to_string());
-        }
+        let Some(error) = failed else {
+            pending.failing.remove(uid);
+            if pending.wanted.contains_key(uid) {
+                let _ = self.queue.send(uid.to_string());
+            }
+            return;
+        };
+        let wait = pending
+            .failing
+            .get(uid)
+            .map_or(RETRY_FIRST, |wait| backoff(*wait));
+        pending.failing.insert(uid.to_string(), wait);
+        tracing::warn!(pod = %format!("{}/{}", wanted.namespace, wanted.name), %error, retry_in = ?wait, "writing pod status");
+        pending.wanted.entry(uid.to_string()).or_insert(wanted);
+        drop(pending);
+        let (writer, uid) = (self.clone(), uid.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let pending = writer.pending();
+            if pending.wanted.contains_key(&uid) && !pending.writing.contains(&uid) {
+                let _ = writer.queue.send(uid);
+            }
+        });
     }
 
-    async fn apply(&self, wanted: Wanted) {
-        let mut status = wanted.status;
+    /// One write of a wanted status. A pod that is gone (404), or replaced by another of its
+    /// name (409 on the UID), needs none.
+    async fn apply(&self, wanted: &Wanted) -> Result<(), kube::Error> {
+        let mut status = wanted.status.clone();
         // PodScheduled belongs to the scheduler.
         if let Some(conditions) = status.conditions.as_mut() {
             conditions.retain(|c| c.type_ != "PodScheduled");
@@ -122,16 +155,13 @@ impl Writer {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &wanted.namespace);
         self.metrics.api_write("pod_status", "apply");
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        if let Err(error) = api
+        match api
             .patch_status(&wanted.name, &params, &Patch::Apply(&patch))
             .await
         {
-            match &error {
-                kube::Error::Api(s) if s.code == 404 || s.code == 409 => {}
-                _ => {
-                    tracing::warn!(pod = %format!("{}/{}", wanted.namespace, wanted.name), %error, "writing pod status")
-                }
-            }
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+            Err(error) => Err(error),
         }
     }
 
@@ -154,7 +184,7 @@ impl Writer {
             };
             // Until it lands or the pod is gone (404) or is another pod of that name (409): a
             // delete lost to a failing API server would leave the pod Terminating for ever.
-            let mut wait = DELETE_RETRY_FIRST;
+            let mut wait = RETRY_FIRST;
             loop {
                 metrics.api_write("pod", "delete");
                 match api.delete(&name, &params).await {
@@ -165,7 +195,7 @@ impl Writer {
                     }
                 }
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(DELETE_RETRY_MAX);
+                wait = backoff(wait);
             }
         });
     }

@@ -71,32 +71,38 @@ pub fn amounts_of(record: &UsageRecord) -> Amounts {
 /// Adds `device`'s records to `spec`, skipping any it has applied already; returns how many
 /// were added. Records must be in sequence order (the agent sends them so).
 pub fn apply(spec: &mut PoolUsageSpec, device: &str, records: &[UsageRecord]) -> usize {
-    let entry = spec.devices.entry(device.to_string()).or_default();
     let mut added = 0;
     for record in records {
-        if record.sequence <= entry.applied_sequence {
+        let applied = spec.devices.get(device).map_or(0, |d| d.applied_sequence);
+        if record.sequence <= applied {
             continue;
         }
-        let amounts = amounts_of(record);
-        let namespace = if record.namespace.is_empty() {
-            "(none)"
-        } else {
-            &record.namespace
-        };
-        entry
-            .namespaces
-            .entry(namespace.to_string())
-            .or_default()
-            .add(&amounts);
-        entry.applied_sequence = record.sequence;
-        spec.total.add(&amounts);
+        charge(spec, device, record);
+        if let Some(entry) = spec.devices.get_mut(device) {
+            entry.applied_sequence = record.sequence;
+        }
         added += 1;
     }
-    if entry.namespaces.is_empty() {
-        spec.devices.remove(device);
-    }
-    spec.device_count = spec.devices.len() as u32;
     added
+}
+
+/// Adds one record to `spec` under `device`, whatever its sequence.
+pub fn charge(spec: &mut PoolUsageSpec, device: &str, record: &UsageRecord) {
+    let amounts = amounts_of(record);
+    let namespace = if record.namespace.is_empty() {
+        "(none)"
+    } else {
+        &record.namespace
+    };
+    spec.devices
+        .entry(device.to_string())
+        .or_default()
+        .namespaces
+        .entry(namespace.to_string())
+        .or_default()
+        .add(&amounts);
+    spec.total.add(&amounts);
+    spec.device_count = spec.devices.len() as u32;
 }
 
 #[cfg(test)]

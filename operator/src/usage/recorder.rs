@@ -1,13 +1,15 @@
-//! Stores the usage records agents send: buffered per `PoolUsage` object and written at most
+//! Stores the usage records agents send: checked against the operator's attempt book (refused,
+//! or bounded by wall time × granted), buffered per `PoolUsage` object and written at most
 //! once per object per flush interval, then acknowledged to each agent once all its records
-//! are stored. A record that is never acknowledged comes again, and counts once.
+//! are stored. A record that is never acknowledged comes again, and counts once. Charges the
+//! operator makes for attempts lost with their devices are stored the same way.
 //!
 //! The write budget is the number of objects that changed per interval (at most 64 per pool
 //! and day), whatever the number of devices or tasks.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use darkcore_crds::PoolUsage;
 use darkcore_proto::PROTOCOL_VERSION;
@@ -16,10 +18,11 @@ use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use tokio::sync::mpsc;
 
-use crate::devices::registry::AgentSender;
+use crate::devices::registry::{AgentSender, Registry};
 use crate::metrics::Metrics;
 use crate::pool::POOL_LABEL;
-use crate::usage::ledger::{Bucket, apply};
+use crate::usage::attempts::{AttemptBook, Verdict};
+use crate::usage::ledger::{Bucket, apply, charge};
 
 /// Label with the UTC day on every PoolUsage, for `usage --since`.
 pub const DAY_LABEL: &str = "darkcore.io/day";
@@ -28,50 +31,140 @@ const INBOX: usize = 1024;
 /// Conflicting writes (another writer changed the object) retried before the next flush.
 const CONFLICT_RETRIES: usize = 5;
 
-/// Records from one agent stream, and where its acknowledgement goes.
-pub struct Charged {
-    pub device: String,
-    pub pool: String,
-    pub records: Vec<UsageRecord>,
-    pub ack: AgentSender,
+/// A charge for the recorder to store.
+pub enum Charged {
+    /// Records from one agent stream, and where its acknowledgement goes: checked against
+    /// the attempt book before they count.
+    Reported {
+        device: String,
+        pool: String,
+        records: Vec<UsageRecord>,
+        ack: AgentSender,
+    },
+    /// The operator's own charge for an attempt lost with its device (no sequence: it counts
+    /// as it comes, once, since the book charges an attempt once).
+    Lost {
+        device: String,
+        pool: String,
+        record: UsageRecord,
+    },
 }
 
-/// Records received and not yet stored, by object and device (in sequence order, each once).
+/// Checked charges for one device in one object.
+#[derive(Default)]
+struct Counted {
+    /// The device's own records, by sequence (each once).
+    reported: BTreeMap<u64, UsageRecord>,
+    /// The operator's charges for its lost attempts.
+    lost: Vec<UsageRecord>,
+}
+
+/// Charges received and not yet stored.
 #[derive(Default)]
 struct Pending {
-    buckets: BTreeMap<Bucket, BTreeMap<String, BTreeMap<u64, UsageRecord>>>,
+    /// Devices' records not yet checked (or waiting for the warm-up), with their pool.
+    reported: HashMap<String, (String, BTreeMap<u64, UsageRecord>)>,
+    /// Checked charges, by object and device.
+    buckets: BTreeMap<Bucket, BTreeMap<String, Counted>>,
     /// Per device: the highest sequence received, and the stream to acknowledge on.
     received: HashMap<String, (u64, AgentSender)>,
 }
 
 impl Pending {
     fn add(&mut self, charged: Charged) {
-        let Charged {
-            device,
-            pool,
-            records,
-            ack,
-        } = charged;
-        let highest = records.iter().map(|r| r.sequence).max().unwrap_or(0);
-        for record in records {
-            let bucket = Bucket::of(&pool, &device, record.ended_unix_ms);
-            self.buckets
-                .entry(bucket)
-                .or_default()
-                .entry(device.clone())
-                .or_default()
-                .insert(record.sequence, record);
+        match charged {
+            Charged::Reported {
+                device,
+                pool,
+                records,
+                ack,
+            } => {
+                let highest = records.iter().map(|r| r.sequence).max().unwrap_or(0);
+                let waiting = &mut self
+                    .reported
+                    .entry(device.clone())
+                    .or_insert((pool, BTreeMap::new()))
+                    .1;
+                for record in records {
+                    waiting.insert(record.sequence, record);
+                }
+                let entry = self.received.entry(device).or_insert((0, ack.clone()));
+                entry.0 = entry.0.max(highest);
+                // The newest stream is the one to answer on.
+                entry.1 = ack;
+            }
+            Charged::Lost {
+                device,
+                pool,
+                record,
+            } => self
+                .counted(&pool, &device, record.ended_unix_ms)
+                .lost
+                .push(record),
         }
-        let entry = self.received.entry(device).or_insert((0, ack.clone()));
-        entry.0 = entry.0.max(highest);
-        // The newest stream is the one to answer on.
-        entry.1 = ack;
     }
 
-    /// Devices none of whose records wait to be stored any more.
+    fn counted(&mut self, pool: &str, device: &str, ended_unix_ms: i64) -> &mut Counted {
+        self.buckets
+            .entry(Bucket::of(pool, device, ended_unix_ms))
+            .or_default()
+            .entry(device.to_string())
+            .or_default()
+    }
+
+    /// Checks every waiting record against the book: bounded ones go to their objects,
+    /// refused ones are counted and dropped, and unknown ones wait while not `warm`.
+    fn check(
+        &mut self,
+        book: &Mutex<AttemptBook>,
+        registry: &Registry,
+        metrics: &Metrics,
+        warm: bool,
+    ) {
+        let now_ms = crate::domain::unix_ms();
+        for (device, (pool, records)) in std::mem::take(&mut self.reported) {
+            let offer = registry
+                .offer(&device)
+                .map_or(0, |o| u64::from(o.millicores));
+            let mut waiting = BTreeMap::new();
+            for (sequence, record) in records {
+                let verdict = book
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .vet(&device, &record, now_ms, offer, warm);
+                match verdict {
+                    Verdict::Count { record, clipped } => {
+                        if clipped {
+                            tracing::info!(%device, task = %record.task_id, "a usage report past wall time × granted was bounded");
+                            metrics.usage_records("clipped", 1);
+                        }
+                        self.counted(&pool, &device, record.ended_unix_ms)
+                            .reported
+                            .insert(sequence, record);
+                    }
+                    Verdict::Refuse(refused) => {
+                        tracing::info!(%device, task = %record.task_id, why = refused.as_str(), "a usage report was refused");
+                        metrics.usage_records(refused.as_str(), 1);
+                    }
+                    Verdict::Wait => {
+                        waiting.insert(sequence, record);
+                    }
+                }
+            }
+            if !waiting.is_empty() {
+                self.reported.insert(device, (pool, waiting));
+            }
+        }
+    }
+
+    /// Devices none of whose records wait to be checked or stored any more.
     fn stored_devices(&mut self) -> Vec<(String, u64, AgentSender)> {
-        let waiting: std::collections::HashSet<&String> =
-            self.buckets.values().flat_map(|d| d.keys()).collect();
+        let waiting: std::collections::HashSet<&String> = self
+            .buckets
+            .values()
+            .flat_map(|d| d.keys())
+            .chain(self.reported.keys())
+            .collect();
         let done: Vec<String> = self
             .received
             .keys()
@@ -91,6 +184,10 @@ pub struct Recorder {
     api: Api<PoolUsage>,
     metrics: Arc<Metrics>,
     flush_every: Duration,
+    book: Arc<Mutex<AttemptBook>>,
+    registry: Arc<Registry>,
+    /// Until then, the operator is still learning the attempts that exist after its start.
+    warm_at: Instant,
     /// The objects written in the last flush, so the next write of one needs no read.
     written: HashMap<Bucket, PoolUsage>,
 }
@@ -100,12 +197,16 @@ impl Recorder {
         client: Client,
         metrics: Arc<Metrics>,
         flush_every: Duration,
+        (book, registry, warm_at): (Arc<Mutex<AttemptBook>>, Arc<Registry>, Instant),
     ) -> (Recorder, mpsc::Sender<Charged>, mpsc::Receiver<Charged>) {
         let (tx, rx) = mpsc::channel(INBOX);
         let recorder = Recorder {
             api: Api::all(client),
             metrics,
             flush_every,
+            book,
+            registry,
+            warm_at,
             written: HashMap::new(),
         };
         (recorder, tx, rx)
@@ -129,6 +230,8 @@ impl Recorder {
 
     /// Writes every object with new records, then acknowledges the devices that are stored.
     async fn flush(&mut self, pending: &mut Pending) {
+        let warm = Instant::now() >= self.warm_at;
+        pending.check(&self.book, &self.registry, &self.metrics, warm);
         let buckets = std::mem::take(&mut pending.buckets);
         let mut written = HashMap::new();
         for (bucket, devices) in buckets {
@@ -162,7 +265,7 @@ impl Recorder {
     async fn write(
         &mut self,
         bucket: &Bucket,
-        devices: &BTreeMap<String, BTreeMap<u64, UsageRecord>>,
+        devices: &BTreeMap<String, Counted>,
     ) -> Result<PoolUsage, kube::Error> {
         let name = bucket.name();
         let mut known = self.written.remove(bucket);
@@ -190,11 +293,14 @@ impl Recorder {
             });
             let mut added = 0;
             let mut duplicates = 0;
-            for (device, records) in devices {
-                let records: Vec<UsageRecord> = records.values().cloned().collect();
-                let counted = apply(&mut object.spec, device, &records);
-                added += counted;
-                duplicates += records.len() - counted;
+            for (device, counted) in devices {
+                let records: Vec<UsageRecord> = counted.reported.values().cloned().collect();
+                let applied = apply(&mut object.spec, device, &records);
+                added += applied + counted.lost.len();
+                duplicates += records.len() - applied;
+                for record in &counted.lost {
+                    charge(&mut object.spec, device, record);
+                }
             }
             if added == 0 {
                 self.metrics.usage_records("duplicate", duplicates);
@@ -212,6 +318,8 @@ impl Recorder {
             match result {
                 Ok(stored) => {
                     self.metrics.usage_records("counted", added);
+                    let lost = devices.values().map(|c| c.lost.len()).sum();
+                    self.metrics.usage_records("operator_charged", lost);
                     self.metrics.usage_records("duplicate", duplicates);
                     return Ok(stored);
                 }
