@@ -20,3 +20,4 @@ pub mod run;
 pub mod supervise;
 pub mod tls;
 pub mod usage;
+pub mod warmup;

@@ -34,7 +34,7 @@ use crate::metrics::Metrics;
 use crate::pods::controller::{Controller as PodController, Shared as PodShared};
 use crate::pods::runtime_class;
 use crate::pods::writer::Writer;
-use crate::pool::controller::{Context, REGISTRY_WARMUP, error_policy, reconcile};
+use crate::pool::controller::{Context, error_policy, reconcile};
 use crate::pool::node_status::KubeletEndpoint;
 use crate::pool::{FIELD_MANAGER, POOL_LABEL, lease};
 use crate::reports::TaskReports;
@@ -42,6 +42,7 @@ use crate::supervise::Supervisor;
 use crate::tls;
 use crate::usage::attempts::AttemptBook;
 use crate::usage::recorder::Recorder as UsageRecorder;
+use crate::warmup::Warmup;
 
 /// Options of `darkcore-operator run`.
 #[derive(clap::Args, Debug, Clone)]
@@ -201,6 +202,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::warn!("{problem}: pods that name it cannot run; install or upgrade the darkcore Helm chart, which creates the RuntimeClasses");
     }
 
+    // The warm-up waits for the devices the pools last counted online to say Hello again.
+    let expected: i64 = pools
+        .list(&ListParams::default().labels(&args.pool_selector))
+        .await
+        .context("listing DevicePools (the operator needs list on devicepools.darkcore.io)")?
+        .items
+        .iter()
+        .filter_map(|pool| pool.status.as_ref())
+        .map(|status| i64::from(status.online_devices.max(0)))
+        .sum();
+    let warmup = Arc::new(Warmup::new(started, expected as usize));
+
     // Both watches are built here so that their first complete listing can be observed:
     // kube-runtime's `Store::wait_until_ready` wakes only one waiter, and the controller is it.
     let pools_synced = Arc::new(AtomicBool::new(false));
@@ -242,13 +255,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     let logs = Arc::new(LogStore::default());
     let pod_index = Arc::new(PodIndex::default());
-    let warm_at = started + REGISTRY_WARMUP;
     let attempts = Arc::new(std::sync::Mutex::new(AttemptBook::default()));
     let (usage_recorder, usage, usage_inbox) = UsageRecorder::new(
         client.clone(),
         metrics.clone(),
         Duration::from_secs(args.usage_flush_seconds),
-        (attempts.clone(), registry.clone(), warm_at),
+        (attempts.clone(), registry.clone(), warmup.clone()),
     );
     let (pod_controller, pod_inbox) = PodController::new(Arc::new(PodShared {
         client: client.clone(),
@@ -258,7 +270,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         logs: logs.clone(),
         index: pod_index.clone(),
         writer: Writer::start(client.clone(), metrics.clone(), recorder.clone()),
-        warm_at,
+        warmup: warmup.clone(),
         started,
         attempts,
         usage: usage.clone(),
@@ -389,7 +401,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let ctx = Arc::new(Context {
-        registry_warm_at: started + REGISTRY_WARMUP,
+        warmup,
         client: client.clone(),
         nodes,
         nodes_synced,

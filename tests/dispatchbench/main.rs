@@ -105,7 +105,7 @@ async fn main() -> anyhow::Result<()> {
         logs: logs.clone(),
         index: Arc::new(PodIndex::default()),
         writer: Writer::start(client.clone(), metrics.clone(), recorder),
-        warm_at: Instant::now(),
+        warmup: Arc::new(darkcore_operator::warmup::Warmup::none()),
         started: Instant::now(),
         host_ip: "127.0.0.1".into(),
         metrics: metrics.clone(),

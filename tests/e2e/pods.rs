@@ -1034,6 +1034,13 @@ async fn a_job_survives_an_operator_kill_without_running_any_index_twice() {
     assert!(
         log.contains("adopting") || log.lines().filter(|l| l.contains("dispatching")).count() == 10
     );
+    // The new operator's warm-up ended because every device the pool counted online was
+    // back, not at its timeout.
+    let warmed = log.lines().find(|l| l.contains("warm-up over after"));
+    assert!(
+        warmed.is_some_and(|l| l.contains("3 of 3 devices back")),
+        "{warmed:?}"
+    );
     bench.finish().await;
 }
 

@@ -38,6 +38,7 @@ use crate::pods::writer::Writer;
 use crate::pool::POOL_LABEL;
 use crate::usage::attempts::{AttemptBook, Held};
 use crate::usage::recorder::Charged;
+use crate::warmup::Warmup;
 
 /// Reports for pods not (yet) known held at once: more than a whole fleet's Hellos after a
 /// restart ever name, so only a device inventing tasks reaches it.
@@ -70,9 +71,9 @@ pub struct Shared {
     /// The pods as the kubelet API serves them.
     pub index: Arc<PodIndex>,
     pub writer: Arc<Writer>,
-    /// Until then, agents are still reconnecting after an operator start: recorded attempts
-    /// are not declared lost, and unrecorded pods are not placed (they may be running).
-    pub warm_at: Instant,
+    /// Until it is over, agents are still reconnecting after an operator start: recorded
+    /// attempts are not declared lost, and unrecorded pods are not placed (they may be running).
+    pub warmup: Arc<Warmup>,
     /// When this operator started: devices not heard of since are fenced from then on.
     pub started: Instant,
     /// The address published as each node's InternalIP (the pods' hostIP).
@@ -388,6 +389,8 @@ impl Controller {
         for task in tasks {
             self.report(device, task);
         }
+        // Its tasks are known now: one fewer device the warm-up waits for.
+        self.shared.warmup.heard(device);
     }
 
     fn report(&mut self, device: &str, report: TaskStatus) {
@@ -469,7 +472,7 @@ impl Controller {
                 .is_some_and(|task| self.pods.contains_key(&task.uid));
             if known {
                 self.report(&device, report);
-            } else if Instant::now() >= self.shared.warm_at {
+            } else if self.shared.warmup.is_over() {
                 cancel(
                     &mut self.outbox,
                     &self.shared.registry,
@@ -519,7 +522,7 @@ impl Controller {
             uid,
             now,
             unix_ms: crate::domain::unix_ms(),
-            warm: now >= shared.warm_at,
+            warm: shared.warmup.is_over(),
             deleting: pod.metadata.deletion_timestamp.as_ref().map(|_| {
                 pod.metadata
                     .deletion_grace_period_seconds

@@ -30,6 +30,7 @@ use crate::pool::node_status::{
 };
 use crate::pool::pool_status::{PublishedNode, desired_pool_status};
 use crate::pool::{FIELD_MANAGER, POOL_LABEL};
+use crate::warmup::Warmup;
 
 /// Finalizer that keeps a pool until its nodes and leases are gone.
 pub const FINALIZER: &str = "darkcore.io/pool-cleanup";
@@ -74,14 +75,10 @@ pub struct Context {
     pub inventory: Arc<dyn DeviceInventory>,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
-    /// Until then the device registry may still be filling from reconnecting agents.
-    pub registry_warm_at: Instant,
+    /// Until it is over, the device registry may still be filling from reconnecting agents,
+    /// so a restart does not take away capacity that devices still give.
+    pub warmup: Arc<Warmup>,
 }
-
-/// After a start, how long agents get to reconnect before a pool's capacity may shrink (two
-/// heartbeats; agents retry within 0.5 to 8 s), so a restart does not take away capacity
-/// that devices still give.
-pub const REGISTRY_WARMUP: Duration = Duration::from_secs(10);
 
 pub async fn reconcile(pool: Arc<DevicePool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
@@ -126,13 +123,10 @@ async fn apply(pool: &DevicePool, ctx: &Context) -> Result<Action, Error> {
     }
     let now = Time(Timestamp::now());
     let survey = ctx.inventory.survey(pool);
-    let warming = ctx
-        .registry_warm_at
-        .saturating_duration_since(Instant::now());
-    if !warming.is_zero() && shrinks_published_cpu(pool, &survey, ctx) {
+    if ctx.warmup.keeps_capacity() && shrinks_published_cpu(pool, &survey, ctx) {
         // Less than the nodes publish, just after a start: the devices are probably still
         // reconnecting. Keep what the nodes say until they are back or the warm-up ends.
-        return Ok(Action::requeue(warming));
+        return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let mut published = Vec::new();
     for platform in platforms(&pool.spec) {

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use darkcore_crds::PoolUsage;
 use darkcore_proto::PROTOCOL_VERSION;
@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::pool::POOL_LABEL;
 use crate::usage::attempts::{AttemptBook, Verdict};
 use crate::usage::ledger::{Bucket, apply, charge};
+use crate::warmup::Warmup;
 
 /// Label with the UTC day on every PoolUsage, for `usage --since`.
 pub const DAY_LABEL: &str = "darkcore.io/day";
@@ -186,8 +187,8 @@ pub struct Recorder {
     flush_every: Duration,
     book: Arc<Mutex<AttemptBook>>,
     registry: Arc<Registry>,
-    /// Until then, the operator is still learning the attempts that exist after its start.
-    warm_at: Instant,
+    /// Until it is over, the operator is still learning the attempts that exist.
+    warmup: Arc<Warmup>,
     /// The objects written in the last flush, so the next write of one needs no read.
     written: HashMap<Bucket, PoolUsage>,
 }
@@ -197,7 +198,7 @@ impl Recorder {
         client: Client,
         metrics: Arc<Metrics>,
         flush_every: Duration,
-        (book, registry, warm_at): (Arc<Mutex<AttemptBook>>, Arc<Registry>, Instant),
+        (book, registry, warmup): (Arc<Mutex<AttemptBook>>, Arc<Registry>, Arc<Warmup>),
     ) -> (Recorder, mpsc::Sender<Charged>, mpsc::Receiver<Charged>) {
         let (tx, rx) = mpsc::channel(INBOX);
         let recorder = Recorder {
@@ -206,7 +207,7 @@ impl Recorder {
             flush_every,
             book,
             registry,
-            warm_at,
+            warmup,
             written: HashMap::new(),
         };
         (recorder, tx, rx)
@@ -230,7 +231,7 @@ impl Recorder {
 
     /// Writes every object with new records, then acknowledges the devices that are stored.
     async fn flush(&mut self, pending: &mut Pending) {
-        let warm = Instant::now() >= self.warm_at;
+        let warm = self.warmup.is_over();
         pending.check(&self.book, &self.registry, &self.metrics, warm);
         let buckets = std::mem::take(&mut pending.buckets);
         let mut written = HashMap::new();
