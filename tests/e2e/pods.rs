@@ -1273,10 +1273,21 @@ async fn logs_name_the_run_laststate_describes_and_say_when_output_is_gone() {
             "OnFailure",
         ))
         .await;
+    let mut fallback = bench.pod("fallback", "echo first; echo last words; exit 2", "Never");
+    fallback.spec.as_mut().unwrap().containers[0].termination_message_policy =
+        Some("FallbackToLogsOnError".into());
+    bench.create(fallback).await;
     bench
         .phase_is("done", "Succeeded", Duration::from_secs(60))
         .await;
     assert_eq!(bench.kubectl(&["logs", "done"]), "finished here\n");
+    // A failed container that asks for it keeps the end of its output on the pod, where it
+    // outlives the operator's memory.
+    let failed = bench
+        .phase_is("fallback", "Failed", Duration::from_secs(60))
+        .await;
+    let terminated = main_status(&failed).state.unwrap().terminated.unwrap();
+    assert_eq!(terminated.message.as_deref(), Some("first\nlast words\n"));
     // Right after its first crash, waiting to restart: `--previous` is the run that crashed,
     // as `lastState` says, and so is the plain read (the kubelet's choice while it waits).
     poll_until(
@@ -1327,6 +1338,9 @@ async fn logs_name_the_run_laststate_describes_and_say_when_output_is_gone() {
         },
     )
     .await;
+    let kept = main_status(&bench.pods().get("fallback").await.unwrap());
+    let message = kept.state.unwrap().terminated.unwrap().message;
+    assert_eq!(message.as_deref(), Some("first\nlast words\n"));
     // A pod run after the restart reads as always.
     bench
         .create(bench.pod("after", "echo after the restart", "Never"))

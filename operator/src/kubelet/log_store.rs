@@ -246,6 +246,34 @@ impl LogStore {
     }
 }
 
+/// The kubelet's bounds on a termination message taken from a container's output
+/// (`terminationMessagePolicy: FallbackToLogsOnError`): its last 80 lines, at most 2 KiB.
+pub const TAIL_LINES: usize = 80;
+pub const TAIL_BYTES: usize = 2048;
+
+impl LogStore {
+    /// The end of the container's current run, as the kubelet keeps it for a termination
+    /// message: the last [`TAIL_LINES`] lines, cut to the last [`TAIL_BYTES`] bytes.
+    pub fn tail(&self, uid: &str, container: &str) -> Option<String> {
+        let state = self.lock();
+        let run = state.pods.get(uid)?.get(container)?.runs.back()?;
+        let mut bytes: Vec<u8> = run
+            .lines
+            .iter()
+            .rev()
+            .take(TAIL_LINES)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .flat_map(|line| line.data.iter().copied())
+            .collect();
+        if bytes.len() > TAIL_BYTES {
+            bytes.drain(..bytes.len() - TAIL_BYTES);
+        }
+        (!bytes.is_empty()).then(|| String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
 /// Makes run `id` the container's current one if it is newer than every run kept (the one
 /// before it ends; at most two are kept).
 fn open(logs: &mut ContainerLogs, holder: &mut Holder, id: (u32, u32)) {
@@ -373,6 +401,21 @@ mod tests {
         // Dispatched here: whole even before any output.
         store.assign("other.1", "dev", false);
         assert!(store.read("other", "main", false, 0).unwrap().whole);
+    }
+
+    #[test]
+    fn a_tail_is_the_last_80_lines_within_2_kib() {
+        let store = held(&["uid.1"]);
+        assert_eq!(store.tail("uid", "main"), None);
+        let lines: String = (0..100).map(|i| format!("{i}\n")).collect();
+        store.append("dev", &chunk("uid.1", 0, &lines)).unwrap();
+        let tail = store.tail("uid", "main").unwrap();
+        assert!(tail.starts_with("20\n") && tail.ends_with("99\n"), "{tail}");
+        store
+            .append("dev", &chunk("uid.1", 0, &"x".repeat(3000)))
+            .unwrap();
+        let tail = store.tail("uid", "main").unwrap();
+        assert_eq!(tail.len(), TAIL_BYTES);
     }
 
     #[test]

@@ -711,6 +711,11 @@ impl Controller {
             },
             pod_ip: attempt.and_then(|a| shared.registry.address(&a.device)),
             host_ip: Some(shared.host_ip.clone()),
+            log_tails: log_tails(
+                &entry.pod,
+                attempt.and_then(|a| a.report.as_ref()),
+                &shared.logs,
+            ),
         };
         let desired = status::render(
             &entry.pod,
@@ -743,6 +748,36 @@ fn fence_wait(pool: Option<&DevicePool>) -> Duration {
     use darkcore_crds::device_pool::{DEFAULT_FENCE_SECONDS, FENCE_MARGIN_SECONDS};
     let fence = pool.map_or(DEFAULT_FENCE_SECONDS, |p| p.spec.fence_seconds);
     Duration::from_secs(u64::from(fence) + u64::from(FENCE_MARGIN_SECONDS))
+}
+
+/// The ends of output that failed containers asking for them get as termination messages.
+fn log_tails(
+    pod: &Pod,
+    report: Option<&TaskStatus>,
+    logs: &LogStore,
+) -> std::collections::BTreeMap<String, String> {
+    let (Some(spec), Some(report)) = (pod.spec.as_ref(), report) else {
+        return Default::default();
+    };
+    let uid = uid_of(pod);
+    let specs = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers);
+    let reported: Vec<_> = report
+        .init_containers
+        .iter()
+        .chain(&report.containers)
+        .collect();
+    specs
+        .filter(|spec| {
+            reported
+                .iter()
+                .any(|r| r.name == spec.name && status::wants_log_tail(spec, r))
+        })
+        .filter_map(|spec| Some((spec.name.clone(), logs.tail(&uid, &spec.name)?)))
+        .collect()
 }
 
 fn lock(book: &Mutex<AttemptBook>) -> std::sync::MutexGuard<'_, AttemptBook> {

@@ -46,6 +46,21 @@ pub struct RunView {
     pub failed: Option<(String, String)>,
     pub pod_ip: Option<String>,
     pub host_ip: Option<String>,
+    /// The end of each container's output, for a container that failed without a message of
+    /// its own and asks for it (`terminationMessagePolicy: FallbackToLogsOnError`).
+    pub log_tails: std::collections::BTreeMap<String, String>,
+}
+
+/// Whether a container that ended as `reported` gets the end of its output as its termination
+/// message, as the kubelet gives it: it failed, said nothing itself, and its spec asks.
+pub fn wants_log_tail(
+    spec: &k8s_openapi::api::core::v1::Container,
+    reported: &TaskContainerStatus,
+) -> bool {
+    spec.termination_message_policy.as_deref() == Some("FallbackToLogsOnError")
+        && State::try_from(reported.state) == Ok(State::Terminated)
+        && reported.exit_code != 0
+        && reported.message.is_empty()
 }
 
 /// The task id and device recorded in a pod's status, if it was ever placed.
@@ -171,6 +186,13 @@ fn containers(
                 )),
                 (None, None) => None,
             };
+            let mut state = state;
+            if let (Some(terminated), Some(tail)) =
+                (state.terminated.as_mut(), view.log_tails.get(&spec.name))
+                && terminated.message.is_none()
+            {
+                terminated.message = Some(tail.clone());
+            }
             let running = state.running.is_some();
             ContainerStatus {
                 name: spec.name.clone(),
@@ -356,6 +378,29 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_failed_container_asking_for_it_shows_the_end_of_its_output() {
+        let mut failed = report(TaskPhase::Failed, State::Terminated, 0);
+        failed.containers[0].exit_code = 2;
+        let mut spec = pod().spec.unwrap().containers.remove(0);
+        assert!(!wants_log_tail(&spec, &failed.containers[0]), "not asked");
+        spec.termination_message_policy = Some("FallbackToLogsOnError".into());
+        assert!(wants_log_tail(&spec, &failed.containers[0]));
+        let mut succeeded = failed.containers[0].clone();
+        succeeded.exit_code = 0;
+        assert!(!wants_log_tail(&spec, &succeeded), "only on failure");
+        let view = RunView {
+            attempt: Some((1, "dev-a".into(), "uid.1".into())),
+            report: Some(failed),
+            log_tails: [("main".to_string(), "panic: no input\n".to_string())].into(),
+            ..Default::default()
+        };
+        let status = render(&pod(), &view, &now());
+        let main = &status.container_statuses.as_ref().unwrap()[0];
+        let terminated = main.state.as_ref().unwrap().terminated.as_ref().unwrap();
+        assert_eq!(terminated.message.as_deref(), Some("panic: no input\n"));
     }
 
     #[test]
