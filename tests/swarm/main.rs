@@ -11,6 +11,11 @@
 //! year to come; the same task again under 20 more sequences, one per day back; a task it
 //! never held; and each task named with `--claim` (another device's). The operator must
 //! refuse or bound every one of them.
+//!
+//! Test-only flood (`--lie-flood`): once a task is assigned, the device reports it Running with
+//! a 1 MiB reason and message, then sends its output as 1-byte lines as fast as the stream
+//! takes them, and never reads another message from the operator. The operator must hold its
+//! memory for the device within its bounds and cut it off.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -71,6 +76,9 @@ struct Args {
     /// Test only, with --lie-usage: also charge this task (another device's) as one's own.
     #[arg(long)]
     claim: Vec<String>,
+    /// Test only: flood the operator once a task is assigned (see above).
+    #[arg(long)]
+    lie_flood: bool,
 }
 
 #[tokio::main]
@@ -95,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
                 .then(|| Duration::from_secs_f64(args.task_seconds)),
             lie_usage: args.lie_usage,
             claims: args.claim.clone(),
+            flood: args.lie_flood,
         };
         tokio::spawn(async move {
             let lied = AtomicU64::new(0);
@@ -155,6 +164,41 @@ struct Behaviour {
     task_time: Option<Duration>,
     lie_usage: bool,
     claims: Vec<String>,
+    flood: bool,
+}
+
+/// Floods the stream for `task` (see the module's doc) until the stream is gone.
+async fn flood(
+    task: TaskAssign,
+    tx: tokio::sync::mpsc::Sender<AgentMessage>,
+) -> anyhow::Result<()> {
+    let message = |body| AgentMessage {
+        version: PROTOCOL_VERSION as i32,
+        body: Some(body),
+    };
+    let mut running = status(&task, TaskPhase::Running);
+    running.reason = "R".repeat(1 << 20);
+    running.message = "M".repeat(1 << 20);
+    tx.send(message(agent_message::Body::TaskStatus(running)))
+        .await?;
+    let lines = vec![b'\n'; 16 * 1024];
+    let container = task
+        .containers
+        .first()
+        .map(|c| c.name.clone())
+        .unwrap_or_default();
+    loop {
+        let chunk = darkcore_proto::agent::v1::LogChunk {
+            task_id: task.task_id.clone(),
+            container: container.clone(),
+            stream: 1,
+            timestamp_unix_nanos: unix_ms() * 1_000_000,
+            data: lines.clone(),
+            run: 0,
+        };
+        tx.send(message(agent_message::Body::LogChunk(chunk)))
+            .await?;
+    }
 }
 
 /// The lying usage records for a task that succeeded on a device (see the module's doc),
@@ -248,13 +292,18 @@ async fn hold(
         let mut sequence = 0;
         let mut tasks: HashMap<String, tokio::task::JoinHandle<anyhow::Result<()>>> =
             HashMap::new();
+        let mut flooding = false;
         loop {
             tokio::select! {
                 _ = beat.tick() => {
                     sequence += 1;
                     tx.send(message(agent_message::Body::Heartbeat(Heartbeat { sequence }))).await?;
                 }
-                received = inbound.message() => match received?.and_then(|m| m.body) {
+                received = inbound.message(), if !flooding => match received?.and_then(|m| m.body) {
+                    Some(operator_message::Body::TaskAssign(task)) if behaviour.flood => {
+                        flooding = true;
+                        tasks.insert(task.task_id.clone(), tokio::spawn(flood(task, tx.clone())));
+                    }
                     Some(operator_message::Body::TaskAssign(task)) => {
                         let statuses = tx.clone();
                         let running = status(&task, TaskPhase::Running);
