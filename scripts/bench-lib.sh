@@ -89,8 +89,10 @@ cpu_seconds_over() { # pid seconds -> CPU seconds used in that window
 
 # Starts the operator (appending to $WORK/operator.log) and waits until it is ready.
 start_operator() {
+  # Thousands of devices join from this one address: no join limit in the way.
   "$BIN/darkcore-operator" run --http-addr "$HTTP" --gateway-addr "$GATEWAY" \
-    --pool-selector "$SELECTOR" "$@" >>"$WORK/operator.log" 2>&1 &
+    --pool-selector "$SELECTOR" --join-rate 1000000 --join-rate-per-source 1000000 \
+    "$@" >>"$WORK/operator.log" 2>&1 &
   OPERATOR_PID=$!
   until curl -fsS "http://$HTTP/readyz" >/dev/null 2>&1; do
     kill -0 "$OPERATOR_PID" 2>/dev/null || { tail -5 "$WORK/operator.log" >&2; exit 1; }

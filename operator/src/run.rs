@@ -24,6 +24,7 @@ use crate::enroll::revocation::{REVOKED_CONFIGMAP, revoked_ids};
 use crate::gateway;
 use crate::gateway::attach::{AttachService, PoolCheck, Served};
 use crate::gateway::join::JoinService;
+use crate::gateway::join_limit::{JoinLimiter, Rate};
 use crate::http::{self, Health, Readiness};
 use crate::installation;
 use crate::kubelet::auth::Authorizer;
@@ -112,6 +113,13 @@ pub struct RunArgs {
     /// object once per interval; agents keep their records until then).
     #[arg(long, env = "DARKCORE_USAGE_FLUSH_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub usage_flush_seconds: u64,
+    /// Joins per second this operator accepts from all devices together (ten seconds' worth
+    /// may come at once); more are refused with when to try again, before they cost anything.
+    #[arg(long, env = "DARKCORE_JOIN_RATE", default_value_t = 20.0)]
+    pub join_rate: f64,
+    /// Joins per second accepted from one source address (a site behind one NAT counts once).
+    #[arg(long, env = "DARKCORE_JOIN_RATE_PER_SOURCE", default_value_t = 2.0)]
+    pub join_rate_per_source: f64,
 }
 
 impl RunArgs {
@@ -126,6 +134,12 @@ impl RunArgs {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.join_rate > 0.0 && args.join_rate_per_source > 0.0,
+        "--join-rate ({}) and --join-rate-per-source ({}) are joins per second, and must be above 0",
+        args.join_rate,
+        args.join_rate_per_source
+    );
     let client = Client::try_default().await.context(
         "connecting to Kubernetes: set KUBECONFIG to a kubeconfig file, or run inside a cluster",
     )?;
@@ -342,6 +356,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             redeemer: Redeemer::new(client.clone(), &args.namespace),
             ca: ca.clone(),
             metrics: metrics.clone(),
+            limiter: JoinLimiter::new(
+                Rate::per_second(args.join_rate_per_source),
+                Rate::per_second(args.join_rate),
+            ),
         },
         AttachService {
             registry: registry.clone(),

@@ -127,6 +127,10 @@ async fn main() -> anyhow::Result<()> {
             redeemer: darkcore_operator::enroll::redeem::Redeemer::new(client.clone(), NAMESPACE),
             ca: ca.clone(),
             metrics: metrics.clone(),
+            limiter: darkcore_operator::gateway::join_limit::JoinLimiter::new(
+                darkcore_operator::gateway::join_limit::Rate::per_second(1e9),
+                darkcore_operator::gateway::join_limit::Rate::per_second(1e9),
+            ),
         },
         attach::AttachService {
             registry: registry.clone(),

@@ -135,6 +135,43 @@ async fn joins_accept_a_valid_token_and_refuse_used_up_expired_revoked_and_garba
 }
 
 #[tokio::test]
+async fn a_flood_of_joins_from_one_address_is_throttled_before_it_costs_anything() {
+    // One join per 10 s from an address (a burst of one).
+    let fx = PoolFixture::start_with(
+        "joinflood",
+        process_pool(),
+        &["--join-rate-per-source", "0.1"],
+    )
+    .await;
+    let port = fx.operator.gateway_port;
+    let valid = token(&fx.pool, &[]);
+    let first = fleet::join(port, &valid, 1.0);
+    assert!(first.ok, "{}", first.output);
+    // A forged token (a well-formed one with another secret), then the valid one again: both
+    // are refused before the operator reads them, with when to try again.
+    let mut parts: Vec<&str> = valid.split('.').collect();
+    parts[2] = "0123456789abcdef0123456789abcdef";
+    let forged = parts.join(".");
+    for attempt in [forged.as_str(), valid.as_str()] {
+        let refused = fleet::join(port, attempt, 1.0);
+        assert!(!refused.ok);
+        assert!(
+            refused.output.contains("too many joins from this address")
+                && refused.output.contains("try again in"),
+            "{}",
+            refused.output
+        );
+    }
+    let throttled = crate::devices::metric(
+        &fx.operator,
+        "darkcore_operator_joins_total{result=\"throttled\"}",
+    )
+    .await;
+    assert_eq!(throttled, Some(2.0));
+    fx.finish().await;
+}
+
+#[tokio::test]
 async fn a_burst_of_joins_on_one_token_admits_exactly_as_many_as_it_allows() {
     let fx = PoolFixture::start("joinburst", process_pool()).await;
     let port = fx.operator.gateway_port;

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::enroll::ca::CaMaterial;
 use crate::enroll::redeem::{RedeemError, Redeemer};
 use crate::enroll::token::{JoinToken, MalformedToken};
+use crate::gateway::join_limit::JoinLimiter;
 use crate::metrics::Metrics;
 use crate::tls::{self, DeviceIdentity, TlsError};
 
@@ -22,6 +23,8 @@ pub struct JoinService {
     pub redeemer: Redeemer,
     pub ca: CaMaterial,
     pub metrics: Arc<Metrics>,
+    /// How fast devices may join, checked first.
+    pub limiter: JoinLimiter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +78,14 @@ impl JoinError {
 impl Enrollment for JoinService {
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let peer = request.remote_addr();
+        if let Err(throttled) = self
+            .limiter
+            .admit(peer.map(|p| p.ip()), std::time::Instant::now())
+        {
+            self.metrics.join("throttled");
+            tracing::debug!(?peer, "join throttled");
+            return Err(Status::resource_exhausted(throttled.message()));
+        }
         let request = request.into_inner();
         match self.admit(&request).await {
             Ok(response) => {

@@ -11,6 +11,7 @@ pub mod attach;
 pub mod bounds;
 pub mod endpoint;
 pub mod join;
+pub mod join_limit;
 
 use std::future::Future;
 use std::net::SocketAddr;
