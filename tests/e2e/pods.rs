@@ -1317,7 +1317,8 @@ async fn logs_name_the_run_laststate_describes_and_say_when_output_is_gone() {
     // (before, it printed nothing and exited 0, as if there had been no output).
     bench.fx.operator.kill().await;
     bench.restart_operator().await;
-    // (Until the new operator has listed its pods, it does not know the pod at all.)
+    // (Until the new operator has listed its pods, it says it is starting, never that the
+    // pod is not on a darkcore node.)
     poll_until(
         "kubectl logs says the output is gone",
         Duration::from_secs(30),
@@ -1327,6 +1328,7 @@ async fn logs_name_the_run_laststate_describes_and_say_when_output_is_gone() {
                 .output()
                 .unwrap();
             let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(!stderr.contains("not on a darkcore node"), "{stderr}");
             match (
                 out.status.success(),
                 out.stdout.is_empty(),

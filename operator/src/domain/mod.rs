@@ -1,8 +1,19 @@
 //! The words several parts of the operator share (the pod controller, the gateway, the
-//! kubelet API, usage, devices): task ids, Kubernetes quantities and the wall clock, kept here
-//! so none of them depends on another.
+//! kubelet API, usage, devices): task ids, a pod's demand, Kubernetes quantities and the wall
+//! clock, kept here so none of them depends on another.
 
 pub mod quantity;
+
+/// A pod's demand on the device that runs it (worked out in `pods::demand`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Demand {
+    /// Requests: the larger of its init containers' and the sum of its containers'.
+    pub millicores: u64,
+    pub memory: u64,
+    /// The most CPU its limits let it use at once; `None` when a container sets no limit
+    /// (it may use all the device offers).
+    pub cpu_limit: Option<u64>,
+}
 
 /// A task: attempt `number` (1 for the first) of the pod with `uid`, written `<uid>.<number>`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -137,6 +137,12 @@ async fn container_logs(
         if let Err(denied) = check(&caller, &headers, "proxy", "").await {
             return denied;
         }
+        if !state.pods.listed() {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the darkcore operator has just started and has not listed its pods yet; try again in a moment\n".into(),
+            );
+        }
         return text(
             StatusCode::NOT_FOUND,
             format!("pod {namespace}/{pod_name} is not on a darkcore node\n"),

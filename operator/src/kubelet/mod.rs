@@ -32,9 +32,21 @@ use crate::tls::ServingIdentity;
 #[derive(Default)]
 pub struct PodIndex {
     pods: RwLock<HashMap<(String, String), Pod>>,
+    /// The pod controller has listed the pods of a node: a pod missing now is not on one.
+    listed: std::sync::atomic::AtomicBool,
 }
 
 impl PodIndex {
+    /// The pods of a node have been listed (after a start, the index was empty until then).
+    pub fn mark_listed(&self) {
+        self.listed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn listed(&self) -> bool {
+        self.listed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn set(&self, pod: &Pod) {
         let key = (
             pod.metadata.namespace.clone().unwrap_or_default(),

@@ -228,6 +228,7 @@ impl Controller {
                 for pod in pods {
                     self.applied(pod);
                 }
+                self.shared.index.mark_listed();
             }
             Input::Hello(device, tasks) => self.hello(&device, tasks),
             Input::Report(device, report) => self.report(&device, report),
@@ -324,18 +325,8 @@ impl Controller {
             .as_ref()
             .map_or_else(crate::domain::unix_ms, |t| t.0.as_millisecond());
         let pool = self.shared.registry.pool(device).unwrap_or_default();
-        let held = Held {
-            device: device.to_string(),
-            pool,
-            namespace: pod.namespace().unwrap_or_default(),
-            millicores: demand.millicores,
-            memory: demand.memory,
-            cpu_limit: demand.cpu_limit,
-            from_ms,
-            until_ms: None,
-            completed: None,
-            charged: false,
-        };
+        let namespace = pod.namespace().unwrap_or_default();
+        let held = Held::begun(device, &pool, &namespace, demand, from_ms);
         self.book().began(&task.to_string(), held);
     }
 
@@ -582,19 +573,11 @@ impl Controller {
                 };
                 let network = pool.map_or(NetworkMode::default(), |p| p.spec.network);
                 let assign = assignment(&entry.pod, ready, attempt, network);
-                let limits = demand_of_task(&assign.containers, &assign.init_containers);
-                let held = Held {
-                    device: attempt.device.clone(),
-                    pool: pool.map(|p| p.name_any()).unwrap_or_default(),
-                    namespace: assign.namespace.clone(),
-                    millicores: attempt.millicores,
-                    memory: attempt.memory,
-                    cpu_limit: limits.cpu_limit,
-                    from_ms: crate::domain::unix_ms(),
-                    until_ms: None,
-                    completed: None,
-                    charged: false,
-                };
+                let demand = demand_of_task(&assign.containers, &assign.init_containers);
+                let pool_name = pool.map(|p| p.name_any()).unwrap_or_default();
+                let (device, namespace) = (&attempt.device, &assign.namespace);
+                let now_ms = crate::domain::unix_ms();
+                let held = Held::begun(device, &pool_name, namespace, demand, now_ms);
                 lock(&shared.attempts).began(&assign.task_id, held);
                 if let Some(seen) = entry.seen_at.take() {
                     shared

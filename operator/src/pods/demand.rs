@@ -4,6 +4,7 @@
 use darkcore_proto::agent::v1::{Container as TaskContainer, Resources};
 use k8s_openapi::api::core::v1::{Container, Pod};
 
+pub use crate::domain::Demand;
 use crate::domain::quantity::{cpu_millis, parse_memory};
 
 /// A container's requests and limits. As in Kubernetes, a limit without a request makes the
@@ -41,17 +42,6 @@ pub fn container_resources(c: &Container) -> Resources {
         limit_millicores: limit_cpu,
         limit_memory_bytes: limit_memory,
     }
-}
-
-/// A pod's demand on the device that runs it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Demand {
-    /// Requests: the larger of its init containers' and the sum of its containers'.
-    pub millicores: u64,
-    pub memory: u64,
-    /// The most CPU its limits let it use at once; `None` when a container sets no limit
-    /// (it may use all the device offers).
-    pub cpu_limit: Option<u64>,
 }
 
 /// The demand of a pod whose containers and init containers have these resources.

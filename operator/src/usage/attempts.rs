@@ -6,6 +6,8 @@ use std::collections::{HashMap, VecDeque};
 
 use darkcore_proto::agent::v1::UsageRecord;
 
+use crate::domain::Demand;
+
 /// How long an ended attempt stays on record for its device's report to come in (an agent
 /// resends what is unacknowledged whenever it reattaches).
 pub const RETAIN_MS: i64 = 60 * 60 * 1000;
@@ -32,6 +34,25 @@ pub struct Held {
     pub completed: Option<bool>,
     /// A charge for it was counted already (the device's, or the operator's for a lost one).
     pub charged: bool,
+}
+
+impl Held {
+    /// An attempt sent (or found) now: held by `device` of `pool` for a pod of `namespace`
+    /// with `demand`, since `from_ms`; nothing ended or charged yet.
+    pub fn begun(device: &str, pool: &str, namespace: &str, demand: Demand, from_ms: i64) -> Held {
+        Held {
+            device: device.to_string(),
+            pool: pool.to_string(),
+            namespace: namespace.to_string(),
+            millicores: demand.millicores,
+            memory: demand.memory,
+            cpu_limit: demand.cpu_limit,
+            from_ms,
+            until_ms: None,
+            completed: None,
+            charged: false,
+        }
+    }
 }
 
 /// Why a device's report is not counted.
@@ -214,18 +235,12 @@ mod tests {
     const T0: i64 = 1_795_000_000_000;
 
     fn held(device: &str) -> Held {
-        Held {
-            device: device.into(),
-            pool: "lab".into(),
-            namespace: "team".into(),
+        let demand = Demand {
             millicores: 500,
             memory: 256 << 20,
             cpu_limit: Some(1000),
-            from_ms: T0,
-            until_ms: None,
-            completed: None,
-            charged: false,
-        }
+        };
+        Held::begun(device, "lab", "team", demand, T0)
     }
 
     fn report(task: &str, cpu_ms: u64, memory_mib_s: u64) -> UsageRecord {
