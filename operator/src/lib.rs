@@ -8,6 +8,7 @@ pub mod devices;
 pub mod domain;
 pub mod enroll;
 pub mod gateway;
+pub mod housekeeping;
 pub mod http;
 pub mod installation;
 pub mod kubelet;

@@ -25,6 +25,7 @@ use crate::gateway;
 use crate::gateway::attach::{AttachService, PoolCheck, Served};
 use crate::gateway::join::JoinService;
 use crate::gateway::join_limit::{JoinLimiter, Rate};
+use crate::housekeeping::{Housekeeper, Retention};
 use crate::http::{self, Health, Readiness};
 use crate::installation;
 use crate::kubelet::auth::Authorizer;
@@ -120,6 +121,16 @@ pub struct RunArgs {
     /// Joins per second accepted from one source address (a site behind one NAT counts once).
     #[arg(long, env = "DARKCORE_JOIN_RATE_PER_SOURCE", default_value_t = 2.0)]
     pub join_rate_per_source: f64,
+    /// How long a join token that can admit no one is kept: after it expired, or after it was
+    /// created if it is used up or revoked (s, m, h or d).
+    #[arg(long, env = "DARKCORE_TOKEN_RETENTION", default_value = "7d", value_parser = crate::enroll::token::parse_ttl)]
+    pub token_retention: Duration,
+    /// How long the PoolUsage objects of a deleted pool are kept after the day they count.
+    #[arg(long, env = "DARKCORE_USAGE_RETENTION", default_value = "90d", value_parser = crate::enroll::token::parse_ttl)]
+    pub usage_retention: Duration,
+    /// How often tokens and usage past their retention are looked for.
+    #[arg(long, env = "DARKCORE_HOUSEKEEPING_SECONDS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub housekeeping_seconds: u64,
 }
 
 impl RunArgs {
@@ -401,6 +412,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         watch_revocations(client.clone(), args.namespace.clone(), registry.clone()),
     );
 
+    loops.spawn(
+        "housekeeping",
+        Housekeeper {
+            client: client.clone(),
+            namespace: args.namespace.clone(),
+            served: pool_store.clone(),
+            retention: Retention {
+                tokens: args.token_retention,
+                usage: args.usage_retention,
+            },
+            every: Duration::from_secs(args.housekeeping_seconds),
+            metrics: metrics.clone(),
+        }
+        .run(),
+    );
     loops.spawn(
         "node lease",
         lease::renew_loop(client.clone(), pool_store, nodes.clone(), metrics.clone()),

@@ -50,8 +50,6 @@ async fn the_service_account_cannot_do_what_the_operator_does_not_need() {
         &["create", "devicepools.darkcore.io"],
         &["delete", "devicepools.darkcore.io"],
         &["update", "devicepools.darkcore.io"],
-        &["delete", "poolusages.darkcore.io"],
-        &["list", "poolusages.darkcore.io"],
         &["create", "clusterroles"],
         &["escalate", "clusterroles"],
         &["create", "rolebindings", "-n", "darkcore-system"],
@@ -88,6 +86,11 @@ async fn the_service_account_cannot_do_what_the_operator_does_not_need() {
         &["patch", "devicepools.darkcore.io", "--subresource=status"],
         &["create", "poolusages.darkcore.io"],
         &["update", "poolusages.darkcore.io"],
+        // Housekeeping: usage of deleted pools, and tokens that can admit no one.
+        &["list", "poolusages.darkcore.io"],
+        &["delete", "poolusages.darkcore.io"],
+        &["list", "secrets", "-n", "darkcore-system"],
+        &["delete", "secrets", "-n", "darkcore-system"],
         &[
             "get",
             "configmaps/extension-apiserver-authentication",

@@ -115,3 +115,81 @@ async fn join_tokens_are_printed_once_stored_hashed_listed_and_revoked() {
     let _ = pools.delete(&pool, &DeleteParams::default()).await;
     ns.delete().await;
 }
+
+#[tokio::test]
+async fn housekeeping_deletes_tokens_and_usage_past_their_retention() {
+    use crate::devices::process_pool;
+    use crate::fleet::{self, token};
+    use crate::harness::{PoolFixture, poll_until};
+    use darkcore_crds::{PoolUsage, PoolUsageSpec};
+    use std::time::Duration;
+
+    let fx = PoolFixture::start_with(
+        "housekeep",
+        process_pool(),
+        &[
+            "--token-retention",
+            "1s",
+            "--usage-retention",
+            "1s",
+            "--housekeeping-seconds",
+            "1",
+        ],
+    )
+    .await;
+    let id = |token: &str| token.split('.').nth(1).unwrap().to_string();
+    let expiring = id(&token(&fx.pool, &["--ttl", "1s"]));
+    let once = token(&fx.pool, &["--uses", "1"]);
+    let joined = fleet::join(fx.operator.gateway_port, &once, 1.0);
+    assert!(joined.ok, "{}", joined.output);
+    let used_up = id(&once);
+    let usable = id(&token(&fx.pool, &["--ttl", "1h"]));
+
+    // The usage of a pool long gone, and an old day of the fixture's own pool.
+    let usage: Api<PoolUsage> = Api::all(fx.client.clone());
+    let gone_pool = harness::unique("gone");
+    for pool in [gone_pool.as_str(), fx.pool.as_str()] {
+        let spec = PoolUsageSpec {
+            pool: pool.to_string(),
+            day: "2020-01-01".into(),
+            shard: 0,
+            device_count: 0,
+            total: Default::default(),
+            devices: Default::default(),
+        };
+        let name = format!("{pool}.2020-01-01.00");
+        usage
+            .create(&PostParams::default(), &PoolUsage::new(&name, spec))
+            .await
+            .unwrap();
+    }
+
+    let secrets: Api<Secret> = Api::namespaced(fx.client.clone(), "darkcore-system");
+    let secret = |id: &str| format!("darkcore-token-{id}");
+    poll_until(
+        "the expired and used-up tokens and the gone pool's usage are deleted",
+        Duration::from_secs(30),
+        || async {
+            let left = [
+                secrets.get_opt(&secret(&expiring)).await.unwrap().is_some(),
+                secrets.get_opt(&secret(&used_up)).await.unwrap().is_some(),
+                usage
+                    .get_opt(&format!("{gone_pool}.2020-01-01.00"))
+                    .await
+                    .unwrap()
+                    .is_some(),
+            ];
+            match left {
+                [false, false, false] => Ok(()),
+                left => Err(format!("{left:?}")),
+            }
+        },
+    )
+    .await;
+    // What may still be needed stays: a usable token, and the usage of a pool that exists.
+    assert!(secrets.get_opt(&secret(&usable)).await.unwrap().is_some());
+    let kept = format!("{}.2020-01-01.00", fx.pool);
+    assert!(usage.get_opt(&kept).await.unwrap().is_some());
+    usage.delete(&kept, &DeleteParams::default()).await.unwrap();
+    fx.finish().await;
+}
