@@ -161,7 +161,9 @@ async fn main() -> anyhow::Result<()> {
         .arg(args.agents.to_string())
         .arg("--state-dir")
         .arg(&args.state_dir)
-        .args(["--millicores", "1000000", "--task-seconds", "0"])
+        // Room for every burst, within what a pool believes of one device (deviceLimits'
+        // default maxCores is 256: a device claiming more is not enlisted).
+        .args(["--millicores", "200000", "--task-seconds", "0"])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
