@@ -316,15 +316,26 @@ impl Controller {
     }
 
     /// Records an attempt found on a device or in a pod's status after a restart. When it was
-    /// sent is not known: its pod's creation, which the API server stamped, bounds it.
+    /// sent is not known exactly: no later than since when the pod shows it placed (written by
+    /// an operator), else its creation (stamped by the API server).
     fn book_adopted(&self, pod: &Pod, task: &TaskId, device: &str) {
         let demand = demand_of(pod);
-        let from_ms = pod
+        let created = pod
             .metadata
             .creation_timestamp
             .as_ref()
-            .map_or_else(crate::domain::unix_ms, |t| t.0.as_millisecond());
-        let pool = self.shared.registry.pool(device).unwrap_or_default();
+            .map(|t| t.0.as_millisecond());
+        let from_ms = match (status::placed_since_ms(pod), created) {
+            (Some(placed), Some(created)) => placed.max(created),
+            (placed, created) => placed.or(created).unwrap_or_else(crate::domain::unix_ms),
+        };
+        // The pool is the pod's node's (its device may not have reattached yet).
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+        let pool = node
+            .and_then(|node| self.shared.nodes.get(&ObjectRef::new(node)))
+            .and_then(|node| node.labels().get(POOL_LABEL).cloned())
+            .or_else(|| self.shared.registry.pool(device))
+            .unwrap_or_default();
         let namespace = pod.namespace().unwrap_or_default();
         let held = Held::begun(device, &pool, &namespace, demand, from_ms);
         self.book().began(&task.to_string(), held);

@@ -316,6 +316,11 @@ fn apply(mut run: Run, event: Event, facts: &Facts<'_>, effects: &mut Vec<Effect
                 attempt.cancelled = false;
             }
             if let Some(attempt) = run.attempt_mut() {
+                if terminal(attempt.phase()) && !terminal(phase_of(Some(&report))) {
+                    // An older report arriving late (one held while the pod was not listed
+                    // yet): the attempt has ended, and stays so.
+                    return run;
+                }
                 let evicted = phase_of(Some(&report)) == TaskPhase::Failed
                     && report.reason == "Evicted"
                     && attempt.phase() != TaskPhase::Failed;
@@ -937,6 +942,10 @@ mod tests {
         assert!(matches!(&run.stage, Stage::Finished { attempt: Some(a) } if a.cancelled));
         let (run, effects) = world.step(run, Event::Look);
         assert!(effects.is_empty(), "released once");
+        // A Running report held back and delivered late does not reopen the ended attempt.
+        let (run, effects) = world.step(run, report(TaskPhase::Running, "", ""));
+        assert!(is_cancel(&effects[0], "its outcome is recorded"));
+        assert_eq!(attempt_of(&run).phase(), TaskPhase::Succeeded);
         // It was away and names the task again when it reattaches: it is told again.
         let (run, effects) = world.step(run, report(TaskPhase::Succeeded, "", ""));
         assert!(is_cancel(&effects[0], "its outcome is recorded"));

@@ -76,6 +76,17 @@ pub fn recorded_attempt(pod: &Pod) -> Option<(String, String)> {
     })
 }
 
+/// Since when the pod has been placed, as darkcore recorded it: when its Placed condition last
+/// turned True, in Unix milliseconds. Written by the operator itself, so a restarted operator
+/// may trust it as no later than its current attempt's dispatch.
+pub fn placed_since_ms(pod: &Pod) -> Option<i64> {
+    let conditions = pod.status.as_ref()?.conditions.as_ref()?;
+    let placed = conditions
+        .iter()
+        .find(|c| c.type_ == PLACED_CONDITION && c.status == "True")?;
+    Some(placed.last_transition_time.as_ref()?.0.as_millisecond())
+}
+
 pub fn time_ms(ms: i64) -> Option<Time> {
     (ms > 0)
         .then(|| Timestamp::from_millisecond(ms).ok().map(Time))
@@ -378,6 +389,26 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_placed_pod_says_since_when() {
+        let view = RunView {
+            attempt: Some((1, "dev-a".into(), "uid.1".into())),
+            report: Some(report(TaskPhase::Running, State::Running, 0)),
+            ..Default::default()
+        };
+        let mut placed = pod();
+        assert_eq!(placed_since_ms(&placed), None);
+        placed.status = Some(render(&placed, &view, &now()));
+        assert_eq!(placed_since_ms(&placed), Some(1_000_000));
+        let unplaced = RunView {
+            unplaced: Some(("NoDeviceFits".into(), "none".into())),
+            ..Default::default()
+        };
+        let mut waiting = pod();
+        waiting.status = Some(render(&waiting, &unplaced, &now()));
+        assert_eq!(placed_since_ms(&waiting), None);
     }
 
     #[test]

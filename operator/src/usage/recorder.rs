@@ -98,10 +98,16 @@ impl Pending {
                 device,
                 pool,
                 record,
-            } => self
-                .counted(&pool, &device, record.ended_unix_ms)
-                .lost
-                .push(record),
+            } => {
+                if pool.is_empty() {
+                    // No object can be named for it; it would be retried for ever.
+                    tracing::warn!(%device, task = %record.task_id, "a lost attempt's pool is not known; its charge is dropped");
+                    return;
+                }
+                self.counted(&pool, &device, record.ended_unix_ms)
+                    .lost
+                    .push(record)
+            }
         }
     }
 
@@ -331,5 +337,34 @@ impl Recorder {
                 Err(error) => return Err(error),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_attempts_charge_is_kept_only_with_a_pool_to_name_its_object() {
+        let record = UsageRecord {
+            task_id: "uid.1".into(),
+            ended_unix_ms: 1_795_000_000_000,
+            ..Default::default()
+        };
+        let lost = |pool: &str| Charged::Lost {
+            device: "dev-a".into(),
+            pool: pool.into(),
+            record: record.clone(),
+        };
+        let mut pending = Pending::default();
+        pending.add(lost(""));
+        assert!(
+            pending.buckets.is_empty(),
+            "no object is named \".<day>.<shard>\""
+        );
+        pending.add(lost("lab"));
+        let (bucket, devices) = pending.buckets.iter().next().unwrap();
+        assert_eq!(bucket.pool, "lab");
+        assert_eq!(devices["dev-a"].lost.len(), 1);
     }
 }
