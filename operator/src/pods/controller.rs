@@ -36,7 +36,7 @@ use crate::pods::resolve::{self, Lookups, Placement, Resolved};
 use crate::pods::status::{self, RunView};
 use crate::pods::writer::Writer;
 use crate::pool::POOL_LABEL;
-use crate::usage::attempts::{AttemptBook, Held};
+use crate::usage::attempts::{AttemptBook, Held, lock};
 use crate::usage::recorder::Charged;
 use crate::warmup::Warmup;
 
@@ -772,10 +772,6 @@ fn log_tails(
         })
         .filter_map(|spec| Some((spec.name.clone(), logs.tail(&uid, &spec.name)?)))
         .collect()
-}
-
-fn lock(book: &Mutex<AttemptBook>) -> std::sync::MutexGuard<'_, AttemptBook> {
-    book.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn pod_finished(pod: &Pod) -> bool {

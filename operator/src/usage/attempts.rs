@@ -3,6 +3,7 @@
 //! the charge, never raise it past wall time × granted, and only the holder may send it.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
 
 use darkcore_proto::agent::v1::UsageRecord;
 
@@ -134,6 +135,11 @@ pub fn lost_charge(task_id: &str, held: &Held) -> UsageRecord {
 
 fn clamp_u64(value: u128) -> u64 {
     u64::try_from(value).unwrap_or(u64::MAX)
+}
+
+/// The shared book, locked (a panic while it was held leaves it usable: each step keeps it whole).
+pub fn lock(book: &Mutex<AttemptBook>) -> MutexGuard<'_, AttemptBook> {
+    book.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Every attempt on record, by task id.

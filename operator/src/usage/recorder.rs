@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use crate::devices::registry::{AgentSender, Registry};
 use crate::metrics::Metrics;
 use crate::pool::POOL_LABEL;
-use crate::usage::attempts::{AttemptBook, Verdict};
+use crate::usage::attempts::{self, AttemptBook, Verdict};
 use crate::usage::ledger::{Bucket, apply, charge};
 use crate::warmup::Warmup;
 
@@ -134,12 +134,10 @@ impl Pending {
                 .offer(&device)
                 .map_or(0, |o| u64::from(o.millicores));
             let mut waiting = BTreeMap::new();
+            // One lock per device's batch, not per record.
+            let mut book = attempts::lock(book);
             for (sequence, record) in records {
-                let verdict = book
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .vet(&device, &record, now_ms, offer, warm);
-                match verdict {
+                match book.vet(&device, &record, now_ms, offer, warm) {
                     Verdict::Count { record, clipped } => {
                         if clipped {
                             tracing::info!(%device, task = %record.task_id, "a usage report past wall time × granted was bounded");
