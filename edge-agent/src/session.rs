@@ -221,6 +221,7 @@ pub async fn attach(
                             status.tasks(tasks.running());
                         }
                         Some(operator_message::Body::HeartbeatAck(ack)) => fence.acknowledged(ack.sequence),
+                        Some(operator_message::Body::OutputWanted(wanted)) => tasks.resend_output(&wanted.task_id),
                         Some(operator_message::Body::UsageAck(ack)) => {
                             tasks.usage().acknowledge(ack.through_sequence);
                             status.usage(tasks.usage());

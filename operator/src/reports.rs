@@ -34,6 +34,13 @@ impl TaskSink for TaskReports {
         })
     }
 
+    fn detached(&self, device: &str) -> BoxFuture<'_, ()> {
+        let input = Input::Detached(device.to_string());
+        Box::pin(async move {
+            let _ = self.controller.send(input).await;
+        })
+    }
+
     fn output(&self, device: &str, chunk: &LogChunk) -> Result<(), &'static str> {
         self.logs
             .append(device, chunk)

@@ -13,7 +13,7 @@ use kube::{Api, ResourceExt};
 
 use crate::devices::process_pool;
 use crate::fleet::{self, Agent, token};
-use crate::harness::{PoolFixture, TestNamespace, poll_until, wait_for};
+use crate::harness::{PoolFixture, TestNamespace, log_dir, poll_until, unique, wait_for};
 
 /// A pool of process-runtime agents and a namespace for its pods.
 pub struct Bench {
@@ -1261,11 +1261,25 @@ async fn a_finished_task_is_kept_on_its_device_until_its_outcome_is_stored() {
 }
 
 #[tokio::test]
-async fn logs_name_the_run_laststate_describes_and_say_when_output_is_gone() {
+async fn logs_name_the_run_laststate_describes_and_outlive_an_operator_restart() {
     let mut bench = Bench::start("podlogs", 1, process_pool()).await;
     bench
         .create(bench.pod("done", "echo finished here", "Never"))
         .await;
+    bench
+        .create(bench.pod(
+            "long",
+            "for i in $(seq 1 200); do echo line $i; done",
+            "Never",
+        ))
+        .await;
+    // Runs through the operator's restart: prints, then waits for the test's word.
+    let go_on = log_dir().join(unique("go-on"));
+    let across = format!(
+        "echo before; while [ ! -e {go_on} ]; do sleep 0.2; done; echo after",
+        go_on = go_on.display()
+    );
+    bench.create(bench.pod("across", &across, "Never")).await;
     bench
         .create(bench.pod(
             "crashy",
@@ -1281,6 +1295,16 @@ async fn logs_name_the_run_laststate_describes_and_say_when_output_is_gone() {
         .phase_is("done", "Succeeded", Duration::from_secs(60))
         .await;
     assert_eq!(bench.kubectl(&["logs", "done"]), "finished here\n");
+    bench
+        .phase_is("long", "Succeeded", Duration::from_secs(60))
+        .await;
+    poll_until("across has printed", Duration::from_secs(60), || async {
+        match bench.kubectl(&["logs", "across"]).as_str() {
+            "before\n" => Ok(()),
+            other => Err(other.to_string()),
+        }
+    })
+    .await;
     // A failed container that asks for it keeps the end of its output on the pod, where it
     // outlives the operator's memory.
     let failed = bench
@@ -1313,33 +1337,62 @@ async fn logs_name_the_run_laststate_describes_and_say_when_output_is_gone() {
         .await
         .unwrap();
 
-    // The operator restarts: the finished pod's output went with it, and kubectl says so
-    // (before, it printed nothing and exited 0, as if there had been no output).
+    // The operator restarts. A finished pod kept its output on itself as it finished
+    // (before, `kubectl logs` printed nothing and exited 0, then said it was gone).
     bench.fx.operator.kill().await;
     bench.restart_operator().await;
     // (Until the new operator has listed its pods, it says it is starting, never that the
     // pod is not on a darkcore node.)
-    poll_until(
-        "kubectl logs says the output is gone",
-        Duration::from_secs(30),
-        || async {
+    let logs_of = |pod: &'static str| {
+        let ns = bench.ns.name.clone();
+        async move {
             let out = std::process::Command::new("kubectl")
-                .args(["-n", &bench.ns.name, "logs", "done"])
+                .args(["-n", &ns, "logs", pod])
                 .output()
                 .unwrap();
             let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
             assert!(!stderr.contains("not on a darkcore node"), "{stderr}");
-            match (
-                out.status.success(),
-                out.stdout.is_empty(),
-                stderr.contains("is gone"),
-            ) {
-                (false, true, true) => Ok(()),
-                _ => Err(format!("{:?} {stderr}", out.status)),
+            match out.status.success() {
+                true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+                false => Err(stderr),
+            }
+        }
+    };
+    poll_until(
+        "kubectl logs of a pod finished before the restart",
+        Duration::from_secs(30),
+        || async {
+            match logs_of("done").await {
+                Ok(out) if out == "finished here\n" => Ok(()),
+                other => Err(format!("{other:?}")),
             }
         },
     )
     .await;
+    // Output longer than the kept tail: kubectl says the rest is gone, and where the end is.
+    let long = logs_of("long").await.unwrap_err();
+    assert!(
+        long.contains("is gone but for its last lines") && long.contains("darkcore.io/Output"),
+        "{long}"
+    );
+    let kept = bench.kubectl(&[
+        "get",
+        "pod",
+        "long",
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"darkcore.io/Output\")].message}",
+    ]);
+    assert!(
+        kept.contains("line 200\\n") && !kept.contains("line 100\\n"),
+        "the last 80 lines are kept: {kept}"
+    );
+    // A pod that ran through the restart: its device sends all it kept of the run again, so
+    // the whole output reads back, once, with nothing doubled.
+    std::fs::write(&go_on, "").unwrap();
+    bench
+        .phase_is("across", "Succeeded", Duration::from_secs(60))
+        .await;
+    assert_eq!(logs_of("across").await.unwrap(), "before\nafter\n");
     let kept = main_status(&bench.pods().get("fallback").await.unwrap());
     let message = kept.state.unwrap().terminated.unwrap().message;
     assert_eq!(message.as_deref(), Some("first\nlast words\n"));

@@ -195,6 +195,7 @@ async fn flood(
             timestamp_unix_nanos: unix_ms() * 1_000_000,
             data: lines.clone(),
             run: 0,
+            offset: None,
         };
         tx.send(message(agent_message::Body::LogChunk(chunk)))
             .await?;

@@ -9,6 +9,7 @@ pub mod disk;
 pub mod lifecycle;
 pub mod mounts;
 pub mod oci;
+pub mod output;
 pub mod process;
 pub mod runtime;
 pub mod supervise;
@@ -17,7 +18,6 @@ pub mod workdir;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -25,8 +25,9 @@ use darkcore_proto::agent::v1::{
     LogChunk, Runtime as RuntimeKind, TaskAssign, TaskPhase, TaskStatus, UsageRecords,
     agent_message,
 };
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, watch};
 
+use crate::tasks::output::OutputBook;
 use crate::tasks::runtime::Runtime;
 use crate::tasks::supervise::{Stop, StopCause, Supervisor};
 use crate::usage::{Ledger, Run};
@@ -36,10 +37,6 @@ const FENCE_GRACE: Duration = Duration::from_secs(5);
 
 /// An evicted task's grace period: the kubelet's least, for a hard eviction threshold.
 const EVICTION_GRACE: Duration = Duration::from_secs(2);
-
-/// Log chunks held while the gateway is slow or away; newer ones are dropped beyond it
-/// (statuses are never dropped: the latest of each task is always kept).
-pub const LOG_QUEUE: usize = 1024;
 
 struct Entry {
     status: TaskStatus,
@@ -69,8 +66,8 @@ pub struct Board {
     entries: Mutex<HashMap<String, Entry>>,
     dirty: Mutex<BTreeSet<String>>,
     notify: Notify,
-    logs: mpsc::Sender<LogChunk>,
-    pub dropped_log_chunks: AtomicU64,
+    /// Tasks' output, kept until they are released (see `output`).
+    output: Mutex<OutputBook>,
     tasks_root: PathBuf,
     /// Where each run is charged when it ends.
     pub usage: Arc<Ledger>,
@@ -95,11 +92,17 @@ impl Board {
         self.notify.notify_one();
     }
 
-    /// A task wrote output. Dropped (and counted) when the queue is full.
+    /// A task wrote output: kept, and sent when the stream has room.
     pub fn log(&self, chunk: LogChunk) {
-        if self.logs.try_send(chunk).is_err() {
-            self.dropped_log_chunks.fetch_add(1, Ordering::Relaxed);
-        }
+        lock(&self.output).push(chunk);
+        self.notify.notify_one();
+    }
+
+    /// The operator wants the task's output again (it adopted the task after a restart, or
+    /// the device reattached): all that is kept goes again.
+    pub fn resend_output(&self, task_id: &str) {
+        lock(&self.output).resend(task_id);
+        self.notify.notify_one();
     }
 
     /// A run ended: charge it, and send the record.
@@ -176,6 +179,7 @@ impl Board {
 
     fn forget(&self, task_id: &str) {
         lock(&self.entries).remove(task_id);
+        lock(&self.output).forget(task_id);
         lock(&self.dirty).remove(task_id);
         workdir::remove(&self.tasks_root, task_id);
     }
@@ -197,7 +201,6 @@ impl Board {
 /// What the session sends next: task statuses and log chunks as they come.
 pub struct Reports {
     board: Arc<Board>,
-    logs: mpsc::Receiver<LogChunk>,
 }
 
 impl Reports {
@@ -205,7 +208,9 @@ impl Reports {
     /// reach the operator before the status that says it ended.
     pub async fn next(&mut self) -> agent_message::Body {
         loop {
-            if let Ok(chunk) = self.logs.try_recv() {
+            // Taken before the wait is armed: output kept meanwhile wakes it (notify_one
+            // keeps a permit).
+            if let Some(chunk) = lock(&self.board.output).next_unsent() {
                 return agent_message::Body::LogChunk(chunk);
             }
             if let Some(status) = self.board.take_dirty() {
@@ -215,11 +220,7 @@ impl Reports {
             if !records.is_empty() {
                 return agent_message::Body::UsageRecords(UsageRecords { records });
             }
-            tokio::select! {
-                biased;
-                Some(chunk) = self.logs.recv() => return agent_message::Body::LogChunk(chunk),
-                _ = self.board.notify.notified() => {}
-            }
+            self.board.notify.notified().await;
         }
     }
 }
@@ -238,13 +239,11 @@ impl TaskManager {
         runtimes: Vec<(RuntimeKind, Arc<dyn Runtime>)>,
         usage: Arc<Ledger>,
     ) -> (TaskManager, Reports) {
-        let (logs_tx, logs) = mpsc::channel(LOG_QUEUE);
         let board = Arc::new(Board {
             entries: Mutex::default(),
             dirty: Mutex::default(),
             notify: Notify::new(),
-            logs: logs_tx,
-            dropped_log_chunks: AtomicU64::new(0),
+            output: Mutex::default(),
             tasks_root,
             usage,
         });
@@ -253,7 +252,7 @@ impl TaskManager {
                 board: board.clone(),
                 runtimes,
             },
-            Reports { board, logs },
+            Reports { board },
         )
     }
 
@@ -425,6 +424,11 @@ impl TaskManager {
     /// The device's usage ledger.
     pub fn usage(&self) -> &Ledger {
         &self.board.usage
+    }
+
+    /// The operator wants a task's output again (see `output`).
+    pub fn resend_output(&self, task_id: &str) {
+        self.board.resend_output(task_id);
     }
 
     /// The latest status of every task held, for Hello. Whatever was waiting to be sent is

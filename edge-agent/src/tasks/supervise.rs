@@ -519,6 +519,7 @@ async fn pump(
             timestamp_unix_nanos: unix_nanos(),
             data,
             run,
+            offset: None, // given by the board
         })
     };
     let mut reader = BufReader::with_capacity(LOG_CHUNK_BYTES, output);

@@ -384,6 +384,14 @@ impl Registry {
         }
     }
 
+    /// Since when the device has been silent: last heard, when its stream is down (it may
+    /// still come back within its pool's threshold) or it is lost; `None` while attached.
+    pub fn silent_since(&self, id: &str) -> Option<Instant> {
+        let state = self.lock();
+        let entry = state.devices.get(id)?;
+        (entry.connection.is_none() || !entry.device.online).then_some(entry.last_seen)
+    }
+
     /// What a device offers now, if it is known.
     pub fn offer(&self, id: &str) -> Option<Offer> {
         self.lock().devices.get(id).map(|e| e.device.offer.clone())
@@ -659,6 +667,13 @@ mod tests {
         // The old stream ending later does not disconnect the new one.
         registry.detach("a", first);
         assert_eq!(registry.connections(), 1);
+        assert_eq!(registry.silent_since("a"), None, "still attached");
+        registry.detach("a", second);
+        assert!(
+            registry.silent_since("a").is_some(),
+            "silent once its stream is down, while still online"
+        );
+        assert_eq!(registry.presence("a"), Presence::Online);
         assert_eq!(
             registry.take_changes("lab").len(),
             1,

@@ -105,6 +105,8 @@ pub trait TaskSink: Send + Sync + 'static {
     fn hello(&self, device: &str, tasks: Vec<TaskStatus>) -> BoxFuture<'_, ()>;
     /// A task's status changed. Waiting here is backpressure on a fast reporter.
     fn status(&self, device: &str, status: TaskStatus) -> BoxFuture<'_, ()>;
+    /// The device's stream ended (it may come back within its pool's threshold).
+    fn detached(&self, device: &str) -> BoxFuture<'_, ()>;
     /// A chunk of a task's output; a refusal names why, for the rejected-frames metric.
     fn output(&self, device: &str, chunk: &LogChunk) -> Result<(), &'static str>;
     /// Finished runs to charge; their acknowledgement goes back through `ack`.
@@ -301,6 +303,7 @@ impl AgentStream {
         };
         self.registry.detach(&device_id, generation);
         tracing::info!(device = %device_id, "agent stream ended");
+        self.tasks.detached(&device_id).await;
         ending
     }
 

@@ -18,6 +18,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::kubelet::KubeletState;
 use crate::kubelet::auth::{Denied, User};
+use crate::kubelet::kept_output::{self, CONDITION};
 use crate::kubelet::log_store::Line;
 
 /// The earliest line time (Unix nanoseconds) a logs request asks for: `sinceTime`, else
@@ -173,17 +174,29 @@ async fn container_logs(
         Ok(previous) => previous,
         Err(why) => return text(StatusCode::BAD_REQUEST, why.message(&container, &pod_name)),
     };
-    let Some(first) = state.logs.read(&uid, &container, previous, 0) else {
+    let Some(mut first) = state.logs.read(&uid, &container, previous, 0) else {
         let missing = Missing::Previous.message(&container, &pod_name);
         return text(StatusCode::BAD_REQUEST, missing);
     };
-    // A run that ended before this operator saw it start: its output is gone, and printing
-    // what is left (or nothing) would pass for all of it.
+    // A run that ended before this operator saw it start: its output is gone unless the pod
+    // kept all of it as it finished, and printing what is left (or nothing) would pass for
+    // all of it.
     if !first.whole && (first.ended || previous || shown.terminated) {
-        return text(
-            StatusCode::BAD_REQUEST,
-            Missing::Gone.message(&container, &pod_name),
-        );
+        match kept_output::kept(&pod, &container).filter(|_| !previous && shown.terminated) {
+            Some(kept) if kept.whole => {
+                first.lines = kept.to_lines();
+                first.ended = true;
+            }
+            kept => {
+                let missing = Missing::Gone {
+                    tail_kept: kept.is_some_and(|k| !k.lines.is_empty()),
+                };
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    missing.message(&container, &pod_name),
+                );
+            }
+        }
     }
     let now = Timestamp::now().as_nanosecond() as i64;
     let since = since_nanos(options.since_time.as_deref(), options.since_seconds, now);
@@ -275,8 +288,9 @@ pub enum Missing {
     Waiting(String),
     /// `--previous`, and no run before this one has ended.
     Previous,
-    /// It ran before this operator started, and its output went with the operator before.
-    Gone,
+    /// It ran before this operator started, and its output went with the operator before;
+    /// `tail_kept`: its last lines are on the pod.
+    Gone { tail_kept: bool },
 }
 
 impl Missing {
@@ -288,8 +302,11 @@ impl Missing {
             Missing::Previous => format!(
                 "previous terminated container \"{container}\" in pod \"{pod}\" not found\n"
             ),
-            Missing::Gone => format!(
+            Missing::Gone { tail_kept: false } => format!(
                 "the output of container \"{container}\" in pod \"{pod}\" is gone: that run began before the darkcore operator last restarted, and the operator keeps output only in memory (a failed container with terminationMessagePolicy: FallbackToLogsOnError keeps its last lines in its termination message)\n"
+            ),
+            Missing::Gone { tail_kept: true } => format!(
+                "the output of container \"{container}\" in pod \"{pod}\" is gone but for its last lines: that run began before the darkcore operator last restarted, and the operator keeps output only in memory; the end it kept is in the pod's {CONDITION} condition (kubectl get pod {pod} -o jsonpath='{{.status.conditions[?(@.type==\"{CONDITION}\")].message}}')\n"
             ),
         }
     }
@@ -467,7 +484,16 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(which_run(false, &done), Ok(false));
-        assert!(Missing::Gone.message("main", "pi-0").contains("is gone"));
+        assert!(
+            Missing::Gone { tail_kept: false }
+                .message("main", "pi-0")
+                .contains("is gone")
+        );
+        assert!(
+            Missing::Gone { tail_kept: true }
+                .message("main", "pi-0")
+                .contains("darkcore.io/Output")
+        );
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //! instead of printing part of it, or nothing, as if that were all.
 
 use crate::domain::TaskId;
-use std::collections::{HashMap, VecDeque};
+use crate::kubelet::kept_output::Kept;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use darkcore_proto::agent::v1::LogChunk;
@@ -43,6 +44,9 @@ pub struct Run {
     /// Lines ever appended, so followers can tell how far they have read.
     pub appended: u64,
     pub ended: bool,
+    /// The offset in the run's output up to which it is held without a gap, from agents that
+    /// number their output (they send it again on reconnecting, from the oldest they keep).
+    received: Option<u64>,
 }
 
 #[derive(Default)]
@@ -160,7 +164,10 @@ impl LogStore {
         let Some(run) = logs.runs.iter_mut().find(|r| r.id == id) else {
             return Ok(()); // a run older than the two kept
         };
-        for piece in chunk.data.split_inclusive(|b| *b == b'\n') {
+        let Some(data) = fresh_part(run, chunk) else {
+            return Ok(()); // held already
+        };
+        for piece in data.split_inclusive(|b| *b == b'\n') {
             run.bytes += piece.len() + LINE_OVERHEAD;
             run.appended += 1;
             run.lines.push_back(Line {
@@ -252,6 +259,22 @@ pub const TAIL_LINES: usize = 80;
 pub const TAIL_BYTES: usize = 2048;
 
 impl LogStore {
+    /// What a finished pod keeps of its `containers`' current runs (see [`Kept`]): whole only
+    /// when this operator holds a run's output from its start and dropped none of it.
+    pub fn keep<'a>(
+        &self,
+        uid: &str,
+        containers: impl Iterator<Item = &'a str>,
+    ) -> BTreeMap<String, Kept> {
+        containers
+            .filter_map(|container| {
+                let read = self.read(uid, container, false, 0)?;
+                let whole_run = read.whole && read.next == read.lines.len() as u64;
+                Some((container.to_string(), Kept::of(&read.lines, whole_run)))
+            })
+            .collect()
+    }
+
     /// The end of the container's current run, as the kubelet keeps it for a termination
     /// message: the last [`TAIL_LINES`] lines, cut to the last [`TAIL_BYTES`] bytes.
     pub fn tail(&self, uid: &str, container: &str) -> Option<String> {
@@ -272,6 +295,28 @@ impl LogStore {
         }
         (!bytes.is_empty()).then(|| String::from_utf8_lossy(&bytes).into_owned())
     }
+}
+
+/// The part of a chunk the run does not hold yet, going by its offset: all of it from agents
+/// that do not number their output. A run first heard of from offset 0 is held from its start
+/// (whole, even one adopted after a restart); a gap makes it partial.
+fn fresh_part<'a>(run: &mut Run, chunk: &'a LogChunk) -> Option<&'a [u8]> {
+    let Some(offset) = chunk.offset else {
+        return Some(&chunk.data);
+    };
+    let end = offset.saturating_add(chunk.data.len() as u64);
+    match run.received {
+        None if offset == 0 && run.appended == 0 => run.whole = true,
+        None => run.whole = false,
+        Some(received) if end <= received => return None,
+        Some(received) if offset > received => run.whole = false,
+        Some(_) => {}
+    }
+    let skip = run
+        .received
+        .map_or(0, |received| received.saturating_sub(offset)) as usize;
+    run.received = Some(end);
+    Some(&chunk.data[skip.min(chunk.data.len())..])
 }
 
 /// Makes run `id` the container's current one if it is newer than every run kept (the one
@@ -401,6 +446,59 @@ mod tests {
         // Dispatched here: whole even before any output.
         store.assign("other.1", "dev", false);
         assert!(store.read("other", "main", false, 0).unwrap().whole);
+    }
+
+    fn at(task: &str, run: u32, offset: u64, data: &str) -> LogChunk {
+        LogChunk {
+            offset: Some(offset),
+            ..chunk(task, run, data)
+        }
+    }
+
+    #[test]
+    fn an_adopted_run_its_agent_sends_again_from_offset_0_is_whole_and_nothing_is_doubled() {
+        let store = LogStore::default();
+        store.assign("uid.2", "dev", true);
+        // New output first (written while the agent was away), then all it kept, again.
+        store.append("dev", &at("uid.2", 0, 6, "three\n")).unwrap();
+        assert!(!store.read("uid", "main", false, 0).unwrap().whole);
+        let restarted = LogStore::default();
+        restarted.assign("uid.2", "dev", true);
+        for (offset, line) in [(0, "one\n"), (4, "two\n"), (0, "one\n"), (4, "two\n")] {
+            restarted
+                .append("dev", &at("uid.2", 0, offset, line))
+                .unwrap();
+        }
+        restarted
+            .append("dev", &at("uid.2", 0, 8, "three\n"))
+            .unwrap();
+        let read = restarted.read("uid", "main", false, 0).unwrap();
+        assert!(read.whole);
+        assert_eq!(text(&read), "one\ntwo\nthree\n");
+    }
+
+    #[test]
+    fn a_gap_in_the_offsets_makes_a_run_partial() {
+        let store = held(&["uid.1"]);
+        store.append("dev", &at("uid.1", 0, 0, "a\n")).unwrap();
+        store
+            .append("dev", &at("uid.1", 0, 10, "lost some\n"))
+            .unwrap();
+        assert!(!store.read("uid", "main", false, 0).unwrap().whole);
+        // The agent's oldest output went before it was sent: partial from the start.
+        let late = held(&["late.1"]);
+        late.append("dev", &at("late.1", 0, 500, "end\n")).unwrap();
+        assert!(!late.read("late", "main", false, 0).unwrap().whole);
+    }
+
+    #[test]
+    fn a_chunk_partly_held_adds_only_its_new_part() {
+        let store = held(&["uid.1"]);
+        store.append("dev", &at("uid.1", 0, 0, "ab")).unwrap();
+        store.append("dev", &at("uid.1", 0, 0, "abc\n")).unwrap();
+        let read = store.read("uid", "main", false, 0).unwrap();
+        assert_eq!(text(&read), "abc\n");
+        assert!(read.whole);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod kept_output;
 pub mod log_store;
 
 use std::collections::HashMap;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use darkcore_crds::{DevicePool, NetworkMode, Runtime};
 use darkcore_proto::agent::v1::{
-    TaskAssign, TaskCancel, TaskStatus, operator_message, task_assign::RestartPolicy,
+    OutputWanted, TaskAssign, TaskCancel, TaskStatus, operator_message, task_assign::RestartPolicy,
 };
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 
 use crate::devices::registry::Registry;
 use crate::kubelet::PodIndex;
+use crate::kubelet::kept_output;
 use crate::kubelet::log_store::LogStore;
 use crate::pods::admission;
 use crate::pods::demand::{demand_of, demand_of_task};
@@ -30,6 +31,7 @@ use crate::pods::lifecycle::{
     self, Attempt, Choice, Effect, Event, Facts, LossReason, Ready, Run, Stage, TaskId,
 };
 use crate::pods::load::{Load, Share};
+use crate::pods::orphans::Orphans;
 use crate::pods::outbox::Outbox;
 use crate::pods::placement::{self, Candidate, Need};
 use crate::pods::resolve::{self, Lookups, Placement, Resolved};
@@ -39,10 +41,6 @@ use crate::pool::POOL_LABEL;
 use crate::usage::attempts::{AttemptBook, Held, lock};
 use crate::usage::recorder::Charged;
 use crate::warmup::Warmup;
-
-/// Reports for pods not (yet) known held at once: more than a whole fleet's Hellos after a
-/// restart ever name, so only a device inventing tasks reaches it.
-pub const ORPHANS: usize = 100_000;
 
 /// How soon messages that did not fit an agent's queue are tried again.
 pub const OUTBOX_RETRY: Duration = Duration::from_millis(20);
@@ -54,6 +52,8 @@ pub enum Input {
     NodeListed(String, Vec<Pod>),
     /// A device said Hello with the tasks it holds.
     Hello(String, Vec<TaskStatus>),
+    /// A device's stream ended: its pods show it silent.
+    Detached(String),
     Report(String, TaskStatus),
     Resolved(
         String,
@@ -108,7 +108,7 @@ pub struct Controller {
     /// Messages to agents whose queues were full.
     outbox: Outbox,
     /// Tasks agents reported for pods not (yet) seen, until the pods are listed.
-    orphans: Vec<(String, TaskStatus)>,
+    orphans: Orphans,
 }
 
 fn uid_of(pod: &Pod) -> String {
@@ -153,7 +153,7 @@ impl Controller {
                 pods: HashMap::new(),
                 load: Load::default(),
                 outbox: Outbox::default(),
-                orphans: Vec::new(),
+                orphans: Orphans::default(),
             },
             receiver,
         )
@@ -231,6 +231,17 @@ impl Controller {
                 self.shared.index.mark_listed();
             }
             Input::Hello(device, tasks) => self.hello(&device, tasks),
+            Input::Detached(device) => {
+                let on_device: Vec<String> = self
+                    .pods
+                    .iter()
+                    .filter(|(_, e)| e.run.attempt().is_some_and(|a| a.device == device))
+                    .map(|(uid, _)| uid.clone())
+                    .collect();
+                for uid in on_device {
+                    self.render(&uid);
+                }
+            }
             Input::Report(device, report) => self.report(&device, report),
             Input::Resolved(uid, outcome) => {
                 let (result, warnings) = *outcome;
@@ -281,6 +292,7 @@ impl Controller {
                             memory: 0,
                             report: None,
                             cancelled: false,
+                            silent_since_ms: status::silent_since_ms(&pod),
                         },
                         ready: None,
                     }
@@ -309,6 +321,7 @@ impl Controller {
             entry.pod = pod;
         }
         self.advance(&uid, Event::Look);
+        self.replay_orphans_of(&uid);
     }
 
     fn book(&self) -> std::sync::MutexGuard<'_, AttemptBook> {
@@ -389,7 +402,9 @@ impl Controller {
             self.advance(&uid, Event::Lost(LossReason::DeviceLost, message));
         }
         for task in tasks {
+            let task_id = task.task_id.clone();
             self.report(device, task);
+            self.want_output_if_held(device, &task_id);
         }
         // Its tasks are known now: one fewer device the warm-up waits for.
         self.shared.warmup.heard(device);
@@ -410,12 +425,10 @@ impl Controller {
         };
         let Some(entry) = self.pods.get(&task.uid) else {
             // Until warm, a report may name a pod not listed yet; once warm, its pod is gone.
-            // Held at most ORPHANS at once: beyond, a device's reports are refused, counted.
-            if self.orphans.len() >= ORPHANS {
+            // Held within bounds: beyond, a device's reports are refused, counted.
+            if !self.orphans.hold(&task.uid, device, report) {
                 self.shared.metrics.frame_rejected("report_unknown_pod");
-                return;
             }
-            self.orphans.push((device.to_string(), report));
             return;
         };
         let current = entry
@@ -446,6 +459,7 @@ impl Controller {
                     memory: 0,
                     report: Some(report),
                     cancelled: false,
+                    silent_since_ms: None,
                 };
                 self.advance(&uid, Event::Adopt(attempt));
             }
@@ -463,18 +477,51 @@ impl Controller {
         }
     }
 
-    /// Orphan reports whose pods are still unknown once warm: their pods are gone.
-    fn settle_orphans(&mut self) {
+    /// Reports held for a pod that was not listed yet, now that it is: in the order they came,
+    /// before any newer report of its task.
+    fn replay_orphans_of(&mut self, uid: &str) {
         if self.orphans.is_empty() {
             return;
         }
-        let orphans = std::mem::take(&mut self.orphans);
-        for (device, report) in orphans {
-            let known = TaskId::parse(&report.task_id)
-                .is_some_and(|task| self.pods.contains_key(&task.uid));
-            if known {
-                self.report(&device, report);
-            } else if self.shared.warmup.is_over() {
+        for (device, report) in self.orphans.take(uid) {
+            let task_id = report.task_id.clone();
+            self.report(&device, report);
+            self.want_output_if_held(&device, &task_id);
+        }
+    }
+
+    /// Asks `device` for all the output it keeps of the task, if the task is that device's
+    /// current attempt: what went with a restart of this operator, or was in flight when the
+    /// device's connection broke. (Asked only once the attempt is recorded, so none of it is
+    /// refused; the log store skips by offset what it has.)
+    fn want_output_if_held(&mut self, device: &str, task_id: &str) {
+        let Some(task) = TaskId::parse(task_id) else {
+            return;
+        };
+        let held = self.pods.get(&task.uid).is_some_and(|entry| {
+            entry
+                .run
+                .attempt()
+                .is_some_and(|a| a.task == task && a.device == device)
+        });
+        if held {
+            self.outbox.send(
+                &self.shared.registry,
+                device,
+                operator_message::Body::OutputWanted(OutputWanted {
+                    task_id: task_id.to_string(),
+                }),
+            );
+        }
+    }
+
+    /// Orphan reports whose pods are still unknown once warm: their pods are gone.
+    fn settle_orphans(&mut self) {
+        if self.orphans.is_empty() || !self.shared.warmup.is_over() {
+            return;
+        }
+        for uid in self.orphans.pods() {
+            for (device, report) in self.orphans.take(&uid) {
                 cancel(
                     &mut self.outbox,
                     &self.shared.registry,
@@ -483,8 +530,6 @@ impl Controller {
                     0,
                     "its pod no longer exists",
                 );
-            } else {
-                self.orphans.push((device, report));
             }
         }
     }
@@ -682,8 +727,26 @@ impl Controller {
             return;
         }
         let attempt = run.attempt();
+        // An attempt the status already records that its device has not reported yet (found
+        // after a restart): nothing new to show, and what it shows stays as evidence.
+        let unreported = attempt.is_some_and(|a| {
+            a.report.is_none()
+                && status::recorded_attempt(&entry.pod)
+                    .is_some_and(|(task, device)| task == a.task.to_string() && device == a.device)
+        });
+        if unreported {
+            return;
+        }
+        let silent_since_ms = attempt
+            .and_then(|a| shared.registry.silent_since(&a.device))
+            .map(|heard| {
+                let ago = i64::try_from(heard.elapsed().as_millis()).unwrap_or(i64::MAX);
+                crate::domain::unix_ms().saturating_sub(ago)
+            });
         let view = RunView {
             attempt: attempt.map(|a| (a.task.number, a.device.clone(), a.task.to_string())),
+            placed_at_ms: attempt
+                .and_then(|a| lock(&shared.attempts).since_ms(&a.task.to_string())),
             report: attempt.and_then(|a| a.report.clone()),
             last_loss: run.last_loss.clone(),
             unplaced: match &run.stage {
@@ -703,6 +766,8 @@ impl Controller {
                 Stage::Failed { reason, message } => Some((reason.clone(), message.clone())),
                 _ => None,
             },
+            kept_output: None,
+            silent_since_ms,
             pod_ip: attempt.and_then(|a| shared.registry.address(&a.device)),
             host_ip: Some(shared.host_ip.clone()),
             log_tails: log_tails(
@@ -713,7 +778,10 @@ impl Controller {
         };
         let desired = status::render(
             &entry.pod,
-            &view,
+            &RunView {
+                kept_output: kept_output(&entry.pod, &view, &shared.logs),
+                ..view
+            },
             &Time(k8s_openapi::jiff::Timestamp::now()),
         );
         if !status::differs(&entry.pod, &desired) {
@@ -742,6 +810,23 @@ fn fence_wait(pool: Option<&DevicePool>) -> Duration {
     use darkcore_crds::device_pool::{DEFAULT_FENCE_SECONDS, FENCE_MARGIN_SECONDS};
     let fence = pool.map_or(DEFAULT_FENCE_SECONDS, |p| p.spec.fence_seconds);
     Duration::from_secs(u64::from(fence) + u64::from(FENCE_MARGIN_SECONDS))
+}
+
+/// The output a pod about to show its final phase keeps on itself (see `kept_output`), for
+/// `kubectl logs` after a restart; once kept, it stays as it is.
+fn kept_output(pod: &Pod, view: &RunView, logs: &LogStore) -> Option<String> {
+    let finishing = matches!(status::phase_word(view), "Succeeded" | "Failed");
+    if !finishing || view.attempt.is_none() || kept_output::present(pod) {
+        return None;
+    }
+    let names = pod.spec.iter().flat_map(|s| {
+        s.init_containers
+            .iter()
+            .flatten()
+            .chain(&s.containers)
+            .map(|c| c.name.as_str())
+    });
+    Some(kept_output::encode(&logs.keep(&uid_of(pod), names)))
 }
 
 /// The ends of output that failed containers asking for them get as termination messages.

@@ -48,6 +48,9 @@ pub struct Attempt {
     pub report: Option<TaskStatus>,
     /// The device was told to stop it (deletion or release).
     pub cancelled: bool,
+    /// Since when its device was silent, as its pod's status showed before this operator
+    /// started (for one adopted then): lost, it is charged until then.
+    pub silent_since_ms: Option<i64>,
 }
 
 impl Attempt {
@@ -391,7 +394,9 @@ fn lose(
     let heard_ms = match (facts.presence)(&attempt.device) {
         Presence::Online => facts.unix_ms,
         Presence::Away { last_heard } => since(last_heard),
-        Presence::Unknown => since(facts.started),
+        Presence::Unknown => attempt
+            .silent_since_ms
+            .unwrap_or_else(|| since(facts.started)),
     };
     effects.push(Effect::Redispatched {
         reason,
@@ -505,6 +510,7 @@ fn settle(mut run: Run, facts: &Facts<'_>, effects: &mut Vec<Effect>) -> Run {
                         memory: choice.memory,
                         report: None,
                         cancelled: false,
+                        silent_since_ms: None,
                     };
                     run.next_number = attempt.task.number + 1;
                     effects.push(Effect::Assign);
@@ -885,6 +891,7 @@ mod tests {
                     memory: 0,
                     report: None,
                     cancelled: false,
+                    silent_since_ms: None,
                 },
                 ready: Some(ready()),
             };
@@ -968,6 +975,38 @@ mod tests {
     }
 
     #[test]
+    fn an_adopted_attempt_whose_pod_showed_its_device_silent_is_charged_until_then() {
+        let mut world = World::new();
+        world.presence = Presence::Unknown;
+        let silent_since = UNIX_MS - 60_000;
+        let adopted = Run {
+            stage: Stage::Dispatched {
+                attempt: Attempt {
+                    task: TaskId {
+                        uid: "pod-uid".into(),
+                        number: 1,
+                    },
+                    device: "dev-a".into(),
+                    millicores: 0,
+                    memory: 0,
+                    report: None,
+                    cancelled: false,
+                    silent_since_ms: Some(silent_since),
+                },
+                ready: None,
+            },
+            next_number: 2,
+            last_loss: None,
+        };
+        world.now = world.started + FENCE_WAIT;
+        let (_, effects) = world.step(adopted, Event::Look);
+        assert!(
+            matches!(&effects[1], Effect::Redispatched { heard_ms, .. } if *heard_ms == silent_since),
+            "{effects:?}"
+        );
+    }
+
+    #[test]
     fn after_a_restart_an_adopted_attempt_waits_for_its_device_through_the_warm_up() {
         let mut world = World::new();
         world.warm = false;
@@ -984,6 +1023,7 @@ mod tests {
                     memory: 0,
                     report: None,
                     cancelled: false,
+                    silent_since_ms: None,
                 },
                 ready: None,
             },
@@ -1029,6 +1069,7 @@ mod tests {
             memory: 0,
             report: None,
             cancelled: false,
+            silent_since_ms: None,
         };
         let (run, effects) = world.step(resolving, Event::Adopt(found.clone()));
         assert!(effects.is_empty());

@@ -12,6 +12,7 @@ pub mod controller;
 pub mod demand;
 pub mod lifecycle;
 pub mod load;
+pub mod orphans;
 pub mod outbox;
 pub mod placement;
 pub mod pull_secrets;

@@ -15,10 +15,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::conditions::{status_word, transition_time};
+use crate::kubelet::kept_output;
 
 /// The condition that says whether darkcore has placed the pod on a device, and why not.
 pub const PLACED_CONDITION: &str = "darkcore.io/Placed";
 const CONTAINER_ID_SCHEME: &str = "darkcore://";
+/// The Ready condition's reason while the pod's device is silent.
+pub const DEVICE_SILENT: &str = "DeviceSilent";
 
 /// Why an attempt ended without the pod's own doing.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,6 +37,10 @@ pub struct Loss {
 pub struct RunView {
     /// The attempt on a device: its number (1 for the first), device and task id.
     pub attempt: Option<(u32, String, String)>,
+    /// When that attempt was sent (Unix ms): the Placed condition's transition time, so that a
+    /// restarted operator knows it (a re-placement is a transition even when no status write
+    /// showed the pod unplaced between).
+    pub placed_at_ms: Option<i64>,
     /// The agent's latest report of that attempt.
     pub report: Option<TaskStatus>,
     /// How the previous attempt was lost, while this one has no restart of its own.
@@ -49,6 +56,11 @@ pub struct RunView {
     /// The end of each container's output, for a container that failed without a message of
     /// its own and asks for it (`terminationMessagePolicy: FallbackToLogsOnError`).
     pub log_tails: std::collections::BTreeMap<String, String>,
+    /// The finished pod's output to keep on it (see `kept_output`); once kept, it stays.
+    pub kept_output: Option<String>,
+    /// The attempt's device has been silent since then (Unix ms): the pod is not Ready, and
+    /// its Ready condition's transition time records when, for a restarted operator.
+    pub silent_since_ms: Option<i64>,
 }
 
 /// Whether a container that ended as `reported` gets the end of its output as its termination
@@ -76,9 +88,10 @@ pub fn recorded_attempt(pod: &Pod) -> Option<(String, String)> {
     })
 }
 
-/// Since when the pod has been placed, as darkcore recorded it: when its Placed condition last
-/// turned True, in Unix milliseconds. Written by the operator itself, so a restarted operator
-/// may trust it as no later than its current attempt's dispatch.
+/// Since when the pod has been placed on its current attempt, as darkcore recorded it: its
+/// Placed condition's transition time, in Unix milliseconds. Written by the operator itself
+/// with the attempt in the same status, so a restarted operator may trust it as that attempt's
+/// dispatch.
 pub fn placed_since_ms(pod: &Pod) -> Option<i64> {
     let conditions = pod.status.as_ref()?.conditions.as_ref()?;
     let placed = conditions
@@ -87,9 +100,26 @@ pub fn placed_since_ms(pod: &Pod) -> Option<i64> {
     Some(placed.last_transition_time.as_ref()?.0.as_millisecond())
 }
 
+/// Since when the pod's device has been silent, as darkcore recorded it (its Ready condition
+/// turned False for it then), in Unix ms, rounded down.
+pub fn silent_since_ms(pod: &Pod) -> Option<i64> {
+    silent_since(pod.status.as_ref())
+}
+
+fn silent_since(status: Option<&PodStatus>) -> Option<i64> {
+    let ready = status?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.reason.as_deref() == Some(DEVICE_SILENT))?;
+    Some(ready.last_transition_time.as_ref()?.0.as_millisecond())
+}
+
+/// A Unix-ms time as the API server stores it: whole seconds (so what is written compares
+/// equal to what is read back).
 pub fn time_ms(ms: i64) -> Option<Time> {
     (ms > 0)
-        .then(|| Timestamp::from_millisecond(ms).ok().map(Time))
+        .then(|| Timestamp::from_second(ms.div_euclid(1000)).ok().map(Time))
         .flatten()
 }
 
@@ -221,7 +251,7 @@ fn containers(
         .collect()
 }
 
-fn phase_word(view: &RunView) -> &'static str {
+pub fn phase_word(view: &RunView) -> &'static str {
     if view.failed.is_some() {
         return "Failed";
     }
@@ -278,12 +308,19 @@ pub fn render(pod: &Pod, view: &RunView, now: &Time) -> PodStatus {
             ..Default::default()
         };
     let placed = match (&view.attempt, &view.unplaced) {
-        (Some((number, device, _)), _) => condition(
-            PLACED_CONDITION,
-            true,
-            Some("Placed".into()),
-            Some(format!("attempt {number} on device {device}")),
-        ),
+        (Some((number, device, _)), _) => PodCondition {
+            // Rounded up: a restarted operator charges a lost attempt from here.
+            last_transition_time: view
+                .placed_at_ms
+                .and_then(|ms| time_ms(ms + 999))
+                .or_else(|| Some(transition_time(previous(PLACED_CONDITION), "True", now))),
+            ..condition(
+                PLACED_CONDITION,
+                true,
+                Some("Placed".into()),
+                Some(format!("attempt {number} on device {device}")),
+            )
+        },
         (None, Some((reason, message))) => condition(
             PLACED_CONDITION,
             false,
@@ -293,10 +330,28 @@ pub fn render(pod: &Pod, view: &RunView, now: &Time) -> PodStatus {
         (None, None) => condition(PLACED_CONDITION, false, Some("Placing".into()), None),
     };
     let not_ready_reason = (!ready).then(|| "ContainersNotReady".to_string());
+    let pod_ready = match (view.silent_since_ms, &view.attempt) {
+        (Some(since), Some((_, device, _))) if ready => PodCondition {
+            // Kept while it holds, so the time does not wander with each render.
+            last_transition_time: match previous("Ready") {
+                Some(("False", Some(at))) if silent_since(current).is_some() => Some(at.clone()),
+                _ => time_ms(since),
+            },
+            ..condition(
+                "Ready",
+                false,
+                Some(DEVICE_SILENT.into()),
+                Some(format!(
+                    "device {device} has not been heard from since then"
+                )),
+            )
+        },
+        _ => condition("Ready", ready, not_ready_reason.clone(), None),
+    };
     let mut conditions = vec![
         condition("Initialized", initialized, None, None),
-        condition("ContainersReady", ready, not_ready_reason.clone(), None),
-        condition("Ready", ready, not_ready_reason, None),
+        condition("ContainersReady", ready, not_ready_reason, None),
+        pod_ready,
         placed,
     ];
     if let Some(scheduled) = current
@@ -304,6 +359,22 @@ pub fn render(pod: &Pod, view: &RunView, now: &Time) -> PodStatus {
         .and_then(|cs| cs.iter().find(|c| c.type_ == "PodScheduled"))
     {
         conditions.insert(0, scheduled.clone());
+    }
+    let kept = current
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == kept_output::CONDITION));
+    match (kept, &view.kept_output) {
+        (Some(kept), _) => conditions.push(kept.clone()),
+        (None, Some(output)) => conditions.push(PodCondition {
+            message: Some(output.clone()),
+            ..condition(
+                kept_output::CONDITION,
+                true,
+                Some("OutputKept".into()),
+                None,
+            )
+        }),
+        (None, None) => {}
     }
     let (reason, message) = match (&view.failed, report) {
         (Some((reason, message)), _) => (Some(reason.clone()), Some(message.clone())),
@@ -409,6 +480,85 @@ mod tests {
         let mut waiting = pod();
         waiting.status = Some(render(&waiting, &unplaced, &now()));
         assert_eq!(placed_since_ms(&waiting), None);
+    }
+
+    #[test]
+    fn a_new_attempt_moves_the_placed_time_to_its_own_dispatch_rounded_up() {
+        let first = RunView {
+            attempt: Some((1, "dev-a".into(), "uid.1".into())),
+            placed_at_ms: Some(1_000_000),
+            ..Default::default()
+        };
+        let mut placed = pod();
+        placed.status = Some(render(&placed, &first, &now()));
+        assert_eq!(placed_since_ms(&placed), Some(1_000_000));
+        // Lost, and sent again to another device before any status showed it unplaced.
+        let second = RunView {
+            attempt: Some((2, "dev-b".into(), "uid.2".into())),
+            placed_at_ms: Some(1_234_567),
+            ..Default::default()
+        };
+        placed.status = Some(render(&placed, &second, &now()));
+        assert_eq!(placed_since_ms(&placed), Some(1_235_000));
+        // Rendered again unchanged, it is not a change to write.
+        assert!(!differs(&placed, &render(&placed, &second, &now())));
+    }
+
+    #[test]
+    fn output_kept_on_a_finished_pod_stays_through_later_renders() {
+        let done = RunView {
+            attempt: Some((1, "dev-a".into(), "uid.1".into())),
+            report: Some(report(TaskPhase::Succeeded, State::Terminated, 0)),
+            kept_output: Some("{\"main\":{\"whole\":true,\"lines\":[]}}".into()),
+            ..Default::default()
+        };
+        let mut finished = pod();
+        finished.status = Some(render(&finished, &done, &now()));
+        assert!(kept_output::present(&finished));
+        let again = RunView {
+            kept_output: None,
+            ..done
+        };
+        assert!(!differs(&finished, &render(&finished, &again, &now())));
+    }
+
+    #[test]
+    fn a_running_pod_whose_device_is_silent_is_not_ready_since_then() {
+        let running = RunView {
+            attempt: Some((1, "dev-a".into(), "uid.1".into())),
+            report: Some(report(TaskPhase::Running, State::Running, 0)),
+            ..Default::default()
+        };
+        let mut pod = pod();
+        pod.status = Some(render(&pod, &running, &now()));
+        assert_eq!(silent_since_ms(&pod), None);
+        let silent = RunView {
+            silent_since_ms: Some(1_500_400),
+            ..running.clone()
+        };
+        pod.status = Some(render(&pod, &silent, &now()));
+        let ready = pod.status.as_ref().unwrap().conditions.as_ref().unwrap();
+        let ready = ready.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_deref()),
+            ("False", Some(DEVICE_SILENT))
+        );
+        assert_eq!(silent_since_ms(&pod), Some(1_500_000));
+        // Rendered again a moment later (the estimate moves by a few ms): no write.
+        let later = RunView {
+            silent_since_ms: Some(1_501_200),
+            ..running.clone()
+        };
+        assert!(!differs(&pod, &render(&pod, &later, &now())));
+        // Heard again: Ready again.
+        pod.status = Some(render(&pod, &running, &now()));
+        assert_eq!(silent_since_ms(&pod), None);
+    }
+
+    #[test]
+    fn times_are_whole_seconds_as_the_api_server_stores_them() {
+        assert_eq!(time_ms(1_999), time_ms(1_000));
+        assert_eq!(time_ms(0), None);
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub const DAY_LABEL: &str = "darkcore.io/day";
 const INBOX: usize = 1024;
 /// Conflicting writes (another writer changed the object) retried before the next flush.
 const CONFLICT_RETRIES: usize = 5;
+/// Records of one device held unchecked at once (while a restarted operator learns its
+/// attempts): far more than a device finishes in a warm-up. Beyond it a batch is not taken,
+/// and so not acknowledged: its device sends it again on its next connection.
+pub const WAITING_PER_DEVICE: usize = 4_096;
 
 /// A charge for the recorder to store.
 pub enum Charged {
@@ -72,7 +76,9 @@ struct Pending {
 }
 
 impl Pending {
-    fn add(&mut self, charged: Charged) {
+    /// Takes a charge; false when a device's batch was not taken (too many of its records
+    /// wait unchecked).
+    fn add(&mut self, charged: Charged) -> bool {
         match charged {
             Charged::Reported {
                 device,
@@ -86,6 +92,12 @@ impl Pending {
                     .entry(device.clone())
                     .or_insert((pool, BTreeMap::new()))
                     .1;
+                if waiting.len() + records.len() > WAITING_PER_DEVICE {
+                    if waiting.is_empty() {
+                        self.reported.remove(&device);
+                    }
+                    return false;
+                }
                 for record in records {
                     waiting.insert(record.sequence, record);
                 }
@@ -93,6 +105,7 @@ impl Pending {
                 entry.0 = entry.0.max(highest);
                 // The newest stream is the one to answer on.
                 entry.1 = ack;
+                true
             }
             Charged::Lost {
                 device,
@@ -102,11 +115,12 @@ impl Pending {
                 if pool.is_empty() {
                     // No object can be named for it; it would be retried for ever.
                     tracing::warn!(%device, task = %record.task_id, "a lost attempt's pool is not known; its charge is dropped");
-                    return;
+                    return true;
                 }
                 self.counted(&pool, &device, record.ended_unix_ms)
                     .lost
-                    .push(record)
+                    .push(record);
+                true
             }
         }
     }
@@ -224,7 +238,11 @@ impl Recorder {
         loop {
             tokio::select! {
                 charged = inbox.recv() => match charged {
-                    Some(charged) => pending.add(charged),
+                    Some(charged) => {
+                        if !pending.add(charged) {
+                            self.metrics.usage_records("deferred", 1);
+                        }
+                    }
                     None => break,
                 },
                 _ = flush.tick() => self.flush(&mut pending).await,
@@ -364,5 +382,30 @@ mod tests {
         let (bucket, devices) = pending.buckets.iter().next().unwrap();
         assert_eq!(bucket.pool, "lab");
         assert_eq!(devices["dev-a"].lost.len(), 1);
+    }
+
+    #[test]
+    fn a_device_flooding_records_while_they_wait_is_not_taken_nor_acknowledged_past_its_bound() {
+        let (ack, _answers) = mpsc::channel(1);
+        let batch = |from: u64, count: u64| Charged::Reported {
+            device: "liar".into(),
+            pool: "lab".into(),
+            records: (from..from + count)
+                .map(|sequence| UsageRecord {
+                    task_id: format!("nobody.{sequence}"),
+                    sequence,
+                    ..Default::default()
+                })
+                .collect(),
+            ack: ack.clone(),
+        };
+        let mut pending = Pending::default();
+        assert!(pending.add(batch(1, WAITING_PER_DEVICE as u64)));
+        assert!(!pending.add(batch(WAITING_PER_DEVICE as u64 + 1, 1)));
+        assert_eq!(pending.reported["liar"].1.len(), WAITING_PER_DEVICE);
+        assert_eq!(
+            pending.received["liar"].0, WAITING_PER_DEVICE as u64,
+            "what was not taken is not acknowledged, so an honest device sends it again"
+        );
     }
 }
