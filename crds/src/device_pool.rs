@@ -111,6 +111,53 @@ pub struct DevicePoolSpec {
     /// fleets; used only where the device's owner allows `host` too). An owner may narrow it.
     #[serde(default)]
     pub network: NetworkMode,
+
+    /// Which Secrets this pool's devices may receive. None by default: a device owner with root
+    /// can read anything sent to the device. A pod that needs a Secret the pool withholds does
+    /// not start, and its container says which rule to change.
+    #[serde(default)]
+    pub secrets: SecretPolicy,
+}
+
+/// Which Secrets a pool sends to its devices, for each way a pod can use one.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretPolicy {
+    /// As environment variables (`env[].valueFrom.secretKeyRef`, `envFrom[].secretRef`).
+    #[serde(default)]
+    pub env: SecretRule,
+    /// As files (`secret` volumes, `projected` volumes' `secret` sources).
+    #[serde(default)]
+    pub volumes: SecretRule,
+    /// As image pull credentials (`imagePullSecrets`).
+    #[serde(default)]
+    pub pull_credentials: SecretRule,
+}
+
+/// The Secrets one use allows: those named, and those carrying all of the labels. Empty
+/// allows none.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRule {
+    /// Secrets allowed by name (in the pod's namespace).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub names: Vec<String>,
+    /// Secrets allowed because they carry every one of these labels with these values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+impl SecretRule {
+    /// Whether the rule allows the Secret named `name` with `labels`.
+    pub fn allows(&self, name: &str, labels: &BTreeMap<String, String>) -> bool {
+        self.names.iter().any(|n| n == name)
+            || (!self.match_labels.is_empty()
+                && self
+                    .match_labels
+                    .iter()
+                    .all(|(key, value)| labels.get(key) == Some(value)))
+    }
 }
 
 /// The most one device of a pool may offer.
@@ -393,6 +440,7 @@ impl Default for DevicePoolSpec {
             fence_seconds: default_fence_seconds(),
             when_cut_off: WhenCutOff::default(),
             network: NetworkMode::default(),
+            secrets: SecretPolicy::default(),
         }
     }
 }
@@ -478,5 +526,25 @@ mod tests {
         ] {
             assert_eq!(serde_json::to_value(arch).unwrap(), arch.as_str());
         }
+    }
+
+    #[test]
+    fn a_secret_rule_allows_by_name_or_by_every_label_and_nothing_when_empty() {
+        let labels = BTreeMap::from([("darkcore.io/devices".to_string(), "ok".to_string())]);
+        assert!(!SecretRule::default().allows("any", &labels));
+        let named = SecretRule {
+            names: vec!["registry".into()],
+            ..Default::default()
+        };
+        assert!(named.allows("registry", &BTreeMap::new()));
+        assert!(!named.allows("other", &labels));
+        let labelled = SecretRule {
+            match_labels: labels.clone(),
+            ..Default::default()
+        };
+        assert!(labelled.allows("anything", &labels));
+        let mut wrong = labels.clone();
+        wrong.insert("darkcore.io/devices".into(), "no".into());
+        assert!(!labelled.allows("anything", &wrong));
     }
 }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use darkcore_crds::DevicePoolSpec;
+use darkcore_crds::device_pool::{SecretPolicy, SecretRule};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret};
 use kube::api::{ListParams, PostParams};
@@ -458,7 +459,20 @@ async fn a_pod_runs_succeeds_and_kubectl_logs_shows_and_follows_its_output() {
 
 #[tokio::test]
 async fn env_and_volumes_come_from_configmaps_secrets_and_fields() {
-    let bench = Bench::start("podenv", 1, process_pool()).await;
+    // The pool sends its devices the Secret "creds" (as env and as files), and nothing else.
+    let allow_creds = SecretRule {
+        names: vec!["creds".into()],
+        ..Default::default()
+    };
+    let spec = DevicePoolSpec {
+        secrets: SecretPolicy {
+            env: allow_creds.clone(),
+            volumes: allow_creds,
+            ..Default::default()
+        },
+        ..process_pool()
+    };
+    let bench = Bench::start("podenv", 1, spec).await;
     let maps: Api<ConfigMap> = Api::namespaced(bench.fx.client.clone(), &bench.ns.name);
     let mut settings = ConfigMap::default();
     settings.metadata.name = Some("settings".into());
@@ -506,6 +520,60 @@ async fn env_and_volumes_come_from_configmaps_secrets_and_fields() {
         "{logs}"
     );
     assert!(logs.contains("hola\ns3cret"), "volume files: {logs}");
+
+    // A Secret the pool does not allow never leaves the cluster: the pod does not start, and
+    // its container says which rule of which pool to change.
+    let mut private = Secret::default();
+    private.metadata.name = Some("private".into());
+    private.string_data = Some(BTreeMap::from([("key".into(), "do-not-send".into())]));
+    secrets
+        .create(&PostParams::default(), &private)
+        .await
+        .unwrap();
+    let mut withheld = bench.pod("withheld", "echo $KEY", "Never");
+    withheld.spec.as_mut().unwrap().containers[0].env = serde_json::from_value(serde_json::json!([
+        { "name": "KEY", "valueFrom": { "secretKeyRef": { "name": "private", "key": "key" } } }
+    ]))
+    .unwrap();
+    bench.create(withheld).await;
+    let blocked = wait_for(
+        &bench.pods(),
+        "withheld",
+        |p: Option<&Pod>| {
+            p.and_then(|p| {
+                p.status
+                    .as_ref()?
+                    .container_statuses
+                    .as_ref()?
+                    .first()?
+                    .state
+                    .clone()
+            })
+            .and_then(|s| s.waiting)
+            .is_some_and(|w| w.reason.as_deref() == Some("CreateContainerConfigError"))
+        },
+        Duration::from_secs(60),
+        "CreateContainerConfigError",
+    )
+    .await
+    .unwrap();
+    let state = blocked.status.unwrap().container_statuses.unwrap()[0]
+        .state
+        .clone()
+        .unwrap();
+    let message = state.waiting.unwrap().message.unwrap_or_default();
+    assert!(
+        message.contains(&format!(
+            "secret {}/private is withheld from devices by DevicePool {:?}",
+            bench.ns.name, bench.fx.pool
+        )) && message.contains("spec.secrets.env.names"),
+        "{message}"
+    );
+    let agent_log = std::fs::read_to_string(&bench.agents[0].log).unwrap_or_default();
+    assert!(
+        !agent_log.contains("do-not-send"),
+        "the withheld value never reached the device"
+    );
 
     // A missing mandatory ConfigMap holds the pod with an Event; creating it lets it run.
     let mut waiting = bench.pod("waiting", "echo $LATE", "Never");

@@ -123,7 +123,18 @@ async fn a_bad_image_reference_shows_err_image_pull_then_back_off_with_the_regis
 
 #[tokio::test]
 async fn a_private_image_pulls_with_its_image_pull_secret_and_fails_without() {
-    let bench = Bench::start("wasmauth", 1, wasm_pool()).await;
+    // The pool sends its devices the pull secret "pull", and only as pull credentials.
+    let spec = darkcore_crds::DevicePoolSpec {
+        secrets: darkcore_crds::device_pool::SecretPolicy {
+            pull_credentials: darkcore_crds::device_pool::SecretRule {
+                names: vec!["pull".into()],
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        ..wasm_pool()
+    };
+    let bench = Bench::start("wasmauth", 1, spec).await;
     let auth = RegistryAuth::Basic(PRIVATE_USER.into(), PRIVATE_PASSWORD.into());
     let (image, _) = push_wasm_to(
         &private_registry(),

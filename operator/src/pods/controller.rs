@@ -991,9 +991,19 @@ where
 async fn resolve_pod(shared: Arc<Shared>, pod: Pod, inbox: mpsc::Sender<Input>) {
     let namespace = pod.namespace().unwrap_or_default();
     let (maps, secrets) = resolve::referenced(&pod);
+    // The pod's pool, by its node: which Secrets its devices may have (none when unknown).
+    let pool = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .and_then(|node| shared.nodes.get(&ObjectRef::new(node)))
+        .and_then(|node| node.labels().get(POOL_LABEL).cloned())
+        .and_then(|pool| shared.pools.get(&ObjectRef::new(&pool)));
     let lookups = Lookups {
         config_maps: fetch_named(&Api::namespaced(shared.client.clone(), &namespace), maps).await,
         secrets: fetch_named(&Api::namespaced(shared.client.clone(), &namespace), secrets).await,
+        pool: pool.as_ref().map(|p| p.name_any()).unwrap_or_default(),
+        secret_policy: pool.map(|p| p.spec.secrets.clone()).unwrap_or_default(),
     };
     let placement = Placement {
         node_name: pod

@@ -19,17 +19,22 @@ use k8s_openapi::api::core::v1::{
 use super::demand::container_resources;
 use super::pull_secrets;
 use crate::domain::quantity::{cpu_millis, parse_memory};
+use darkcore_crds::device_pool::{SecretPolicy, SecretRule};
 
 /// Mode of volume files when the pod sets none (as the kubelet: 0644).
 pub const DEFAULT_FILE_MODE: u32 = 0o644;
 /// The annotation indexed Jobs set, which `JOB_COMPLETION_INDEX` reads through a fieldRef.
 pub const JOB_COMPLETION_INDEX: &str = "batch.kubernetes.io/job-completion-index";
 
-/// The ConfigMaps and Secrets of the pod's namespace, as fetched (`None`: not found).
+/// The ConfigMaps and Secrets of the pod's namespace, as fetched (`None`: not found), and
+/// which Secrets the pod's pool lets its devices have.
 #[derive(Default, Debug, Clone)]
 pub struct Lookups {
     pub config_maps: HashMap<String, Option<ConfigMap>>,
     pub secrets: HashMap<String, Option<Secret>>,
+    /// The pod's pool, by name, and its `spec.secrets` (none allowed when not known).
+    pub pool: String,
+    pub secret_policy: SecretPolicy,
 }
 
 /// What the pod looks like from the node it runs on, for fieldRef.
@@ -68,14 +73,42 @@ pub struct Resolved {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     ConfigMap,
-    Secret,
+    Secret(SecretUse),
+}
+
+/// How a pod uses a Secret, as a pool's `spec.secrets` tells the uses apart.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SecretUse {
+    Env,
+    Volume,
+    PullCredentials,
 }
 
 impl Kind {
     fn word(self) -> &'static str {
         match self {
             Kind::ConfigMap => "configmap",
-            Kind::Secret => "secret",
+            Kind::Secret(_) => "secret",
+        }
+    }
+}
+
+impl SecretUse {
+    /// The field of a pool's `spec.secrets` that rules this use.
+    fn field(self) -> &'static str {
+        match self {
+            SecretUse::Env => "env",
+            SecretUse::Volume => "volumes",
+            SecretUse::PullCredentials => "pullCredentials",
+        }
+    }
+
+    /// The rule of `policy` for this use.
+    fn rule(self, policy: &SecretPolicy) -> &SecretRule {
+        match self {
+            SecretUse::Env => &policy.env,
+            SecretUse::Volume => &policy.volumes,
+            SecretUse::PullCredentials => &policy.pull_credentials,
         }
     }
 }
@@ -189,6 +222,10 @@ impl Resolver<'_> {
         let namespace = self.pod.metadata.namespace.as_deref().unwrap_or("default");
         let problem = match self.lookups.secrets.get(name).cloned().flatten() {
             None => "it was not found".to_string(),
+            Some(secret) if !self.allowed(SecretUse::PullCredentials, name, &secret) => format!(
+                "DevicePool {:?} withholds it from its devices (its spec.secrets.pullCredentials allows Secrets by name or label)",
+                self.lookups.pool
+            ),
             Some(secret) => match pull_secrets::credentials(&secret) {
                 Ok(found) => return found,
                 Err(problem) => problem,
@@ -202,6 +239,35 @@ impl Resolver<'_> {
             warning: true,
         });
         Vec::new()
+    }
+
+    /// Whether the pool's `spec.secrets` lets devices have this Secret for this use.
+    fn allowed(&self, used: SecretUse, name: &str, secret: &Secret) -> bool {
+        let labels = secret.metadata.labels.clone().unwrap_or_default();
+        used.rule(&self.lookups.secret_policy).allows(name, &labels)
+    }
+
+    /// A Secret the pool withholds: a mandatory one blocks the pod, naming the rule to change;
+    /// an optional one is left out, with a Warning.
+    fn withheld(&mut self, used: SecretUse, name: &str, optional: bool) -> Result<(), Blocked> {
+        let namespace = self.pod.metadata.namespace.as_deref().unwrap_or("default");
+        let pool = &self.lookups.pool;
+        let field = used.field();
+        let why = format!(
+            "secret {namespace}/{name} is withheld from devices by DevicePool {pool:?}: a device owner with root can read anything sent to the device; to send it, name it in the pool's spec.secrets.{field}.names or give it a label in spec.secrets.{field}.matchLabels"
+        );
+        self.warnings.push(Warning {
+            reason: "SecretWithheld",
+            message: match optional {
+                true => format!("{why}; the pod starts without it (it is optional)"),
+                false => why.clone(),
+            },
+            warning: true,
+        });
+        match optional {
+            true => Ok(()),
+            false => Err(Blocked { message: why }),
+        }
     }
 
     /// The data of a ConfigMap or Secret as bytes per key, or what to do when it is missing.
@@ -233,11 +299,12 @@ impl Resolver<'_> {
                     );
                     data
                 }),
-            Kind::Secret => self
-                .lookups
-                .secrets
-                .get(name)
-                .and_then(|s| s.as_ref().map(secret_data)),
+            Kind::Secret(used) => match self.lookups.secrets.get(name).cloned().flatten() {
+                Some(secret) if !self.allowed(used, name, &secret) => {
+                    return self.withheld(used, name, optional).map(|()| None);
+                }
+                secret => secret.as_ref().map(secret_data),
+            },
         };
         if data.is_some() {
             return Ok(data);
@@ -245,7 +312,7 @@ impl Resolver<'_> {
         let namespace = self.pod.metadata.namespace.as_deref().unwrap_or("default");
         let (mandatory_reason, optional_reason) = match kind {
             Kind::ConfigMap => ("MandatoryConfigMapNotFound", "OptionalConfigMapNotFound"),
-            Kind::Secret => ("MandatorySecretNotFound", "OptionalSecretNotFound"),
+            Kind::Secret(_) => ("MandatorySecretNotFound", "OptionalSecretNotFound"),
         };
         let message = format!("{} \"{name}\" not found", kind.word());
         if optional {
@@ -305,7 +372,11 @@ impl Resolver<'_> {
             let data = if let Some(r) = &from.config_map_ref {
                 self.source(Kind::ConfigMap, &r.name, r.optional == Some(true))?
             } else if let Some(r) = &from.secret_ref {
-                self.source(Kind::Secret, &r.name, r.optional == Some(true))?
+                self.source(
+                    Kind::Secret(SecretUse::Env),
+                    &r.name,
+                    r.optional == Some(true),
+                )?
             } else {
                 None
             };
@@ -325,8 +396,13 @@ impl Resolver<'_> {
                         self.key(Kind::ConfigMap, &r.name, &r.key, r.optional == Some(true))?
                             .map(|v| String::from_utf8_lossy(&v).into_owned())
                     } else if let Some(r) = &from.secret_key_ref {
-                        self.key(Kind::Secret, &r.name, &r.key, r.optional == Some(true))?
-                            .map(|v| String::from_utf8_lossy(&v).into_owned())
+                        self.key(
+                            Kind::Secret(SecretUse::Env),
+                            &r.name,
+                            &r.key,
+                            r.optional == Some(true),
+                        )?
+                        .map(|v| String::from_utf8_lossy(&v).into_owned())
                     } else if let Some(r) = &from.field_ref {
                         Some(self.field(r)?)
                     } else if let Some(r) = &from.resource_field_ref {
@@ -453,7 +529,7 @@ impl Resolver<'_> {
             let name = secret.secret_name.clone().unwrap_or_default();
             let mode = mode_or_default(secret.default_mode);
             volume.files = self.files(
-                Kind::Secret,
+                Kind::Secret(SecretUse::Volume),
                 &name,
                 secret.items.as_deref(),
                 mode,
@@ -477,7 +553,7 @@ impl Resolver<'_> {
                 }
                 if let Some(secret) = &source.secret {
                     let files = self.files(
-                        Kind::Secret,
+                        Kind::Secret(SecretUse::Volume),
                         &secret.name,
                         secret.items.as_deref(),
                         mode,
@@ -766,9 +842,19 @@ mod tests {
             )])),
             ..Default::default()
         };
+        let allow_creds = SecretRule {
+            names: vec!["creds".into()],
+            ..Default::default()
+        };
         Lookups {
             config_maps: HashMap::from([("settings".into(), Some(cm)), ("gone".into(), None)]),
             secrets: HashMap::from([("creds".into(), Some(secret))]),
+            pool: "lab".into(),
+            secret_policy: SecretPolicy {
+                env: allow_creds.clone(),
+                volumes: allow_creds.clone(),
+                pull_credentials: allow_creds,
+            },
         }
     }
 
@@ -849,6 +935,101 @@ mod tests {
         assert_eq!(
             (resources.request_millicores, resources.request_memory_bytes),
             (1500, 64 << 20)
+        );
+    }
+
+    fn token_from_creds(optional: Option<bool>) -> Vec<KEnvVar> {
+        vec![var(
+            "TOKEN",
+            None,
+            Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: "creds".into(),
+                    key: "token".into(),
+                    optional,
+                }),
+                ..Default::default()
+            }),
+        )]
+    }
+
+    #[test]
+    fn a_pool_withholds_secrets_it_does_not_allow_for_that_use() {
+        // A pool that allows nothing: the mandatory Secret blocks, naming the rule to change.
+        let nothing = Lookups {
+            secret_policy: SecretPolicy::default(),
+            ..lookups()
+        };
+        let (result, warnings) = resolve(
+            &pod(token_from_creds(None), vec![]),
+            &nothing,
+            &Placement::default(),
+        );
+        let message = result.unwrap_err().message;
+        assert!(
+            message.contains("withheld from devices by DevicePool \"lab\"")
+                && message.contains("spec.secrets.env.names"),
+            "{message}"
+        );
+        assert_eq!(warnings[0].reason, "SecretWithheld");
+        // Optional: the pod starts without it.
+        let (result, warnings) = resolve(
+            &pod(token_from_creds(Some(true)), vec![]),
+            &nothing,
+            &Placement::default(),
+        );
+        assert!(!env_of(&result.unwrap()).contains_key("TOKEN"));
+        assert!(warnings[0].message.contains("starts without it"));
+        // Allowed as files is not allowed as env.
+        let volumes_only = Lookups {
+            secret_policy: SecretPolicy {
+                volumes: lookups().secret_policy.volumes,
+                ..Default::default()
+            },
+            ..lookups()
+        };
+        let (result, _) = resolve(
+            &pod(token_from_creds(None), vec![]),
+            &volumes_only,
+            &Placement::default(),
+        );
+        assert!(result.unwrap_err().message.contains("spec.secrets.env"));
+        // Allowed by a label the Secret carries.
+        let mut labelled = lookups();
+        let secret = labelled.secrets.get_mut("creds").unwrap().as_mut().unwrap();
+        secret.metadata.labels = Some(BTreeMap::from([("share".into(), "devices".into())]));
+        labelled.secret_policy = SecretPolicy {
+            env: SecretRule {
+                match_labels: BTreeMap::from([("share".into(), "devices".into())]),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (result, _) = resolve(
+            &pod(token_from_creds(None), vec![]),
+            &labelled,
+            &Placement::default(),
+        );
+        assert_eq!(env_of(&result.unwrap())["TOKEN"], "s3cret");
+    }
+
+    #[test]
+    fn a_withheld_pull_secret_is_a_warning_and_the_pull_goes_ahead_without_it() {
+        let mut with_pull = pod(vec![], vec![]);
+        with_pull.spec.as_mut().unwrap().image_pull_secrets =
+            Some(vec![k8s_openapi::api::core::v1::LocalObjectReference {
+                name: "creds".into(),
+            }]);
+        let nothing = Lookups {
+            secret_policy: SecretPolicy::default(),
+            ..lookups()
+        };
+        let (result, warnings) = resolve(&with_pull, &nothing, &Placement::default());
+        assert!(result.unwrap().pull_credentials.is_empty());
+        assert!(
+            warnings[0].message.contains("spec.secrets.pullCredentials"),
+            "{:?}",
+            warnings[0]
         );
     }
 
