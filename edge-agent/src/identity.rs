@@ -132,6 +132,42 @@ impl Identity {
     }
 }
 
+/// A renewed certificate from the operator (see `CertificateRenewed`): stored in place of the
+/// current one, to be presented from the next connection on, once it is checked to be a
+/// certificate for this device's own key (a wrong one would lock the device out).
+pub fn store_renewed(dir: &Path, cert_pem: &str) -> Result<(), IdentityError> {
+    let identity = Identity::load(dir)?;
+    let path = dir.join(CERT_FILE);
+    let damaged = |reason: String| IdentityError::Damaged {
+        path: path.clone(),
+        reason,
+    };
+    let cert = pem::parse(cert_pem)
+        .map_err(|e| damaged(format!("the renewed certificate is not PEM: {e}")))?;
+    let key = pem::parse(&identity.key_pem)
+        .map_err(|e| damaged(format!("the device key is not PEM: {e}")))?;
+    let key = rustls::pki_types::PrivateKeyDer::try_from(key.into_contents())
+        .map_err(|e| damaged(format!("the device key: {e}")))?;
+    let provider = rustls::crypto::ring::default_provider();
+    let signing = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| damaged(format!("the device key: {e}")))?;
+    rustls::sign::CertifiedKey::new(
+        vec![rustls::pki_types::CertificateDer::from(
+            cert.into_contents(),
+        )],
+        signing,
+    )
+    .keys_match()
+    .map_err(|e| {
+        damaged(format!(
+            "the renewed certificate is not for this device's key: {e}"
+        ))
+    })?;
+    write_private(&path, cert_pem)
+}
+
 /// Writes `text` to `path` with mode 0600, through a temporary file and a rename.
 pub fn write_private(path: &Path, text: &str) -> Result<(), IdentityError> {
     let tmp = path.with_extension("tmp");
@@ -191,6 +227,38 @@ mod tests {
         identity().save(&dir).unwrap();
         let err = Identity::ensure_absent(&dir).unwrap_err().to_string();
         assert!(err.contains("already joined pool lab"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_renewed_certificate_is_stored_only_when_it_is_for_this_devices_key() {
+        let dir = temp_dir("renewed");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert_for = |key: &rcgen::KeyPair| {
+            rcgen::CertificateParams::new(vec!["dev".to_string()])
+                .unwrap()
+                .self_signed(key)
+                .unwrap()
+                .pem()
+        };
+        let mine = Identity {
+            key_pem: key.serialize_pem(),
+            cert_pem: cert_for(&key),
+            ..identity()
+        };
+        mine.save(&dir).unwrap();
+        let renewed = cert_for(&key);
+        store_renewed(&dir, &renewed).unwrap();
+        assert_eq!(Identity::load(&dir).unwrap().cert_pem, renewed);
+        let other = cert_for(&rcgen::KeyPair::generate().unwrap());
+        let err = store_renewed(&dir, &other).unwrap_err().to_string();
+        assert!(err.contains("not for this device's key"), "{err}");
+        assert!(store_renewed(&dir, "garbage").is_err());
+        assert_eq!(
+            Identity::load(&dir).unwrap().cert_pem,
+            renewed,
+            "a refused certificate changes nothing"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

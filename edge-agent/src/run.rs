@@ -38,10 +38,11 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(30);
 pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
     let identity = Identity::load(state_dir)?;
     let uri = gateway::server_uri(&identity.device.server)?;
-    let channel = gateway::channel(
+    let mut presented = identity.cert_pem.clone();
+    let mut channel = gateway::channel(
         &uri,
         &identity.ca_pem,
-        Some((&identity.cert_pem, &identity.key_pem)),
+        Some((&presented, &identity.key_pem)),
     )?;
     let mut capabilities =
         capabilities::detect().context("detecting this device's capabilities")?;
@@ -123,8 +124,20 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
             labels: labels.clone().into_iter().collect(),
             tasks: tasks.snapshot(),
         };
+        // A certificate the operator renewed is presented from this connection on.
+        if let Ok(current) = Identity::load(state_dir)
+            && current.cert_pem != presented
+        {
+            presented = current.cert_pem;
+            channel = gateway::channel(
+                &uri,
+                &identity.ca_pem,
+                Some((&presented, &identity.key_pem)),
+            )?;
+        }
         let started = Instant::now();
         let agent = Agent {
+            state_dir,
             policy: &mut policy,
             fence: &fence,
             status: &mut status,

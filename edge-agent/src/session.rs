@@ -103,6 +103,8 @@ pub fn follow_owner(
 
 /// The parts of a session that outlive it: the policy, the status file and the tasks.
 pub struct Agent<'a> {
+    /// Where the identity lives (a renewed certificate is stored there).
+    pub state_dir: &'a std::path::Path,
     pub policy: &'a mut PolicyMonitor,
     /// What the operator has acknowledged hearing, for fencing.
     pub fence: &'a crate::fence::Fence,
@@ -118,6 +120,7 @@ pub async fn attach(
     stop: &mut watch::Receiver<bool>,
 ) -> Result<SessionEnd, SessionError> {
     let Agent {
+        state_dir,
         policy,
         fence,
         status,
@@ -222,6 +225,12 @@ pub async fn attach(
                         }
                         Some(operator_message::Body::HeartbeatAck(ack)) => fence.acknowledged(ack.sequence),
                         Some(operator_message::Body::OutputWanted(wanted)) => tasks.resend_output(&wanted.task_id),
+                        Some(operator_message::Body::CertificateRenewed(renewed)) => {
+                            match crate::identity::store_renewed(state_dir, &renewed.certificate_pem) {
+                                Ok(()) => tracing::info!("device certificate renewed; it is used from the next connection"),
+                                Err(error) => tracing::warn!(%error, "a renewed device certificate was not stored; the current one stays"),
+                            }
+                        }
                         Some(operator_message::Body::UsageAck(ack)) => {
                             tasks.usage().acknowledge(ack.through_sequence);
                             status.usage(tasks.usage());

@@ -42,6 +42,7 @@ pub const DEVICE_STATES: [&str; 4] = ["online", "enlisted", "ready", "unavailabl
 pub struct Metrics {
     pub registry: Registry,
     pub reconciliations: Counter,
+    pub certificates_renewed: Counter,
     pub reconcile_duration: Histogram,
     pub virtual_nodes: Gauge,
     reconcile_failures: Family<ReasonLabels, Counter>,
@@ -65,6 +66,12 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("darkcore_operator");
+        let certificates_renewed = Counter::default();
+        registry.register(
+            "device_certificates_renewed",
+            "Device certificates renewed over their devices' streams",
+            certificates_renewed.clone(),
+        );
         let reconciliations = Counter::default();
         registry.register(
             "pool_reconciliations",
@@ -195,6 +202,7 @@ impl Default for Metrics {
             frames_rejected,
             refusals,
             reconciliations,
+            certificates_renewed,
             reconcile_duration,
             virtual_nodes,
             reconcile_failures,

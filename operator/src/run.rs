@@ -22,7 +22,7 @@ use crate::enroll::ca;
 use crate::enroll::redeem::Redeemer;
 use crate::enroll::revocation::{REVOKED_CONFIGMAP, revoked_ids};
 use crate::gateway;
-use crate::gateway::attach::{AttachService, PoolCheck, Served};
+use crate::gateway::attach::{AttachService, PoolCheck, Renewer, Served};
 use crate::gateway::join::JoinService;
 use crate::gateway::join_limit::{JoinLimiter, Rate};
 use crate::housekeeping::{Housekeeper, Retention};
@@ -121,6 +121,11 @@ pub struct RunArgs {
     /// Joins per second accepted from one source address (a site behind one NAT counts once).
     #[arg(long, env = "DARKCORE_JOIN_RATE_PER_SOURCE", default_value_t = 2.0)]
     pub join_rate_per_source: f64,
+    /// How long a device certificate lasts (s, m, h or d; at least 1m). The gateway renews it
+    /// over the device's stream halfway through, so only a device away longer than that has
+    /// to join again.
+    #[arg(long, env = "DARKCORE_DEVICE_CERT_VALIDITY", default_value = "7d", value_parser = parse_cert_validity)]
+    pub device_cert_validity: Duration,
     /// How long a join token that can admit no one is kept: after it expired, or after it was
     /// created if it is used up or revoked (s, m, h or d).
     #[arg(long, env = "DARKCORE_TOKEN_RETENTION", default_value = "7d", value_parser = crate::enroll::token::parse_ttl)]
@@ -141,6 +146,18 @@ impl RunArgs {
                 .unwrap_or_else(|_| "operator".into());
             format!("{host}-{}", std::process::id())
         })
+    }
+}
+
+/// A device certificate's validity: a duration of at least a minute, since renewal comes
+/// halfway through.
+fn parse_cert_validity(text: &str) -> Result<Duration, String> {
+    let lasting = crate::enroll::token::parse_ttl(text)?;
+    match lasting >= Duration::from_secs(60) {
+        true => Ok(lasting),
+        false => Err(format!(
+            "{text:?} is too short for a device certificate: give at least 1m (the default is 7d)"
+        )),
     }
 }
 
@@ -366,6 +383,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             client: client.clone(),
             redeemer: Redeemer::new(client.clone(), &args.namespace),
             ca: ca.clone(),
+            cert_validity: args.device_cert_validity,
             metrics: metrics.clone(),
             limiter: JoinLimiter::new(
                 Rate::per_second(args.join_rate_per_source),
@@ -377,6 +395,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             pool_served,
             tasks: Arc::new(task_reports),
+            renewer: Arc::new(Renewer {
+                ca: ca.clone(),
+                validity: args.device_cert_validity,
+            }),
         },
     )
     .await?;

@@ -15,8 +15,10 @@ use crate::enroll::ca::CaMaterial;
 /// The DNS name every gateway certificate carries and every agent verifies, whatever address
 /// it dials: trust comes from the pinned CA, so the name need not match the network path.
 pub const GATEWAY_NAME: &str = "darkcore-gateway";
-/// How long a device certificate is valid. A device joins again after that.
-pub const DEVICE_CERT_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
+/// How long a device certificate is valid unless `--device-cert-validity` says otherwise. The
+/// gateway renews it over the device's stream halfway through; a device away longer than that
+/// joins again.
+pub const DEFAULT_DEVICE_CERT_VALIDITY: Duration = Duration::from_secs(7 * 86_400);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -125,8 +127,53 @@ pub fn sign_device(
     ca: &CaMaterial,
     csr_der: &[u8],
     identity: &DeviceIdentity,
+    lasting: Duration,
 ) -> Result<String, TlsError> {
     let request = parse_request(csr_der)?;
+    device_certificate(ca, &request.public_key, identity, lasting)
+}
+
+/// A new certificate for the device that presented `cert_der` (already verified by TLS): the
+/// same key and identity, valid for `lasting` from now.
+pub fn renew_device(
+    ca: &CaMaterial,
+    cert_der: &[u8],
+    lasting: Duration,
+) -> Result<String, TlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| TlsError::BadRequest(format!("the certificate does not parse: {e}")))?;
+    let key = rcgen::SubjectPublicKeyInfo::from_der(cert.public_key().raw)
+        .map_err(|e| TlsError::BadRequest(format!("the certificate's key: {e}")))?;
+    let identity = identity_of(cert_der).map_err(TlsError::BadRequest)?;
+    device_certificate(ca, &key, &identity, lasting)
+}
+
+/// When a certificate runs out.
+pub fn not_after(cert_der: &[u8]) -> Option<SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// When a device certificate running out at `not_after` is renewed, as of `now`: halfway
+/// through `lasting` before it runs out, or at once if it lasts longer than `lasting` allows
+/// (one issued before a shorter validity was set).
+pub fn renewal_due(not_after: SystemTime, now: SystemTime, lasting: Duration) -> SystemTime {
+    // The hour of slack `validity` gives not_before is no reason to renew.
+    if not_after > now + lasting + Duration::from_secs(3600) {
+        return now;
+    }
+    not_after
+        .checked_sub(lasting / 2)
+        .map_or(now, |due| due.max(now))
+}
+
+fn device_certificate(
+    ca: &CaMaterial,
+    key: &impl rcgen::PublicKeyData,
+    identity: &DeviceIdentity,
+    lasting: Duration,
+) -> Result<String, TlsError> {
     let mut params = CertificateParams::default();
     params
         .distinguished_name
@@ -137,9 +184,9 @@ pub fn sign_device(
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.serial_number = Some(random_serial()?);
-    validity(&mut params, DEVICE_CERT_VALIDITY);
+    validity(&mut params, lasting);
     let cert = params
-        .signed_by(&request.public_key, &issuer(ca)?)
+        .signed_by(key, &issuer(ca)?)
         .map_err(TlsError::Sign)?;
     Ok(cert.pem())
 }
@@ -203,7 +250,7 @@ mod tests {
             device_id: "dev-0123456789ab".into(),
             pool: "lab".into(),
         };
-        let pem_text = sign_device(&ca, &csr, &me).unwrap();
+        let pem_text = sign_device(&ca, &csr, &me, DEFAULT_DEVICE_CERT_VALIDITY).unwrap();
         let der = pem::parse(&pem_text).unwrap().into_contents();
         assert_eq!(identity_of(&der).unwrap(), me);
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
@@ -216,13 +263,50 @@ mod tests {
     }
 
     #[test]
+    fn a_renewed_certificate_keeps_the_key_and_identity_and_runs_out_later() {
+        let ca = CaMaterial::generate().unwrap();
+        let (key, csr) = csr();
+        let me = DeviceIdentity {
+            device_id: "dev-0123456789ab".into(),
+            pool: "lab".into(),
+        };
+        let first = sign_device(&ca, &csr, &me, Duration::from_secs(60)).unwrap();
+        let first = pem::parse(&first).unwrap().into_contents();
+        let renewed = renew_device(&ca, &first, DEFAULT_DEVICE_CERT_VALIDITY).unwrap();
+        let renewed = pem::parse(&renewed).unwrap().into_contents();
+        assert_eq!(identity_of(&renewed).unwrap(), me);
+        let (_, cert) = x509_parser::parse_x509_certificate(&renewed).unwrap();
+        assert_eq!(
+            cert.public_key().raw,
+            rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+        );
+        let (first_end, renewed_end) = (not_after(&first).unwrap(), not_after(&renewed).unwrap());
+        assert!(renewed_end > first_end + Duration::from_secs(6 * 86_400));
+        assert!(renew_device(&ca, b"garbage", DEFAULT_DEVICE_CERT_VALIDITY).is_err());
+    }
+
+    #[test]
+    fn certificates_are_renewed_halfway_or_at_once_when_they_last_too_long() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        let week = Duration::from_secs(7 * 86_400);
+        let day = Duration::from_secs(86_400);
+        assert_eq!(renewal_due(now + week, now, week), now + week / 2);
+        assert_eq!(renewal_due(now + day, now, week), now, "past halfway: now");
+        assert_eq!(
+            renewal_due(now + Duration::from_secs(365 * 86_400), now, week),
+            now,
+            "a year-long certificate from before is shortened at once"
+        );
+    }
+
+    #[test]
     fn garbage_requests_are_refused() {
         let ca = CaMaterial::generate().unwrap();
         let me = DeviceIdentity {
             device_id: "dev-0123456789ab".into(),
             pool: "lab".into(),
         };
-        let err = sign_device(&ca, b"not a csr", &me).unwrap_err();
+        let err = sign_device(&ca, b"not a csr", &me, DEFAULT_DEVICE_CERT_VALIDITY).unwrap_err();
         assert!(matches!(err, TlsError::BadRequest(_)), "{err}");
     }
 

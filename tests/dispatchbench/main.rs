@@ -126,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
             client: client.clone(),
             redeemer: darkcore_operator::enroll::redeem::Redeemer::new(client.clone(), NAMESPACE),
             ca: ca.clone(),
+            cert_validity: tls::DEFAULT_DEVICE_CERT_VALIDITY,
             metrics: metrics.clone(),
             limiter: darkcore_operator::gateway::join_limit::JoinLimiter::new(
                 darkcore_operator::gateway::join_limit::Rate::per_second(1e9),
@@ -143,6 +144,10 @@ async fn main() -> anyhow::Result<()> {
                 controller: controller_inbox.clone(),
                 logs,
                 usage,
+            }),
+            renewer: Arc::new(attach::Renewer {
+                ca: ca.clone(),
+                validity: tls::DEFAULT_DEVICE_CERT_VALIDITY,
             }),
         },
     )
@@ -377,7 +382,7 @@ fn make_identities(
                 server: format!("https://{addr}"),
             },
             key_pem: key.serialize_pem(),
-            cert_pem: tls::sign_device(ca, csr.der(), &device)?,
+            cert_pem: tls::sign_device(ca, csr.der(), &device, tls::DEFAULT_DEVICE_CERT_VALIDITY)?,
             ca_pem: ca.cert_pem.clone(),
         };
         identity.save(&dir.join(format!("device-{i:06}")))?;

@@ -8,7 +8,7 @@ use darkcore_crds::{DevicePoolSpec, Runtime};
 use kube::api::{Patch, PatchParams};
 
 use crate::fleet::{self, Agent, node_cpu_is, pool_enlisted_is, token};
-use crate::harness::{Operator, PoolFixture, operator_cli};
+use crate::harness::{Operator, PoolFixture, operator_cli, poll_until};
 
 /// How long capacity may take to follow a device change: the registry triggers a reconcile
 /// within a second, and the agent checks its policy every second.
@@ -523,5 +523,67 @@ async fn a_device_claiming_a_million_cores_is_not_believed() {
         .0
         .clone();
     assert_eq!(cpu, "1");
+    fx.finish().await;
+}
+
+#[tokio::test]
+async fn a_device_certificate_is_renewed_over_its_stream_and_outlives_its_first_validity() {
+    const VALIDITY: &[&str] = &["--device-cert-validity", "1m"];
+    let mut fx = PoolFixture::start_with("certrenew", process_pool(), VALIDITY).await;
+    let join = token(&fx.pool, &[]);
+    let agent = Agent::start(fx.operator.gateway_port, &join, 1.0).await;
+    let cert_path = agent.state_dir.join("device.crt");
+    let read = || std::fs::read_to_string(&cert_path).unwrap();
+    let end_of = |text: &str| {
+        let der = pem::parse(text).unwrap().into_contents();
+        darkcore_operator::tls::not_after(&der).unwrap()
+    };
+    let first = read();
+    let first_end = end_of(&first);
+    assert!(
+        first_end <= std::time::SystemTime::now() + Duration::from_secs(61),
+        "a device certificate lasts the operator's --device-cert-validity"
+    );
+    // Halfway through its minute, the gateway sends a new one over the stream.
+    let renewed = poll_until(
+        "the device's certificate is renewed",
+        Duration::from_secs(60),
+        || async {
+            let now = read();
+            match now != first {
+                true => Ok(now),
+                false => Err("still the first".to_string()),
+            }
+        },
+    )
+    .await;
+    assert!(end_of(&renewed) > first_end, "the renewed one lasts longer");
+    // Once the first certificate has run out (a wall-clock instant, not an outcome), the
+    // agent has to connect again: a new operator process accepts it, with the renewed one.
+    let ran_out = first_end
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(ran_out + Duration::from_secs(1)).await;
+    fx.operator.kill().await;
+    let op = &fx.operator;
+    let (scope, http, gateway, kubelet) = (
+        op.scope.clone(),
+        op.http_port,
+        op.gateway_port,
+        op.kubelet_port,
+    );
+    fx.operator =
+        crate::harness::Operator::start_with(&scope, http, gateway, kubelet, VALIDITY).await;
+    poll_until(
+        "the agent attaches to the new operator",
+        Duration::from_secs(60),
+        || async {
+            match metric(&fx.operator, "darkcore_operator_agent_connections").await {
+                Some(1.0) => Ok(()),
+                other => Err(format!("{other:?}; agent: {}", agent.status())),
+            }
+        },
+    )
+    .await;
     fx.finish().await;
 }

@@ -3,12 +3,12 @@
 //! the registry until the stream ends, is replaced by a newer one, or the device is revoked.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use darkcore_proto::agent::v1::agent_gateway_server::AgentGateway;
 use darkcore_proto::agent::v1::{
-    AgentMessage, HeartbeatAck, Hello, LogChunk, OperatorMessage, Refusal, TaskStatus, UsageRecord,
-    Welcome, agent_message, operator_message, refusal::Code,
+    AgentMessage, CertificateRenewed, HeartbeatAck, Hello, LogChunk, OperatorMessage, Refusal,
+    TaskStatus, UsageRecord, Welcome, agent_message, operator_message, refusal::Code,
 };
 use darkcore_proto::{PROTOCOL_VERSION, check_version};
 use futures::future::BoxFuture;
@@ -17,9 +17,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code as StatusCode, Request, Response, Status, Streaming};
 
 use crate::devices::registry::{AgentSender, Registry, refusal, refusal_message};
+use crate::enroll::ca::CaMaterial;
 use crate::gateway::bounds;
 use crate::metrics::Metrics;
-use crate::tls::{DeviceIdentity, identity_of};
+use crate::tls::{self, DeviceIdentity, identity_of};
+
+/// How soon a renewal that could not be sent is tried again.
+const RENEWAL_RETRY: Duration = Duration::from_secs(60);
 
 /// Messages queued for one agent before the sender waits (backpressure, bounded memory).
 pub const SEND_QUEUE: usize = 64;
@@ -96,6 +100,14 @@ pub struct AttachService {
     pub metrics: Arc<Metrics>,
     pub pool_served: PoolCheck,
     pub tasks: Arc<dyn TaskSink>,
+    /// Renews device certificates over their streams.
+    pub renewer: Arc<Renewer>,
+}
+
+/// What renews device certificates: the CA, and how long a certificate lasts.
+pub struct Renewer {
+    pub ca: CaMaterial,
+    pub validity: Duration,
 }
 
 /// Where what agents say about their tasks goes. The gateway only carries it: the operator's
@@ -130,6 +142,10 @@ impl AgentGateway for AttachService {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
+        let certificate = request
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec()))
+            .unwrap_or_default();
         let identity = request
             .peer_certs()
             .and_then(|certs| certs.first().map(|c| identity_of(c.as_ref())))
@@ -149,6 +165,8 @@ impl AgentGateway for AttachService {
             address,
             tasks: self.tasks.clone(),
             identity,
+            certificate,
+            renewer: self.renewer.clone(),
             inbound: request.into_inner(),
             sender,
             registry: self.registry.clone(),
@@ -168,6 +186,9 @@ impl AgentGateway for AttachService {
 /// One agent's stream, served by its own task.
 struct AgentStream {
     identity: DeviceIdentity,
+    /// The certificate it presented (DER), renewed over the stream before it runs out.
+    certificate: Vec<u8>,
+    renewer: Arc<Renewer>,
     address: Option<String>,
     tasks: Arc<dyn TaskSink>,
     inbound: Streaming<AgentMessage>,
@@ -283,8 +304,16 @@ impl AgentStream {
         }
         let hello = self.tasks.hello(&device_id, tasks);
         keeping_present(&self.registry, &device_id, generation, PRESENT_EVERY, hello).await;
+        let mut renewal = Box::pin(tokio::time::sleep(self.until_renewal()));
         let ending = loop {
             tokio::select! {
+                () = &mut renewal => {
+                    let wait = match self.renew(&device_id) {
+                        true => self.until_renewal(),
+                        false => RENEWAL_RETRY,
+                    };
+                    renewal.set(tokio::time::sleep(wait));
+                }
                 refusal = &mut closed => {
                     let reason = match refusal.as_ref().map(|r| r.code) {
                         Ok(code) if code == Code::Revoked as i32 => "revoked",
@@ -305,6 +334,49 @@ impl AgentStream {
         tracing::info!(device = %device_id, "agent stream ended");
         self.tasks.detached(&device_id).await;
         ending
+    }
+
+    /// How long until the device's certificate is to be renewed (see `tls::renewal_due`).
+    fn until_renewal(&self) -> Duration {
+        let now = SystemTime::now();
+        let not_after = tls::not_after(&self.certificate).unwrap_or(now);
+        let due = tls::renewal_due(not_after, now, self.renewer.validity);
+        due.duration_since(now).unwrap_or_default()
+    }
+
+    /// Sends the device a new certificate for its key (false when it could not be sent); the
+    /// next renewal is counted from it.
+    fn renew(&mut self, device: &str) -> bool {
+        let renewed = tls::renew_device(&self.renewer.ca, &self.certificate, self.renewer.validity)
+            .map(|pem| (pem::parse(&pem).map(|p| p.into_contents()), pem));
+        match renewed {
+            Ok((Ok(der), pem)) => {
+                let message = OperatorMessage {
+                    version: PROTOCOL_VERSION as i32,
+                    body: Some(operator_message::Body::CertificateRenewed(
+                        CertificateRenewed {
+                            certificate_pem: pem,
+                        },
+                    )),
+                };
+                // Never waits on the device: a full queue is tried again later.
+                if self.sender.try_send(Box::new(message)).is_err() {
+                    return false;
+                }
+                tracing::info!(%device, valid_for = ?self.renewer.validity, "device certificate renewed");
+                self.metrics.certificates_renewed.inc();
+                self.certificate = der;
+                true
+            }
+            Ok((Err(error), _)) => {
+                tracing::warn!(%device, %error, "a renewed device certificate did not parse");
+                false
+            }
+            Err(error) => {
+                tracing::warn!(%device, %error, "renewing a device certificate");
+                false
+            }
+        }
     }
 
     /// Cuts a device's status to the sizes Kubernetes keeps, counting any cut.

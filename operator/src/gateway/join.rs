@@ -22,6 +22,8 @@ pub struct JoinService {
     /// Counts uses of the join tokens in the operator's namespace.
     pub redeemer: Redeemer,
     pub ca: CaMaterial,
+    /// How long the device certificates it signs are valid.
+    pub cert_validity: std::time::Duration,
     pub metrics: Arc<Metrics>,
     /// How fast devices may join, checked first.
     pub limiter: JoinLimiter,
@@ -128,7 +130,8 @@ impl JoinService {
             device_id: tls::new_device_id()?,
             pool: record.pool,
         };
-        let certificate_pem = tls::sign_device(&self.ca, &request.csr_der, &identity)?;
+        let certificate_pem =
+            tls::sign_device(&self.ca, &request.csr_der, &identity, self.cert_validity)?;
         Ok(JoinResponse {
             version: PROTOCOL_VERSION as i32,
             device_id: identity.device_id,
