@@ -226,7 +226,15 @@ impl Operator {
         kubelet_port: u16,
         extra: &[&str],
     ) -> Operator {
-        Operator::spawn(scope, port, gateway_port, kubelet_port, extra, false).await
+        Operator::spawn(scope, port, gateway_port, kubelet_port, extra, false, None).await
+    }
+
+    /// Starts an operator that reaches the API server through `kubeconfig` (a proxy's, say),
+    /// on fresh ports.
+    pub async fn start_through(scope: &str, kubeconfig: &Path) -> Operator {
+        let (port, gateway_port, kubelet_port) = (free_port(), free_port(), free_port());
+        let config = Some(kubeconfig);
+        Operator::spawn(scope, port, gateway_port, kubelet_port, &[], false, config).await
     }
 
     /// Starts an elected operator that is expected to stand by: waits until it is ready to
@@ -238,7 +246,7 @@ impl Operator {
         kubelet_port: u16,
         extra: &[&str],
     ) -> Operator {
-        Operator::spawn(scope, port, gateway_port, kubelet_port, extra, true).await
+        Operator::spawn(scope, port, gateway_port, kubelet_port, extra, true, None).await
     }
 
     async fn spawn(
@@ -248,6 +256,7 @@ impl Operator {
         kubelet_port: u16,
         extra: &[&str],
         standby_ok: bool,
+        kubeconfig: Option<&Path>,
     ) -> Operator {
         let bin = operator_bin();
         assert!(
@@ -277,7 +286,10 @@ impl Operator {
                 crate::helm::CLUSTER_ROLE,
             ])
             .args(extra)
-            .env("KUBECONFIG", crate::helm::impersonating_kubeconfig())
+            .env(
+                "KUBECONFIG",
+                kubeconfig.map_or_else(crate::helm::impersonating_kubeconfig, Path::to_path_buf),
+            )
             // Usage records are stored within a second, so tests need not wait 30 s.
             .env("DARKCORE_USAGE_FLUSH_SECONDS", "1")
             .env("RUST_LOG", "info,kube=warn");
@@ -476,6 +488,31 @@ impl PoolFixture {
         let scope = unique(prefix);
         let operator =
             Operator::start_with(&scope, free_port(), free_port(), free_port(), extra).await;
+        PoolFixture::with_operator(client, &scope, operator, spec).await
+    }
+
+    /// Like [`PoolFixture::start`], with an operator that reaches the API server through
+    /// `kubeconfig`.
+    pub async fn start_through(
+        prefix: &str,
+        spec: DevicePoolSpec,
+        kubeconfig: &Path,
+    ) -> PoolFixture {
+        let client = client().await;
+        ensure_crds(&client).await;
+        let scope = unique(prefix);
+        let operator = Operator::start_through(&scope, kubeconfig).await;
+        PoolFixture::with_operator(client, &scope, operator, spec).await
+    }
+
+    /// The pool `scope`, served by `operator`.
+    async fn with_operator(
+        client: Client,
+        scope: &str,
+        operator: Operator,
+        spec: DevicePoolSpec,
+    ) -> PoolFixture {
+        let scope = scope.to_string();
         let pools: Api<DevicePool> = Api::all(client.clone());
         pools
             .create(&PostParams::default(), &pool(&scope, &scope, spec))

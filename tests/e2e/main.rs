@@ -18,6 +18,7 @@ mod pods;
 mod pools;
 mod rbac;
 mod scheduling;
+mod slow_api;
 mod tokens;
 mod usage;
 mod wasm;

@@ -36,6 +36,11 @@ impl Bench {
         extra: &[&str],
     ) -> Bench {
         let fx = PoolFixture::start_with(prefix, spec, extra).await;
+        Bench::on(fx, prefix, agents).await
+    }
+
+    /// A bench on a pool already made: a namespace, and `agents` devices of one core joined.
+    pub async fn on(fx: PoolFixture, prefix: &str, agents: usize) -> Bench {
         let ns = TestNamespace::create(&fx.client, prefix).await;
         let token = token(&fx.pool, &["--uses", "10"]);
         let mut started = Vec::new();
