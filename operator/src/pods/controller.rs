@@ -343,10 +343,7 @@ impl Controller {
             (placed, created) => placed.or(created).unwrap_or_else(crate::domain::unix_ms),
         };
         // The pool is the pod's node's (its device may not have reattached yet).
-        let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
-        let pool = node
-            .and_then(|node| self.shared.nodes.get(&ObjectRef::new(node)))
-            .and_then(|node| node.labels().get(POOL_LABEL).cloned())
+        let pool = pool_name_of_pod(&self.shared, pod)
             .or_else(|| self.shared.registry.pool(device))
             .unwrap_or_default();
         let namespace = pod.namespace().unwrap_or_default();
@@ -535,12 +532,7 @@ impl Controller {
     }
 
     fn pool_of(&self, uid: &str) -> Option<Arc<DevicePool>> {
-        let entry = self.pods.get(uid)?;
-        let node = self.shared.nodes.get(&ObjectRef::new(
-            entry.pod.spec.as_ref()?.node_name.as_deref()?,
-        ))?;
-        let pool = node.labels().get(POOL_LABEL)?.clone();
-        self.shared.pools.get(&ObjectRef::new(&pool))
+        pool_of_pod(&self.shared, &self.pods.get(uid)?.pod)
     }
 
     /// Steps the pod's run by `event` with the facts of now, carries out the effects, and
@@ -988,17 +980,26 @@ where
 }
 
 /// Fetches the ConfigMaps and Secrets a pod names, then resolves it (off the loop).
+/// The name of the pool whose node the pod is bound to (known even once the pool is gone).
+fn pool_name_of_pod(shared: &Shared, pod: &Pod) -> Option<String> {
+    let node = shared
+        .nodes
+        .get(&ObjectRef::new(pod.spec.as_ref()?.node_name.as_deref()?))?;
+    node.labels().get(POOL_LABEL).cloned()
+}
+
+/// The pool whose node the pod is bound to.
+fn pool_of_pod(shared: &Shared, pod: &Pod) -> Option<Arc<DevicePool>> {
+    shared
+        .pools
+        .get(&ObjectRef::new(&pool_name_of_pod(shared, pod)?))
+}
+
 async fn resolve_pod(shared: Arc<Shared>, pod: Pod, inbox: mpsc::Sender<Input>) {
     let namespace = pod.namespace().unwrap_or_default();
     let (maps, secrets) = resolve::referenced(&pod);
     // The pod's pool, by its node: which Secrets its devices may have (none when unknown).
-    let pool = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.node_name.as_deref())
-        .and_then(|node| shared.nodes.get(&ObjectRef::new(node)))
-        .and_then(|node| node.labels().get(POOL_LABEL).cloned())
-        .and_then(|pool| shared.pools.get(&ObjectRef::new(&pool)));
+    let pool = pool_of_pod(&shared, &pod);
     let lookups = Lookups {
         config_maps: fetch_named(&Api::namespaced(shared.client.clone(), &namespace), maps).await,
         secrets: fetch_named(&Api::namespaced(shared.client.clone(), &namespace), secrets).await,
