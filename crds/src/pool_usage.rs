@@ -84,6 +84,11 @@ pub struct DeviceUsage {
     /// counted twice.
     pub applied_sequence: u64,
     pub namespaces: BTreeMap<String, Amounts>,
+    /// Attempts lost with the device that the operator charged here, by task id, with when
+    /// each ended (Unix ms): a charge made again after an operator restart counts once.
+    /// Kept two hours.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub lost_attempts: BTreeMap<String, i64>,
 }
 
 /// Counted amounts. Integers, so sums are exact.

@@ -298,7 +298,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let logs = Arc::new(LogStore::default());
     let pod_index = Arc::new(PodIndex::default());
     let attempts = Arc::new(std::sync::Mutex::new(AttemptBook::default()));
-    let (usage_recorder, usage, usage_inbox) = UsageRecorder::new(
+    let (usage_recorder, usage, lost_charges, usage_inbox) = UsageRecorder::new(
         client.clone(),
         metrics.clone(),
         Duration::from_secs(args.usage_flush_seconds),
@@ -315,7 +315,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         warmup: warmup.clone(),
         started,
         attempts,
-        usage: usage.clone(),
+        lost_charges,
         host_ip: args.node_address.clone(),
         metrics: metrics.clone(),
     }));

@@ -90,6 +90,8 @@ async fn main() -> anyhow::Result<()> {
     let logs = Arc::new(LogStore::default());
     let (usage, mut usage_inbox) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(async move { while usage_inbox.recv().await.is_some() {} });
+    let (lost_charges, mut lost_inbox) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move { while lost_inbox.recv().await.is_some() {} });
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -110,7 +112,7 @@ async fn main() -> anyhow::Result<()> {
         host_ip: "127.0.0.1".into(),
         metrics: metrics.clone(),
         attempts: Default::default(),
-        usage: usage.clone(),
+        lost_charges,
     });
     let (controller, inbox) = Controller::new(shared);
     let controller_inbox = controller.inbox();

@@ -21,6 +21,16 @@ pub fn process_pool() -> DevicePoolSpec {
     }
 }
 
+/// A process pool that counts a device lost after 5 s of silence and fences its tasks after
+/// 5 s: a lost device's task runs elsewhere within seconds (the fence plus its margin).
+pub fn quick_loss_pool() -> DevicePoolSpec {
+    DevicePoolSpec {
+        device_lost_after_seconds: 5,
+        fence_seconds: 5,
+        ..process_pool()
+    }
+}
+
 /// The value of the operator's first metric line that starts with `line_start`.
 pub async fn metric(operator: &Operator, line_start: &str) -> Option<f64> {
     let (_, body) = operator.get("/metrics").await.ok()?;

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret};
 use kube::api::{ListParams, PostParams};
 use kube::{Api, ResourceExt};
 
-use crate::devices::process_pool;
+use crate::devices::{process_pool, quick_loss_pool};
 use crate::fleet::{self, Agent, token};
 use crate::harness::{PoolFixture, TestNamespace, log_dir, poll_until, unique, wait_for};
 
@@ -294,6 +294,12 @@ impl Bench {
         )
         .await;
         started.elapsed()
+    }
+
+    /// Kills the agent of `device` (SIGKILL), as a device that vanishes without a word.
+    pub async fn kill_agent(&mut self, device: &str) {
+        let agent = self.agents.iter_mut().find(|a| a.device_id == device);
+        agent.expect("an agent of the bench").kill().await;
     }
 
     /// Starts the operator again on the same ports and scope, after a kill.
@@ -910,13 +916,7 @@ async fn a_pod_force_deleted_while_the_operator_is_down_is_stopped_when_it_retur
 
 #[tokio::test]
 async fn a_lost_device_or_a_returning_owner_moves_the_task_elsewhere() {
-    let spec = DevicePoolSpec {
-        device_lost_after_seconds: 5,
-        // The task runs elsewhere once the fence (and its 10 s margin) has passed.
-        fence_seconds: 5,
-        ..process_pool()
-    };
-    let mut bench = Bench::start("podlost", 2, spec).await;
+    let mut bench = Bench::start("podlost", 2, quick_loss_pool()).await;
     bench
         .create(bench.pod("survivor", "sleep 4; echo finished", "Never"))
         .await;
@@ -924,12 +924,7 @@ async fn a_lost_device_or_a_returning_owner_moves_the_task_elsewhere() {
         .phase_is("survivor", "Running", Duration::from_secs(60))
         .await;
     let first = placed_on(&running).unwrap();
-    let victim = bench
-        .agents
-        .iter_mut()
-        .find(|a| a.device_id == first)
-        .unwrap();
-    victim.kill().await;
+    bench.kill_agent(&first).await;
     let done = bench
         .phase_is("survivor", "Succeeded", Duration::from_secs(90))
         .await;

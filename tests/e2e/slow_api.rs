@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use darkcore_crds::DevicePoolSpec;
 use k8s_openapi::api::core::v1::Event;
 use kube::Api;
 use kube::api::ListParams;
@@ -14,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use crate::devices::process_pool;
+use crate::devices::quick_loss_pool;
 use crate::harness::{PoolFixture, log_dir, unique};
 use crate::pods::Bench;
 
@@ -101,12 +100,7 @@ async fn a_slow_api_server_never_makes_a_healthy_device_look_dead() {
     let (kubeconfig, _) = kubeconfig_through(proxy);
     // A short fence and loss threshold: a device whose heartbeats went unanswered for 5 s
     // would stop its task, and one unheard for 5 s would be declared lost.
-    let spec = DevicePoolSpec {
-        fence_seconds: 5,
-        device_lost_after_seconds: 5,
-        ..process_pool()
-    };
-    let fx = PoolFixture::start_through("slowapi", spec, &kubeconfig).await;
+    let fx = PoolFixture::start_through("slowapi", quick_loss_pool(), &kubeconfig).await;
     let bench = Bench::on(fx, "slowapi", 1).await;
     // A task that outlives several fences, while every status write, Event and usage flush
     // the operator makes waits 2 s for its answer.

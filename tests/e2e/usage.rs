@@ -9,10 +9,10 @@ use serde_json::Value;
 
 use darkcore_crds::Amounts;
 
-use crate::devices::process_pool;
+use crate::devices::{process_pool, quick_loss_pool};
 use crate::fleet::Agent;
 use crate::harness::{free_port, http_get, operator_cli, poll_until};
-use crate::pods::{Bench, placed_on};
+use crate::pods::{Bench, main_status, placed_on};
 
 fn number(value: &Value, key: &str) -> u64 {
     value[key].as_u64().unwrap_or(0)
@@ -173,6 +173,88 @@ async fn usage_counts_every_run_once_across_an_operator_crash_and_a_preemption()
         ledger.tasks
     );
     assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn a_lost_attempt_is_charged_once_and_still_shown_after_an_operator_crash() {
+    let mut bench = Bench::start("lostcharge", 2, quick_loss_pool()).await;
+    let mut pod = bench.pod("moved", "sleep 4; echo held; sleep 20", "Never");
+    pod.spec.as_mut().unwrap().containers[0].resources = Some(
+        serde_json::from_value(serde_json::json!({ "requests": { "memory": "64Mi" } })).unwrap(),
+    );
+    bench.create(pod).await;
+    let running = bench
+        .phase_is("moved", "Running", Duration::from_secs(60))
+        .await;
+    let first = placed_on(&running).unwrap();
+    // Its output comes over its device's stream: the device was heard 4 s into the run.
+    bench
+        .logs_show("moved", "held", Duration::from_secs(30))
+        .await;
+    bench.kill_agent(&first).await;
+
+    // Its device is lost; the task runs on the other one; the operator dies at once, before
+    // or after it stored its charge for the lost attempt.
+    poll_until(
+        "the task runs again on the other device",
+        Duration::from_secs(60),
+        || async {
+            let pod = bench.pods().get("moved").await.map_err(|e| e.to_string())?;
+            let restarts = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .map(|s| s[0].restart_count);
+            match (placed_on(&pod), restarts) {
+                (Some(device), Some(1)) if device != first => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    bench.fx.operator.kill().await;
+    bench.restart_operator().await;
+
+    // The restarted operator goes on showing the loss, and counting it among the restarts.
+    let done = bench
+        .phase_is("moved", "Succeeded", Duration::from_secs(90))
+        .await;
+    let status = main_status(&done);
+    assert_eq!(status.restart_count, 1);
+    let lost = status.last_state.unwrap().terminated.unwrap();
+    assert_eq!(lost.reason.as_deref(), Some("DeviceLost"));
+    assert!(
+        lost.container_id
+            .as_deref()
+            .is_some_and(|id| id.starts_with(&format!("darkcore://{first}/"))),
+        "{lost:?}"
+    );
+    let held_seconds = lost.finished_at.as_ref().unwrap().0.as_second()
+        - lost.started_at.as_ref().unwrap().0.as_second();
+    assert!(held_seconds >= 3, "{lost:?}");
+
+    // The lost device is charged once for it: 64 MiB for as long as it held it until last
+    // heard, as interrupted.
+    let stored = poll_until(
+        "the lost attempt's charge is stored",
+        Duration::from_secs(30),
+        || async {
+            let stored = stored_for(&bench, &stored_rows(&bench), &first);
+            match stored.interrupted {
+                0 => Err(format!("{stored:?}")),
+                _ => Ok(stored),
+            }
+        },
+    )
+    .await;
+    assert_eq!((stored.tasks, stored.interrupted), (0, 1), "{stored:?}");
+    let expected = 64 * held_seconds as u64;
+    assert!(
+        stored.memory_mib_seconds.abs_diff(expected) <= 64,
+        "{} MiB-s for {held_seconds} s of 64 MiB",
+        stored.memory_mib_seconds
+    );
     bench.finish().await;
 }
 

@@ -44,6 +44,31 @@ impl std::fmt::Display for TaskId {
     }
 }
 
+/// Why an attempt ended without the pod's own doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossReason {
+    /// Its device went quiet, or came back without the task.
+    DeviceLost,
+    /// Its device handed the task back (the owner came back, the agent stopped).
+    Preempted,
+}
+
+impl LossReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LossReason::DeviceLost => "DeviceLost",
+            LossReason::Preempted => "Preempted",
+        }
+    }
+
+    /// The reason a pod's status shows, read back.
+    pub fn parse(text: &str) -> Option<LossReason> {
+        [LossReason::DeviceLost, LossReason::Preempted]
+            .into_iter()
+            .find(|reason| reason.as_str() == text)
+    }
+}
+
 /// Whether the operator hears a device now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Presence {

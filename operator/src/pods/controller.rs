@@ -35,11 +35,12 @@ use crate::pods::orphans::Orphans;
 use crate::pods::outbox::Outbox;
 use crate::pods::placement::{self, Candidate, Need};
 use crate::pods::resolve::{self, Lookups, Placement, Resolved};
-use crate::pods::status::{self, RunView};
+use crate::pods::status::{self, Loss, RunView};
 use crate::pods::writer::Writer;
 use crate::pool::POOL_LABEL;
 use crate::usage::attempts::{AttemptBook, Held, lock};
-use crate::usage::recorder::Charged;
+use crate::usage::ledger::LOST_CHARGED_AGAIN_MS;
+use crate::usage::recorder::{LostCharge, LostCharges};
 use crate::warmup::Warmup;
 
 /// How soon messages that did not fit an agent's queue are tried again.
@@ -82,7 +83,7 @@ pub struct Shared {
     /// The operator's record of each attempt, which bounds what devices may charge.
     pub attempts: Arc<Mutex<AttemptBook>>,
     /// Where the charges for attempts lost with their devices go.
-    pub usage: mpsc::Sender<Charged>,
+    pub lost_charges: LostCharges,
 }
 
 struct Entry {
@@ -122,6 +123,24 @@ fn share(run: &Run) -> Option<Share<'_>> {
         millicores: a.millicores,
         memory: a.memory,
     })
+}
+
+/// Charges an attempt lost with its device, which sends no report for it: what it reserved
+/// until its device was last heard, unless a charge for it was counted already.
+fn charge_loss(shared: &Shared, loss: &Loss) {
+    let task = loss.task.to_string();
+    let Some((held, record)) = lock(&shared.attempts).lost(&task, loss.at_unix_ms) else {
+        return;
+    };
+    let charge = LostCharge {
+        device: loss.device.clone(),
+        pool: held.pool,
+        record,
+    };
+    if shared.lost_charges.send(charge).is_err() {
+        tracing::warn!(%task, "the usage recorder has stopped; a lost attempt goes uncharged");
+        shared.metrics.usage_records("dropped", 1);
+    }
 }
 
 fn cancel(
@@ -275,14 +294,19 @@ impl Controller {
             // until its device says otherwise or stays away.
             let recorded = status::recorded_attempt(&pod)
                 .and_then(|(task_id, device)| Some((TaskId::parse(&task_id)?, device)));
-            if let Some((task, device)) = &recorded {
-                run.next_number = task.number + 1;
-                self.book_adopted(&pod, task, device);
+            // Its last loss goes on showing, and counting in its restarts.
+            run.last_loss = status::recorded_loss(&pod);
+            if let Some(loss) = &run.last_loss {
+                run.next_number = loss.task.number + 1;
+                self.charge_recorded_loss(&pod, loss);
             }
-            run.stage = match recorded {
+            let dispatched_ms = recorded.as_ref().map(|(task, device)| {
+                run.next_number = run.next_number.max(task.number + 1);
+                self.book_adopted(&pod, task, device)
+            });
+            run.stage = match (recorded, dispatched_ms) {
                 _ if pod_finished(&pod) => Stage::Finished { attempt: None },
-                None => Stage::Admitting,
-                Some((task, device)) => {
+                (Some((task, device)), Some(dispatched_ms)) => {
                     self.shared.logs.assign(&task.to_string(), &device, true);
                     Stage::Dispatched {
                         attempt: Attempt {
@@ -290,6 +314,7 @@ impl Controller {
                             device,
                             millicores: 0,
                             memory: 0,
+                            dispatched_ms,
                             report: None,
                             cancelled: false,
                             silent_since_ms: status::silent_since_ms(&pod),
@@ -297,6 +322,7 @@ impl Controller {
                         ready: None,
                     }
                 }
+                _ => Stage::Admitting,
             };
             if let Some(share) = share(&run) {
                 self.load.add(share);
@@ -331,8 +357,9 @@ impl Controller {
     /// Records an attempt found on a device or in a pod's status after a restart. When it was
     /// sent is not known exactly: no later than since when the pod shows it placed (written by
     /// an operator), else its creation (stamped by the API server).
-    fn book_adopted(&self, pod: &Pod, task: &TaskId, device: &str) {
-        let demand = demand_of(pod);
+    /// Records an attempt found after a restart (in its pod's status, or on its device);
+    /// returns when it was sent, as far as the pod tells.
+    fn book_adopted(&self, pod: &Pod, task: &TaskId, device: &str) -> i64 {
         let created = pod
             .metadata
             .creation_timestamp
@@ -342,13 +369,34 @@ impl Controller {
             (Some(placed), Some(created)) => placed.max(created),
             (placed, created) => placed.or(created).unwrap_or_else(crate::domain::unix_ms),
         };
+        self.book()
+            .began(&task.to_string(), self.held(pod, device, from_ms));
+        from_ms
+    }
+
+    /// What an attempt of `pod` on `device` since `from_ms` was given, by the operator's
+    /// record of the pod.
+    fn held(&self, pod: &Pod, device: &str, from_ms: i64) -> Held {
         // The pool is the pod's node's (its device may not have reattached yet).
         let pool = pool_name_of_pod(&self.shared, pod)
             .or_else(|| self.shared.registry.pool(device))
             .unwrap_or_default();
         let namespace = pod.namespace().unwrap_or_default();
-        let held = Held::begun(device, &pool, &namespace, demand, from_ms);
-        self.book().began(&task.to_string(), held);
+        Held::begun(device, &pool, &namespace, demand_of(pod), from_ms)
+    }
+
+    /// Charges again an attempt lost with its device that a pod's status shows, found after a
+    /// restart: the charge made before may not have been written. Its `PoolUsage` object
+    /// counts it once.
+    fn charge_recorded_loss(&self, pod: &Pod, loss: &Loss) {
+        let recent = crate::domain::unix_ms() - loss.at_unix_ms <= LOST_CHARGED_AGAIN_MS;
+        if loss.reason != LossReason::DeviceLost || !recent || loss.started_ms <= 0 {
+            return;
+        }
+        let task = loss.task.to_string();
+        let held = self.held(pod, &loss.device, loss.started_ms);
+        self.book().began(&task, held);
+        charge_loss(&self.shared, loss);
     }
 
     fn deleted(&mut self, uid: &str) {
@@ -448,12 +496,13 @@ impl Controller {
                 // the attempt): adopt it rather than run the pod twice.
                 tracing::info!(%uid, task = %report.task_id, %device, "adopting a task its device still runs");
                 self.shared.logs.assign(&report.task_id, device, true);
-                self.book_adopted(&entry.pod.clone(), &task, device);
+                let dispatched_ms = self.book_adopted(&entry.pod.clone(), &task, device);
                 let attempt = Attempt {
                     task,
                     device: device.to_string(),
                     millicores: 0,
                     memory: 0,
+                    dispatched_ms,
                     report: Some(report),
                     cancelled: false,
                     silent_since_ms: None,
@@ -624,8 +673,8 @@ impl Controller {
                 let demand = demand_of_task(&assign.containers, &assign.init_containers);
                 let pool_name = pool.map(|p| p.name_any()).unwrap_or_default();
                 let (device, namespace) = (&attempt.device, &assign.namespace);
-                let now_ms = crate::domain::unix_ms();
-                let held = Held::begun(device, &pool_name, namespace, demand, now_ms);
+                let held =
+                    Held::begun(device, &pool_name, namespace, demand, attempt.dispatched_ms);
                 lock(&shared.attempts).began(&assign.task_id, held);
                 if let Some(seen) = entry.seen_at.take() {
                     shared
@@ -664,30 +713,14 @@ impl Controller {
                     shared.writer.event(&entry.pod, true, &reason, message);
                 }
             }
-            Effect::Redispatched {
-                reason,
-                task,
-                device,
-                heard_ms,
-            } => {
-                tracing::info!(%uid, reason = reason.as_str(), "attempt lost; the task runs again elsewhere");
-                shared.metrics.task_redispatched(reason.as_str());
-                let task = task.to_string();
-                let mut book = lock(&shared.attempts);
-                if reason != LossReason::DeviceLost {
+            Effect::Redispatched(loss) => {
+                tracing::info!(%uid, reason = loss.reason.as_str(), "attempt lost; the task runs again elsewhere");
+                shared.metrics.task_redispatched(loss.reason.as_str());
+                if loss.reason != LossReason::DeviceLost {
                     // Its device handed it back, and charges it itself.
-                    book.ended(&task, heard_ms, false);
-                } else if let Some((held, record)) = book.lost(&task, heard_ms) {
-                    // Its device will not report it: the operator charges what it reserved.
-                    let charge = Charged::Lost {
-                        device,
-                        pool: held.pool,
-                        record,
-                    };
-                    if shared.usage.try_send(charge).is_err() {
-                        tracing::warn!(%task, "the usage recorder is full; a lost attempt goes uncharged");
-                        shared.metrics.usage_records("dropped", 1);
-                    }
+                    lock(&shared.attempts).ended(&loss.task.to_string(), loss.at_unix_ms, false);
+                } else {
+                    charge_loss(&shared, &loss);
                 }
             }
             Effect::Completed { succeeded } => {
@@ -737,8 +770,7 @@ impl Controller {
             });
         let view = RunView {
             attempt: attempt.map(|a| (a.task.number, a.device.clone(), a.task.to_string())),
-            placed_at_ms: attempt
-                .and_then(|a| lock(&shared.attempts).since_ms(&a.task.to_string())),
+            placed_at_ms: attempt.map(|a| a.dispatched_ms),
             report: attempt.and_then(|a| a.report.clone()),
             last_loss: run.last_loss.clone(),
             unplaced: match &run.stage {
@@ -979,7 +1011,6 @@ where
     found
 }
 
-/// Fetches the ConfigMaps and Secrets a pod names, then resolves it (off the loop).
 /// The name of the pool whose node the pod is bound to (known even once the pool is gone).
 fn pool_name_of_pod(shared: &Shared, pod: &Pod) -> Option<String> {
     let node = shared
@@ -995,6 +1026,7 @@ fn pool_of_pod(shared: &Shared, pod: &Pod) -> Option<Arc<DevicePool>> {
         .get(&ObjectRef::new(&pool_name_of_pod(shared, pod)?))
 }
 
+/// Fetches the ConfigMaps and Secrets a pod names, then resolves it (off the loop).
 async fn resolve_pod(shared: Arc<Shared>, pod: Pod, inbox: mpsc::Sender<Input>) {
     let namespace = pod.namespace().unwrap_or_default();
     let (maps, secrets) = resolve::referenced(&pod);

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use darkcore_crds::Runtime;
 use darkcore_proto::agent::v1::{TaskPhase, TaskStatus};
 
+pub use crate::domain::LossReason;
 pub use crate::domain::Presence;
 pub use crate::domain::TaskId;
 use crate::pods::admission::Refusal;
@@ -18,24 +19,6 @@ pub const RESOLVE_RETRY: Duration = Duration::from_secs(10);
 /// How long past its grace period a stopping task may take before its pod is deleted anyway.
 pub const STOP_SLACK: Duration = Duration::from_secs(10);
 
-/// Why an attempt ended without the pod's own doing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LossReason {
-    /// Its device went quiet, or came back without the task.
-    DeviceLost,
-    /// Its device handed the task back (the owner came back, the agent stopped).
-    Preempted,
-}
-
-impl LossReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LossReason::DeviceLost => "DeviceLost",
-            LossReason::Preempted => "Preempted",
-        }
-    }
-}
-
 /// One attempt at running the pod: a task on a device.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Attempt {
@@ -44,6 +27,9 @@ pub struct Attempt {
     /// What it was granted (zero for one adopted after a restart: not known).
     pub millicores: u64,
     pub memory: u64,
+    /// When it was sent (Unix ms); for one adopted after a restart, as its pod's status
+    /// recorded.
+    pub dispatched_ms: i64,
     /// The device's latest report of it.
     pub report: Option<TaskStatus>,
     /// The device was told to stop it (deletion or release).
@@ -266,14 +252,9 @@ pub enum Effect {
         message: String,
         once: bool,
     },
-    /// An attempt was lost (the task runs again, or the pod fails past its re-dispatches).
-    /// `heard_ms`: when its device was last heard, which a lost attempt is charged until.
-    Redispatched {
-        reason: LossReason,
-        task: TaskId,
-        device: String,
-        heard_ms: i64,
-    },
+    /// An attempt was lost (the task runs again, or the pod fails past its re-dispatches);
+    /// a lost device's attempt is charged until its device was last heard (`at_unix_ms`).
+    Redispatched(Loss),
     /// An attempt ended and its outcome is recorded.
     Completed { succeeded: bool },
     /// Delete the pod.
@@ -398,19 +379,18 @@ fn lose(
             .silent_since_ms
             .unwrap_or_else(|| since(facts.started)),
     };
-    effects.push(Effect::Redispatched {
+    let loss = Loss {
         reason,
+        message: message.clone(),
         task: attempt.task.clone(),
         device: attempt.device.clone(),
-        heard_ms,
-    });
+        started_ms: attempt.dispatched_ms,
+        at_unix_ms: heard_ms,
+    };
+    effects.push(Effect::Redispatched(loss.clone()));
     let number = attempt.task.number;
     run.next_number = run.next_number.max(number + 1);
-    run.last_loss = Some(Loss {
-        reason: reason.as_str().into(),
-        message: message.clone(),
-        at_unix_ms: facts.unix_ms,
-    });
+    run.last_loss = Some(loss);
     effects.push(Effect::Warn {
         reason: reason.as_str().into(),
         message: format!("{message}; attempt {number} of the task ended"),
@@ -508,6 +488,7 @@ fn settle(mut run: Run, facts: &Facts<'_>, effects: &mut Vec<Effect>) -> Run {
                         device: choice.device,
                         millicores: choice.millicores,
                         memory: choice.memory,
+                        dispatched_ms: facts.unix_ms,
                         report: None,
                         cancelled: false,
                         silent_since_ms: None,
@@ -850,8 +831,9 @@ mod tests {
         let (run, effects) = world.step(run, Event::Look);
         assert!(is_cancel(&effects[0], "this attempt was abandoned"));
         assert!(
-            matches!(&effects[1], Effect::Redispatched { reason: LossReason::DeviceLost, task, device, heard_ms }
-                if task.number == 1 && device == "dev-a" && *heard_ms == UNIX_MS - FENCE_WAIT.as_millis() as i64),
+            matches!(&effects[1], Effect::Redispatched(Loss { reason: LossReason::DeviceLost, task, device, at_unix_ms, started_ms, .. })
+                if task.number == 1 && device == "dev-a" && *at_unix_ms == UNIX_MS - FENCE_WAIT.as_millis() as i64
+                    && *started_ms == UNIX_MS),
             "charged until it was last heard: {:?}",
             effects[1]
         );
@@ -861,7 +843,7 @@ mod tests {
         let attempt = attempt_of(&run);
         assert_eq!((attempt.task.number, attempt.device.as_str()), (2, "dev-b"));
         let loss = run.last_loss.as_ref().unwrap();
-        assert_eq!(loss.reason, "DeviceLost");
+        assert_eq!(loss.reason, LossReason::DeviceLost);
         assert!(
             loss.message
                 .contains("device dev-a was lost: not heard from for 40 s"),
@@ -889,6 +871,7 @@ mod tests {
                     device: "dev-a".into(),
                     millicores: 0,
                     memory: 0,
+                    dispatched_ms: UNIX_MS,
                     report: None,
                     cancelled: false,
                     silent_since_ms: None,
@@ -915,8 +898,8 @@ mod tests {
             report(TaskPhase::Preempted, "Preempted", "the owner is back"),
         );
         assert!(
-            matches!(&effects[1], Effect::Redispatched { reason: LossReason::Preempted, heard_ms, .. }
-            if *heard_ms == UNIX_MS)
+            matches!(&effects[1], Effect::Redispatched(Loss { reason: LossReason::Preempted, at_unix_ms, .. })
+            if *at_unix_ms == UNIX_MS)
         );
         assert_eq!(attempt_of(&run).task.number, 2);
         assert_eq!(
@@ -989,6 +972,7 @@ mod tests {
                     device: "dev-a".into(),
                     millicores: 0,
                     memory: 0,
+                    dispatched_ms: UNIX_MS,
                     report: None,
                     cancelled: false,
                     silent_since_ms: Some(silent_since),
@@ -1001,7 +985,7 @@ mod tests {
         world.now = world.started + FENCE_WAIT;
         let (_, effects) = world.step(adopted, Event::Look);
         assert!(
-            matches!(&effects[1], Effect::Redispatched { heard_ms, .. } if *heard_ms == silent_since),
+            matches!(&effects[1], Effect::Redispatched(Loss { at_unix_ms, .. }) if *at_unix_ms == silent_since),
             "{effects:?}"
         );
     }
@@ -1021,6 +1005,7 @@ mod tests {
                     device: "dev-a".into(),
                     millicores: 0,
                     memory: 0,
+                    dispatched_ms: UNIX_MS,
                     report: None,
                     cancelled: false,
                     silent_since_ms: None,
@@ -1045,8 +1030,8 @@ mod tests {
         world.now = world.started + FENCE_WAIT;
         let (run, effects) = world.step(run, Event::Look);
         assert!(
-            matches!(&effects[1], Effect::Redispatched { reason: LossReason::DeviceLost, heard_ms, .. }
-            if *heard_ms == UNIX_MS - FENCE_WAIT.as_millis() as i64),
+            matches!(&effects[1], Effect::Redispatched(Loss { reason: LossReason::DeviceLost, at_unix_ms, .. })
+            if *at_unix_ms == UNIX_MS - FENCE_WAIT.as_millis() as i64),
             "since the operator started"
         );
         assert_eq!(effects.last(), Some(&Effect::Resolve));
@@ -1067,6 +1052,7 @@ mod tests {
             device: "dev-c".into(),
             millicores: 0,
             memory: 0,
+            dispatched_ms: UNIX_MS,
             report: None,
             cancelled: false,
             silent_since_ms: None,

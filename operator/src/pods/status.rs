@@ -15,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::conditions::{status_word, transition_time};
+use crate::domain::{LossReason, TaskId};
 use crate::kubelet::kept_output;
 
 /// The condition that says whether darkcore has placed the pod on a device, and why not.
@@ -23,12 +24,19 @@ const CONTAINER_ID_SCHEME: &str = "darkcore://";
 /// The Ready condition's reason while the pod's device is silent.
 pub const DEVICE_SILENT: &str = "DeviceSilent";
 
-/// Why an attempt ended without the pod's own doing.
+/// An attempt that ended without the pod's own doing. Shown as the containers' `lastState`
+/// (with the attempt in its containerID), which is how a restarted operator knows it: the
+/// restart count goes on from it, and a lost attempt's charge is made again if need be.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Loss {
-    /// `DeviceLost` or `Preempted`.
-    pub reason: String,
+    pub reason: LossReason,
     pub message: String,
+    /// The lost attempt and its device.
+    pub task: TaskId,
+    pub device: String,
+    /// When it was sent, and when it ended (for a lost device: when it was last heard), in
+    /// Unix ms.
+    pub started_ms: i64,
     pub at_unix_ms: i64,
 }
 
@@ -78,14 +86,41 @@ pub fn wants_log_tail(
 /// The task id and device recorded in a pod's status, if it was ever placed.
 pub fn recorded_attempt(pod: &Pod) -> Option<(String, String)> {
     let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    statuses
+        .iter()
+        .find_map(|s| attempt_in(s.container_id.as_deref()?))
+}
+
+/// The last attempt lost that a pod's status records (its containers' `lastState`, until a
+/// later attempt restarts on its own).
+pub fn recorded_loss(pod: &Pod) -> Option<Loss> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
     statuses.iter().find_map(|s| {
-        let id = s
-            .container_id
-            .as_deref()?
-            .strip_prefix(CONTAINER_ID_SCHEME)?;
-        let (device, task) = id.split_once('/')?;
-        Some((task.to_string(), device.to_string()))
+        let last = s.last_state.as_ref()?.terminated.as_ref()?;
+        let (task, device) = attempt_in(last.container_id.as_deref()?)?;
+        let ms = |time: &Option<Time>| time.as_ref().map_or(0, |t| t.0.as_millisecond());
+        Some(Loss {
+            reason: LossReason::parse(last.reason.as_deref()?)?,
+            message: last.message.clone().unwrap_or_default(),
+            task: TaskId::parse(&task)?,
+            device,
+            started_ms: ms(&last.started_at),
+            at_unix_ms: ms(&last.finished_at),
+        })
     })
+}
+
+/// A containerID as darkcore writes it: `darkcore://<device>/<task id>`.
+fn container_id_of(device: &str, task: &str) -> String {
+    format!("{CONTAINER_ID_SCHEME}{device}/{task}")
+}
+
+/// The task id and device in a containerID darkcore wrote.
+fn attempt_in(container_id: &str) -> Option<(String, String)> {
+    let (device, task) = container_id
+        .strip_prefix(CONTAINER_ID_SCHEME)?
+        .split_once('/')?;
+    Some((task.to_string(), device.to_string()))
 }
 
 /// Since when the pod has been placed on its current attempt, as darkcore recorded it: its
@@ -186,7 +221,7 @@ fn containers(
     let (base, container_id) = match &view.attempt {
         Some((number, device, task)) => (
             number.saturating_sub(1) as i32,
-            Some(format!("{CONTAINER_ID_SCHEME}{device}/{task}")),
+            Some(container_id_of(device, task)),
         ),
         None => (0, None),
     };
@@ -218,12 +253,12 @@ fn containers(
                 (None, Some(loss)) => Some(terminated(
                     &Termination {
                         exit_code: 137,
-                        reason: loss.reason.clone(),
+                        reason: loss.reason.as_str().into(),
                         message: loss.message.clone(),
+                        started_at_unix_ms: loss.started_ms,
                         finished_at_unix_ms: loss.at_unix_ms,
-                        ..Default::default()
                     },
-                    None,
+                    Some(container_id_of(&loss.device, &loss.task.to_string())),
                 )),
                 (None, None) => None,
             };
@@ -462,6 +497,18 @@ mod tests {
         }
     }
 
+    /// Attempt 1, lost with device dev-b a minute after it was sent.
+    fn lost_on_dev_b() -> Loss {
+        Loss {
+            reason: LossReason::DeviceLost,
+            message: "device dev-b was lost".into(),
+            task: TaskId::parse("uid.1").unwrap(),
+            device: "dev-b".into(),
+            started_ms: 1_795_000_000_000,
+            at_unix_ms: 1_795_000_060_000,
+        }
+    }
+
     #[test]
     fn a_placed_pod_says_since_when() {
         let view = RunView {
@@ -589,11 +636,7 @@ mod tests {
         let view = RunView {
             attempt: Some((2, "dev-a".into(), "uid.2".into())),
             report: Some(report(TaskPhase::Running, State::Running, 1)),
-            last_loss: Some(Loss {
-                reason: "DeviceLost".into(),
-                message: "device dev-b was lost".into(),
-                at_unix_ms: 1,
-            }),
+            last_loss: Some(lost_on_dev_b()),
             pod_ip: Some("10.0.0.7".into()),
             ..Default::default()
         };
@@ -633,6 +676,43 @@ mod tests {
             ),
             "nothing changed, nothing to write"
         );
+    }
+
+    #[test]
+    fn a_lost_attempt_reads_back_from_the_status_that_shows_it() {
+        let loss = lost_on_dev_b();
+        // Unplaced after the loss, and then on its next attempt before that one reports.
+        for attempt in [None, Some((2, "dev-a".to_string(), "uid.2".to_string()))] {
+            let view = RunView {
+                attempt: attempt.clone(),
+                last_loss: Some(loss.clone()),
+                ..Default::default()
+            };
+            let mut written = pod();
+            written.status = Some(render(&pod(), &view, &now()));
+            assert_eq!(recorded_loss(&written), Some(loss.clone()), "{attempt:?}");
+            assert_eq!(
+                recorded_attempt(&written),
+                attempt.map(|(_, device, task)| (task, device)),
+                "the lost attempt is not taken for the current one"
+            );
+        }
+        // A restart of the attempt's own replaces it: nothing was lost since.
+        let mut restarted = report(TaskPhase::Running, State::Running, 1);
+        restarted.containers[0].last_termination = Some(Termination {
+            exit_code: 1,
+            reason: "Error".into(),
+            ..Default::default()
+        });
+        let view = RunView {
+            attempt: Some((2, "dev-a".into(), "uid.2".into())),
+            report: Some(restarted),
+            last_loss: Some(loss),
+            ..Default::default()
+        };
+        let mut written = pod();
+        written.status = Some(render(&pod(), &view, &now()));
+        assert_eq!(recorded_loss(&written), None);
     }
 
     #[test]

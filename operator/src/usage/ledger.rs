@@ -86,6 +86,46 @@ pub fn apply(spec: &mut PoolUsageSpec, device: &str, records: &[UsageRecord]) ->
     added
 }
 
+/// How long an object remembers the lost attempts it counted: longer than a restarted
+/// operator goes back to charge a loss again.
+pub const LOST_REMEMBERED_MS: i64 = 2 * 60 * 60 * 1000;
+/// A restarted operator charges again the losses its pods' statuses show that ended within
+/// this (the first charge may not have been written).
+pub const LOST_CHARGED_AGAIN_MS: i64 = 60 * 60 * 1000;
+// A loss charged again is always one its object still remembers.
+const _: () = assert!(LOST_CHARGED_AGAIN_MS < LOST_REMEMBERED_MS);
+/// Lost attempts one device's entry remembers at most; the oldest go first.
+pub const LOST_REMEMBERED_CAP: usize = 1_000;
+
+/// Adds the operator's charge for an attempt lost with `device`, unless this object counted
+/// that attempt's loss already; true when it was added.
+pub fn charge_lost(
+    spec: &mut PoolUsageSpec,
+    device: &str,
+    record: &UsageRecord,
+    now_ms: i64,
+) -> bool {
+    let remembered = &mut spec
+        .devices
+        .entry(device.to_string())
+        .or_default()
+        .lost_attempts;
+    if remembered.contains_key(&record.task_id) {
+        return false;
+    }
+    remembered.insert(record.task_id.clone(), record.ended_unix_ms);
+    remembered.retain(|_, ended| *ended >= now_ms.saturating_sub(LOST_REMEMBERED_MS));
+    while remembered.len() > LOST_REMEMBERED_CAP {
+        let oldest = remembered
+            .iter()
+            .min_by_key(|(_, ended)| **ended)
+            .map(|(task, _)| task.clone());
+        oldest.map(|task| remembered.remove(&task));
+    }
+    charge(spec, device, record);
+    true
+}
+
 /// Adds one record to `spec` under `device`, whatever its sequence.
 pub fn charge(spec: &mut PoolUsageSpec, device: &str, record: &UsageRecord) {
     let amounts = amounts_of(record);
@@ -148,6 +188,52 @@ mod tests {
         assert_eq!(device.namespaces["a"].cpu_milliseconds, 125);
         assert_eq!(device.namespaces["b"].interrupted, 1);
         assert_eq!(spec.device_count, 1);
+    }
+
+    #[test]
+    fn a_lost_attempt_charged_again_after_a_restart_counts_once() {
+        const NOW: i64 = 1_795_000_000_000;
+        let mut spec = Bucket::of("lab", "dev-1", NOW).empty_spec();
+        let lost = |task: &str, ended: i64| UsageRecord {
+            task_id: task.into(),
+            ended_unix_ms: ended,
+            ..record(0, "a", 100, false)
+        };
+        assert!(charge_lost(&mut spec, "dev-1", &lost("uid.1", NOW), NOW));
+        assert!(!charge_lost(
+            &mut spec,
+            "dev-1",
+            &lost("uid.1", NOW),
+            NOW + 5_000
+        ));
+        assert!(charge_lost(&mut spec, "dev-1", &lost("uid.2", NOW), NOW));
+        assert_eq!(
+            (spec.total.interrupted, spec.total.cpu_milliseconds),
+            (2, 200)
+        );
+        // Remembered for two hours; a device's own records keep their sequence apart.
+        let later = NOW + LOST_REMEMBERED_MS + 1;
+        assert!(charge_lost(
+            &mut spec,
+            "dev-1",
+            &lost("uid.3", later),
+            later
+        ));
+        let remembered = &spec.devices["dev-1"].lost_attempts;
+        assert_eq!(remembered.keys().collect::<Vec<_>>(), ["uid.3"]);
+        assert_eq!(spec.devices["dev-1"].applied_sequence, 0);
+        // At most so many, the oldest first out.
+        for n in 0..LOST_REMEMBERED_CAP as i64 {
+            charge_lost(
+                &mut spec,
+                "dev-1",
+                &lost(&format!("x.{n}"), later + n),
+                later,
+            );
+        }
+        let remembered = &spec.devices["dev-1"].lost_attempts;
+        assert_eq!(remembered.len(), LOST_REMEMBERED_CAP);
+        assert!(!remembered.contains_key("uid.3"));
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! operator makes for attempts lost with their devices are stored the same way.
 //!
 //! The write budget is the number of objects that changed per interval (at most 64 per pool
-//! and day), whatever the number of devices or tasks.
+//! and day), whatever the number of devices or tasks. A lost attempt's charge is written
+//! within a second: a restarted operator makes it again from the pod's status, and the object
+//! counts it once, but only while that status still shows the loss.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -17,12 +19,13 @@ use darkcore_proto::agent::v1::{OperatorMessage, UsageAck, UsageRecord, operator
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::devices::registry::{AgentSender, Registry};
 use crate::metrics::Metrics;
 use crate::pool::POOL_LABEL;
 use crate::usage::attempts::{self, AttemptBook, Verdict};
-use crate::usage::ledger::{Bucket, apply, charge};
+use crate::usage::ledger::{Bucket, apply, charge_lost};
 use crate::warmup::Warmup;
 
 /// Label with the UTC day on every PoolUsage, for `usage --since`.
@@ -36,6 +39,9 @@ const CONFLICT_RETRIES: usize = 5;
 /// and so not acknowledged: its device sends it again on its next connection.
 pub const WAITING_PER_DEVICE: usize = 4_096;
 
+/// How soon a lost attempt's charge is written.
+const LOST_WRITTEN_WITHIN: Duration = Duration::from_secs(1);
+
 /// A charge for the recorder to store.
 pub enum Charged {
     /// Records from one agent stream, and where its acknowledgement goes: checked against
@@ -46,13 +52,26 @@ pub enum Charged {
         records: Vec<UsageRecord>,
         ack: AgentSender,
     },
-    /// The operator's own charge for an attempt lost with its device (no sequence: it counts
-    /// as it comes, once, since the book charges an attempt once).
-    Lost {
-        device: String,
-        pool: String,
-        record: UsageRecord,
-    },
+    Lost(LostCharge),
+}
+
+/// The operator's own charge for an attempt lost with its device (no sequence: each object
+/// counts a task's loss once, by its task id).
+pub struct LostCharge {
+    pub device: String,
+    pub pool: String,
+    pub record: UsageRecord,
+}
+
+/// Where lost attempts' charges go. Unbounded on purpose: there is at most one per attempt
+/// the operator made, and none may be dropped.
+pub type LostCharges = mpsc::UnboundedSender<LostCharge>;
+
+/// What the recorder reads: devices' records (bounded, so streams wait) and the operator's
+/// own charges.
+pub struct Inbox {
+    reported: mpsc::Receiver<Charged>,
+    lost: mpsc::UnboundedReceiver<LostCharge>,
 }
 
 /// Checked charges for one device in one object.
@@ -107,11 +126,11 @@ impl Pending {
                 entry.1 = ack;
                 true
             }
-            Charged::Lost {
+            Charged::Lost(LostCharge {
                 device,
                 pool,
                 record,
-            } => {
+            }) => {
                 if pool.is_empty() {
                     // No object can be named for it; it would be retried for ever.
                     tracing::warn!(%device, task = %record.task_id, "a lost attempt's pool is not known; its charge is dropped");
@@ -217,8 +236,9 @@ impl Recorder {
         metrics: Arc<Metrics>,
         flush_every: Duration,
         (book, registry, warmup): (Arc<Mutex<AttemptBook>>, Arc<Registry>, Arc<Warmup>),
-    ) -> (Recorder, mpsc::Sender<Charged>, mpsc::Receiver<Charged>) {
-        let (tx, rx) = mpsc::channel(INBOX);
+    ) -> (Recorder, mpsc::Sender<Charged>, LostCharges, Inbox) {
+        let (reported, reported_inbox) = mpsc::channel(INBOX);
+        let (lost, lost_inbox) = mpsc::unbounded_channel();
         let recorder = Recorder {
             api: Api::all(client),
             metrics,
@@ -228,16 +248,19 @@ impl Recorder {
             warmup,
             written: HashMap::new(),
         };
-        (recorder, tx, rx)
+        let inbox = Inbox {
+            reported: reported_inbox,
+            lost: lost_inbox,
+        };
+        (recorder, reported, lost, inbox)
     }
 
-    pub async fn run(mut self, mut inbox: mpsc::Receiver<Charged>) {
+    pub async fn run(mut self, mut inbox: Inbox) {
         let mut pending = Pending::default();
-        let mut flush = tokio::time::interval(self.flush_every);
-        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut flush_at = Instant::now() + self.flush_every;
         loop {
             tokio::select! {
-                charged = inbox.recv() => match charged {
+                charged = inbox.reported.recv() => match charged {
                     Some(charged) => {
                         if !pending.add(charged) {
                             self.metrics.usage_records("deferred", 1);
@@ -245,8 +268,18 @@ impl Recorder {
                     }
                     None => break,
                 },
-                _ = flush.tick() => self.flush(&mut pending).await,
+                Some(lost) = inbox.lost.recv() => {
+                    pending.add(Charged::Lost(lost));
+                    flush_at = flush_at.min(Instant::now() + LOST_WRITTEN_WITHIN);
+                }
+                _ = tokio::time::sleep_until(flush_at) => {
+                    self.flush(&mut pending).await;
+                    flush_at = Instant::now() + self.flush_every;
+                }
             }
+        }
+        while let Ok(lost) = inbox.lost.try_recv() {
+            pending.add(Charged::Lost(lost));
         }
         self.flush(&mut pending).await;
     }
@@ -314,16 +347,17 @@ impl Recorder {
                 },
                 spec: bucket.empty_spec(),
             });
-            let mut added = 0;
-            let mut duplicates = 0;
+            let (mut added, mut lost, mut duplicates) = (0, 0, 0);
+            let now_ms = crate::domain::unix_ms();
             for (device, counted) in devices {
                 let records: Vec<UsageRecord> = counted.reported.values().cloned().collect();
                 let applied = apply(&mut object.spec, device, &records);
-                added += applied + counted.lost.len();
-                duplicates += records.len() - applied;
-                for record in &counted.lost {
-                    charge(&mut object.spec, device, record);
-                }
+                let lost_here = (counted.lost.iter())
+                    .filter(|record| charge_lost(&mut object.spec, device, record, now_ms))
+                    .count();
+                added += applied + lost_here;
+                lost += lost_here;
+                duplicates += records.len() - applied + counted.lost.len() - lost_here;
             }
             if added == 0 {
                 self.metrics.usage_records("duplicate", duplicates);
@@ -341,7 +375,6 @@ impl Recorder {
             match result {
                 Ok(stored) => {
                     self.metrics.usage_records("counted", added);
-                    let lost = devices.values().map(|c| c.lost.len()).sum();
                     self.metrics.usage_records("operator_charged", lost);
                     self.metrics.usage_records("duplicate", duplicates);
                     return Ok(stored);
@@ -367,10 +400,12 @@ mod tests {
             ended_unix_ms: 1_795_000_000_000,
             ..Default::default()
         };
-        let lost = |pool: &str| Charged::Lost {
-            device: "dev-a".into(),
-            pool: pool.into(),
-            record: record.clone(),
+        let lost = |pool: &str| {
+            Charged::Lost(LostCharge {
+                device: "dev-a".into(),
+                pool: pool.into(),
+                record: record.clone(),
+            })
         };
         let mut pending = Pending::default();
         pending.add(lost(""));
