@@ -29,15 +29,15 @@ use crate::housekeeping::{Housekeeper, Retention};
 use crate::http::{self, Health, Readiness};
 use crate::installation;
 use crate::kubelet::auth::Authorizer;
+use crate::kubelet::endpoints::NodeEndpoints;
 use crate::kubelet::log_store::LogStore;
-use crate::kubelet::{self, KubeletState, PodIndex};
+use crate::kubelet::{self, KubeletServer, KubeletState, PodIndex};
 use crate::leader::{LeaseLock, Timing};
 use crate::metrics::Metrics;
 use crate::pods::controller::{Controller as PodController, Shared as PodShared};
 use crate::pods::runtime_class;
 use crate::pods::writer::Writer;
 use crate::pool::controller::{Context, error_policy, reconcile};
-use crate::pool::node_status::KubeletEndpoint;
 use crate::pool::{FIELD_MANAGER, POOL_LABEL, lease};
 use crate::reports::TaskReports;
 use crate::supervise::Supervisor;
@@ -56,9 +56,14 @@ pub struct RunArgs {
     /// node's InternalIP. In a cluster, set it to the pod IP.
     #[arg(long, env = "DARKCORE_NODE_ADDRESS", default_value = "127.0.0.1")]
     pub node_address: String,
-    /// Port of the kubelet API, published as each node's kubeletEndpoint.
+    /// First port of the kubelet API: each node gets its own port from here on, published as
+    /// its kubeletEndpoint (0: any free port the system gives).
     #[arg(long, env = "DARKCORE_KUBELET_PORT", default_value_t = 10250)]
-    pub kubelet_port: i32,
+    pub kubelet_port: u16,
+    /// How many ports from --kubelet-port the nodes' kubelet APIs may take: at least as many
+    /// as the nodes this operator publishes (one per pool and OS/arch).
+    #[arg(long, env = "DARKCORE_KUBELET_PORT_COUNT", default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..))]
+    pub kubelet_port_count: u16,
     /// The address the kubelet API listens on.
     #[arg(long, env = "DARKCORE_KUBELET_BIND", default_value = "0.0.0.0")]
     pub kubelet_bind: std::net::IpAddr,
@@ -336,15 +341,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
     );
     loops.spawn("pod", pod_controller.run(pod_inbox));
-    let kubelet_addr = SocketAddr::new(args.kubelet_bind, args.kubelet_port as u16);
     let client_ca = kubelet::client_ca(&client).await.unwrap_or_else(|error| {
         tracing::warn!(%error, "no client CA for the kubelet API: only bearer tokens will be accepted");
         Vec::new()
     });
     let kubelet_identity = tls::serving_identity(&ca, std::slice::from_ref(&args.node_address))
         .context("issuing the kubelet API's certificate")?;
-    let kubelet_api = kubelet::serve(
-        kubelet_addr,
+    let kubelet_server = KubeletServer::new(
         kubelet_identity,
         client_ca,
         Arc::new(KubeletState {
@@ -352,9 +355,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             logs,
             authorizer: Authorizer::new(client.clone()),
         }),
-    )
-    .await?;
-    loops.watch("kubelet API", tokio::spawn(kubelet_api));
+    )?;
+    let endpoints = Arc::new(NodeEndpoints::new(
+        kubelet_server,
+        args.kubelet_bind,
+        args.node_address.clone(),
+        args.kubelet_port,
+        args.kubelet_port_count,
+    ));
 
     let pool_served: PoolCheck = {
         let (pools, synced) = (pool_store.clone(), pools_synced.clone());
@@ -471,10 +479,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         client: client.clone(),
         nodes,
         nodes_synced,
-        endpoint: KubeletEndpoint {
-            address: args.node_address.clone(),
-            port: args.kubelet_port,
-        },
+        endpoints,
         node_owner,
         inventory: registry,
         metrics,

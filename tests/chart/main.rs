@@ -95,6 +95,7 @@ async fn every_object_the_chart_renders_is_accepted_by_the_api_server() {
         "gateway.service.externalTrafficPolicy=Local",
         "gateway.tls.extraNames[0]=gateway.example.com",
         "gateway.publicAddress=gateway.example.com:7443",
+        "kubelet.portCount=20",
         "networkPolicy.enabled=true",
         "networkPolicy.apiServerCIDRs[0]=10.0.0.1/32",
         "networkPolicy.gatewayFrom[0].ipBlock.cidr=0.0.0.0/0",

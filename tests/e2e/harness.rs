@@ -282,6 +282,10 @@ impl Operator {
                 "127.0.0.1",
                 "--kubelet-port",
                 &kubelet_port.to_string(),
+                // A node per platform at most in a test; few ports, so parallel tests' ranges
+                // seldom meet (a taken port is skipped anyway).
+                "--kubelet-port-count",
+                "4",
                 "--owner-cluster-role",
                 crate::helm::CLUSTER_ROLE,
             ])

@@ -1,5 +1,6 @@
-//! The kubelet API's routes: `/containerLogs/{ns}/{pod}/{container}` with the kubelet's query
-//! options, `/pods` and `/runningpods/`. Every route authenticates and authorizes first.
+//! One node's kubelet API routes: `/containerLogs/{ns}/{pod}/{container}` with the kubelet's
+//! query options, `/pods` and `/runningpods`, of that node's pods only. Every route
+//! authenticates and authorizes (`nodes/proxy` on the node) first.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -38,10 +39,12 @@ const FOLLOW_RECHECK: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 struct Caller {
     state: Arc<KubeletState>,
+    /// The node whose endpoint was called.
+    node: Arc<str>,
     certificate: Option<User>,
 }
 
-pub fn router(state: Arc<KubeletState>, certificate: Option<User>) -> Router {
+pub fn router(state: Arc<KubeletState>, node: Arc<str>, certificate: Option<User>) -> Router {
     Router::new()
         .route(
             "/containerLogs/{namespace}/{pod}/{container}",
@@ -49,21 +52,27 @@ pub fn router(state: Arc<KubeletState>, certificate: Option<User>) -> Router {
         )
         .route("/pods", get(pods))
         .route("/pods/", get(pods))
+        .route("/runningpods", get(running_pods))
         .route("/runningpods/", get(running_pods))
         .route("/healthz", get(|| async { "ok" }))
-        .with_state(Caller { state, certificate })
+        .with_state(Caller {
+            state,
+            node,
+            certificate,
+        })
 }
 
 fn text(status: StatusCode, message: String) -> Response {
     (status, message).into_response()
 }
 
+/// Authenticates the caller and authorizes it for `nodes/<subresource>` on the called node.
 async fn check(
     caller: &Caller,
     headers: &HeaderMap,
     subresource: &'static str,
-    node: &str,
 ) -> Result<(), Response> {
+    let node = &*caller.node;
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -133,11 +142,14 @@ async fn container_logs(
     headers: HeaderMap,
 ) -> Response {
     let state = caller.state.clone();
-    let Some(pod) = state.pods.get(&namespace, &pod_name) else {
-        // Check access before saying whether the pod exists.
-        if let Err(denied) = check(&caller, &headers, "proxy", "").await {
-            return denied;
-        }
+    // Check access before saying whether the pod exists.
+    if let Err(denied) = check(&caller, &headers, "proxy").await {
+        return denied;
+    }
+    let pod = state.pods.get(&namespace, &pod_name).filter(|pod| {
+        pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&*caller.node)
+    });
+    let Some(pod) = pod else {
         if !state.pods.listed() {
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -146,17 +158,12 @@ async fn container_logs(
         }
         return text(
             StatusCode::NOT_FOUND,
-            format!("pod {namespace}/{pod_name} is not on a darkcore node\n"),
+            format!(
+                "pod {namespace}/{pod_name} is not on node {}\n",
+                caller.node
+            ),
         );
     };
-    let node = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.node_name.clone())
-        .unwrap_or_default();
-    if let Err(denied) = check(&caller, &headers, "proxy", &node).await {
-        return denied;
-    }
     let known = pod
         .spec
         .iter()
@@ -377,10 +384,10 @@ fn pod_list(pods: Vec<Pod>) -> Response {
 }
 
 async fn pods(State(caller): State<Caller>, headers: HeaderMap) -> Response {
-    if let Err(denied) = check(&caller, &headers, "proxy", "").await {
+    if let Err(denied) = check(&caller, &headers, "proxy").await {
         return denied;
     }
-    pod_list(caller.state.pods.all())
+    pod_list(caller.state.pods.on_node(&caller.node))
 }
 
 async fn running_pods(
@@ -388,13 +395,13 @@ async fn running_pods(
     headers: HeaderMap,
     Query(_): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(denied) = check(&caller, &headers, "proxy", "").await {
+    if let Err(denied) = check(&caller, &headers, "proxy").await {
         return denied;
     }
     let running = caller
         .state
         .pods
-        .all()
+        .on_node(&caller.node)
         .into_iter()
         .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
         .map(|p| {

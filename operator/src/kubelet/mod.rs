@@ -1,19 +1,19 @@
-//! The kubelet API of darkcore's nodes, served over TLS on the port every node advertises, so
-//! that `kubectl logs` (through the apiserver) works as on any node.
+//! The kubelet API of darkcore's nodes, served over TLS on a port of each node's own, so that
+//! `kubectl logs` (through the apiserver) works as on any node.
 //!
 //! ```text
-//!  apiserver / kubectl ──TLS──> serve (client cert or bearer) ──> auth (TokenReview, SAR)
-//!                                                          └────> api: /containerLogs, /pods, /runningpods
+//!  apiserver / kubectl ──TLS──> endpoints (a port per node) ──> serve (client cert or bearer)
+//!                                   ──> auth (TokenReview, SAR) ──> api: /containerLogs, /pods, /runningpods
 //!  agents' LogChunks ──> LogStore (bounded per container run) ──┘
 //! ```
 
 pub mod api;
 pub mod auth;
+pub mod endpoints;
 pub mod kept_output;
 pub mod log_store;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context as _;
@@ -78,12 +78,14 @@ impl PodIndex {
             .cloned()
     }
 
-    pub fn all(&self) -> Vec<Pod> {
+    /// The pods bound to `node`, by namespace and name.
+    pub fn on_node(&self, node: &str) -> Vec<Pod> {
         let mut pods: Vec<Pod> = self
             .pods
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
+            .filter(|pod| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
             .cloned()
             .collect();
         pods.sort_by(|a, b| {
@@ -124,56 +126,66 @@ pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// How long a client may take to send a request's headers, or idle between requests.
 pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Binds the kubelet API and returns the future that serves it.
-pub async fn serve(
-    addr: SocketAddr,
-    identity: ServingIdentity,
-    client_ca: Vec<CertificateDer<'static>>,
+/// The kubelet API's TLS, state and connection cap, shared by every node's endpoint.
+pub struct KubeletServer {
+    acceptor: TlsAcceptor,
     state: Arc<KubeletState>,
-) -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in client_ca {
-        roots.add(cert).context("adding the cluster's client CA")?;
+    /// Connections served at once, over all nodes' endpoints.
+    connections: Arc<tokio::sync::Semaphore>,
+}
+
+impl KubeletServer {
+    pub fn new(
+        identity: ServingIdentity,
+        client_ca: Vec<CertificateDer<'static>>,
+        state: Arc<KubeletState>,
+    ) -> anyhow::Result<Arc<KubeletServer>> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in client_ca {
+            roots.add(cert).context("adding the cluster's client CA")?;
+        }
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .allow_unauthenticated()
+                .build()
+                .context("building the client certificate verifier")?;
+        let chain = CertificateDer::pem_slice_iter(identity.chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .context("parsing the kubelet API certificate")?;
+        let key = PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes())
+            .context("parsing the kubelet API key")?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("TLS versions")?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .context("the kubelet API certificate")?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(KubeletServer {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+            state,
+            connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+        }))
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .context("building the client certificate verifier")?;
-    let chain = CertificateDer::pem_slice_iter(identity.chain_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .context("parsing the kubelet API certificate")?;
-    let key = PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes())
-        .context("parsing the kubelet API key")?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS versions")?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .context("the kubelet API certificate")?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind(addr).await.with_context(|| {
-        format!("binding the kubelet API to {addr} (set --kubelet-port to a free port)")
-    })?;
-    tracing::info!(%addr, "kubelet API listening");
-    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    Ok(async move {
+
+    /// Serves node `node`'s kubelet API on `listener`, for as long as the future runs.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, node: Arc<str>) {
         loop {
             let Ok((tcp, peer)) = listener.accept().await else {
                 continue;
             };
             // Past the cap a connection is closed at once: the API server retries, and a
             // flood of idle sockets cannot take the operator's memory or descriptors.
-            let Ok(permit) = connections.clone().try_acquire_owned() else {
+            let Ok(permit) = self.connections.clone().try_acquire_owned() else {
                 tracing::debug!(%peer, "kubelet API: too many connections; closing one");
                 continue;
             };
-            let (acceptor, state) = (acceptor.clone(), state.clone());
+            let (server, node) = (self.clone(), node.clone());
             tokio::spawn(async move {
                 let _permit = permit;
                 let Ok(Ok(tls)) =
-                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, server.acceptor.accept(tcp)).await
                 else {
                     return;
                 };
@@ -183,7 +195,7 @@ pub async fn serve(
                     .peer_certificates()
                     .and_then(|certs| certs.first())
                     .and_then(|cert| user_of_certificate(cert.as_ref()));
-                let app = api::router(state, user);
+                let app = api::router(server.state.clone(), node, user);
                 let service = hyper::service::service_fn(move |request| {
                     let app = app.clone();
                     async move { tower::ServiceExt::oneshot(app, request).await }
@@ -197,5 +209,5 @@ pub async fn serve(
                     .await;
             });
         }
-    })
+    }
 }

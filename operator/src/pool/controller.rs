@@ -25,7 +25,7 @@ use crate::pool::events::summarize_changes;
 use crate::pool::lease::{self, NODE_LEASE_NAMESPACE};
 use crate::pool::node::{Platform, desired_node, node_name, node_spec_outdated, platforms};
 use crate::pool::node_status::{
-    KubeletEndpoint, NODE_STATUS_REFRESH, NodeStatusInput, desired_node_status,
+    KubeletEndpoints, NODE_STATUS_REFRESH, NoFreePort, NodeStatusInput, desired_node_status,
     node_status_outdated,
 };
 use crate::pool::pool_status::{PublishedNode, desired_pool_status};
@@ -45,6 +45,8 @@ pub enum Error {
     },
     #[error("the finalizer step failed: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error(transparent)]
+    Endpoint(#[from] NoFreePort),
 }
 
 impl Error {
@@ -53,6 +55,7 @@ impl Error {
         match self {
             Error::Kube { .. } => "api",
             Error::Finalizer(_) => "finalizer",
+            Error::Endpoint(_) => "kubelet_port",
         }
     }
 }
@@ -69,7 +72,8 @@ pub struct Context {
     pub nodes: Store<Node>,
     /// Whether `nodes` holds a complete listing yet; before that, a missing node may exist.
     pub nodes_synced: Arc<AtomicBool>,
-    pub endpoint: KubeletEndpoint,
+    /// Each node's own kubelet API endpoint.
+    pub endpoints: Arc<dyn KubeletEndpoints>,
     /// The installation's anchor, owner of every node (see [`crate::installation`]).
     pub node_owner: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
     pub inventory: Arc<dyn DeviceInventory>,
@@ -185,15 +189,19 @@ async fn publish_node(
         }
     }
 
+    let current_status = current.as_ref().and_then(|n| n.status.as_ref());
+    let published_port = current_status
+        .and_then(|s| s.daemon_endpoints.as_ref()?.kubelet_endpoint.as_ref())
+        .map(|e| e.port);
+    let endpoint = ctx.endpoints.open(&name, published_port)?;
     let input = NodeStatusInput {
         pool: &pool_name,
         node_name: &name,
         platform,
         capacity: &capacity,
-        endpoint: &ctx.endpoint,
+        endpoint: &endpoint,
         now,
     };
-    let current_status = current.as_ref().and_then(|n| n.status.as_ref());
     let status = desired_node_status(&input, current_status);
     if node_status_outdated(current_status, &status, now, NODE_STATUS_REFRESH) {
         let body = json!({ "apiVersion": "v1", "kind": "Node", "status": status });
@@ -306,6 +314,7 @@ async fn cleanup(pool: &DevicePool, ctx: &Context) -> Result<Action, Error> {
 }
 
 async fn delete_node_and_lease(ctx: &Context, name: &str) -> Result<(), Error> {
+    ctx.endpoints.close(name);
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), NODE_LEASE_NAMESPACE);
     ctx.metrics.api_write("Node", "delete");

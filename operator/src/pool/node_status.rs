@@ -30,6 +30,27 @@ pub struct KubeletEndpoint {
     pub port: i32,
 }
 
+/// Opens and closes the kubelet API endpoint of each node the operator publishes: one per
+/// node, so that a node's `/pods` lists that node's pods only.
+pub trait KubeletEndpoints: Send + Sync {
+    /// Where node `node` is served, opened now if it is not yet; the port the node publishes
+    /// (`current_port`) is kept when it is free, so a restart does not move it.
+    fn open(&self, node: &str, current_port: Option<i32>) -> Result<KubeletEndpoint, NoFreePort>;
+    /// Stops serving node `node` (it is deleted).
+    fn close(&self, node: &str);
+}
+
+/// No port of the operator's kubelet range could be bound for a node.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no free port for the kubelet API of node {node} in {first}-{last} (every port is taken by another node or another program): raise --kubelet-port-count or free a port"
+)]
+pub struct NoFreePort {
+    pub node: String,
+    pub first: u16,
+    pub last: u16,
+}
+
 /// What the node status is derived from.
 pub struct NodeStatusInput<'a> {
     pub pool: &'a str,
