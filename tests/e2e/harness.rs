@@ -278,8 +278,6 @@ impl Operator {
                 &format!("127.0.0.1:{gateway_port}"),
                 "--namespace",
                 OPERATOR_NAMESPACE,
-                "--kubelet-bind",
-                "127.0.0.1",
                 "--kubelet-port",
                 &kubelet_port.to_string(),
                 // A node per platform at most in a test; few ports, so parallel tests' ranges
@@ -290,6 +288,10 @@ impl Operator {
                 crate::helm::CLUSTER_ROLE,
             ])
             .args(extra)
+            .args(match extra.contains(&"--kubelet-bind") {
+                true => &[][..],
+                false => &["--kubelet-bind", "127.0.0.1"][..],
+            })
             .env(
                 "KUBECONFIG",
                 kubeconfig.map_or_else(crate::helm::impersonating_kubeconfig, Path::to_path_buf),

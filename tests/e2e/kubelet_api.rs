@@ -6,12 +6,10 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use darkcore_crds::{Arch, DevicePoolSpec, DeviceSelector};
 use k8s_openapi::api::core::v1::Node;
 
 use crate::devices::process_pool;
-use crate::fleet::{self, Agent};
-use crate::pods::Bench;
+use crate::pods::{Bench, pin_arch};
 
 /// The kubelet API is the operator's only other listening port (one per node): a client that
 /// opens it and says nothing is let go after the TLS handshake timeout (10 s), not held for ever.
@@ -71,26 +69,10 @@ fn kubelet_port_of(node: &Node) -> i32 {
 /// lists and serves that node's pods only, as a kubelet does.
 #[tokio::test]
 async fn each_node_has_its_own_kubelet_endpoint_with_its_own_pods() {
-    let two_arches = DevicePoolSpec {
-        selector: DeviceSelector {
-            arch: vec![Arch::Amd64, Arch::Arm64],
-            ..Default::default()
-        },
-        ..process_pool()
-    };
-    let bench = Bench::start("nodeports", 1, two_arches).await;
-    let token = fleet::token(&bench.fx.pool, &["--uses", "1"]);
-    let mut arm = Agent::start_as_arch(bench.fx.operator.gateway_port, &token, "arm64").await;
-    let arm_node = format!("darkcore-{}-linux-arm64", bench.fx.pool);
-    fleet::node_cpu_is(&bench.fx.nodes(), &arm_node, 1000, Duration::from_secs(30)).await;
+    let (bench, mut arm, arm_node) = Bench::start_two_arches("nodeports", process_pool()).await;
     for (name, arch) in [("on-arm", "arm64"), ("on-amd", "amd64")] {
         let mut pod = bench.pod(name, "echo hello; sleep 300", "Never");
-        pod.spec
-            .as_mut()
-            .unwrap()
-            .node_selector
-            .get_or_insert_with(Default::default)
-            .insert("kubernetes.io/arch".into(), arch.into());
+        pin_arch(&mut pod, arch);
         bench.create(pod).await;
         bench
             .phase_is(name, "Running", Duration::from_secs(60))
@@ -131,4 +113,65 @@ async fn each_node_has_its_own_kubelet_endpoint_with_its_own_pods() {
     }
     arm.kill().await;
     bench.finish().await;
+}
+
+/// `scripts/node-net`: an address of this machine that is not loopback, on a veth pair into a
+/// network namespace; removed when dropped.
+struct NodeNet {
+    name: &'static str,
+    address: String,
+}
+
+impl NodeNet {
+    fn up(name: &'static str, index: u8) -> NodeNet {
+        let out = std::process::Command::new(crate::harness::workspace().join("scripts/node-net"))
+            .args(["up", name, &index.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/node-net up: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let address = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        NodeNet { name, address }
+    }
+}
+
+impl Drop for NodeNet {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(crate::harness::workspace().join("scripts/node-net"))
+            .args(["down", self.name])
+            .status();
+    }
+}
+
+/// The API server refuses to proxy to a node on loopback. On an address of this machine that
+/// is not loopback (as the demo publishes), node proxy calls reach the node's kubelet API.
+#[tokio::test]
+async fn the_api_server_proxies_to_a_node_on_an_address_of_this_machine() {
+    let net = NodeNet::up("e2e", 78);
+    let address = net.address.as_str();
+    let extra = ["--node-address", address, "--kubelet-bind", address];
+    let bench = Bench::start_with("nodeproxy", 1, process_pool(), &extra).await;
+    bench
+        .create(bench.pod("served", "echo hello; sleep 300", "Never"))
+        .await;
+    bench
+        .phase_is("served", "Running", Duration::from_secs(60))
+        .await;
+    let node = &bench.fx.node;
+    let listed = bench.kubectl(&["get", "--raw", &format!("/api/v1/nodes/{node}/proxy/pods")]);
+    assert!(listed.contains("\"name\":\"served\""), "{listed}");
+    let running = bench.kubectl(&[
+        "get",
+        "--raw",
+        &format!("/api/v1/nodes/{node}/proxy/runningpods"),
+    ]);
+    assert!(running.contains("\"name\":\"served\""), "{running}");
+    bench
+        .logs_show("served", "hello", Duration::from_secs(30))
+        .await;
+    bench.finish().await;
+    drop(net);
 }

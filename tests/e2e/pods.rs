@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use darkcore_crds::DevicePoolSpec;
 use darkcore_crds::device_pool::{SecretPolicy, SecretRule};
+use darkcore_crds::{Arch, DevicePoolSpec, DeviceSelector};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret};
 use kube::api::{ListParams, PostParams};
@@ -29,6 +29,25 @@ impl Bench {
     }
 
     /// Like [`Bench::start`], with `extra` arguments to the operator's `run`.
+    /// A bench whose pool admits amd64 and arm64 devices (`spec`, with that selector): one
+    /// amd64 agent, and an arm64 one, returned with its node's name once the node offers it.
+    pub async fn start_two_arches(prefix: &str, spec: DevicePoolSpec) -> (Bench, Agent, String) {
+        let two_arches = DevicePoolSpec {
+            selector: DeviceSelector {
+                arch: vec![Arch::Amd64, Arch::Arm64],
+                ..Default::default()
+            },
+            ..spec
+        };
+        let bench = Bench::start(prefix, 1, two_arches).await;
+        let token = token(&bench.fx.pool, &["--uses", "1"]);
+        let gateway = bench.fx.operator.gateway_port;
+        let arm = Agent::start_as_arch(gateway, &token, "arm64").await;
+        let arm_node = format!("darkcore-{}-linux-arm64", bench.fx.pool);
+        fleet::node_cpu_is(&bench.fx.nodes(), &arm_node, 1000, Duration::from_secs(30)).await;
+        (bench, arm, arm_node)
+    }
+
     pub async fn start_with(
         prefix: &str,
         agents: usize,
@@ -373,6 +392,13 @@ fn kubelet_logs_status(bench: &Bench, pod: &str, bearer: Option<&str>) -> String
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Pins `pod` to nodes of `arch`.
+pub fn pin_arch(pod: &mut Pod, arch: &str) {
+    let spec = pod.spec.as_mut().expect("a pod spec");
+    let selector = spec.node_selector.get_or_insert_with(Default::default);
+    selector.insert("kubernetes.io/arch".into(), arch.into());
 }
 
 pub fn placed_on(pod: &Pod) -> Option<String> {

@@ -4,17 +4,16 @@
 
 use std::time::Duration;
 
-use darkcore_crds::{Arch, DevicePoolSpec, DeviceSelector, Runtime};
+use darkcore_crds::{DevicePoolSpec, Runtime};
 use k8s_openapi::api::core::v1::{LocalObjectReference, Pod};
 use oci_client::secrets::RegistryAuth;
 
-use crate::fleet::{self, Agent};
 use crate::harness::wait_for;
 use crate::images::{
     PRIVATE_PASSWORD, PRIVATE_USER, WAT_TRAP, private_registry, push_wasm, push_wasm_in_layer,
     push_wasm_to, registry, wat_escape_probe, wat_growing, wat_printing,
 };
-use crate::pods::{Bench, main_status, placed_on};
+use crate::pods::{Bench, main_status, pin_arch, placed_on};
 
 fn wasm_pool() -> DevicePoolSpec {
     DevicePoolSpec {
@@ -294,18 +293,7 @@ async fn a_module_over_its_memory_limit_is_oom_killed_and_cannot_leave_its_volum
 
 #[tokio::test]
 async fn wasm_pods_run_on_devices_of_any_arch() {
-    let two_arches = DevicePoolSpec {
-        selector: DeviceSelector {
-            arch: vec![Arch::Amd64, Arch::Arm64],
-            ..Default::default()
-        },
-        ..wasm_pool()
-    };
-    let bench = Bench::start("wasmarch", 1, two_arches).await;
-    let token = fleet::token(&bench.fx.pool, &["--uses", "1"]);
-    let mut arm = Agent::start_as_arch(bench.fx.operator.gateway_port, &token, "arm64").await;
-    let arm_node = format!("darkcore-{}-linux-arm64", bench.fx.pool);
-    fleet::node_cpu_is(&bench.fx.nodes(), &arm_node, 1000, Duration::from_secs(30)).await;
+    let (bench, mut arm, _) = Bench::start_two_arches("wasmarch", wasm_pool()).await;
     let (module, _) = push_wasm(
         &format!("e2e/{}/anywhere:v1", bench.ns.name),
         &wat_printing("hello from any arch\n", 0),
@@ -319,12 +307,7 @@ async fn wasm_pods_run_on_devices_of_any_arch() {
         ("on-amd", "amd64", &amd),
     ] {
         let mut pod = wasm_pod(&bench, name, &module);
-        pod.spec
-            .as_mut()
-            .unwrap()
-            .node_selector
-            .get_or_insert_with(Default::default)
-            .insert("kubernetes.io/arch".into(), arch.into());
+        pin_arch(&mut pod, arch);
         bench.create(pod).await;
         let done = bench
             .phase_is(name, "Succeeded", Duration::from_secs(90))
