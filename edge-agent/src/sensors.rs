@@ -58,14 +58,16 @@ pub fn read_cpu_busy(over: Duration) -> std::io::Result<f64> {
     Ok(busy_fraction(before, read()?))
 }
 
-/// A process's line of /proc/<pid>/stat: its parent, and its CPU ticks (user + system) spent
-/// by itself and by the children it has reaped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A process's line of /proc/<pid>/stat: its parent, its CPU ticks (user + system) spent
+/// by itself and by the children it has reaped, and its resident memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProcessTicks {
     pub pid: i32,
     pub ppid: i32,
     pub own: u64,
     pub reaped_children: u64,
+    /// Resident set, in pages.
+    pub rss_pages: u64,
 }
 
 /// Parses /proc/<pid>/stat. The command name may hold spaces and parentheses, so fields are
@@ -80,6 +82,7 @@ pub fn parse_pid_stat(text: &str) -> Option<ProcessTicks> {
         ppid: fields.get(1)?.parse().ok()?,
         own: number(11)? + number(12)?,
         reaped_children: number(13)? + number(14)?,
+        rss_pages: number(21).unwrap_or(0),
     })
 }
 
@@ -111,12 +114,32 @@ pub fn ticks_to_duration(ticks: u64) -> Duration {
     Duration::from_nanos(ticks.saturating_mul(1_000_000_000) / per_second)
 }
 
-/// The CPU ticks of everything this process started (its tasks), read from /proc.
-pub fn read_task_ticks() -> u64 {
+/// The resident pages of `root` and every living descendant of it.
+pub fn tree_rss_pages(root: i32, processes: &[ProcessTicks]) -> u64 {
+    let own = processes
+        .iter()
+        .find(|p| p.pid == root)
+        .map_or(0, |p| p.rss_pages);
+    let mut total = own;
+    let mut parents = vec![root];
+    while let Some(parent) = parents.pop() {
+        for p in processes
+            .iter()
+            .filter(|p| p.ppid == parent && p.pid != root)
+        {
+            total += p.rss_pages;
+            parents.push(p.pid);
+        }
+    }
+    total
+}
+
+/// Every process's line of /proc/<pid>/stat.
+pub fn read_processes() -> Vec<ProcessTicks> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
+        return Vec::new();
     };
-    let processes: Vec<ProcessTicks> = entries
+    entries
         .flatten()
         .filter(|e| {
             e.file_name()
@@ -124,8 +147,12 @@ pub fn read_task_ticks() -> u64 {
                 .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
         })
         .filter_map(|e| parse_pid_stat(&std::fs::read_to_string(e.path().join("stat")).ok()?))
-        .collect();
-    descendant_ticks(std::process::id() as i32, &processes)
+        .collect()
+}
+
+/// The CPU ticks of everything this process started (its tasks), read from /proc.
+pub fn read_task_ticks() -> u64 {
+    descendant_ticks(std::process::id() as i32, &read_processes())
 }
 
 /// One entry of /sys/class/power_supply: its `type`, and `status` or `online`.
@@ -217,7 +244,8 @@ mod tests {
                 pid: 4242,
                 ppid: 17,
                 own: 42,
-                reaped_children: 8
+                reaped_children: 8,
+                rss_pages: 50,
             })
         );
         assert_eq!(parse_pid_stat("4242 (truncated) S 17 1 2"), None);
@@ -230,6 +258,7 @@ mod tests {
             ppid,
             own,
             reaped_children,
+            rss_pages: own,
         };
         let processes = [
             p(1, 0, 1000, 0),
@@ -241,6 +270,12 @@ mod tests {
         ];
         assert_eq!(descendant_ticks(10, &processes), 7 + 32 + 40 + 5);
         assert_eq!(descendant_ticks(99, &processes), 0);
+        assert_eq!(
+            tree_rss_pages(11, &processes),
+            30 + 40,
+            "a task's shell and its child"
+        );
+        assert_eq!(tree_rss_pages(99, &processes), 0);
     }
 
     fn supply(kind: &str, status: Option<&str>, online: Option<bool>) -> PowerSupply {

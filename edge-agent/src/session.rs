@@ -180,8 +180,11 @@ pub async fn attach(
     let beat = Duration::from_secs(u64::from(welcome.heartbeat_interval_seconds.clamp(1, 60)));
     let mut heartbeat = tokio::time::interval(beat);
     let mut check = tokio::time::interval(policy.interval());
+    let mut stats = tokio::time::interval(crate::tasks::stats::STATS_EVERY);
     heartbeat.tick().await;
     check.tick().await;
+    // The first stats of a stream carry every running container: the operator may be new.
+    let mut all_stats = true;
     let mut sequence = 0u64;
     let mut decision = policy.check();
     loop {
@@ -192,6 +195,14 @@ pub async fn attach(
                 tx.send(message(agent_message::Body::Heartbeat(Heartbeat { sequence })))
                     .await
                     .map_err(|e| retry("sending a heartbeat", &e))?;
+            }
+            _ = stats.tick() => {
+                let now = crate::tasks::supervise::unix_ms();
+                if let Some(changed) = tasks.meters().changed(now, std::mem::take(&mut all_stats)) {
+                    tx.send(message(agent_message::Body::Stats(changed)))
+                        .await
+                        .map_err(|e| retry("sending stats", &e))?;
+                }
             }
             body = reports.next() => {
                 tx.send(message(body))

@@ -1,21 +1,24 @@
 //! Where agents' task reports go, behind the gateway's `TaskSink`: statuses to the pod
-//! controller, output to the log store, finished runs to the usage recorder.
+//! controller, output to the log store, readings to the stats store, finished runs to the
+//! usage recorder.
 
 use std::sync::Arc;
 
-use darkcore_proto::agent::v1::{LogChunk, TaskStatus, UsageRecord};
+use darkcore_proto::agent::v1::{LogChunk, Offer, Stats, TaskStatus, UsageRecord};
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use crate::devices::registry::AgentSender;
 use crate::gateway::attach::TaskSink;
 use crate::kubelet::log_store::{LogStore, Refused};
+use crate::kubelet::stats::{Bound, StatsStore};
 use crate::pods::controller::Input;
 use crate::usage::recorder::Charged;
 
 pub struct TaskReports {
     pub controller: mpsc::Sender<Input>,
     pub logs: Arc<LogStore>,
+    pub stats: Arc<StatsStore>,
     pub usage: mpsc::Sender<Charged>,
 }
 
@@ -48,6 +51,16 @@ impl TaskSink for TaskReports {
                 Refused::BadTaskId => "log_bad_task_id",
                 Refused::NotHolder => "log_not_held",
             })
+    }
+
+    fn stats(&self, device: &str, stats: &Stats, offer: &Offer) -> usize {
+        let bound = Bound {
+            millicores: u64::from(offer.millicores),
+            memory: offer.memory_bytes,
+        };
+        let now = crate::domain::unix_ms();
+        let holds = |task: &str| self.logs.holds(device, task);
+        self.stats.record(stats, now, bound, holds)
     }
 
     fn usage(

@@ -31,6 +31,7 @@ use crate::installation;
 use crate::kubelet::auth::Authorizer;
 use crate::kubelet::endpoints::NodeEndpoints;
 use crate::kubelet::log_store::LogStore;
+use crate::kubelet::stats::StatsStore;
 use crate::kubelet::{self, KubeletServer, KubeletState, PodIndex};
 use crate::leader::{LeaseLock, Timing};
 use crate::metrics::Metrics;
@@ -326,9 +327,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }));
     let mut loops = Supervisor::default();
     loops.spawn("usage", usage_recorder.run(usage_inbox));
+    let stats = Arc::new(StatsStore::default());
     let task_reports = TaskReports {
         controller: pod_controller.inbox(),
         logs: logs.clone(),
+        stats: stats.clone(),
         usage,
     };
     loops.spawn(
@@ -353,6 +356,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Arc::new(KubeletState {
             pods: pod_index,
             logs,
+            stats: stats.clone(),
+            started_unix_ms: crate::domain::unix_ms(),
             authorizer: Authorizer::new(client.clone()),
         }),
     )?;

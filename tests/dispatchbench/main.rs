@@ -145,6 +145,7 @@ async fn main() -> anyhow::Result<()> {
             tasks: Arc::new(darkcore_operator::reports::TaskReports {
                 controller: controller_inbox.clone(),
                 logs,
+                stats: Default::default(),
                 usage,
             }),
             renewer: Arc::new(attach::Renewer {

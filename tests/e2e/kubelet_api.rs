@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 
 use crate::devices::process_pool;
+use crate::harness::poll_until;
 use crate::pods::{Bench, pin_arch};
 
 /// The kubelet API is the operator's only other listening port (one per node): a client that
@@ -174,4 +175,91 @@ async fn the_api_server_proxies_to_a_node_on_an_address_of_this_machine() {
         .await;
     bench.finish().await;
     drop(net);
+}
+
+/// The value of the Prometheus sample whose line starts with `start`.
+fn sample(metrics: &str, start: &str) -> Option<f64> {
+    let line = metrics.lines().find(|l| l.starts_with(start))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A busy `process` pod's CPU and memory show on its node's stats.
+#[tokio::test]
+async fn a_busy_pods_cpu_and_memory_show_in_the_nodes_stats() {
+    let bench = Bench::start("podstats", 1, process_pool()).await;
+    let busy = bench.pod("busy", "while :; do :; done", "Never");
+    busy_pod_shows_in_stats(&bench, busy).await;
+    bench.finish().await;
+}
+
+/// Creates `pod` (named `busy`, spinning on one core) and checks that its CPU and memory show
+/// on its node's /stats/summary and /metrics/resource, as metrics-server reads them for
+/// `kubectl top`.
+pub async fn busy_pod_shows_in_stats(bench: &Bench, pod: Pod) {
+    bench.create(pod).await;
+    bench
+        .phase_is("busy", "Running", Duration::from_secs(60))
+        .await;
+    let port = kubelet_port_of(&bench.fx.nodes().get(&bench.fx.node).await.unwrap());
+    let ns = bench.ns.name.clone();
+    // Agents send stats every 10 s, and only what changed.
+    let summary: serde_json::Value = poll_until(
+        "the busy pod's CPU shows in /stats/summary",
+        Duration::from_secs(60),
+        || async {
+            let (code, body) = kubelet_get(port, "/stats/summary");
+            let summary: serde_json::Value =
+                serde_json::from_str(&body).map_err(|e| format!("{code} {e}: {body}"))?;
+            let pod = summary["pods"]
+                .as_array()
+                .and_then(|pods| pods.iter().find(|p| p["podRef"]["name"] == "busy"));
+            let cpu = pod.and_then(|p| p["containers"][0]["cpu"]["usageCoreNanoSeconds"].as_u64());
+            match cpu {
+                Some(ns) if ns > 1_000_000_000 => Ok(summary.clone()),
+                _ => Err(body),
+            }
+        },
+    )
+    .await;
+    let pod = &summary["pods"][0];
+    assert_eq!(pod["podRef"]["namespace"], ns.as_str());
+    let main = &pod["containers"][0];
+    assert_eq!(main["name"], "main");
+    assert!(
+        main["memory"]["workingSetBytes"].as_u64().unwrap() > 0,
+        "{main}"
+    );
+    let cores = main["cpu"]["usageNanoCores"].as_u64().unwrap() as f64 / 1e9;
+    // At most the 1 core the device offers; the loop gets less on a busy test machine.
+    assert!(
+        cores > 0.05 && cores <= 1.0,
+        "a busy loop on a 1-core device: {cores} cores"
+    );
+    assert!(
+        summary["node"]["cpu"]["usageCoreNanoSeconds"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+
+    let (code, metrics) = kubelet_get(port, "/metrics/resource");
+    assert_eq!(code, "200", "{metrics}");
+    let container = format!(
+        "container_cpu_usage_seconds_total{{container=\"main\",namespace=\"{ns}\",pod=\"busy\"}}"
+    );
+    assert!(
+        sample(&metrics, &container).is_some_and(|s| s > 1.0),
+        "{metrics}"
+    );
+    let memory = format!(
+        "container_memory_working_set_bytes{{container=\"main\",namespace=\"{ns}\",pod=\"busy\"}}"
+    );
+    assert!(
+        sample(&metrics, &memory).is_some_and(|b| b > 0.0),
+        "{metrics}"
+    );
+    assert!(
+        sample(&metrics, "node_cpu_usage_seconds_total").is_some_and(|s| s > 1.0),
+        "{metrics}"
+    );
 }

@@ -229,3 +229,14 @@ async fn a_deleted_container_gets_sigterm_then_sigkill_after_its_grace() {
     );
     bench.finish().await;
 }
+
+/// A busy container's CPU and memory, read from its cgroup, show on its node's stats.
+#[tokio::test]
+async fn a_busy_containers_cpu_and_memory_show_in_the_nodes_stats() {
+    let bench = Bench::start("ocistats", 1, oci_pool()).await;
+    let (image, _) = push_busybox(&format!("e2e/{}/busybox:v1", bench.ns.name)).await;
+    let spin =
+        serde_json::json!({ "image": image, "command": ["sh", "-c", "while :; do :; done"] });
+    crate::kubelet_api::busy_pod_shows_in_stats(&bench, oci_pod(&bench, "busy", spin)).await;
+    bench.finish().await;
+}

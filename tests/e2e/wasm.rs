@@ -320,3 +320,16 @@ async fn wasm_pods_run_on_devices_of_any_arch() {
     arm.kill().await;
     bench.finish().await;
 }
+
+/// A module that spins for ever: its thread's CPU and its linear memory show on its node's
+/// stats.
+#[tokio::test]
+async fn a_spinning_modules_cpu_and_memory_show_in_the_nodes_stats() {
+    let bench = Bench::start("wasmstats", 1, wasm_pool()).await;
+    let spin = r#"(module
+        (memory (export "memory") 2)
+        (func (export "_start") (loop $spin (br $spin))))"#;
+    let (module, _) = push_wasm(&format!("e2e/{}/spin:v1", bench.ns.name), spin).await;
+    crate::kubelet_api::busy_pod_shows_in_stats(&bench, wasm_pod(&bench, "busy", &module)).await;
+    bench.finish().await;
+}

@@ -12,6 +12,7 @@ pub mod oci;
 pub mod output;
 pub mod process;
 pub mod runtime;
+pub mod stats;
 pub mod supervise;
 pub mod wasm;
 pub mod workdir;
@@ -71,9 +72,11 @@ pub struct Board {
     tasks_root: PathBuf,
     /// Where each run is charged when it ends.
     pub usage: Arc<Ledger>,
+    /// What each running container uses now.
+    pub meters: stats::Meters,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -246,6 +249,7 @@ impl TaskManager {
             output: Mutex::default(),
             tasks_root,
             usage,
+            meters: stats::Meters::default(),
         });
         (
             TaskManager {
@@ -424,6 +428,11 @@ impl TaskManager {
     /// The device's usage ledger.
     pub fn usage(&self) -> &Ledger {
         &self.board.usage
+    }
+
+    /// What the running containers use now (see `stats`).
+    pub fn meters(&self) -> &stats::Meters {
+        &self.board.meters
     }
 
     /// The operator wants a task's output again (see `output`).

@@ -7,12 +7,14 @@
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustix::process::{Pid, Signal, kill_process_group};
 use tokio::process::{Child, Command};
 
 use crate::tasks::runtime::{Exit, Launch, Output, Runtime, StartError, Workload, cpu_at_exit};
+use crate::tasks::stats::{Meter, Sample};
 use crate::tasks::workdir::under_root;
 
 /// The PATH a task gets when its pod sets none.
@@ -129,6 +131,11 @@ impl Workload for Process {
         }
     }
 
+    fn meter(&self) -> Option<Arc<dyn Meter>> {
+        let root = i32::try_from(self.child.id()?).ok()?;
+        Some(Arc::new(ProcessMeter { root }))
+    }
+
     fn cpu_used(&self) -> Duration {
         self.cpu
     }
@@ -139,5 +146,24 @@ impl Workload for Process {
 
     fn kill(&mut self) {
         self.signal(Signal::KILL);
+    }
+}
+
+/// A process task's figures for `kubectl top`, from /proc: the CPU of its first process and of
+/// everything below it (living, or reaped by it), and their resident memory.
+struct ProcessMeter {
+    root: i32,
+}
+
+impl Meter for ProcessMeter {
+    fn sample(&self) -> Option<Sample> {
+        let processes = crate::sensors::read_processes();
+        let root = processes.iter().find(|p| p.pid == self.root)?;
+        let ticks = root.own + crate::sensors::descendant_ticks(self.root, &processes);
+        let page = rustix::param::page_size() as u64;
+        Some(Sample {
+            cpu: crate::sensors::ticks_to_duration(ticks),
+            memory_working_set: crate::sensors::tree_rss_pages(self.root, &processes) * page,
+        })
     }
 }

@@ -126,6 +126,10 @@ pub trait Workload: Send {
     /// The CPU time it used, complete once `wait` has returned. It is charged to the task's
     /// owner-facing usage record (`crate::usage`).
     fn cpu_used(&self) -> Duration;
+    /// What reads its CPU and memory while it runs, for `kubectl top`; `None`: not known.
+    fn meter(&self) -> Option<Arc<dyn crate::tasks::stats::Meter>> {
+        None
+    }
     /// Asks it to stop (SIGTERM or the runtime's equivalent).
     fn terminate(&mut self);
     /// Stops it now (SIGKILL or equivalent).

@@ -7,13 +7,16 @@
 //! argv is the container's command and args; with no command, argv[0] is the container name.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{SimplexStream, WriteHalf};
 use tokio::sync::oneshot;
-use wasmtime::{Config, Engine, Linker, Module, Store, StoreLimits, StoreLimitsBuilder, TypedFunc};
+use wasmtime::{
+    Config, Engine, Linker, Module, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder,
+    TypedFunc,
+};
 use wasmtime_wasi::cli::AsyncStdoutStream;
 use wasmtime_wasi::p1::{self, WasiP1Ctx};
 use wasmtime_wasi::{DirPerms, FilePerms, WasiCtxBuilder};
@@ -21,6 +24,7 @@ use wasmtime_wasi::{DirPerms, FilePerms, WasiCtxBuilder};
 use crate::images::{Image, ImageStore};
 use crate::tasks::mounts::MountSource;
 use crate::tasks::runtime::{Ceiling, Exit, Launch, Output, Runtime, StartError, Workload};
+use crate::tasks::stats::{Meter, Sample};
 
 /// The media type of a WebAssembly module layer.
 pub const WASM_LAYER: &str = "application/wasm";
@@ -82,7 +86,75 @@ fn fair_share(own: u32, offer: u32, running: u32) -> u32 {
 
 struct State {
     wasi: WasiP1Ctx,
+    limits: MeteredLimits,
+}
+
+/// A module's figures for `kubectl top`, kept up to date by the thread that runs it: its CPU
+/// time at each epoch tick, and its linear memories' size as they grow.
+#[derive(Default)]
+struct WasmMeter {
+    cpu_nanos: AtomicU64,
+    memory: AtomicU64,
+}
+
+impl Meter for WasmMeter {
+    fn sample(&self) -> Option<Sample> {
+        Some(Sample {
+            cpu: Duration::from_nanos(self.cpu_nanos.load(Ordering::Relaxed)),
+            memory_working_set: self.memory.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// The store's limits, which also count the memory they let the module have.
+struct MeteredLimits {
     limits: StoreLimits,
+    meter: Arc<WasmMeter>,
+}
+
+impl ResourceLimiter for MeteredLimits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> anyhow::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        if allowed {
+            let grown = u64::try_from(desired.saturating_sub(current)).unwrap_or(u64::MAX);
+            self.meter.memory.fetch_add(grown, Ordering::Relaxed);
+        }
+        Ok(allowed)
+    }
+
+    fn memory_grow_failed(&mut self, error: anyhow::Error) -> anyhow::Result<()> {
+        self.limits.memory_grow_failed(error)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> anyhow::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn table_grow_failed(&mut self, error: anyhow::Error) -> anyhow::Result<()> {
+        self.limits.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
 }
 
 impl WasmRuntime {
@@ -237,10 +309,11 @@ impl Runtime for WasmRuntime {
             millicores: self.ceiling.millicores(limits.limit_millicores),
             shares: self.shares.clone(),
             killed: Arc::new(AtomicBool::new(false)),
+            meter: Arc::default(),
             // The mounts' handles stay open until the module has opened its preopens.
             _mounts: launch.mounts.clone(),
         };
-        let killed = run.killed.clone();
+        let (killed, meter) = (run.killed.clone(), run.meter.clone());
         let (ready, started) = oneshot::channel();
         let (done, exit) = oneshot::channel();
         // Its own thread, never the agent's: a module that never calls the host cannot hold
@@ -259,6 +332,7 @@ impl Runtime for WasmRuntime {
             stderr: Some(Box::new(stderr_reader)),
             exit: Some(exit),
             killed,
+            meter,
             cpu: Duration::ZERO,
         }))
     }
@@ -277,6 +351,7 @@ struct ModuleRun {
     millicores: u32,
     shares: Arc<Shares>,
     killed: Arc<AtomicBool>,
+    meter: Arc<WasmMeter>,
     _mounts: Vec<MountSource>,
 }
 
@@ -306,7 +381,7 @@ impl ModuleRun {
         let _running = shares.enter();
         let cpu_at_start = thread_cpu();
         let result = runtime.block_on(async move {
-            let (mut store, start) = match self.instantiate(stdout, stderr).await {
+            let (mut store, start) = match self.instantiate(stdout, stderr, cpu_at_start).await {
                 Ok(ready_to_run) => {
                     let _ = ready.send(Ok(()));
                     ready_to_run
@@ -327,10 +402,13 @@ impl ModuleRun {
         }
     }
 
+    /// Makes the module's store and instance; `cpu_at_start`: this thread's CPU time when the
+    /// run began, which its meter counts from.
     async fn instantiate(
         self,
         stdout: WriteHalf<SimplexStream>,
         stderr: WriteHalf<SimplexStream>,
+        cpu_at_start: Duration,
     ) -> Result<(Store<State>, TypedFunc<(), ()>), String> {
         let mut wasi = WasiCtxBuilder::new();
         wasi.args(&self.argv)
@@ -353,15 +431,21 @@ impl ModuleRun {
             &self.engine,
             State {
                 wasi: wasi.build_p1(),
-                limits: limits.build(),
+                limits: MeteredLimits {
+                    limits: limits.build(),
+                    meter: self.meter.clone(),
+                },
             },
         );
         store.limiter(|s| &mut s.limits);
         let killed = self.killed.clone();
         let mut throttle = Throttle::new(self.millicores);
-        let (own, shares) = (self.millicores, self.shares.clone());
+        let (own, shares, meter) = (self.millicores, self.shares.clone(), self.meter.clone());
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
+            let used = thread_cpu().saturating_sub(cpu_at_start);
+            let nanos = u64::try_from(used.as_nanos()).unwrap_or(u64::MAX);
+            meter.cpu_nanos.store(nanos, Ordering::Relaxed);
             if !killed.load(Ordering::Relaxed) {
                 // This thread is the module's alone: waiting here slows no one else.
                 throttle.set_share(shares.of(own));
@@ -473,6 +557,7 @@ struct WasmWorkload {
     stderr: Option<Output>,
     exit: Option<oneshot::Receiver<(Exit, Duration)>>,
     killed: Arc<AtomicBool>,
+    meter: Arc<WasmMeter>,
     cpu: Duration,
 }
 
@@ -500,6 +585,10 @@ impl Workload for WasmWorkload {
                 message: "the module's runner ended without an outcome".into(),
             },
         }
+    }
+
+    fn meter(&self) -> Option<Arc<dyn Meter>> {
+        Some(self.meter.clone())
     }
 
     fn cpu_used(&self) -> Duration {

@@ -69,6 +69,22 @@ impl LossReason {
     }
 }
 
+/// How a pod's status names the attempt its containers run as: `darkcore://<device>/<task id>`
+/// in each containerID.
+pub mod container_id {
+    const SCHEME: &str = "darkcore://";
+
+    pub fn of(device: &str, task: &str) -> String {
+        format!("{SCHEME}{device}/{task}")
+    }
+
+    /// The task id and device a containerID darkcore wrote names.
+    pub fn attempt(container_id: &str) -> Option<(String, String)> {
+        let (device, task) = container_id.strip_prefix(SCHEME)?.split_once('/')?;
+        Some((task.to_string(), device.to_string()))
+    }
+}
+
 /// Whether the operator hears a device now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Presence {

@@ -7,8 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use darkcore_proto::agent::v1::agent_gateway_server::AgentGateway;
 use darkcore_proto::agent::v1::{
-    AgentMessage, CertificateRenewed, HeartbeatAck, Hello, LogChunk, OperatorMessage, Refusal,
-    TaskStatus, UsageRecord, Welcome, agent_message, operator_message, refusal::Code,
+    AgentMessage, CertificateRenewed, HeartbeatAck, Hello, LogChunk, Offer, OperatorMessage,
+    Refusal, Stats, TaskStatus, UsageRecord, Welcome, agent_message, operator_message,
+    refusal::Code,
 };
 use darkcore_proto::{PROTOCOL_VERSION, check_version};
 use futures::future::BoxFuture;
@@ -121,6 +122,9 @@ pub trait TaskSink: Send + Sync + 'static {
     fn detached(&self, device: &str) -> BoxFuture<'_, ()>;
     /// A chunk of a task's output; a refusal names why, for the rejected-frames metric.
     fn output(&self, device: &str, chunk: &LogChunk) -> Result<(), &'static str>;
+    /// What the device's running containers use now, bounded by its `offer`; returns how
+    /// many tasks' readings were refused (not the device's).
+    fn stats(&self, device: &str, stats: &Stats, offer: &Offer) -> usize;
     /// Finished runs to charge; their acknowledgement goes back through `ack`.
     fn usage(
         &self,
@@ -424,7 +428,13 @@ impl AgentStream {
                 let usage = self.tasks.usage(device, pool, usage.records, ack);
                 keeping_present(&self.registry, device, generation, PRESENT_EVERY, usage).await;
             }
-            // Live usage (for `kubectl top`) is not read yet; it shows the device is alive.
+            Some(agent_message::Body::Stats(stats)) => {
+                self.registry.heartbeat(device, generation);
+                let offer = self.registry.offer(device).unwrap_or_default();
+                for _ in 0..self.tasks.stats(device, &stats, &offer) {
+                    self.metrics.frame_rejected("stats_not_held");
+                }
+            }
             Some(_) => self.registry.heartbeat(device, generation),
             None => self.metrics.frame_rejected("empty"),
         }

@@ -1,6 +1,7 @@
 //! One node's kubelet API routes: `/containerLogs/{ns}/{pod}/{container}` with the kubelet's
-//! query options, `/pods` and `/runningpods`, of that node's pods only. Every route
-//! authenticates and authorizes (`nodes/proxy` on the node) first.
+//! query options, `/pods`, `/runningpods`, `/stats/summary` and `/metrics/resource`, of that
+//! node's pods only. Every route authenticates and authorizes (`nodes/<subresource>` on the
+//! node, as the kubelet maps its paths: proxy, stats, metrics) first.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -17,10 +18,12 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 
+use crate::domain::container_id;
 use crate::kubelet::KubeletState;
 use crate::kubelet::auth::{Denied, User};
 use crate::kubelet::kept_output::{self, CONDITION};
 use crate::kubelet::log_store::Line;
+use crate::kubelet::stats::{self, PodReadings, Reading};
 
 /// The earliest line time (Unix nanoseconds) a logs request asks for: `sinceTime`, else
 /// `sinceSeconds` before `now`. Any number a caller sends is fine: nothing overflows.
@@ -54,6 +57,8 @@ pub fn router(state: Arc<KubeletState>, node: Arc<str>, certificate: Option<User
         .route("/pods/", get(pods))
         .route("/runningpods", get(running_pods))
         .route("/runningpods/", get(running_pods))
+        .route("/stats/summary", get(stats_summary))
+        .route("/metrics/resource", get(metrics_resource))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(Caller {
             state,
@@ -381,6 +386,72 @@ fn pod_list(pods: Vec<Pod>) -> Response {
         serde_json::to_vec(&list).unwrap_or_default(),
     )
         .into_response()
+}
+
+/// The node's pods with the readings of their current attempts, and the node's CPU so far.
+fn node_readings(caller: &Caller, now_unix_ms: i64) -> (Vec<PodReadings>, u64) {
+    let state = &caller.state;
+    let pods: Vec<PodReadings> = state
+        .pods
+        .on_node(&caller.node)
+        .into_iter()
+        .filter_map(|pod| {
+            let status = pod.status.as_ref()?;
+            let (task_id, _) = status
+                .container_statuses
+                .iter()
+                .flatten()
+                .find_map(|c| container_id::attempt(c.container_id.as_deref()?))?;
+            let containers = state.stats.of(&task_id, now_unix_ms);
+            Some(PodReadings {
+                namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+                name: pod.metadata.name.clone().unwrap_or_default(),
+                uid: pod.metadata.uid.clone().unwrap_or_default(),
+                start_time: status.start_time.as_ref().map(|t| t.0.to_string()),
+                task_id,
+                containers,
+            })
+        })
+        .filter(|p| !p.containers.is_empty())
+        .collect();
+    let shown: Vec<(String, String, Reading)> = pods
+        .iter()
+        .flat_map(|p| (p.containers.iter()).map(|(name, r)| (p.task_id.clone(), name.clone(), *r)))
+        .collect();
+    let node_cpu = state.stats.node_cpu_ns(&caller.node, &shown);
+    (pods, node_cpu)
+}
+
+/// `/stats/summary`, as `kubectl top` (through metrics-server) and autoscalers read it.
+async fn stats_summary(State(caller): State<Caller>, headers: HeaderMap) -> Response {
+    if let Err(denied) = check(&caller, &headers, "stats").await {
+        return denied;
+    }
+    let now = crate::domain::unix_ms();
+    let (pods, node_cpu) = node_readings(&caller, now);
+    let body = stats::summary(
+        &caller.node,
+        caller.state.started_unix_ms,
+        node_cpu,
+        &pods,
+        now,
+    );
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+/// `/metrics/resource`, as metrics-server reads it.
+async fn metrics_resource(State(caller): State<Caller>, headers: HeaderMap) -> Response {
+    if let Err(denied) = check(&caller, &headers, "metrics").await {
+        return denied;
+    }
+    let now = crate::domain::unix_ms();
+    let (pods, node_cpu) = node_readings(&caller, now);
+    let body = stats::resource_metrics(node_cpu, &pods, now);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
 async fn pods(State(caller): State<Caller>, headers: HeaderMap) -> Response {

@@ -145,6 +145,16 @@ impl LogStore {
         open(logs, holder, (attempt, run));
     }
 
+    /// Whether the task (an attempt) was given to `device`.
+    pub fn holds(&self, device: &str, task_id: &str) -> bool {
+        let Some((uid, attempt)) = TaskId::split(task_id) else {
+            return false;
+        };
+        let state = self.lock();
+        let holder = state.holders.get(uid).and_then(|h| h.get(&attempt));
+        holder.is_some_and(|h| h.device == device)
+    }
+
     /// Adds a chunk of output from `device`; it may hold several lines.
     pub fn append(&self, device: &str, chunk: &LogChunk) -> Result<(), Refused> {
         let (uid, attempt) = TaskId::split(&chunk.task_id).ok_or(Refused::BadTaskId)?;

@@ -3,8 +3,10 @@
 //!
 //! ```text
 //!  apiserver / kubectl ──TLS──> endpoints (a port per node) ──> serve (client cert or bearer)
-//!                                   ──> auth (TokenReview, SAR) ──> api: /containerLogs, /pods, /runningpods
+//!                                   ──> auth (TokenReview, SAR) ──> api: /containerLogs, /pods, /runningpods,
+//!                                                                    /stats/summary, /metrics/resource
 //!  agents' LogChunks ──> LogStore (bounded per container run) ──┘
+//!  agents' Stats ──> StatsStore (held tasks, bounded by the offer) ──┘
 //! ```
 
 pub mod api;
@@ -12,6 +14,7 @@ pub mod auth;
 pub mod endpoints;
 pub mod kept_output;
 pub mod log_store;
+pub mod stats;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -99,6 +102,10 @@ impl PodIndex {
 pub struct KubeletState {
     pub pods: Arc<PodIndex>,
     pub logs: Arc<LogStore>,
+    /// What the containers use now, for /stats/summary and /metrics/resource.
+    pub stats: Arc<stats::StatsStore>,
+    /// When this operator started (Unix ms): its nodes' start time.
+    pub started_unix_ms: i64,
     pub authorizer: Authorizer,
 }
 

@@ -15,12 +15,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::conditions::{status_word, transition_time};
-use crate::domain::{LossReason, TaskId};
+use crate::domain::{LossReason, TaskId, container_id};
 use crate::kubelet::kept_output;
 
 /// The condition that says whether darkcore has placed the pod on a device, and why not.
 pub const PLACED_CONDITION: &str = "darkcore.io/Placed";
-const CONTAINER_ID_SCHEME: &str = "darkcore://";
 /// The Ready condition's reason while the pod's device is silent.
 pub const DEVICE_SILENT: &str = "DeviceSilent";
 
@@ -88,7 +87,7 @@ pub fn recorded_attempt(pod: &Pod) -> Option<(String, String)> {
     let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
     statuses
         .iter()
-        .find_map(|s| attempt_in(s.container_id.as_deref()?))
+        .find_map(|s| container_id::attempt(s.container_id.as_deref()?))
 }
 
 /// The last attempt lost that a pod's status records (its containers' `lastState`, until a
@@ -97,7 +96,7 @@ pub fn recorded_loss(pod: &Pod) -> Option<Loss> {
     let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
     statuses.iter().find_map(|s| {
         let last = s.last_state.as_ref()?.terminated.as_ref()?;
-        let (task, device) = attempt_in(last.container_id.as_deref()?)?;
+        let (task, device) = container_id::attempt(last.container_id.as_deref()?)?;
         let ms = |time: &Option<Time>| time.as_ref().map_or(0, |t| t.0.as_millisecond());
         Some(Loss {
             reason: LossReason::parse(last.reason.as_deref()?)?,
@@ -108,19 +107,6 @@ pub fn recorded_loss(pod: &Pod) -> Option<Loss> {
             at_unix_ms: ms(&last.finished_at),
         })
     })
-}
-
-/// A containerID as darkcore writes it: `darkcore://<device>/<task id>`.
-fn container_id_of(device: &str, task: &str) -> String {
-    format!("{CONTAINER_ID_SCHEME}{device}/{task}")
-}
-
-/// The task id and device in a containerID darkcore wrote.
-fn attempt_in(container_id: &str) -> Option<(String, String)> {
-    let (device, task) = container_id
-        .strip_prefix(CONTAINER_ID_SCHEME)?
-        .split_once('/')?;
-    Some((task.to_string(), device.to_string()))
 }
 
 /// Since when the pod has been placed on its current attempt, as darkcore recorded it: its
@@ -221,7 +207,7 @@ fn containers(
     let (base, container_id) = match &view.attempt {
         Some((number, device, task)) => (
             number.saturating_sub(1) as i32,
-            Some(container_id_of(device, task)),
+            Some(container_id::of(device, task)),
         ),
         None => (0, None),
     };
@@ -258,7 +244,7 @@ fn containers(
                         started_at_unix_ms: loss.started_ms,
                         finished_at_unix_ms: loss.at_unix_ms,
                     },
-                    Some(container_id_of(&loss.device, &loss.task.to_string())),
+                    Some(container_id::of(&loss.device, &loss.task.to_string())),
                 )),
                 (None, None) => None,
             };

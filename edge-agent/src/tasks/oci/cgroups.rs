@@ -215,6 +215,29 @@ pub fn memory_used(cgroup: &str) -> Option<u64> {
     )
 }
 
+/// The memory a cgroup holds that cannot be reclaimed at once, as the kubelet counts its
+/// working set: what it holds less its inactive file pages.
+pub fn working_set(cgroup: &str) -> Option<u64> {
+    let used = memory_used(cgroup)?;
+    let [v2, v1] = files(cgroup, "memory", "memory.stat", "memory.stat");
+    let inactive = read_first(&[v2], |t| keyed(t, "inactive_file"))
+        .or_else(|| read_first(&[v1], |t| keyed(t, "total_inactive_file")))
+        .unwrap_or(0);
+    Some(used.saturating_sub(inactive))
+}
+
+/// A container's figures for `kubectl top`, read from its cgroup.
+pub struct CgroupMeter(pub String);
+
+impl crate::tasks::stats::Meter for CgroupMeter {
+    fn sample(&self) -> Option<crate::tasks::stats::Sample> {
+        Some(crate::tasks::stats::Sample {
+            cpu: cpu_used(&self.0)?,
+            memory_working_set: working_set(&self.0)?,
+        })
+    }
+}
+
 /// How many processes a cgroup and those below it hold now (pids.current, v1 or v2).
 pub fn pids_in(cgroup: &str) -> u64 {
     read_first(

@@ -529,6 +529,10 @@ impl Workload for Container {
         }
     }
 
+    fn meter(&self) -> Option<Arc<dyn crate::tasks::stats::Meter>> {
+        Some(Arc::new(cgroups::CgroupMeter(self.cgroup.clone())))
+    }
+
     fn cpu_used(&self) -> Duration {
         self.cpu
     }
