@@ -282,3 +282,27 @@ pub async fn pool_enlisted_is(pools: &Api<DevicePool>, pool: &str, enlisted: i32
     .await
     .unwrap()
 }
+
+/// One darkcore-swarm device joined with `token`, offering `millicores`, with `extra` flags
+/// (its test-only lies: see tests/swarm); killed when the handle is dropped.
+pub fn swarm_device(
+    gateway_port: u16,
+    token: &str,
+    millicores: u32,
+    extra: &[&str],
+) -> tokio::process::Child {
+    let state_dir = crate::harness::log_dir().join(crate::harness::unique("swarm"));
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_darkcore-swarm"));
+    command
+        .args([
+            "--server",
+            &format!("127.0.0.1:{gateway_port}"),
+            "--token",
+            token,
+        ])
+        .args(["--agents", "1", "--millicores", &millicores.to_string()])
+        .args(extra)
+        .arg("--state-dir")
+        .arg(&state_dir);
+    crate::harness::spawn_logged(command, &state_dir.with_extension("log"))
+}

@@ -263,3 +263,67 @@ pub async fn busy_pod_shows_in_stats(bench: &Bench, pod: Pod) {
         "{metrics}"
     );
 }
+
+/// A device that lies about its containers' use (tests/swarm `--lie-stats`: 1,000 core-seconds
+/// a second, a petabyte of memory, and a task it never held) shows no more than it offers.
+#[tokio::test]
+async fn a_device_lying_about_its_stats_shows_no_more_than_it_offers() {
+    let bench = Bench::start("statslie", 0, process_pool()).await;
+    let token = crate::fleet::token(&bench.fx.pool, &[]);
+    let lies = ["--task-seconds", "-1", "--lie-stats"];
+    let _liar = crate::fleet::swarm_device(bench.fx.operator.gateway_port, &token, 1000, &lies);
+    let node = crate::fleet::node_cpu_is(
+        &bench.fx.nodes(),
+        &bench.fx.node,
+        1000,
+        Duration::from_secs(60),
+    )
+    .await;
+    let offered_memory = node.status.as_ref().unwrap().capacity.as_ref().unwrap()["memory"].clone();
+    bench.create(bench.pod("lied", "true", "Never")).await;
+    bench
+        .phase_is("lied", "Running", Duration::from_secs(60))
+        .await;
+    let port = kubelet_port_of(&node);
+    let since = std::time::Instant::now();
+    let main = poll_until(
+        "three seconds of the liar's stats",
+        Duration::from_secs(30),
+        || async {
+            let (_, body) = kubelet_get(port, "/stats/summary");
+            let summary: serde_json::Value =
+                serde_json::from_str(&body).map_err(|e| e.to_string())?;
+            let main = summary["pods"][0]["containers"][0].clone();
+            match main["cpu"]["usageCoreNanoSeconds"].as_u64() {
+                Some(ns) if ns > 0 && since.elapsed() > Duration::from_secs(3) => Ok(main),
+                _ => Err(body),
+            }
+        },
+    )
+    .await;
+    let cpu_ns = main["cpu"]["usageCoreNanoSeconds"].as_u64().unwrap();
+    let most = since.elapsed().as_nanos() as u64 + 2_000_000_000;
+    assert!(
+        cpu_ns <= most,
+        "1 core at most since it ran: {cpu_ns} ns in {:?}",
+        since.elapsed()
+    );
+    let cores = main["cpu"]["usageNanoCores"].as_u64().unwrap();
+    assert!(
+        cores <= 1_000_000_000,
+        "at most the core it offers: {cores} nanocores"
+    );
+    let memory = main["memory"]["workingSetBytes"].as_u64().unwrap();
+    let offered = darkcore_operator::domain::quantity::parse_memory(&offered_memory.0);
+    assert!(
+        Some(memory) <= offered,
+        "{memory} bytes, offered {offered_memory:?}"
+    );
+    let refused = "darkcore_operator_frames_rejected_total{reason=\"stats_not_held\"}";
+    let refused = crate::devices::metric(&bench.fx.operator, refused).await;
+    assert!(
+        refused.is_some_and(|n| n > 0.0),
+        "a task it never held: {refused:?}"
+    );
+    bench.finish().await;
+}

@@ -320,26 +320,15 @@ async fn a_device_lying_about_usage_is_refused_or_bounded_and_an_honest_one_is_c
         .await;
 
     // A device of four cores that, besides running its task, reports usage no agent would.
-    let state_dir = crate::harness::log_dir().join(crate::harness::unique("swarm-liar"));
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_darkcore-swarm"));
-    command.args([
-        "--server",
-        &format!("127.0.0.1:{}", bench.fx.operator.gateway_port),
-        "--token",
-        &crate::fleet::token(&bench.fx.pool, &[]),
-        "--agents",
-        "1",
-        "--millicores",
-        "4000",
+    let lies = [
         "--task-seconds",
         "2",
         "--lie-usage",
         "--claim",
         &honest_task,
-        "--state-dir",
-    ]);
-    command.arg(&state_dir);
-    let _liar = crate::harness::spawn_logged(command, &state_dir.with_extension("log"));
+    ];
+    let token = crate::fleet::token(&bench.fx.pool, &[]);
+    let _liar = crate::fleet::swarm_device(bench.fx.operator.gateway_port, &token, 4000, &lies);
     crate::fleet::node_cpu_is(
         &bench.fx.nodes(),
         &bench.fx.node,

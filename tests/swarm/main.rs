@@ -12,6 +12,11 @@
 //! never held; and each task named with `--claim` (another device's). The operator must
 //! refuse or bound every one of them.
 //!
+//! Test-only stats (`--lie-stats`): while a task runs, each device reports its container's use
+//! every second as no honest agent would: CPU growing by 1,000 core-seconds a second since a
+//! start an hour ago, a petabyte of memory, and the same for a task it never held. The
+//! operator must keep the CPU within the device's offered cores and the memory within its offer.
+//!
 //! Test-only flood (`--lie-flood`): once a task is assigned, the device reports it Running with
 //! a 1 MiB reason and message, then sends its output as 1-byte lines as fast as the stream
 //! takes them, and never reads another message from the operator. The operator must hold its
@@ -33,9 +38,9 @@ use darkcore_agent::tasks::supervise::unix_ms;
 use darkcore_proto::PROTOCOL_VERSION;
 use darkcore_proto::agent::v1::agent_gateway_client::AgentGatewayClient;
 use darkcore_proto::agent::v1::{
-    AgentMessage, Capabilities, ContainerStatus, Heartbeat, Hello, Offer, OwnerState, Runtime,
-    TaskAssign, TaskPhase, TaskStatus, UsageRecord, UsageRecords, agent_message,
-    container_status::State, operator_message,
+    AgentMessage, Capabilities, ContainerStats, ContainerStatus, Heartbeat, Hello, Offer,
+    OwnerState, Runtime, Stats, TaskAssign, TaskPhase, TaskStats, TaskStatus, UsageRecord,
+    UsageRecords, agent_message, container_status::State, operator_message,
 };
 use futures::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -79,6 +84,9 @@ struct Args {
     /// Test only: flood the operator once a task is assigned (see above).
     #[arg(long)]
     lie_flood: bool,
+    /// Test only: report lying stats for every running task (see above).
+    #[arg(long)]
+    lie_stats: bool,
 }
 
 #[tokio::main]
@@ -104,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
             lie_usage: args.lie_usage,
             claims: args.claim.clone(),
             flood: args.lie_flood,
+            lie_stats: args.lie_stats,
         };
         tokio::spawn(async move {
             let lied = AtomicU64::new(0);
@@ -165,6 +174,47 @@ struct Behaviour {
     lie_usage: bool,
     claims: Vec<String>,
     flood: bool,
+    lie_stats: bool,
+}
+
+/// Reports lying stats for `task` every second (see the module's doc) until the stream goes.
+async fn lie_stats(
+    task: TaskAssign,
+    tx: tokio::sync::mpsc::Sender<AgentMessage>,
+) -> anyhow::Result<()> {
+    let started = unix_ms() - 3_600_000;
+    let container = task
+        .containers
+        .first()
+        .map(|c| c.name.clone())
+        .unwrap_or_default();
+    let claimed = |task_id: &str, seconds: u64| TaskStats {
+        task_id: task_id.into(),
+        containers: vec![ContainerStats {
+            name: container.clone(),
+            cpu_nanoseconds_total: seconds.saturating_mul(1_000 * 1_000_000_000),
+            memory_working_set_bytes: 1 << 50,
+            started_unix_ms: started,
+        }],
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    for second in 1u64.. {
+        tick.tick().await;
+        let stats = Stats {
+            timestamp_unix_ms: unix_ms(),
+            tasks: vec![
+                claimed(&task.task_id, second),
+                claimed("00000000-0000-4000-8000-000000000000.1", second),
+            ],
+        };
+        let body = agent_message::Body::Stats(stats);
+        tx.send(AgentMessage {
+            version: PROTOCOL_VERSION as i32,
+            body: Some(body),
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 /// Floods the stream for `task` (see the module's doc) until the stream is gone.
@@ -306,6 +356,10 @@ async fn hold(
                         tasks.insert(task.task_id.clone(), tokio::spawn(flood(task, tx.clone())));
                     }
                     Some(operator_message::Body::TaskAssign(task)) => {
+                        if behaviour.lie_stats {
+                            let id = format!("{}/stats", task.task_id);
+                            tasks.insert(id, tokio::spawn(lie_stats(task.clone(), tx.clone())));
+                        }
                         let statuses = tx.clone();
                         let running = status(&task, TaskPhase::Running);
                         let done = status(&task, TaskPhase::Succeeded);
@@ -327,6 +381,9 @@ async fn hold(
                         }));
                     }
                     Some(operator_message::Body::TaskCancel(cancel)) => {
+                        if let Some(lying) = tasks.remove(&format!("{}/stats", cancel.task_id)) {
+                            lying.abort();
+                        }
                         if let Some(run) = tasks.remove(&cancel.task_id) && !run.is_finished() {
                             run.abort();
                             let stopped = TaskStatus {

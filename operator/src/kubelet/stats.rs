@@ -17,9 +17,11 @@ pub const FRESH_FOR_MS: i64 = 2 * 60 * 1000;
 pub struct Reading {
     /// When the operator received it (Unix ms): a device's clock is not trusted.
     pub at_unix_ms: i64,
-    /// CPU time of the run, core-nanoseconds; it only grows, at most as fast as the device
-    /// offers cores.
+    /// CPU time of the run since the operator first read it, core-nanoseconds; it only
+    /// grows, at most as fast as the device offers cores.
     pub cpu_ns: u64,
+    /// The run's CPU as the device last claimed it (what the next reading grows from).
+    pub claimed_ns: u64,
     pub memory: u64,
     /// When the run started, as the device says (a new value is a new run).
     pub started_unix_ms: i64,
@@ -129,8 +131,10 @@ impl StatsStore {
     }
 }
 
-/// A container's new reading: CPU only grows within a run and at most at the offered cores
-/// over the time since the last reading; memory at most the offer.
+/// A container's new reading. CPU counts from when the operator first read the run (what it
+/// used before is the device's word alone) and grows by what the device says it used since
+/// its last reading, at most the offered cores over the time between the two; it never goes
+/// back. Memory is at most the offer.
 fn bounded(
     previous: Option<Reading>,
     sent: &darkcore_proto::agent::v1::ContainerStats,
@@ -139,27 +143,32 @@ fn bounded(
 ) -> Reading {
     let memory = sent.memory_working_set_bytes.min(bound.memory);
     let same_run = previous.filter(|p| p.started_unix_ms == sent.started_unix_ms);
-    let (base_ns, since_ms) = match same_run {
-        Some(p) => (p.cpu_ns, now_unix_ms.saturating_sub(p.at_unix_ms)),
-        // A new run: it may have used the offer since it started, and not before this
-        // operator could have seen it start.
-        None => (
-            0,
-            now_unix_ms.saturating_sub(sent.started_unix_ms.min(now_unix_ms)),
-        ),
+    let Some(previous) = same_run else {
+        return Reading {
+            at_unix_ms: now_unix_ms,
+            cpu_ns: 0,
+            claimed_ns: sent.cpu_nanoseconds_total,
+            memory,
+            started_unix_ms: sent.started_unix_ms,
+            nano_cores: 0,
+        };
     };
-    let most = u64::try_from(since_ms.max(0))
-        .unwrap_or(0)
+    let since_ms = u64::try_from(now_unix_ms.saturating_sub(previous.at_unix_ms)).unwrap_or(0);
+    let most = since_ms
         .saturating_mul(bound.millicores)
         .saturating_mul(1_000);
-    let grown = sent.cpu_nanoseconds_total.saturating_sub(base_ns).min(most);
-    let nano_cores = match u64::try_from(since_ms) {
-        Ok(ms) if ms > 0 => grown.saturating_mul(1_000) / ms,
-        _ => previous.map_or(0, |p| p.nano_cores),
+    let grown = (sent
+        .cpu_nanoseconds_total
+        .saturating_sub(previous.claimed_ns))
+    .min(most);
+    let nano_cores = match since_ms {
+        0 => previous.nano_cores,
+        ms => grown.saturating_mul(1_000) / ms,
     };
     Reading {
         at_unix_ms: now_unix_ms,
-        cpu_ns: base_ns.saturating_add(grown),
+        cpu_ns: previous.cpu_ns.saturating_add(grown),
+        claimed_ns: sent.cpu_nanoseconds_total.max(previous.claimed_ns),
         memory,
         started_unix_ms: sent.started_unix_ms,
         nano_cores,
@@ -380,25 +389,31 @@ mod tests {
         let held = |task: &str| task == "uid.1";
         assert_eq!(store.record(&stats("uid.9", 1, 1), 2_000, OFFER, held), 1);
         assert!(store.of("uid.9", 2_000).is_empty(), "not held: not kept");
-        // 1 s after the run started, at most 2 cores' worth: 2 s of CPU.
+        // What a run used before the operator first read it is the device's word alone.
         store.record(&stats("uid.1", 500_000_000, 64 << 20), 2_000, OFFER, held);
-        assert_eq!(store.of("uid.1", 2_000)["main"].cpu_ns, 500_000_000);
+        assert_eq!(store.of("uid.1", 2_000)["main"].cpu_ns, 0);
+        store.record(&stats("uid.1", 1_500_000_000, 64 << 20), 3_000, OFFER, held);
+        let honest = store.of("uid.1", 3_000)["main"];
+        assert_eq!(
+            (honest.cpu_ns, honest.nano_cores),
+            (1_000_000_000, 1_000_000_000)
+        );
         store.record(
             &stats("uid.1", 1_000_000_000_000, 1 << 40),
-            3_000,
+            4_000,
             OFFER,
             held,
         );
-        let lied = store.of("uid.1", 3_000)["main"];
+        let lied = store.of("uid.1", 4_000)["main"];
         assert_eq!(
-            lied.cpu_ns, 2_500_000_000,
+            lied.cpu_ns, 3_000_000_000,
             "2 cores for 1 s more, not 1,000 s"
         );
         assert_eq!(lied.memory, 1 << 30, "at most the offer");
         // CPU never goes back within a run.
-        store.record(&stats("uid.1", 1, 1), 4_000, OFFER, held);
-        assert_eq!(store.of("uid.1", 4_000)["main"].cpu_ns, 2_500_000_000);
-        assert!(store.of("uid.1", 4_000 + FRESH_FOR_MS).is_empty(), "stale");
+        store.record(&stats("uid.1", 1, 1), 5_000, OFFER, held);
+        assert_eq!(store.of("uid.1", 5_000)["main"].cpu_ns, 3_000_000_000);
+        assert!(store.of("uid.1", 5_000 + FRESH_FOR_MS).is_empty(), "stale");
     }
 
     #[test]
@@ -406,6 +421,7 @@ mod tests {
         let reading = Reading {
             at_unix_ms: 1_700_000_010_000,
             cpu_ns: 1_500_000_000,
+            claimed_ns: 1_500_000_000,
             memory: 64 << 20,
             started_unix_ms: 1_700_000_000_000,
             nano_cores: 150_000_000,
