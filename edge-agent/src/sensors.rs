@@ -86,26 +86,36 @@ pub fn parse_pid_stat(text: &str) -> Option<ProcessTicks> {
     })
 }
 
-/// CPU ticks used by everything `root` started: its reaped children, and every living
-/// descendant with what that descendant reaped. A descendant's ticks move to its parent's
-/// reaped count when it ends, so the sum only grows (unless a descendant is orphaned).
-pub fn descendant_ticks(root: i32, processes: &[ProcessTicks]) -> u64 {
-    let mut total = 0;
+/// The living descendants of `root` (not `root` itself).
+fn descendants(root: i32, processes: &[ProcessTicks]) -> Vec<&ProcessTicks> {
+    let mut found = Vec::new();
     let mut parents = vec![root];
     while let Some(parent) = parents.pop() {
         for p in processes
             .iter()
             .filter(|p| p.ppid == parent && p.pid != root)
         {
-            total += p.own + p.reaped_children;
+            found.push(p);
             parents.push(p.pid);
         }
     }
-    total
-        + processes
-            .iter()
-            .find(|p| p.pid == root)
-            .map_or(0, |p| p.reaped_children)
+    found
+}
+
+/// `root`'s own line, if it is still there.
+fn process(root: i32, processes: &[ProcessTicks]) -> Option<&ProcessTicks> {
+    processes.iter().find(|p| p.pid == root)
+}
+
+/// CPU ticks used by everything `root` started: its reaped children, and every living
+/// descendant with what that descendant reaped. A descendant's ticks move to its parent's
+/// reaped count when it ends, so the sum only grows (unless a descendant is orphaned).
+pub fn descendant_ticks(root: i32, processes: &[ProcessTicks]) -> u64 {
+    let living: u64 = descendants(root, processes)
+        .iter()
+        .map(|p| p.own + p.reaped_children)
+        .sum();
+    living + process(root, processes).map_or(0, |p| p.reaped_children)
 }
 
 /// Clock ticks (as /proc counts CPU time) as a duration.
@@ -116,22 +126,11 @@ pub fn ticks_to_duration(ticks: u64) -> Duration {
 
 /// The resident pages of `root` and every living descendant of it.
 pub fn tree_rss_pages(root: i32, processes: &[ProcessTicks]) -> u64 {
-    let own = processes
+    let below: u64 = descendants(root, processes)
         .iter()
-        .find(|p| p.pid == root)
-        .map_or(0, |p| p.rss_pages);
-    let mut total = own;
-    let mut parents = vec![root];
-    while let Some(parent) = parents.pop() {
-        for p in processes
-            .iter()
-            .filter(|p| p.ppid == parent && p.pid != root)
-        {
-            total += p.rss_pages;
-            parents.push(p.pid);
-        }
-    }
-    total
+        .map(|p| p.rss_pages)
+        .sum();
+    below + process(root, processes).map_or(0, |p| p.rss_pages)
 }
 
 /// Every process's line of /proc/<pid>/stat.

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Pod;
 use crate::fleet::Agent;
 use crate::harness::{node_ready_is, poll_until, wait_for};
 use crate::images::{
-    push_busybox_with, push_wasm, registry, wat_escape_probe, wat_growing, wat_symlinking,
+    WAT_SPIN, push_busybox_with, push_wasm, registry, wat_escape_probe, wat_growing, wat_symlinking,
 };
 use crate::pods::{Bench, main_status};
 
@@ -587,11 +587,6 @@ async fn a_blob_longer_than_its_descriptor_says_is_cut_off_there() {
     );
     bench.finish().await;
 }
-
-/// A module that loops without ever calling the host.
-const WAT_SPIN: &str = r#"(module
-  (memory (export "memory") 1)
-  (func (export "_start") (loop $spin (br $spin))))"#;
 
 #[tokio::test]
 async fn a_busy_module_is_held_to_the_offer_and_never_holds_up_the_agent() {

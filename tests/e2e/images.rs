@@ -152,6 +152,11 @@ fn wat_bytes(text: &str) -> String {
     text.bytes().map(|b| format!("\\{b:02x}")).collect()
 }
 
+/// A module that loops without ever calling the host.
+pub const WAT_SPIN: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "_start") (loop $spin (br $spin))))"#;
+
 /// A WASI command that writes `text` to stdout (fd 1) and exits with `code`.
 pub fn wat_printing(text: &str, code: i32) -> String {
     let bytes = wat_bytes(text);

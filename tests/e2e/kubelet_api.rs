@@ -38,6 +38,21 @@ async fn a_silent_client_of_the_kubelet_api_is_let_go() {
     fx.finish().await;
 }
 
+/// The HTTP status a kubelet endpoint answers a GET of `path` with no client certificate, and
+/// `bearer` as the token, if any.
+pub fn kubelet_status(port: u16, path: &str, bearer: Option<&str>) -> String {
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"]);
+    if let Some(token) = bearer {
+        curl.arg("-H").arg(format!("Authorization: Bearer {token}"));
+    }
+    let out = curl
+        .arg(format!("https://127.0.0.1:{port}{path}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A GET on a kubelet endpoint as the API server makes it: with the API server's kubelet
 /// client certificate. Returns the HTTP status and body.
 fn kubelet_get(port: i32, path: &str) -> (String, String) {
@@ -202,6 +217,14 @@ pub async fn busy_pod_shows_in_stats(bench: &Bench, pod: Pod) {
         .await;
     let port = kubelet_port_of(&bench.fx.nodes().get(&bench.fx.node).await.unwrap());
     let ns = bench.ns.name.clone();
+    // Callers without credentials get 401; with a token that may not read node stats, 403.
+    bench.kubectl(&["create", "serviceaccount", "nobody"]);
+    let nobody = bench.kubectl(&["create", "token", "nobody"]);
+    for path in ["/stats/summary", "/metrics/resource"] {
+        assert_eq!(kubelet_status(port as u16, path, None), "401", "{path}");
+        let status = kubelet_status(port as u16, path, Some(nobody.trim()));
+        assert_eq!(status, "403", "{path}");
+    }
     // Agents send stats every 10 s, and only what changed.
     let summary: serde_json::Value = poll_until(
         "the busy pod's CPU shows in /stats/summary",

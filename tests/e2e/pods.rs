@@ -379,19 +379,8 @@ impl Bench {
 /// The HTTP status the operator's kubelet API answers to a direct request for the pod's logs,
 /// with `bearer` as the token, if any, and no client certificate.
 fn kubelet_logs_status(bench: &Bench, pod: &str, bearer: Option<&str>) -> String {
-    let mut curl = std::process::Command::new("curl");
-    curl.args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"]);
-    if let Some(token) = bearer {
-        curl.arg("-H").arg(format!("Authorization: Bearer {token}"));
-    }
-    let out = curl
-        .arg(format!(
-            "https://127.0.0.1:{}/containerLogs/{}/{pod}/main",
-            bench.fx.operator.kubelet_port, bench.ns.name
-        ))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let path = format!("/containerLogs/{}/{pod}/main", bench.ns.name);
+    crate::kubelet_api::kubelet_status(bench.fx.operator.kubelet_port, &path, bearer)
 }
 
 /// Pins `pod` to nodes of `arch`.

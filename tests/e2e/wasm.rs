@@ -10,8 +10,8 @@ use oci_client::secrets::RegistryAuth;
 
 use crate::harness::wait_for;
 use crate::images::{
-    PRIVATE_PASSWORD, PRIVATE_USER, WAT_TRAP, private_registry, push_wasm, push_wasm_in_layer,
-    push_wasm_to, registry, wat_escape_probe, wat_growing, wat_printing,
+    PRIVATE_PASSWORD, PRIVATE_USER, WAT_SPIN, WAT_TRAP, private_registry, push_wasm,
+    push_wasm_in_layer, push_wasm_to, registry, wat_escape_probe, wat_growing, wat_printing,
 };
 use crate::pods::{Bench, main_status, pin_arch, placed_on};
 
@@ -326,10 +326,7 @@ async fn wasm_pods_run_on_devices_of_any_arch() {
 #[tokio::test]
 async fn a_spinning_modules_cpu_and_memory_show_in_the_nodes_stats() {
     let bench = Bench::start("wasmstats", 1, wasm_pool()).await;
-    let spin = r#"(module
-        (memory (export "memory") 2)
-        (func (export "_start") (loop $spin (br $spin))))"#;
-    let (module, _) = push_wasm(&format!("e2e/{}/spin:v1", bench.ns.name), spin).await;
+    let (module, _) = push_wasm(&format!("e2e/{}/spin:v1", bench.ns.name), WAT_SPIN).await;
     crate::kubelet_api::busy_pod_shows_in_stats(&bench, wasm_pod(&bench, "busy", &module)).await;
     bench.finish().await;
 }

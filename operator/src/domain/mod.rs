@@ -83,6 +83,14 @@ pub mod container_id {
         let (device, task) = container_id.strip_prefix(SCHEME)?.split_once('/')?;
         Some((task.to_string(), device.to_string()))
     }
+
+    /// The task id and device of the attempt a pod's status records, if it was ever placed.
+    pub fn recorded_attempt(pod: &k8s_openapi::api::core::v1::Pod) -> Option<(String, String)> {
+        let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+        statuses
+            .iter()
+            .find_map(|s| attempt(s.container_id.as_deref()?))
+    }
 }
 
 /// Whether the operator hears a device now.

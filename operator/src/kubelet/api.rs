@@ -396,12 +396,8 @@ fn node_readings(caller: &Caller, now_unix_ms: i64) -> (Vec<PodReadings>, u64) {
         .on_node(&caller.node)
         .into_iter()
         .filter_map(|pod| {
+            let (task_id, _) = container_id::recorded_attempt(&pod)?;
             let status = pod.status.as_ref()?;
-            let (task_id, _) = status
-                .container_statuses
-                .iter()
-                .flatten()
-                .find_map(|c| container_id::attempt(c.container_id.as_deref()?))?;
             let containers = state.stats.of(&task_id, now_unix_ms);
             Some(PodReadings {
                 namespace: pod.metadata.namespace.clone().unwrap_or_default(),

@@ -97,6 +97,12 @@ impl NodeEndpoints {
 impl KubeletEndpoints for NodeEndpoints {
     fn open(&self, node: &str, current_port: Option<i32>) -> Result<KubeletEndpoint, NoFreePort> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        // Nothing supervises a node's listener but this: each reconcile of its pool (at least
+        // every minute) opens it again if its task has ended.
+        if open.get(node).is_some_and(|o| o.serving.is_finished()) {
+            tracing::warn!(%node, "the node's kubelet API listener ended; opening it again");
+            open.remove(node);
+        }
         let port = match open.get(node) {
             Some(endpoint) => endpoint.port,
             None => {

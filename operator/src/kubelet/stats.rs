@@ -40,6 +40,9 @@ pub struct Bound {
 #[derive(Default)]
 pub struct StatsStore {
     tasks: Mutex<HashMap<String, BTreeMap<String, Reading>>>,
+    /// When stale readings were last dropped (Unix ms): at most every `FRESH_FOR_MS`, not on
+    /// every device's message.
+    pruned_unix_ms: std::sync::atomic::AtomicI64,
     /// CPU of container runs no longer shown, by node: the node's total only grows.
     retired: Mutex<HashMap<String, NodeCpu>>,
 }
@@ -67,11 +70,11 @@ impl StatsStore {
     ) -> usize {
         let mut refused = 0;
         let mut tasks = self.tasks();
-        tasks.retain(|_, containers| {
-            containers
-                .values()
-                .any(|r| now_unix_ms - r.at_unix_ms < FRESH_FOR_MS)
-        });
+        let pruned = &self.pruned_unix_ms;
+        if now_unix_ms - pruned.load(std::sync::atomic::Ordering::Relaxed) >= FRESH_FOR_MS {
+            pruned.store(now_unix_ms, std::sync::atomic::Ordering::Relaxed);
+            tasks.retain(|_, containers| containers.values().any(|r| fresh(r, now_unix_ms)));
+        }
         for task in &stats.tasks {
             if !holds(&task.task_id) {
                 refused += 1;
@@ -82,7 +85,9 @@ impl StatsStore {
                 if sent.name.len() > 253 {
                     continue;
                 }
-                let previous = containers.get(&sent.name).copied();
+                // A stale reading is no longer shown: its run counts afresh, as a new one.
+                let previous =
+                    (containers.get(&sent.name).copied()).filter(|r| fresh(r, now_unix_ms));
                 let reading = bounded(previous, sent, now_unix_ms, bound);
                 containers.insert(sent.name.clone(), reading);
             }
@@ -101,7 +106,7 @@ impl StatsStore {
         };
         containers
             .iter()
-            .filter(|(_, r)| now_unix_ms - r.at_unix_ms < FRESH_FOR_MS)
+            .filter(|(_, r)| fresh(r, now_unix_ms))
             .map(|(name, r)| (name.clone(), *r))
             .collect()
     }
@@ -129,6 +134,11 @@ impl StatsStore {
         cpu.last = now;
         cpu.retired_ns.saturating_add(current)
     }
+}
+
+/// Whether a reading is recent enough to be shown (and continued).
+fn fresh(reading: &Reading, now_unix_ms: i64) -> bool {
+    now_unix_ms - reading.at_unix_ms < FRESH_FOR_MS
 }
 
 /// A container's new reading. CPU counts from when the operator first read the run (what it
@@ -414,6 +424,35 @@ mod tests {
         store.record(&stats("uid.1", 1, 1), 5_000, OFFER, held);
         assert_eq!(store.of("uid.1", 5_000)["main"].cpu_ns, 3_000_000_000);
         assert!(store.of("uid.1", 5_000 + FRESH_FOR_MS).is_empty(), "stale");
+        // A stale run counts afresh, from its next reading on.
+        let later = 5_000 + FRESH_FOR_MS;
+        store.record(&stats("uid.1", 9_000_000_000, 1), later, OFFER, held);
+        assert_eq!(store.of("uid.1", later)["main"].cpu_ns, 0);
+    }
+
+    #[test]
+    fn a_liars_long_lists_and_names_are_cut() {
+        let store = StatsStore::default();
+        let mut many = stats("uid.1", 1, 1);
+        let one = many.tasks[0].containers[0].clone();
+        let long = ContainerStats {
+            name: "x".repeat(254),
+            ..one.clone()
+        };
+        many.tasks[0].containers = std::iter::once(long)
+            .chain((0..CONTAINERS_PER_TASK + 8).map(|n| ContainerStats {
+                name: format!("c{n:03}"),
+                ..one.clone()
+            }))
+            .collect();
+        store.record(&many, 2_000, OFFER, |_| true);
+        let kept = store.of("uid.1", 2_000);
+        assert_eq!(
+            kept.len(),
+            CONTAINERS_PER_TASK - 1,
+            "the first 32, less the long name"
+        );
+        assert!(kept.keys().all(|name| name.len() < 254));
     }
 
     #[test]

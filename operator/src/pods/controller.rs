@@ -354,11 +354,9 @@ impl Controller {
         lock(&self.shared.attempts)
     }
 
-    /// Records an attempt found on a device or in a pod's status after a restart. When it was
-    /// sent is not known exactly: no later than since when the pod shows it placed (written by
-    /// an operator), else its creation (stamped by the API server).
-    /// Records an attempt found after a restart (in its pod's status, or on its device);
-    /// returns when it was sent, as far as the pod tells.
+    /// Records an attempt found on a device or in a pod's status after a restart, and returns
+    /// when it was sent. That is not known exactly: no later than since when the pod shows it
+    /// placed (written by an operator), else its creation (stamped by the API server).
     fn book_adopted(&self, pod: &Pod, task: &TaskId, device: &str) -> i64 {
         let created = pod
             .metadata
@@ -389,14 +387,24 @@ impl Controller {
     /// restart: the charge made before may not have been written. Its `PoolUsage` object
     /// counts it once.
     fn charge_recorded_loss(&self, pod: &Pod, loss: &Loss) {
-        let recent = crate::domain::unix_ms() - loss.at_unix_ms <= LOST_CHARGED_AGAIN_MS;
+        let now = crate::domain::unix_ms();
+        let recent = now - loss.at_unix_ms <= LOST_CHARGED_AGAIN_MS;
         if loss.reason != LossReason::DeviceLost || !recent || loss.started_ms <= 0 {
             return;
         }
+        // Anyone who may write pod status could write these times: the charge stays within
+        // the pod's life (since the API server stamped its creation) and now.
+        let created =
+            (pod.metadata.creation_timestamp.as_ref()).map_or(now, |t| t.0.as_millisecond());
+        let loss = Loss {
+            started_ms: loss.started_ms.max(created),
+            at_unix_ms: loss.at_unix_ms.min(now),
+            ..loss.clone()
+        };
         let task = loss.task.to_string();
         let held = self.held(pod, &loss.device, loss.started_ms);
         self.book().began(&task, held);
-        charge_loss(&self.shared, loss);
+        charge_loss(&self.shared, &loss);
     }
 
     fn deleted(&mut self, uid: &str) {

@@ -82,13 +82,7 @@ pub fn wants_log_tail(
         && reported.message.is_empty()
 }
 
-/// The task id and device recorded in a pod's status, if it was ever placed.
-pub fn recorded_attempt(pod: &Pod) -> Option<(String, String)> {
-    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
-    statuses
-        .iter()
-        .find_map(|s| container_id::attempt(s.container_id.as_deref()?))
-}
+pub use crate::domain::container_id::recorded_attempt;
 
 /// The last attempt lost that a pod's status records (its containers' `lastState`, until a
 /// later attempt restarts on its own).

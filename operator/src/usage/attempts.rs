@@ -225,11 +225,6 @@ impl AttemptBook {
         }
     }
 
-    /// When the attempt was sent, as recorded.
-    pub fn since_ms(&self, task_id: &str) -> Option<i64> {
-        self.held.get(task_id).map(|held| held.from_ms)
-    }
-
     pub fn len(&self) -> usize {
         self.held.len()
     }
