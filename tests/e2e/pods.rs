@@ -1063,13 +1063,19 @@ async fn pods_that_cannot_run_say_why_on_the_pod() {
         refused.status.as_ref().unwrap().reason.as_deref(),
         Some("RuntimeNotAllowed")
     );
-    assert!(
-        bench
-            .events("oci")
-            .await
-            .iter()
-            .any(|(r, _)| r == "RuntimeNotAllowed")
-    );
+    // The Event is written apart from the status, and may land after it.
+    poll_until(
+        "a RuntimeNotAllowed Event on the pod",
+        Duration::from_secs(30),
+        || async {
+            let events = bench.events("oci").await;
+            match events.iter().any(|(r, _)| r == "RuntimeNotAllowed") {
+                true => Ok(()),
+                false => Err(format!("{events:?}")),
+            }
+        },
+    )
+    .await;
 
     let mut host = bench.pod("host", "true", "Never");
     host.spec.as_mut().unwrap().host_network = Some(true);
