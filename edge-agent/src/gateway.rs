@@ -73,7 +73,11 @@ pub fn channel(
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true)
-        .tcp_keepalive(Some(KEEPALIVE_INTERVAL));
+        .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
+        // Exec streams share the connection with Attach: small stream windows under a large
+        // connection window keep room for heartbeats however many streams are stuck.
+        .initial_stream_window_size(darkcore_proto::STREAM_WINDOW)
+        .initial_connection_window_size(darkcore_proto::CONNECTION_WINDOW);
     Ok(endpoint.connect_lazy())
 }
 

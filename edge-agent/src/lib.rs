@@ -17,6 +17,7 @@ pub mod run;
 pub mod sensors;
 pub mod session;
 pub mod status;
+pub mod streams;
 pub mod tasks;
 pub mod usage;
 

@@ -236,6 +236,7 @@ pub async fn attach(
                         }
                         Some(operator_message::Body::HeartbeatAck(ack)) => fence.acknowledged(ack.sequence),
                         Some(operator_message::Body::OutputWanted(wanted)) => tasks.resend_output(&wanted.task_id),
+                        Some(operator_message::Body::StreamOpen(open)) => tasks.open_stream(client.clone(), open),
                         Some(operator_message::Body::CertificateRenewed(renewed)) => {
                             match crate::identity::store_renewed(state_dir, &renewed.certificate_pem) {
                                 Ok(()) => tracing::info!("device certificate renewed; it is used from the next connection"),

@@ -25,6 +25,7 @@ use crate::gateway;
 use crate::gateway::attach::{AttachService, PoolCheck, Renewer, Served};
 use crate::gateway::join::JoinService;
 use crate::gateway::join_limit::{JoinLimiter, Rate};
+use crate::gateway::streams::StreamBroker;
 use crate::housekeeping::{Housekeeper, Retention};
 use crate::http::{self, Health, Readiness};
 use crate::installation;
@@ -350,6 +351,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     let kubelet_identity = tls::serving_identity(&ca, std::slice::from_ref(&args.node_address))
         .context("issuing the kubelet API's certificate")?;
+    let streams = Arc::new(StreamBroker::default());
     let kubelet_server = KubeletServer::new(
         kubelet_identity,
         client_ca,
@@ -359,6 +361,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             stats: stats.clone(),
             started_unix_ms: crate::domain::unix_ms(),
             authorizer: Authorizer::new(client.clone()),
+            registry: registry.clone(),
+            streams: streams.clone(),
         }),
     )?;
     let endpoints = Arc::new(NodeEndpoints::new(
@@ -412,6 +416,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 ca: ca.clone(),
                 validity: args.device_cert_validity,
             }),
+            streams,
         },
     )
     .await?;

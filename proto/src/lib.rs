@@ -31,6 +31,16 @@ pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion::V1;
 /// are split below it; a larger frame is refused rather than buffered.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
+/// User streams (exec, port-forward) one device carries at once, each an `OpenStream` call on
+/// the agent's connection. With [`STREAM_WINDOW`] each, a device's stuck streams hold at most
+/// 128 × 256 KiB of the connection's window, which [`CONNECTION_WINDOW`] exceeds: heartbeats on
+/// the same connection always have room. Both ends set both windows.
+pub const MAX_STREAMS_PER_DEVICE: usize = 128;
+/// HTTP/2 flow-control window of each gRPC stream: what one may have in flight unread.
+pub const STREAM_WINDOW: u32 = 256 * 1024;
+/// HTTP/2 flow-control window of a whole agent connection.
+pub const CONNECTION_WINDOW: u32 = (MAX_STREAMS_PER_DEVICE as u32 + 16) * STREAM_WINDOW;
+
 /// A peer wrote in a protocol version this build does not speak.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(

@@ -136,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
             ),
         },
         attach::AttachService {
+            streams: Default::default(),
             registry: registry.clone(),
             metrics: metrics.clone(),
             pool_served: Arc::new(|pool: &str| match pool == POOL {

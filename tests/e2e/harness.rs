@@ -201,6 +201,10 @@ pub struct Operator {
 }
 
 impl Operator {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
     pub async fn start(scope: &str) -> Operator {
         Operator::start_on(scope, free_port(), free_port(), free_port()).await
     }

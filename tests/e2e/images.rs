@@ -354,7 +354,7 @@ fn busybox_layer() -> (Vec<u8>, String) {
     );
     for applet in [
         "sh", "echo", "cat", "sleep", "dd", "head", "id", "ls", "touch", "pwd", "test", "true",
-        "mkdir", "stat", "ln",
+        "mkdir", "stat", "ln", "tar",
     ] {
         let mut header = header(tar::EntryType::Symlink, 0o777, 0, 0);
         builder

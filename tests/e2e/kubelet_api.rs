@@ -71,7 +71,7 @@ fn kubelet_get(port: i32, path: &str) -> (String, String) {
     (code.to_string(), body.to_string())
 }
 
-fn kubelet_port_of(node: &Node) -> i32 {
+pub fn kubelet_port_of(node: &Node) -> i32 {
     let endpoints = node
         .status
         .as_ref()

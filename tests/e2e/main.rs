@@ -3,6 +3,7 @@
 
 mod chaos;
 mod devices;
+mod exec;
 mod fencing;
 mod fleet;
 mod frames;

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Pod;
 use crate::images::{IMAGE_USER_UID, blob_fetches, push_busybox};
 use crate::pods::{Bench, main_status};
 
-fn oci_pool() -> DevicePoolSpec {
+pub(crate) fn oci_pool() -> DevicePoolSpec {
     DevicePoolSpec {
         runtimes: vec![Runtime::Oci],
         ..Default::default()
@@ -18,7 +18,7 @@ fn oci_pool() -> DevicePoolSpec {
 }
 
 /// A `darkcore-oci` pod on the bench's pool; `container` is JSON without its name.
-fn oci_pod(bench: &Bench, name: &str, container: serde_json::Value) -> Pod {
+pub(crate) fn oci_pod(bench: &Bench, name: &str, container: serde_json::Value) -> Pod {
     bench.pod_in("darkcore-oci", name, container, "Never")
 }
 

@@ -28,7 +28,6 @@ impl Bench {
         Bench::start_with(prefix, agents, spec, &[]).await
     }
 
-    /// Like [`Bench::start`], with `extra` arguments to the operator's `run`.
     /// A bench whose pool admits amd64 and arm64 devices (`spec`, with that selector): one
     /// amd64 agent, and an arm64 one, returned with its node's name once the node offers it.
     pub async fn start_two_arches(prefix: &str, spec: DevicePoolSpec) -> (Bench, Agent, String) {
@@ -48,6 +47,7 @@ impl Bench {
         (bench, arm, arm_node)
     }
 
+    /// Like [`Bench::start`], with `extra` arguments to the operator's `run`.
     pub async fn start_with(
         prefix: &str,
         agents: usize,
@@ -282,6 +282,28 @@ impl Bench {
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    /// Runs kubectl in the namespace with `stdin` as its input: its exit code, stdout and stderr.
+    pub async fn kubectl_with_input(&self, args: &[&str], stdin: &[u8]) -> (i32, String, String) {
+        use tokio::io::AsyncWriteExt as _;
+        let mut child = tokio::process::Command::new("kubectl")
+            .args(["-n", &self.ns.name])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kubectl runs");
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin).await.unwrap();
+        drop(input);
+        let out = child.wait_with_output().await.unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     }
 

@@ -15,7 +15,7 @@ use crate::images::{
 };
 use crate::pods::{Bench, main_status, pin_arch, placed_on};
 
-fn wasm_pool() -> DevicePoolSpec {
+pub(crate) fn wasm_pool() -> DevicePoolSpec {
     DevicePoolSpec {
         runtimes: vec![Runtime::Wasm],
         ..Default::default()
@@ -23,7 +23,7 @@ fn wasm_pool() -> DevicePoolSpec {
 }
 
 /// A `darkcore-wasm` pod on the bench's pool running `image`.
-fn wasm_pod(bench: &Bench, name: &str, image: &str) -> Pod {
+pub(crate) fn wasm_pod(bench: &Bench, name: &str, image: &str) -> Pod {
     let container = serde_json::json!({ "image": image });
     bench.pod_in("darkcore-wasm", name, container, "Never")
 }

@@ -6,6 +6,7 @@
 //! own `Supervisor`; both report to the `Board`, which `Reports` drains onto the stream.
 
 pub mod disk;
+pub mod enter;
 pub mod lifecycle;
 pub mod mounts;
 pub mod oci;
@@ -74,6 +75,8 @@ pub struct Board {
     pub usage: Arc<Ledger>,
     /// What each running container uses now.
     pub meters: stats::Meters,
+    /// How to exec into each running container.
+    pub entrances: enter::Entrances,
 }
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -232,6 +235,8 @@ impl Reports {
 pub struct TaskManager {
     board: Arc<Board>,
     runtimes: Vec<(RuntimeKind, Arc<dyn Runtime>)>,
+    /// Users' exec streams open now, over every session.
+    streams: crate::streams::OpenStreams,
 }
 
 impl TaskManager {
@@ -250,11 +255,13 @@ impl TaskManager {
             tasks_root,
             usage,
             meters: stats::Meters::default(),
+            entrances: enter::Entrances::default(),
         });
         (
             TaskManager {
                 board: board.clone(),
                 runtimes,
+                streams: Default::default(),
             },
             Reports { board },
         )
@@ -433,6 +440,17 @@ impl TaskManager {
     /// What the running containers use now (see `stats`).
     pub fn meters(&self) -> &stats::Meters {
         &self.board.meters
+    }
+
+    /// Answers the operator's `StreamOpen` (kubectl exec) on a task of its own.
+    pub fn open_stream(
+        &self,
+        client: darkcore_proto::agent::v1::agent_gateway_client::AgentGatewayClient<
+            tonic::transport::Channel,
+        >,
+        open: darkcore_proto::agent::v1::StreamOpen,
+    ) {
+        crate::streams::open(client, open, &self.board.entrances, &self.streams);
     }
 
     /// The operator wants a task's output again (see `output`).

@@ -13,6 +13,7 @@ use std::time::Duration;
 use rustix::process::{Pid, Signal, kill_process_group};
 use tokio::process::{Child, Command};
 
+use crate::tasks::enter::Entrance;
 use crate::tasks::runtime::{Exit, Launch, Output, Runtime, StartError, Workload, cpu_at_exit};
 use crate::tasks::stats::{Meter, Sample};
 use crate::tasks::workdir::under_root;
@@ -54,16 +55,28 @@ impl Runtime for ProcessRuntime {
             reason: "CreateContainerError",
             message: format!("creating the working directory {}: {e}", workdir.display()),
         })?;
+        let root_text = root.to_string_lossy().into_owned();
+        let env: Vec<(String, String)> = [
+            ("PATH", DEFAULT_PATH),
+            ("HOSTNAME", launch.pod_name.as_str()),
+            ("HOME", root_text.as_str()),
+            ("DARKCORE_TASK_ROOT", root_text.as_str()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .chain(
+            container
+                .env
+                .iter()
+                .map(|e| (e.name.clone(), e.value.clone())),
+        )
+        .collect();
         let mut command = Command::new(program);
         command
             .args(leading)
             .args(&container.args)
             .env_clear()
-            .env("PATH", DEFAULT_PATH)
-            .env("HOSTNAME", &launch.pod_name)
-            .env("HOME", &root)
-            .env("DARKCORE_TASK_ROOT", &root)
-            .envs(container.env.iter().map(|e| (&e.name, &e.value)))
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .current_dir(&workdir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -82,6 +95,11 @@ impl Runtime for ProcessRuntime {
             child,
             group,
             cpu: Duration::ZERO,
+            entrance: Entrance::Process {
+                env,
+                cwd: workdir,
+                group: group.map(|g| g.as_raw_nonzero().get()),
+            },
         }))
     }
 }
@@ -90,6 +108,7 @@ struct Process {
     child: Child,
     group: Option<Pid>,
     cpu: Duration,
+    entrance: Entrance,
 }
 
 impl Process {
@@ -138,6 +157,10 @@ impl Workload for Process {
 
     fn cpu_used(&self) -> Duration {
         self.cpu
+    }
+
+    fn entrance(&self) -> Entrance {
+        self.entrance.clone()
     }
 
     fn terminate(&mut self) {

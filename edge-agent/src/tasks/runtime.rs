@@ -130,6 +130,8 @@ pub trait Workload: Send {
     fn meter(&self) -> Option<Arc<dyn crate::tasks::stats::Meter>> {
         None
     }
+    /// How `kubectl exec` starts a command in it.
+    fn entrance(&self) -> crate::tasks::enter::Entrance;
     /// Asks it to stop (SIGTERM or the runtime's equivalent).
     fn terminate(&mut self);
     /// Stops it now (SIGKILL or equivalent).

@@ -468,12 +468,15 @@ impl Supervisor {
         if let Some(meter) = workload.meter() {
             meters.started(&self.task.task_id, &container.name, meter, started_at);
         }
+        let entrances = &self.board.entrances;
+        entrances.started(&self.task.task_id, &container.name, workload.entrance());
         let began = Instant::now();
         let exit = tokio::select! {
             exit = workload.wait() => exit,
             grace = grace_when_stopped(stop) => stop_workload(workload.as_mut(), grace).await,
         };
         meters.ended(&self.task.task_id, &container.name);
+        entrances.ended(&self.task.task_id, &container.name);
         *lock(&shared.cpu) += workload.cpu_used();
         for pump in pumps.into_iter().flatten() {
             let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, pump).await;

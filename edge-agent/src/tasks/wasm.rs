@@ -591,6 +591,12 @@ impl Workload for WasmWorkload {
         Some(self.meter.clone())
     }
 
+    fn entrance(&self) -> crate::tasks::enter::Entrance {
+        crate::tasks::enter::Entrance::Unsupported(
+            "exec is not supported by the wasm runtime: a wasm module has no processes to start a command beside; read its output with kubectl logs".into(),
+        )
+    }
+
     fn cpu_used(&self) -> Duration {
         self.cpu
     }

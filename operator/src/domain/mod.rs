@@ -84,6 +84,26 @@ pub mod container_id {
         Some((task.to_string(), device.to_string()))
     }
 
+    /// The task id and device of container `name`'s run, if the pod's status shows it running.
+    pub fn running_attempt(
+        pod: &k8s_openapi::api::core::v1::Pod,
+        name: &str,
+    ) -> Option<(String, String)> {
+        let status = pod.status.as_ref()?;
+        status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten())
+            .filter(|s| s.name == name)
+            .filter(|s| {
+                s.state
+                    .as_ref()
+                    .is_some_and(|state| state.running.is_some())
+            })
+            .find_map(|s| attempt(s.container_id.as_deref()?))
+    }
+
     /// The task id and device of the attempt a pod's status records, if it was ever placed.
     pub fn recorded_attempt(pod: &k8s_openapi::api::core::v1::Pod) -> Option<(String, String)> {
         let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
@@ -115,6 +135,43 @@ pub fn unix_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_running_container_names_the_attempt_to_exec_in() {
+        use k8s_openapi::api::core::v1::{
+            ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus, Pod,
+            PodStatus,
+        };
+        let status = |name: &str, running: bool| ContainerStatus {
+            name: name.into(),
+            container_id: Some(container_id::of("dev-1", "uid.2")),
+            state: Some(if running {
+                ContainerState {
+                    running: Some(ContainerStateRunning::default()),
+                    ..Default::default()
+                }
+            } else {
+                ContainerState {
+                    terminated: Some(ContainerStateTerminated::default()),
+                    ..Default::default()
+                }
+            }),
+            ..Default::default()
+        };
+        let pod = Pod {
+            status: Some(PodStatus {
+                container_statuses: Some(vec![status("app", true), status("done", false)]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            container_id::running_attempt(&pod, "app"),
+            Some(("uid.2".into(), "dev-1".into()))
+        );
+        assert_eq!(container_id::running_attempt(&pod, "done"), None);
+        assert_eq!(container_id::running_attempt(&pod, "other"), None);
+    }
 
     #[test]
     fn task_ids_read_back_as_written() {

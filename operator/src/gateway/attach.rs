@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 use darkcore_proto::agent::v1::agent_gateway_server::AgentGateway;
 use darkcore_proto::agent::v1::{
     AgentMessage, CertificateRenewed, HeartbeatAck, Hello, LogChunk, Offer, OperatorMessage,
-    Refusal, Stats, TaskStatus, UsageRecord, Welcome, agent_message, operator_message,
-    refusal::Code,
+    Refusal, Stats, StreamDown, StreamUp, TaskStatus, UsageRecord, Welcome, agent_message,
+    operator_message, refusal::Code,
 };
 use darkcore_proto::{PROTOCOL_VERSION, check_version};
 use futures::future::BoxFuture;
@@ -20,6 +20,7 @@ use tonic::{Code as StatusCode, Request, Response, Status, Streaming};
 use crate::devices::registry::{AgentSender, Registry, refusal, refusal_message};
 use crate::enroll::ca::CaMaterial;
 use crate::gateway::bounds;
+use crate::gateway::streams::StreamBroker;
 use crate::metrics::Metrics;
 use crate::tls::{self, DeviceIdentity, identity_of};
 
@@ -114,6 +115,8 @@ pub struct AttachService {
     pub tasks: Arc<dyn TaskSink>,
     /// Renews device certificates over their streams.
     pub renewer: Arc<Renewer>,
+    /// Pairs users' exec streams with the agents' OpenStream calls.
+    pub streams: Arc<StreamBroker>,
 }
 
 /// What renews device certificates: the CA, and how long a certificate lasts.
@@ -153,6 +156,11 @@ impl AgentGateway for AttachService {
         fn(Box<OperatorMessage>) -> Result<OperatorMessage, Status>,
     >;
 
+    type OpenStreamStream = futures::stream::Map<
+        ReceiverStream<StreamDown>,
+        fn(StreamDown) -> Result<StreamDown, Status>,
+    >;
+
     async fn attach(
         &self,
         request: Request<Streaming<AgentMessage>>,
@@ -161,19 +169,7 @@ impl AgentGateway for AttachService {
             .peer_certs()
             .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec()))
             .unwrap_or_default();
-        let identity = request
-            .peer_certs()
-            .and_then(|certs| certs.first().map(|c| identity_of(c.as_ref())))
-            .ok_or_else(|| {
-                self.metrics.refusal("no_certificate");
-                Status::unauthenticated(
-                    "this stream needs the device certificate that `darkcore-agent join` obtains",
-                )
-            })?
-            .map_err(|reason| {
-                self.metrics.refusal("bad_certificate");
-                Status::unauthenticated(reason)
-            })?;
+        let identity = self.identity(&request)?;
         let address = request.remote_addr().map(|a| a.ip().to_string());
         let (sender, outbound) = mpsc::channel(SEND_QUEUE);
         let stream = AgentStream {
@@ -196,6 +192,44 @@ impl AgentGateway for AttachService {
             ReceiverStream::new(outbound),
             unboxed,
         )))
+    }
+
+    async fn open_stream(
+        &self,
+        request: Request<Streaming<StreamUp>>,
+    ) -> Result<Response<Self::OpenStreamStream>, Status> {
+        let identity = self.identity(&request)?;
+        if self.registry.revoked().contains(&identity.device_id) {
+            return Err(Status::permission_denied("this device is revoked"));
+        }
+        let to_agent = self
+            .streams
+            .arrived(&identity.device_id, request.into_inner())
+            .await?;
+        let ok: fn(StreamDown) -> Result<StreamDown, Status> = Ok;
+        Ok(Response::new(futures::StreamExt::map(
+            ReceiverStream::new(to_agent),
+            ok,
+        )))
+    }
+}
+
+impl AttachService {
+    /// The device a call comes from, by its certificate (which TLS has verified).
+    fn identity<T>(&self, request: &Request<T>) -> Result<DeviceIdentity, Status> {
+        request
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|c| identity_of(c.as_ref())))
+            .ok_or_else(|| {
+                self.metrics.refusal("no_certificate");
+                Status::unauthenticated(
+                    "this stream needs the device certificate that `darkcore-agent join` obtains",
+                )
+            })?
+            .map_err(|reason| {
+                self.metrics.refusal("bad_certificate");
+                Status::unauthenticated(reason)
+            })
     }
 }
 

@@ -5,6 +5,7 @@
 //! ```text
 //!  agent ──TLS──> Join(token, CSR) ──> redeem::Redeemer ──> tls::sign_device
 //!  agent ─mTLS──> Attach(stream) ──> attach::AgentStream ──> devices::Registry (soft state)
+//!  agent ─mTLS──> OpenStream(stream) ──> streams::StreamBroker ──> the kubelet API's exec
 //! ```
 
 pub mod attach;
@@ -12,6 +13,7 @@ pub mod bounds;
 pub mod endpoint;
 pub mod join;
 pub mod join_limit;
+pub mod streams;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -60,6 +62,10 @@ pub async fn serve(
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
+        // Exec and port-forward streams share an agent's connection with its Attach stream:
+        // small stream windows under a large connection window keep room for heartbeats.
+        .initial_stream_window_size(Some(streams::STREAM_WINDOW))
+        .initial_connection_window_size(Some(streams::CONNECTION_WINDOW))
         .add_service(
             EnrollmentServer::new(join)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -1,6 +1,6 @@
 //! One node's kubelet API routes: `/containerLogs/{ns}/{pod}/{container}` with the kubelet's
-//! query options, `/pods`, `/runningpods`, `/stats/summary` and `/metrics/resource`, of that
-//! node's pods only. Every route authenticates and authorizes (`nodes/<subresource>` on the
+//! query options, `/exec/...` (upgraded to SPDY), `/pods`, `/runningpods`, `/stats/summary` and
+//! `/metrics/resource`, of that node's pods only. Every route authenticates and authorizes (`nodes/<subresource>` on the
 //! node, as the kubelet maps its paths: proxy, stats, metrics) first.
 
 use std::collections::HashMap;
@@ -10,11 +10,14 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
+use axum::extract::Request;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use darkcore_proto::agent::v1::{ExecStream, StreamOpen, stream_open};
 use futures::StreamExt as _;
+use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 
@@ -23,6 +26,7 @@ use crate::kubelet::KubeletState;
 use crate::kubelet::auth::{Denied, User};
 use crate::kubelet::kept_output::{self, CONDITION};
 use crate::kubelet::log_store::Line;
+use crate::kubelet::remote_command;
 use crate::kubelet::stats::{self, PodReadings, Reading};
 
 /// The earliest line time (Unix nanoseconds) a logs request asks for: `sinceTime`, else
@@ -59,6 +63,11 @@ pub fn router(state: Arc<KubeletState>, node: Arc<str>, certificate: Option<User
         .route("/runningpods/", get(running_pods))
         .route("/stats/summary", get(stats_summary))
         .route("/metrics/resource", get(metrics_resource))
+        .route("/exec/{namespace}/{pod}/{container}", get(exec).post(exec))
+        .route(
+            "/exec/{namespace}/{pod}/{uid}/{container}",
+            get(exec_with_uid).post(exec_with_uid),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .with_state(Caller {
             state,
@@ -71,10 +80,22 @@ fn text(status: StatusCode, message: String) -> Response {
     (status, message).into_response()
 }
 
-/// Authenticates the caller and authorizes it for `nodes/<subresource>` on the called node.
+/// Authenticates the caller and authorizes it for `get` on `nodes/<subresource>` of the
+/// called node.
 async fn check(
     caller: &Caller,
     headers: &HeaderMap,
+    subresource: &'static str,
+) -> Result<(), Response> {
+    check_verb(caller, headers, "get", subresource).await
+}
+
+/// Authenticates the caller and authorizes it for `verb` on `nodes/<subresource>` of the
+/// called node (the kubelet's verb is its request's: `get` for GET, `create` for POST).
+async fn check_verb(
+    caller: &Caller,
+    headers: &HeaderMap,
+    verb: &'static str,
     subresource: &'static str,
 ) -> Result<(), Response> {
     let node = &*caller.node;
@@ -87,7 +108,7 @@ async fn check(
         .authenticate(caller.certificate.as_ref(), bearer)
         .await
     {
-        Ok(user) => authorizer.authorize(&user, subresource, node).await,
+        Ok(user) => authorizer.authorize(&user, verb, subresource, node).await,
         Err(denied) => Err(denied),
     };
     outcome.map_err(|denied| match denied {
@@ -140,6 +161,172 @@ pub fn render(line: &Line, timestamps: bool) -> Vec<u8> {
     out
 }
 
+async fn exec(
+    State(caller): State<Caller>,
+    Path((namespace, pod, container)): Path<(String, String, String)>,
+    request: Request,
+) -> Response {
+    exec_in(caller, (namespace, pod, None), container, request).await
+}
+
+async fn exec_with_uid(
+    State(caller): State<Caller>,
+    Path((namespace, pod, uid, container)): Path<(String, String, String, String)>,
+    request: Request,
+) -> Response {
+    exec_in(caller, (namespace, pod, Some(uid)), container, request).await
+}
+
+/// `kubectl exec`: checks the caller, the pod and the request, then upgrades the connection to
+/// SPDY and carries the session to the device running the container.
+async fn exec_in(
+    caller: Caller,
+    (namespace, pod_name, uid): (String, String, Option<String>),
+    container: String,
+    mut request: Request,
+) -> Response {
+    let verb = if request.method() == Method::GET {
+        "get"
+    } else {
+        "create"
+    };
+    if let Err(denied) = check_verb(&caller, request.headers(), verb, "proxy").await {
+        return denied;
+    }
+    let pod = match pod_with_container(&caller, &namespace, &pod_name, &container) {
+        Ok(pod) => pod,
+        Err(response) => return *response,
+    };
+    if uid.is_some() && uid != pod.metadata.uid {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("pod {namespace}/{pod_name} with that uid is not on this node\n"),
+        );
+    }
+    let query: Vec<(String, String)> =
+        serde_urlencoded::from_str(request.uri().query().unwrap_or("")).unwrap_or_default();
+    let options = match remote_command::Options::from_query(&query) {
+        Ok(options) => options,
+        Err(why) => return text(StatusCode::BAD_REQUEST, format!("{why}\n")),
+    };
+    let command = remote_command::command_of(&query);
+    if command.is_empty() {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "no command to run: give one after `--`, as in `kubectl exec POD -- sh`\n".into(),
+        );
+    }
+    let Some((task_id, device)) = container_id::running_attempt(&pod, &container) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "container {container} in pod {namespace}/{pod_name} is not running; exec needs a running container\n"
+            ),
+        );
+    };
+    let headers = request.headers();
+    let wants = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.to_ascii_lowercase().contains(token))
+        })
+    };
+    if !wants(header::CONNECTION, "upgrade") || !wants(header::UPGRADE, "spdy/3.1") {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "unable to upgrade: exec here is served over SPDY/3.1 (`Connection: Upgrade`, `Upgrade: SPDY/3.1`), as the API server sends it\n".into(),
+        );
+    }
+    let offered = headers
+        .get_all("x-stream-protocol-version")
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    let Some(protocol) = remote_command::negotiate(offered) else {
+        let mut refused = text(
+            StatusCode::FORBIDDEN,
+            format!(
+                "unable to upgrade: unable to negotiate protocol: this server accepts {}\n",
+                remote_command::PROTOCOLS.join(", ")
+            ),
+        );
+        for accepted in remote_command::PROTOCOLS {
+            refused.headers_mut().append(
+                "x-accepted-stream-protocol-versions",
+                header::HeaderValue::from_static(accepted),
+            );
+        }
+        return refused;
+    };
+    let upgrade = hyper::upgrade::on(&mut request);
+    let state = caller.state.clone();
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else {
+            return;
+        };
+        let open = StreamOpen {
+            stream_id: String::new(),
+            task_id,
+            container,
+            kind: Some(stream_open::Kind::Exec(ExecStream {
+                command,
+                stdin: options.stdin,
+                stdout: options.stdout,
+                stderr: options.stderr,
+                tty: options.tty,
+            })),
+        };
+        let device_end = state.streams.open(&state.registry, &device, open);
+        remote_command::serve(TokioIo::new(upgraded), options, device_end).await;
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "SPDY/3.1")
+        .header("x-stream-protocol-version", protocol)
+        .body(Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Pod `namespace/name` on the called node, with a container `container`; else the answer.
+fn pod_with_container(
+    caller: &Caller,
+    namespace: &str,
+    pod_name: &str,
+    container: &str,
+) -> Result<Pod, Box<Response>> {
+    let state = &caller.state;
+    let pod = state.pods.get(namespace, pod_name).filter(|pod| {
+        pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&*caller.node)
+    });
+    let Some(pod) = pod else {
+        if !state.pods.listed() {
+            return Err(Box::new(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the darkcore operator has just started and has not listed its pods yet; try again in a moment\n".into(),
+            )));
+        }
+        return Err(Box::new(text(
+            StatusCode::NOT_FOUND,
+            format!(
+                "pod {namespace}/{pod_name} is not on node {}\n",
+                caller.node
+            ),
+        )));
+    };
+    let known = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers))
+        .any(|c| c.name == container);
+    if !known {
+        return Err(Box::new(text(
+            StatusCode::NOT_FOUND,
+            format!("container {container} is not in pod {namespace}/{pod_name}\n"),
+        )));
+    }
+    Ok(pod)
+}
+
 async fn container_logs(
     State(caller): State<Caller>,
     Path((namespace, pod_name, container)): Path<(String, String, String)>,
@@ -151,35 +338,10 @@ async fn container_logs(
     if let Err(denied) = check(&caller, &headers, "proxy").await {
         return denied;
     }
-    let pod = state.pods.get(&namespace, &pod_name).filter(|pod| {
-        pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&*caller.node)
-    });
-    let Some(pod) = pod else {
-        if !state.pods.listed() {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the darkcore operator has just started and has not listed its pods yet; try again in a moment\n".into(),
-            );
-        }
-        return text(
-            StatusCode::NOT_FOUND,
-            format!(
-                "pod {namespace}/{pod_name} is not on node {}\n",
-                caller.node
-            ),
-        );
+    let pod = match pod_with_container(&caller, &namespace, &pod_name, &container) {
+        Ok(pod) => pod,
+        Err(response) => return *response,
     };
-    let known = pod
-        .spec
-        .iter()
-        .flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers))
-        .any(|c| c.name == container);
-    if !known {
-        return text(
-            StatusCode::NOT_FOUND,
-            format!("container {container} is not in pod {namespace}/{pod_name}\n"),
-        );
-    }
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     let shown = shown_state(&pod, &container);
     let previous = match which_run(flag(&options.previous), &shown) {

@@ -74,7 +74,7 @@ pub fn user_of_certificate(der: &[u8]) -> Option<User> {
     Some(User { name, groups })
 }
 
-type Key = (User, &'static str, String);
+type Key = (User, &'static str, &'static str, String);
 
 pub struct Authorizer {
     client: Client,
@@ -145,10 +145,11 @@ impl Authorizer {
     pub async fn authorize(
         &self,
         user: &User,
+        verb: &'static str,
         subresource: &'static str,
         node: &str,
     ) -> Result<(), Denied> {
-        let key = (user.clone(), subresource, node.to_string());
+        let key = (user.clone(), verb, subresource, node.to_string());
         let cached = self
             .decisions
             .lock()
@@ -163,7 +164,7 @@ impl Authorizer {
                         user: Some(user.name.clone()),
                         groups: Some(user.groups.clone()),
                         resource_attributes: Some(ResourceAttributes {
-                            verb: Some("get".into()),
+                            verb: Some(verb.into()),
                             resource: Some("nodes".into()),
                             subresource: Some(subresource.into()),
                             name: Some(node.into()).filter(|n: &String| !n.is_empty()),

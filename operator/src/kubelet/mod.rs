@@ -4,7 +4,8 @@
 //! ```text
 //!  apiserver / kubectl ──TLS──> endpoints (a port per node) ──> serve (client cert or bearer)
 //!                                   ──> auth (TokenReview, SAR) ──> api: /containerLogs, /pods, /runningpods,
-//!                                                                    /stats/summary, /metrics/resource
+//!                                                                    /stats/summary, /metrics/resource,
+//!                                                                    /exec ──> remote_command (SPDY) ──> device
 //!  agents' LogChunks ──> LogStore (bounded per container run) ──┘
 //!  agents' Stats ──> StatsStore (held tasks, bounded by the offer) ──┘
 //! ```
@@ -14,6 +15,8 @@ pub mod auth;
 pub mod endpoints;
 pub mod kept_output;
 pub mod log_store;
+pub mod remote_command;
+pub mod spdy;
 pub mod stats;
 
 use std::collections::HashMap;
@@ -107,6 +110,9 @@ pub struct KubeletState {
     /// When this operator started (Unix ms): its nodes' start time.
     pub started_unix_ms: i64,
     pub authorizer: Authorizer,
+    /// Where devices are connected, and how exec streams reach them.
+    pub registry: Arc<crate::devices::registry::Registry>,
+    pub streams: Arc<crate::gateway::streams::StreamBroker>,
 }
 
 /// The CA that signs the cluster's client certificates (the apiserver's among them), from the
@@ -213,6 +219,7 @@ impl KubeletServer {
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(tls), service)
+                    .with_upgrades()
                     .await;
             });
         }

@@ -533,6 +533,14 @@ impl Workload for Container {
         Some(Arc::new(cgroups::CgroupMeter(self.cgroup.clone())))
     }
 
+    fn entrance(&self) -> crate::tasks::enter::Entrance {
+        crate::tasks::enter::Entrance::Runner {
+            bin: self.runner.bin.clone(),
+            root: self.runner.root.clone(),
+            id: self.id.clone(),
+        }
+    }
+
     fn cpu_used(&self) -> Duration {
         self.cpu
     }
