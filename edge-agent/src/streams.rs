@@ -28,6 +28,8 @@ use crate::tasks::enter::{Entrance, Entrances, stdio};
 const CHUNK: usize = 32 * 1024;
 /// Messages queued toward the operator on one stream (HTTP/2 holds a window more).
 const UP_QUEUE: usize = 2;
+/// How long a port-forward may take to connect to the pod's port.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long a finished stream waits for the operator to close its side.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -84,28 +86,32 @@ pub fn open(
             }
         };
         let refused = |why: String, down| (failure(why), tokio::spawn(drain(down)));
-        let (result, user_side) = match (slot, open.kind) {
-            (None, _) => refused(
+        use stream_open::Kind;
+        let (result, user_side) = match (slot, open.kind, entrance) {
+            (None, _, _) => refused(
                 format!(
                     "this device already carries {} streams; close one and try again",
                     darkcore_proto::MAX_STREAMS_PER_DEVICE
                 ),
                 down,
             ),
-            (Some(_slot), Some(stream_open::Kind::Exec(exec))) => match entrance {
-                None => refused(
-                    format!(
-                        "container {} of task {} is not running on this device",
-                        open.container, open.task_id
-                    ),
-                    down,
-                ),
-                Some(entrance) => run_exec(&entrance, exec, &to_operator, down).await,
-            },
-            (Some(_), None) => refused(
+            (Some(_), None, _) => refused(
                 "this agent does not know the kind of stream asked for; upgrade it".into(),
                 down,
             ),
+            (Some(_), Some(_), None) => refused(
+                format!(
+                    "container {} of task {} is not running on this device",
+                    open.container, open.task_id
+                ),
+                down,
+            ),
+            (Some(_slot), Some(Kind::Exec(exec)), Some(entrance)) => {
+                run_exec(&entrance, exec, &to_operator, down).await
+            }
+            (Some(_slot), Some(Kind::PortForward(forward)), Some(entrance)) => {
+                run_port_forward(&entrance, forward.port, &to_operator, down).await
+            }
         };
         tracing::info!(stream = %open.stream_id, task = %open.task_id, container = %open.container, ?result, "stream ended");
         let end = StreamEnd {
@@ -261,6 +267,73 @@ async fn run_exec(
         }
     };
     (result, input)
+}
+
+/// Connects to `port` inside `entrance`'s network namespace and carries bytes both ways until
+/// the port's side closes. Returns how it ended, and the task that holds the user's side.
+async fn run_port_forward(
+    entrance: &Entrance,
+    port: u32,
+    to_operator: &mpsc::Sender<StreamUp>,
+    down: Streaming<StreamDown>,
+) -> (stream_end::Result, tokio::task::JoinHandle<()>) {
+    let connected = match (entrance.network(), u16::try_from(port)) {
+        (Err(why), _) => Err(why),
+        (_, Err(_)) | (_, Ok(0)) => Err(format!("{port} is not a port")),
+        (Ok(network), Ok(port)) => connect_inside(network.to_path_buf(), port)
+            .await
+            .map_err(|e| format!("connecting to port {port} in the pod: {e}")),
+    };
+    let socket = match connected {
+        Ok(socket) => socket,
+        Err(why) => return (failure(why), tokio::spawn(drain(down))),
+    };
+    let (from_port, to_port) = socket.into_split();
+    let (user_gone_tx, mut user_gone) = tokio::sync::oneshot::channel::<()>();
+    let input = tokio::spawn(feed_stdin(
+        down,
+        Some(Box::new(to_port)),
+        None,
+        user_gone_tx,
+    ));
+    let carried = pump(
+        Some(Box::new(from_port)),
+        to_operator.clone(),
+        stream_up::Body::Stdout,
+    );
+    let result = tokio::select! {
+        () = carried => stream_end::Result::ExitCode(0),
+        _ = &mut user_gone => failure("the user's stream closed"),
+    };
+    (result, input)
+}
+
+/// A TCP connection to `port` on the loopback of the network namespace at `network`, made
+/// from a thread of its own that enters the namespace and ends (no other thread changes).
+async fn connect_inside(
+    network: std::path::PathBuf,
+    port: u16,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let (done, connected) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let attempt = || -> std::io::Result<std::net::TcpStream> {
+            let namespace = std::fs::File::open(&network)?;
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&namespace),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )?;
+            let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+            std::net::TcpStream::connect_timeout(&v4, CONNECT_TIMEOUT)
+                .or_else(|_| std::net::TcpStream::connect_timeout(&v6, CONNECT_TIMEOUT))
+        };
+        let _ = done.send(attempt());
+    });
+    let socket = connected
+        .await
+        .map_err(|_| std::io::Error::other("the connecting thread ended"))??;
+    socket.set_nonblocking(true)?;
+    tokio::net::TcpStream::from_std(socket)
 }
 
 /// Reads the user's side until it closes, keeping the call open meanwhile.

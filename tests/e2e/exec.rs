@@ -133,6 +133,26 @@ async fn exec_in_a_process_pod_carries_output_stdin_and_the_exit_code() {
     let nobody = bench.kubectl(&["create", "token", "nobody"]);
     let status = crate::kubelet_api::kubelet_status(port, &path, Some(nobody.trim()));
     assert_eq!(status, "403");
+    // Figures for the record (not a timed test): an exec's round trip next to a plain GET's,
+    // both as kubectl runs them, so kubectl's own start is in both.
+    let median_ms = |runs: &mut Vec<f64>| {
+        runs.sort_by(f64::total_cmp);
+        runs[runs.len() / 2]
+    };
+    let (mut execs, mut gets) = (Vec::new(), Vec::new());
+    for _ in 0..9 {
+        let started = std::time::Instant::now();
+        bench.kubectl(&["exec", "shell", "--", "true"]);
+        execs.push(started.elapsed().as_secs_f64() * 1e3);
+        let started = std::time::Instant::now();
+        bench.kubectl(&["get", "pod", "shell"]);
+        gets.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    eprintln!(
+        "kubectl exec -- true: median {:.0} ms; kubectl get pod: median {:.0} ms",
+        median_ms(&mut execs),
+        median_ms(&mut gets)
+    );
     // A container that is not running cannot be entered; kubectl says why.
     let (code, _, err) = bench
         .kubectl_with_input(&["exec", "shell", "-c", "nope", "--", "true"], b"")

@@ -17,6 +17,7 @@ mod network;
 mod oci;
 mod pods;
 mod pools;
+mod port_forward;
 mod rbac;
 mod scheduling;
 mod slow_api;

@@ -27,6 +27,9 @@ pub enum Entrance {
         bin: PathBuf,
         root: PathBuf,
         id: String,
+        /// The task's network namespace (its file), where port-forward connects; `None`
+        /// when the task shares the device's network.
+        network: Option<PathBuf>,
     },
     /// Exec cannot work in this container; why, for the user.
     Unsupported(String),
@@ -55,7 +58,7 @@ impl Entrance {
                 }
                 Ok(command)
             }
-            Entrance::Runner { bin, root, id } => {
+            Entrance::Runner { bin, root, id, .. } => {
                 let mut command = in_session(tty, bin);
                 command.arg("--root").arg(root).arg("exec");
                 if tty {
@@ -72,6 +75,26 @@ impl Entrance {
                 Ok(command)
             }
             Entrance::Unsupported(why) => Err(why.clone()),
+        }
+    }
+
+    /// The network namespace a port-forward connects in, or why there is none to use: never
+    /// the device's own network, whose ports are the owner's.
+    pub fn network(&self) -> Result<&std::path::Path, String> {
+        match self {
+            Entrance::Runner {
+                network: Some(network),
+                ..
+            } => Ok(network),
+            Entrance::Runner { network: None, .. } => Err(
+                "port-forward is refused: this pod shares the device's network (host mode), so its ports are the device's own".into(),
+            ),
+            Entrance::Process { .. } => Err(
+                "port-forward is refused in the process runtime: a process shares the device's network, so its ports are the device's own".into(),
+            ),
+            Entrance::Unsupported(_) => {
+                Err("port-forward is not supported by the wasm runtime: a module has no network of its own".into())
+            }
         }
     }
 }
@@ -158,6 +181,7 @@ mod tests {
             bin: "/usr/bin/runc".into(),
             root: "/state/runc".into(),
             id: "c1".into(),
+            network: None,
         };
         let argv: Vec<String> = ["ls", "-l"].map(String::from).to_vec();
         let command = entrance.command(&argv, false).unwrap();

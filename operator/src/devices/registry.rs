@@ -373,6 +373,18 @@ impl Registry {
         entry.connection.as_ref().map(|c| c.sender.clone())
     }
 
+    /// The node a device's pods are bound to: its pool's node for its platform.
+    pub fn node_of(&self, id: &str) -> Option<String> {
+        let state = self.lock();
+        let entry = state.devices.get(id)?;
+        let platform = &entry.device.capabilities;
+        Some(crate::pool::node::node_name_of(
+            &entry.pool,
+            &platform.os,
+            &platform.arch,
+        ))
+    }
+
     /// Whether a device is online now, or since when it has been silent.
     pub fn presence(&self, id: &str) -> Presence {
         match self.lock().devices.get(id) {

@@ -104,6 +104,18 @@ pub mod container_id {
             .find_map(|s| attempt(s.container_id.as_deref()?))
     }
 
+    /// The task id, device and container name of a running container of the pod, if any
+    /// runs (all of a pod's containers run in one task).
+    pub fn any_running_attempt(
+        pod: &k8s_openapi::api::core::v1::Pod,
+    ) -> Option<(String, String, String)> {
+        let status = pod.status.as_ref()?;
+        status.container_statuses.iter().flatten().find_map(|s| {
+            let (task, device) = running_attempt(pod, &s.name)?;
+            Some((task, device, s.name.clone()))
+        })
+    }
+
     /// The task id and device of the attempt a pod's status records, if it was ever placed.
     pub fn recorded_attempt(pod: &k8s_openapi::api::core::v1::Pod) -> Option<(String, String)> {
         let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
@@ -170,6 +182,10 @@ mod tests {
             Some(("uid.2".into(), "dev-1".into()))
         );
         assert_eq!(container_id::running_attempt(&pod, "done"), None);
+        assert_eq!(
+            container_id::any_running_attempt(&pod),
+            Some(("uid.2".into(), "dev-1".into(), "app".into()))
+        );
         assert_eq!(container_id::running_attempt(&pod, "other"), None);
     }
 

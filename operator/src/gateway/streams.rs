@@ -12,18 +12,26 @@ use darkcore_proto::agent::v1::{
     OperatorMessage, StreamDown, StreamOpen, StreamUp, operator_message, stream_up,
 };
 use futures::StreamExt as _;
+use futures::stream::BoxStream;
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Status, Streaming};
 
 use crate::devices::registry::Registry;
-use crate::kubelet::remote_command::DeviceEnd;
 
 pub use darkcore_proto::{CONNECTION_WINDOW, MAX_STREAMS_PER_DEVICE, STREAM_WINDOW};
 /// How long a device may take to answer a `StreamOpen`.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages queued toward the device on one stream (backpressure on the user's input).
 const DOWN_QUEUE: usize = 8;
+
+/// The device's end of a session: its messages up, and a sender for ours down.
+pub struct DeviceEnd {
+    pub up: BoxStream<'static, Result<StreamUp, tonic::Status>>,
+    pub down: mpsc::Sender<StreamDown>,
+    /// Held while the session lasts (the device's stream count).
+    pub permit: Box<dyn Send + Sync>,
+}
 
 struct Pending {
     device: String,

@@ -1,5 +1,5 @@
 //! One node's kubelet API routes: `/containerLogs/{ns}/{pod}/{container}` with the kubelet's
-//! query options, `/exec/...` (upgraded to SPDY), `/pods`, `/runningpods`, `/stats/summary` and
+//! query options, `/exec/...` and `/portForward/...` (upgraded to SPDY), `/pods`, `/runningpods`, `/stats/summary` and
 //! `/metrics/resource`, of that node's pods only. Every route authenticates and authorizes (`nodes/<subresource>` on the
 //! node, as the kubelet maps its paths: proxy, stats, metrics) first.
 
@@ -15,7 +15,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use darkcore_proto::agent::v1::{ExecStream, StreamOpen, stream_open};
+use darkcore_proto::agent::v1::{ExecStream, PortForwardStream, StreamOpen, stream_open};
 use futures::StreamExt as _;
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
@@ -26,8 +26,9 @@ use crate::kubelet::KubeletState;
 use crate::kubelet::auth::{Denied, User};
 use crate::kubelet::kept_output::{self, CONDITION};
 use crate::kubelet::log_store::Line;
-use crate::kubelet::remote_command;
+use crate::kubelet::spdy_conn;
 use crate::kubelet::stats::{self, PodReadings, Reading};
+use crate::kubelet::{port_forward, remote_command};
 
 /// The earliest line time (Unix nanoseconds) a logs request asks for: `sinceTime`, else
 /// `sinceSeconds` before `now`. Any number a caller sends is fine: nothing overflows.
@@ -67,6 +68,14 @@ pub fn router(state: Arc<KubeletState>, node: Arc<str>, certificate: Option<User
         .route(
             "/exec/{namespace}/{pod}/{uid}/{container}",
             get(exec_with_uid).post(exec_with_uid),
+        )
+        .route(
+            "/portForward/{namespace}/{pod}",
+            get(port_forward).post(port_forward),
+        )
+        .route(
+            "/portForward/{namespace}/{pod}/{uid}",
+            get(port_forward_with_uid).post(port_forward_with_uid),
         )
         .route("/healthz", get(|| async { "ok" }))
         .with_state(Caller {
@@ -177,6 +186,79 @@ async fn exec_with_uid(
     exec_in(caller, (namespace, pod, Some(uid)), container, request).await
 }
 
+/// What exec and port-forward check before they upgrade: the caller (`nodes/proxy`, with the
+/// kubelet's verb), the pod on this node (and its uid when given, and `container` when named),
+/// the SPDY upgrade, and a protocol of `served`. The pod and the protocol chosen, or the answer.
+async fn upgrade_checks(
+    caller: &Caller,
+    (namespace, pod_name, uid): (&str, &str, Option<&str>),
+    container: Option<&str>,
+    (method, headers): (&Method, &HeaderMap),
+    served: &[&'static str],
+) -> Result<(Pod, &'static str), Response> {
+    let verb = if method == Method::GET {
+        "get"
+    } else {
+        "create"
+    };
+    check_verb(caller, headers, verb, "proxy").await?;
+    let pod = match container {
+        Some(container) => pod_with_container(caller, namespace, pod_name, container),
+        None => pod_on_node(caller, namespace, pod_name),
+    }
+    .map_err(|response| *response)?;
+    if uid.is_some() && uid != pod.metadata.uid.as_deref() {
+        return Err(text(
+            StatusCode::NOT_FOUND,
+            format!("pod {namespace}/{pod_name} with that uid is not on this node\n"),
+        ));
+    }
+    let wants = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.to_ascii_lowercase().contains(token))
+        })
+    };
+    if !wants(header::CONNECTION, "upgrade") || !wants(header::UPGRADE, "spdy/3.1") {
+        return Err(text(
+            StatusCode::BAD_REQUEST,
+            "unable to upgrade: this is served over SPDY/3.1 (`Connection: Upgrade`, `Upgrade: SPDY/3.1`), as the API server sends it\n".into(),
+        ));
+    }
+    let offered = headers
+        .get_all("x-stream-protocol-version")
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    let Some(protocol) = spdy_conn::negotiate(offered, served) else {
+        let mut refused = text(
+            StatusCode::FORBIDDEN,
+            format!(
+                "unable to upgrade: unable to negotiate protocol: this server accepts {}\n",
+                served.join(", ")
+            ),
+        );
+        for accepted in served {
+            refused.headers_mut().append(
+                "x-accepted-stream-protocol-versions",
+                header::HeaderValue::from_static(accepted),
+            );
+        }
+        return Err(refused);
+    };
+    Ok((pod, protocol))
+}
+
+/// The answer that switches the connection to SPDY, speaking `protocol`.
+fn switching_protocols(protocol: &'static str) -> Response {
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "SPDY/3.1")
+        .header("x-stream-protocol-version", protocol)
+        .body(Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
 /// `kubectl exec`: checks the caller, the pod and the request, then upgrades the connection to
 /// SPDY and carries the session to the device running the container.
 async fn exec_in(
@@ -185,24 +267,21 @@ async fn exec_in(
     container: String,
     mut request: Request,
 ) -> Response {
-    let verb = if request.method() == Method::GET {
-        "get"
-    } else {
-        "create"
+    let names = (namespace.as_str(), pod_name.as_str(), uid.as_deref());
+    let served = remote_command::PROTOCOLS;
+    let asked = (request.method().clone(), request.headers().clone());
+    let (pod, protocol) = match upgrade_checks(
+        &caller,
+        names,
+        Some(&container),
+        (&asked.0, &asked.1),
+        served,
+    )
+    .await
+    {
+        Ok(checked) => checked,
+        Err(response) => return response,
     };
-    if let Err(denied) = check_verb(&caller, request.headers(), verb, "proxy").await {
-        return denied;
-    }
-    let pod = match pod_with_container(&caller, &namespace, &pod_name, &container) {
-        Ok(pod) => pod,
-        Err(response) => return *response,
-    };
-    if uid.is_some() && uid != pod.metadata.uid {
-        return text(
-            StatusCode::NOT_FOUND,
-            format!("pod {namespace}/{pod_name} with that uid is not on this node\n"),
-        );
-    }
     let query: Vec<(String, String)> =
         serde_urlencoded::from_str(request.uri().query().unwrap_or("")).unwrap_or_default();
     let options = match remote_command::Options::from_query(&query) {
@@ -223,39 +302,6 @@ async fn exec_in(
                 "container {container} in pod {namespace}/{pod_name} is not running; exec needs a running container\n"
             ),
         );
-    };
-    let headers = request.headers();
-    let wants = |name: header::HeaderName, token: &str| {
-        headers.get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.to_ascii_lowercase().contains(token))
-        })
-    };
-    if !wants(header::CONNECTION, "upgrade") || !wants(header::UPGRADE, "spdy/3.1") {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "unable to upgrade: exec here is served over SPDY/3.1 (`Connection: Upgrade`, `Upgrade: SPDY/3.1`), as the API server sends it\n".into(),
-        );
-    }
-    let offered = headers
-        .get_all("x-stream-protocol-version")
-        .iter()
-        .filter_map(|v| v.to_str().ok());
-    let Some(protocol) = remote_command::negotiate(offered) else {
-        let mut refused = text(
-            StatusCode::FORBIDDEN,
-            format!(
-                "unable to upgrade: unable to negotiate protocol: this server accepts {}\n",
-                remote_command::PROTOCOLS.join(", ")
-            ),
-        );
-        for accepted in remote_command::PROTOCOLS {
-            refused.headers_mut().append(
-                "x-accepted-stream-protocol-versions",
-                header::HeaderValue::from_static(accepted),
-            );
-        }
-        return refused;
     };
     let upgrade = hyper::upgrade::on(&mut request);
     let state = caller.state.clone();
@@ -278,13 +324,91 @@ async fn exec_in(
         let device_end = state.streams.open(&state.registry, &device, open);
         remote_command::serve(TokioIo::new(upgraded), options, device_end).await;
     });
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::CONNECTION, "Upgrade")
-        .header(header::UPGRADE, "SPDY/3.1")
-        .header("x-stream-protocol-version", protocol)
-        .body(Body::empty())
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    switching_protocols(protocol)
+}
+
+async fn port_forward(
+    State(caller): State<Caller>,
+    Path((namespace, pod)): Path<(String, String)>,
+    request: Request,
+) -> Response {
+    port_forward_in(caller, (namespace, pod, None), request).await
+}
+
+async fn port_forward_with_uid(
+    State(caller): State<Caller>,
+    Path((namespace, pod, uid)): Path<(String, String, String)>,
+    request: Request,
+) -> Response {
+    port_forward_in(caller, (namespace, pod, Some(uid)), request).await
+}
+
+/// `kubectl port-forward`: checks as exec does, then upgrades and carries each forwarded
+/// connection to the device, which connects to the port inside the pod.
+async fn port_forward_in(
+    caller: Caller,
+    (namespace, pod_name, uid): (String, String, Option<String>),
+    mut request: Request,
+) -> Response {
+    let names = (namespace.as_str(), pod_name.as_str(), uid.as_deref());
+    let served = &[port_forward::PROTOCOL];
+    let asked = (request.method().clone(), request.headers().clone());
+    let (pod, protocol) =
+        match upgrade_checks(&caller, names, None, (&asked.0, &asked.1), served).await {
+            Ok(checked) => checked,
+            Err(response) => return response,
+        };
+    let Some((task_id, device, container)) = container_id::any_running_attempt(&pod) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "pod {namespace}/{pod_name} has no running container; port-forward needs one\n"
+            ),
+        );
+    };
+    let upgrade = hyper::upgrade::on(&mut request);
+    let state = caller.state.clone();
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else {
+            return;
+        };
+        let open: port_forward::Opener = Arc::new(move |port| {
+            let state = state.clone();
+            let open = StreamOpen {
+                stream_id: String::new(),
+                task_id: task_id.clone(),
+                container: container.clone(),
+                kind: Some(stream_open::Kind::PortForward(PortForwardStream {
+                    port: u32::from(port),
+                })),
+            };
+            let device = device.clone();
+            Box::pin(async move { state.streams.open(&state.registry, &device, open).await })
+        });
+        port_forward::serve(TokioIo::new(upgraded), open).await;
+    });
+    switching_protocols(protocol)
+}
+
+/// Pod `namespace/name` on the called node; else the answer.
+fn pod_on_node(caller: &Caller, namespace: &str, pod_name: &str) -> Result<Pod, Box<Response>> {
+    let state = &caller.state;
+    let pod = state.pods.get(namespace, pod_name).filter(|pod| {
+        pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&*caller.node)
+    });
+    pod.ok_or_else(|| {
+        Box::new(if !state.pods.listed() {
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the darkcore operator has just started and has not listed its pods yet; try again in a moment\n".into(),
+            )
+        } else {
+            text(
+                StatusCode::NOT_FOUND,
+                format!("pod {namespace}/{pod_name} is not on node {}\n", caller.node),
+            )
+        })
+    })
 }
 
 /// Pod `namespace/name` on the called node, with a container `container`; else the answer.
@@ -294,25 +418,7 @@ fn pod_with_container(
     pod_name: &str,
     container: &str,
 ) -> Result<Pod, Box<Response>> {
-    let state = &caller.state;
-    let pod = state.pods.get(namespace, pod_name).filter(|pod| {
-        pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&*caller.node)
-    });
-    let Some(pod) = pod else {
-        if !state.pods.listed() {
-            return Err(Box::new(text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the darkcore operator has just started and has not listed its pods yet; try again in a moment\n".into(),
-            )));
-        }
-        return Err(Box::new(text(
-            StatusCode::NOT_FOUND,
-            format!(
-                "pod {namespace}/{pod_name} is not on node {}\n",
-                caller.node
-            ),
-        )));
-    };
+    let pod = pod_on_node(caller, namespace, pod_name)?;
     let known = pod
         .spec
         .iter()

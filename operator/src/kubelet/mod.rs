@@ -15,8 +15,10 @@ pub mod auth;
 pub mod endpoints;
 pub mod kept_output;
 pub mod log_store;
+pub mod port_forward;
 pub mod remote_command;
 pub mod spdy;
+pub mod spdy_conn;
 pub mod stats;
 
 use std::collections::HashMap;

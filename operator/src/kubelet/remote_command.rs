@@ -10,16 +10,17 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use darkcore_proto::agent::v1::{
     StdinClosed, StreamDown, StreamUp, TerminalSize, stream_down, stream_end, stream_up,
 };
 use futures::StreamExt as _;
-use futures::stream::BoxStream;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
+use crate::gateway::streams::DeviceEnd;
 use crate::kubelet::spdy::{self, Frame};
+use crate::kubelet::spdy_conn::{self, FrameReader, chunks};
 
 /// The exec protocols served, in order of preference. Both carry the same streams over SPDY;
 /// v5 adds only a close signal that WebSocket needs and SPDY has built in (stream FIN).
@@ -29,19 +30,8 @@ pub const STREAM_CREATION_TIMEOUT: Duration = Duration::from_secs(30);
 /// A session with no traffic either way for this long is closed (the kubelet's
 /// `streamingConnectionIdleTimeout` default).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4 * 60 * 60);
-/// Bytes of a data frame this server writes at most (what Go's `io.Copy` reads at once).
-const CHUNK: usize = 32 * 1024;
 /// Bytes of resize messages held while one is incomplete.
 const RESIZE_BUFFER: usize = 4096;
-
-/// The protocol to speak: the client's first offer that is served here.
-pub fn negotiate<'a>(offered: impl IntoIterator<Item = &'a str>) -> Option<&'static str> {
-    offered
-        .into_iter()
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
-        .find_map(|offer| PROTOCOLS.iter().copied().find(|p| *p == offer))
-}
 
 /// Which standard streams an exec wants, from the kubelet's query (`input`, `output`, `error`,
 /// `tty`, each "1" or "true").
@@ -218,73 +208,6 @@ pub fn take_sizes(buffer: &mut Vec<u8>) -> Vec<TerminalSize> {
     sizes
 }
 
-/// The device's end of a session: its messages up, and a sender for ours down.
-pub struct DeviceEnd {
-    pub up: BoxStream<'static, Result<StreamUp, tonic::Status>>,
-    pub down: mpsc::Sender<StreamDown>,
-    /// Held while the session lasts (the device's stream count).
-    pub permit: Box<dyn Send + Sync>,
-}
-
-/// Reads frames off a connection.
-struct FrameReader<R> {
-    io: R,
-    buffer: BytesMut,
-    decoder: spdy::Decoder,
-}
-
-impl<R: AsyncRead + Unpin> FrameReader<R> {
-    /// The next frame; `None` at the end of the connection or on a broken one.
-    async fn next(&mut self) -> Option<Frame> {
-        loop {
-            match self.decoder.decode(&mut self.buffer) {
-                Ok(Some(frame)) => return Some(frame),
-                Ok(None) => {}
-                Err(error) => {
-                    tracing::debug!(%error, "exec: a bad SPDY frame; closing");
-                    return None;
-                }
-            }
-            match self.io.read_buf(&mut self.buffer).await {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
-        }
-    }
-}
-
-/// Writes what it is sent, frame by frame, until every sender is gone.
-async fn write_frames<W: AsyncWrite + Unpin>(mut io: W, mut frames: mpsc::Receiver<Frame>) {
-    let mut encoder = spdy::Encoder::default();
-    let mut out = BytesMut::with_capacity(CHUNK + 64);
-    while let Some(frame) = frames.recv().await {
-        encoder.encode(&frame, &mut out);
-        // Whatever else is queued goes in the same write.
-        while out.len() < CHUNK {
-            match frames.try_recv() {
-                Ok(frame) => encoder.encode(&frame, &mut out),
-                Err(_) => break,
-            }
-        }
-        if io.write_all(&out).await.is_err() {
-            return;
-        }
-        out.clear();
-    }
-    let _ = io.flush().await;
-    let _ = io.shutdown().await;
-}
-
-/// Data frames of at most `CHUNK` bytes for `data` on `stream`.
-fn chunks(stream: u32, data: Bytes) -> impl Iterator<Item = Frame> {
-    let count = data.len().div_ceil(CHUNK);
-    (0..count).map(move |i| Frame::Data {
-        stream,
-        fin: false,
-        data: data.slice(i * CHUNK..((i + 1) * CHUNK).min(data.len())),
-    })
-}
-
 /// Serves one exec session on an upgraded connection: waits for the client's streams, opens
 /// the device's end with `open`, carries both ways, and writes the outcome as the kubelet does.
 pub async fn serve<IO, F>(io: IO, options: Options, open: F)
@@ -293,14 +216,8 @@ where
     F: std::future::Future<Output = Result<DeviceEnd, String>>,
 {
     let (read, write) = tokio::io::split(io);
-    let mut reader = FrameReader {
-        io: read,
-        buffer: BytesMut::with_capacity(16 * 1024),
-        decoder: spdy::Decoder::default(),
-    };
-    // A few frames queued for the API server: a stuck session holds little.
-    let (frames, queued) = mpsc::channel::<Frame>(4);
-    let writer = tokio::spawn(write_frames(write, queued));
+    let mut reader = FrameReader::new(read);
+    let (frames, writer) = spdy_conn::writer(write);
     let mut streams = Streams::default();
     let opened = tokio::time::timeout(STREAM_CREATION_TIMEOUT, async {
         while !streams.complete(&options) {
@@ -501,6 +418,9 @@ async fn finish(frames: &mpsc::Sender<Frame>, streams: &Streams, outcome: &Outco
 
 #[cfg(test)]
 mod tests {
+    use bytes::BytesMut;
+    use tokio::io::AsyncWriteExt as _;
+
     use super::*;
 
     fn query(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -508,20 +428,6 @@ mod tests {
             .iter()
             .map(|(n, v)| (n.to_string(), v.to_string()))
             .collect()
-    }
-
-    #[test]
-    fn the_first_offered_protocol_served_here_is_chosen() {
-        assert_eq!(
-            negotiate(["v4.channel.k8s.io", "v3.channel.k8s.io"]),
-            Some("v4.channel.k8s.io")
-        );
-        assert_eq!(
-            negotiate(["v5.channel.k8s.io, v4.channel.k8s.io"]),
-            Some("v5.channel.k8s.io")
-        );
-        assert_eq!(negotiate(["v3.channel.k8s.io"]), None);
-        assert_eq!(negotiate([]), None);
     }
 
     #[test]
@@ -625,36 +531,6 @@ mod tests {
         assert!(junk.is_empty(), "garbage is dropped, not kept");
     }
 
-    #[test]
-    fn output_is_cut_into_frames_of_at_most_a_chunk() {
-        let frames: Vec<Frame> = chunks(3, Bytes::from(vec![1u8; CHUNK * 2 + 5])).collect();
-        let sizes: Vec<usize> = frames
-            .iter()
-            .map(|f| match f {
-                Frame::Data { data, .. } => data.len(),
-                _ => 0,
-            })
-            .collect();
-        assert_eq!(sizes, [CHUNK, CHUNK, 5]);
-        assert_eq!(chunks(3, Bytes::new()).count(), 0);
-    }
-
-    /// The frames a client opening streams of these kinds sends.
-    fn opening(encoder: &mut spdy::Encoder, kinds: &[(u32, &str)]) -> BytesMut {
-        let mut out = BytesMut::new();
-        for (stream, kind) in kinds {
-            encoder.encode(
-                &Frame::SynStream {
-                    stream: *stream,
-                    fin: false,
-                    headers: vec![("streamtype".into(), kind.to_string())],
-                },
-                &mut out,
-            );
-        }
-        out
-    }
-
     fn options(stdin: bool, stderr: bool) -> Options {
         Options {
             stdin,
@@ -664,12 +540,8 @@ mod tests {
         }
     }
 
-    fn frames_of<R: AsyncRead + Unpin>(io: R) -> FrameReader<R> {
-        FrameReader {
-            io,
-            buffer: BytesMut::new(),
-            decoder: spdy::Decoder::default(),
-        }
+    fn opening(encoder: &mut spdy::Encoder, kinds: &[(u32, &str)]) -> BytesMut {
+        spdy_conn::opening(encoder, kinds, &[])
     }
 
     /// A whole session over an in-memory connection: a client speaking SPDY as the API server
@@ -707,7 +579,7 @@ mod tests {
         let server = tokio::spawn(serve(server, options, async { Ok(device) }));
 
         let (read, mut write) = tokio::io::split(client);
-        let mut reader = frames_of(read);
+        let mut reader = FrameReader::new(read);
         let mut encoder = spdy::Encoder::default();
         let kinds = [(1, "error"), (3, "stdin"), (5, "stdout"), (7, "stderr")];
         let mut out = opening(&mut encoder, &kinds);
@@ -762,7 +634,7 @@ mod tests {
             &[(1, "error"), (3, "stdout")],
         );
         write.write_all(&out).await.unwrap();
-        let mut reader = frames_of(read);
+        let mut reader = FrameReader::new(read);
         let mut status = Vec::new();
         while let Some(frame) = reader.next().await {
             if let Frame::Data {

@@ -110,6 +110,8 @@ pub struct Controller {
     outbox: Outbox,
     /// Tasks agents reported for pods not (yet) seen, until the pods are listed.
     orphans: Orphans,
+    /// The nodes whose pods have been listed since this operator started.
+    listed_nodes: HashSet<String>,
 }
 
 fn uid_of(pod: &Pod) -> String {
@@ -173,6 +175,7 @@ impl Controller {
                 load: Load::default(),
                 outbox: Outbox::default(),
                 orphans: Orphans::default(),
+                listed_nodes: HashSet::new(),
             },
             receiver,
         )
@@ -248,6 +251,7 @@ impl Controller {
                     self.applied(pod);
                 }
                 self.shared.index.mark_listed();
+                self.listed_nodes.insert(node);
             }
             Input::Hello(device, tasks) => self.hello(&device, tasks),
             Input::Detached(device) => {
@@ -569,13 +573,24 @@ impl Controller {
         }
     }
 
-    /// Orphan reports whose pods are still unknown once warm: their pods are gone.
+    /// Orphan reports whose pods are still unknown once warm and once their device's node has
+    /// been listed: their pods are gone. (A warm-up can end, all devices back, before the
+    /// pods are listed: those reports wait.)
     fn settle_orphans(&mut self) {
         if self.orphans.is_empty() || !self.shared.warmup.is_over() {
             return;
         }
         for uid in self.orphans.pods() {
             for (device, report) in self.orphans.take(&uid) {
+                let listed = self
+                    .shared
+                    .registry
+                    .node_of(&device)
+                    .is_none_or(|node| self.listed_nodes.contains(&node));
+                if !listed {
+                    self.orphans.hold(&uid, &device, report);
+                    continue;
+                }
                 cancel(
                     &mut self.outbox,
                     &self.shared.registry,

@@ -46,11 +46,12 @@ pub fn platforms(spec: &DevicePoolSpec) -> Vec<Platform> {
 /// The name of a pool's node for one platform. Pool names are at most 63 characters (the CRD
 /// enforces it), so this stays far below the 253 a node name may have.
 pub fn node_name(pool: &str, platform: Platform) -> String {
-    format!(
-        "darkcore-{pool}-{}-{}",
-        platform.os.as_str(),
-        platform.arch.as_str()
-    )
+    node_name_of(pool, platform.os.as_str(), platform.arch.as_str())
+}
+
+/// The name of a pool's node for the platform `os`/`arch` as devices report it.
+pub fn node_name_of(pool: &str, os: &str, arch: &str) -> String {
+    format!("darkcore-{pool}-{os}-{arch}")
 }
 
 /// Taints that Kubernetes itself manages on nodes (not-ready, unreachable, ...).

@@ -433,7 +433,7 @@ impl Runtime for OciRuntime {
             bundle,
             runner: self.runner.clone(),
             cpu: Duration::ZERO,
-            _sandbox: sandbox,
+            sandbox,
         }))
     }
 }
@@ -449,7 +449,7 @@ struct Container {
     cgroup: String,
     cpu: Duration,
     /// The task's namespaces, held while the container runs.
-    _sandbox: Arc<TaskSandbox>,
+    sandbox: Arc<TaskSandbox>,
 }
 
 impl Container {
@@ -538,6 +538,7 @@ impl Workload for Container {
             bin: self.runner.bin.clone(),
             root: self.runner.root.clone(),
             id: self.id.clone(),
+            network: self.sandbox.network_namespace().map(Path::to_path_buf),
         }
     }
 
