@@ -580,26 +580,21 @@ impl Controller {
         if self.orphans.is_empty() || !self.shared.warmup.is_over() {
             return;
         }
-        for uid in self.orphans.pods() {
-            for (device, report) in self.orphans.take(&uid) {
-                let listed = self
-                    .shared
-                    .registry
-                    .node_of(&device)
-                    .is_none_or(|node| self.listed_nodes.contains(&node));
-                if !listed {
-                    self.orphans.hold(&uid, &device, report);
-                    continue;
-                }
-                cancel(
-                    &mut self.outbox,
-                    &self.shared.registry,
-                    &device,
-                    &report.task_id,
-                    0,
-                    "its pod no longer exists",
-                );
-            }
+        let (registry, listed_nodes) = (&self.shared.registry, &self.listed_nodes);
+        let gone = self.orphans.settle(|device| {
+            registry
+                .node_of(device)
+                .is_none_or(|node| listed_nodes.contains(&node))
+        });
+        for (device, report) in gone {
+            cancel(
+                &mut self.outbox,
+                &self.shared.registry,
+                &device,
+                &report.task_id,
+                0,
+                "its pod no longer exists",
+            );
         }
     }
 

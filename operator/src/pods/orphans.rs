@@ -61,6 +61,22 @@ impl Orphans {
     }
 
     /// The uids of the pods with reports held.
+    /// Takes out the reports whose pods are gone: every one from a device whose node has been
+    /// listed (`listed`), since a listed node would have shown its pod. The others stay held.
+    pub fn settle(&mut self, listed: impl Fn(&str) -> bool) -> Vec<(String, TaskStatus)> {
+        let mut settled = Vec::new();
+        for uid in self.pods() {
+            for (device, report) in self.take(&uid) {
+                if listed(&device) {
+                    settled.push((device, report));
+                } else {
+                    self.hold(&uid, &device, report);
+                }
+            }
+        }
+        settled
+    }
+
     pub fn pods(&self) -> Vec<String> {
         self.by_pod.keys().cloned().collect()
     }
@@ -138,5 +154,26 @@ mod tests {
             orphans.hold("more", "liar", report("more.1", 0)),
             "room again once taken"
         );
+    }
+
+    #[test]
+    fn only_reports_from_devices_whose_node_was_listed_settle() {
+        let mut orphans = Orphans::default();
+        let report = |task: &str| TaskStatus {
+            task_id: task.into(),
+            ..Default::default()
+        };
+        orphans.hold("pod-a", "dev-listed", report("a.1"));
+        orphans.hold("pod-b", "dev-waiting", report("b.1"));
+        let settled = orphans.settle(|device| device == "dev-listed");
+        let settled: Vec<(&str, &str)> = settled
+            .iter()
+            .map(|(d, r)| (d.as_str(), r.task_id.as_str()))
+            .collect();
+        assert_eq!(settled, [("dev-listed", "a.1")]);
+        // The other waits for its node's list, still held and counted.
+        assert_eq!(orphans.pods(), ["pod-b"]);
+        assert_eq!(orphans.settle(|_| true).len(), 1);
+        assert!(orphans.is_empty());
     }
 }
