@@ -34,6 +34,8 @@ pub struct Warmup {
     started: Instant,
     expected: usize,
     done: AtomicBool,
+    /// It ended with every expected device back (set when it ends).
+    all_back: AtomicBool,
     back: Mutex<HashSet<String>>,
 }
 
@@ -44,6 +46,7 @@ impl Warmup {
             started,
             expected,
             done: AtomicBool::new(expected == 0),
+            all_back: AtomicBool::new(expected == 0),
             back: Mutex::default(),
         }
     }
@@ -81,6 +84,17 @@ impl Warmup {
         over
     }
 
+    /// Whether a pod with no recorded attempt may be placed now. Once every expected device is
+    /// back, as soon as the warm-up is over. When it ended at its timeout with devices still
+    /// away, only once `fence_wait` (the pool's fence and a margin) has passed since the start:
+    /// a device still away may run the pod's task, dispatched by the last leader just before it
+    /// stopped and never recorded, until its fence stops it. Placing it sooner would run it
+    /// twice at once.
+    pub fn places_unrecorded(&self, now: Instant, fence_wait: Duration) -> bool {
+        self.is_over()
+            && (self.all_back.load(Ordering::Relaxed) || now >= self.started + fence_wait)
+    }
+
     /// When it ends at the latest, for a caller that waits.
     pub fn deadline(&self) -> Instant {
         self.started + timeout(self.expected)
@@ -96,6 +110,8 @@ impl Warmup {
 
     fn finish(&self, back: usize) {
         if !self.done.swap(true, Ordering::Relaxed) {
+            self.all_back
+                .store(back >= self.expected, Ordering::Relaxed);
             tracing::info!(
                 "warm-up over after {:.2} s: {back} of {} devices back",
                 self.started.elapsed().as_secs_f64(),
@@ -132,5 +148,24 @@ mod tests {
         warmup.heard("dev-b");
         assert!(warmup.is_over());
         assert!(Warmup::none().is_over(), "nothing to wait for");
+    }
+
+    #[test]
+    fn with_devices_still_away_unrecorded_pods_wait_for_the_fence() {
+        let fence_wait = Duration::from_secs(40);
+        let started = Instant::now() - timeout(2) - Duration::from_secs(1);
+        let warmup = Warmup::new(started, 2);
+        warmup.heard("dev-a");
+        // Over at its timeout, one device still away: not before the fence has passed.
+        assert!(warmup.is_over());
+        assert!(!warmup.places_unrecorded(Instant::now(), fence_wait));
+        assert!(warmup.places_unrecorded(started + fence_wait, fence_wait));
+        // Every device back: at once.
+        let back = Warmup::new(Instant::now(), 2);
+        back.heard("dev-a");
+        back.heard("dev-b");
+        assert!(back.places_unrecorded(Instant::now(), fence_wait));
+        // Nothing to wait for (a first start).
+        assert!(Warmup::none().places_unrecorded(Instant::now(), fence_wait));
     }
 }

@@ -628,7 +628,9 @@ impl Controller {
             uid,
             now,
             unix_ms: crate::domain::unix_ms(),
-            warm: shared.warmup.is_over(),
+            warm: shared
+                .warmup
+                .places_unrecorded(now, fence_wait(pool.as_deref())),
             deleting: pod.metadata.deletion_timestamp.as_ref().map(|_| {
                 pod.metadata
                     .deletion_grace_period_seconds
