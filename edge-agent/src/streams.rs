@@ -4,7 +4,8 @@
 //! Each stream runs on its own task, so a slow one holds back neither heartbeats nor others;
 //! HTTP/2 flow control holds back its output when the user reads slowly.
 
-use std::process::ExitStatus;
+use std::os::fd::OwnedFd;
+use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -13,9 +14,6 @@ use darkcore_proto::agent::v1::{
     ExecStream, StreamDown, StreamEnd, StreamOpen, StreamUp, TerminalSize, stream_down, stream_end,
     stream_open, stream_up,
 };
-use std::os::fd::OwnedFd;
-use std::process::Stdio;
-
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -238,10 +236,7 @@ async fn run_exec(
     let group = child
         .id()
         .and_then(|id| rustix::process::Pid::from_raw(id as i32));
-    // The user's input on a task of its own: a command that does not read its stdin must
-    // not stop its output from being read.
-    let (user_gone_tx, mut user_gone) = tokio::sync::oneshot::channel::<()>();
-    let input = tokio::spawn(feed_stdin(down, held.input, held.terminal, user_gone_tx));
+    let (input, mut user_gone) = user_side(down, held.input, held.terminal);
     let stdout = pump(held.stdout, to_operator.clone(), stream_up::Body::Stdout);
     let stderr = pump(held.stderr, to_operator.clone(), stream_up::Body::Stderr);
     let ran = async {
@@ -289,13 +284,7 @@ async fn run_port_forward(
         Err(why) => return (failure(why), tokio::spawn(drain(down))),
     };
     let (from_port, to_port) = socket.into_split();
-    let (user_gone_tx, mut user_gone) = tokio::sync::oneshot::channel::<()>();
-    let input = tokio::spawn(feed_stdin(
-        down,
-        Some(Box::new(to_port)),
-        None,
-        user_gone_tx,
-    ));
+    let (input, mut user_gone) = user_side(down, Some(Box::new(to_port)), None);
     let carried = pump(
         Some(Box::new(from_port)),
         to_operator.clone(),
@@ -334,6 +323,23 @@ async fn connect_inside(
         .map_err(|_| std::io::Error::other("the connecting thread ended"))??;
     socket.set_nonblocking(true)?;
     tokio::net::TcpStream::from_std(socket)
+}
+
+/// The user's side on a task of its own (a command that does not read its input must not
+/// stop its output from being read): the task, and what says the user has gone.
+fn user_side(
+    down: Streaming<StreamDown>,
+    input: Option<Input>,
+    terminal: Option<OwnedFd>,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::oneshot::Receiver<()>,
+) {
+    let (gone, user_gone) = tokio::sync::oneshot::channel();
+    (
+        tokio::spawn(feed_stdin(down, input, terminal, gone)),
+        user_gone,
+    )
 }
 
 /// Reads the user's side until it closes, keeping the call open meanwhile.

@@ -25,12 +25,30 @@ pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages queued toward the device on one stream (backpressure on the user's input).
 const DOWN_QUEUE: usize = 8;
 
+/// A device's messages up one stream.
+pub type DeviceUp = BoxStream<'static, Result<StreamUp, tonic::Status>>;
+
 /// The device's end of a session: its messages up, and a sender for ours down.
 pub struct DeviceEnd {
-    pub up: BoxStream<'static, Result<StreamUp, tonic::Status>>,
+    pub up: DeviceUp,
     pub down: mpsc::Sender<StreamDown>,
     /// Held while the session lasts (the device's stream count).
     pub permit: Box<dyn Send + Sync>,
+}
+
+/// The next message body the device sends up; an `Err` (for the user) when its stream broke
+/// or ended without an end.
+pub async fn next_up(up: &mut DeviceUp) -> Result<stream_up::Body, String> {
+    loop {
+        match up.next().await {
+            Some(Ok(StreamUp { body: Some(body) })) => return Ok(body),
+            Some(Ok(StreamUp { body: None })) => continue,
+            Some(Err(status)) => {
+                return Err(format!("the device's stream broke: {}", status.message()));
+            }
+            None => return Err("the device's stream ended without an outcome".into()),
+        }
+    }
 }
 
 struct Pending {

@@ -248,8 +248,19 @@ async fn upgrade_checks(
     Ok((pod, protocol))
 }
 
-/// The answer that switches the connection to SPDY, speaking `protocol`.
-fn switching_protocols(protocol: &'static str) -> Response {
+/// Switches the connection to SPDY speaking `protocol`: the answer to send, and `serve` run on
+/// the connection once the client has it.
+fn upgrade_and_serve<F, Fut>(request: &mut Request, protocol: &'static str, serve: F) -> Response
+where
+    F: FnOnce(TokioIo<hyper::upgrade::Upgraded>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let upgrade = hyper::upgrade::on(request);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgrade.await {
+            serve(TokioIo::new(upgraded)).await;
+        }
+    });
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "Upgrade")
@@ -303,12 +314,8 @@ async fn exec_in(
             ),
         );
     };
-    let upgrade = hyper::upgrade::on(&mut request);
     let state = caller.state.clone();
-    tokio::spawn(async move {
-        let Ok(upgraded) = upgrade.await else {
-            return;
-        };
+    upgrade_and_serve(&mut request, protocol, move |io| async move {
         let open = StreamOpen {
             stream_id: String::new(),
             task_id,
@@ -322,9 +329,8 @@ async fn exec_in(
             })),
         };
         let device_end = state.streams.open(&state.registry, &device, open);
-        remote_command::serve(TokioIo::new(upgraded), options, device_end).await;
-    });
-    switching_protocols(protocol)
+        remote_command::serve(io, options, device_end).await;
+    })
 }
 
 async fn port_forward(
@@ -366,12 +372,8 @@ async fn port_forward_in(
             ),
         );
     };
-    let upgrade = hyper::upgrade::on(&mut request);
     let state = caller.state.clone();
-    tokio::spawn(async move {
-        let Ok(upgraded) = upgrade.await else {
-            return;
-        };
+    upgrade_and_serve(&mut request, protocol, move |io| async move {
         let open: port_forward::Opener = Arc::new(move |port| {
             let state = state.clone();
             let open = StreamOpen {
@@ -385,9 +387,8 @@ async fn port_forward_in(
             let device = device.clone();
             Box::pin(async move { state.streams.open(&state.registry, &device, open).await })
         });
-        port_forward::serve(TokioIo::new(upgraded), open).await;
-    });
-    switching_protocols(protocol)
+        port_forward::serve(io, open).await;
+    })
 }
 
 /// Pod `namespace/name` on the called node; else the answer.

@@ -7,15 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use darkcore_proto::agent::v1::{
-    StdinClosed, StreamDown, StreamUp, stream_down, stream_end, stream_up,
-};
-use futures::StreamExt as _;
+use darkcore_proto::agent::v1::{StdinClosed, StreamDown, stream_down, stream_end, stream_up};
 use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
-use crate::gateway::streams::DeviceEnd;
+use crate::gateway::streams::{DeviceEnd, next_up};
 use crate::kubelet::spdy::{self, Frame, Headers};
 use crate::kubelet::spdy_conn::{self, FrameReader, chunks};
 
@@ -260,16 +257,9 @@ async fn carry(
     };
     let from_port = async {
         loop {
-            let body = match up.next().await {
-                Some(Ok(StreamUp { body: Some(body) })) => body,
-                Some(Ok(StreamUp { body: None })) => continue,
-                Some(Err(status)) => {
-                    return Some(Err(format!(
-                        "the device's stream broke: {}",
-                        status.message()
-                    )));
-                }
-                None => return Some(Err("the device's stream ended without an outcome".into())),
+            let body = match next_up(&mut up).await {
+                Ok(body) => body,
+                Err(why) => return Some(Err(why)),
             };
             match body {
                 stream_up::Body::Stdout(data) => {
@@ -297,6 +287,8 @@ async fn carry(
 #[cfg(test)]
 mod tests {
     use bytes::BytesMut;
+    use darkcore_proto::agent::v1::StreamUp;
+    use futures::StreamExt as _;
     use tokio::io::AsyncWriteExt as _;
 
     use super::*;

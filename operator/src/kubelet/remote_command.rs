@@ -12,13 +12,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use darkcore_proto::agent::v1::{
-    StdinClosed, StreamDown, StreamUp, TerminalSize, stream_down, stream_end, stream_up,
+    StdinClosed, StreamDown, TerminalSize, stream_down, stream_end, stream_up,
 };
-use futures::StreamExt as _;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
-use crate::gateway::streams::DeviceEnd;
+use crate::gateway::streams::{DeviceEnd, next_up};
 use crate::kubelet::spdy::{self, Frame};
 use crate::kubelet::spdy_conn::{self, FrameReader, chunks};
 
@@ -340,22 +339,11 @@ async fn carry<R: AsyncRead + Unpin>(
     };
     let from_device = async {
         loop {
-            let message = up.next().await;
+            let body = next_up(&mut up).await;
             touch();
-            let body = match message {
-                Some(Ok(StreamUp { body: Some(body) })) => body,
-                Some(Ok(StreamUp { body: None })) => continue,
-                Some(Err(status)) => {
-                    return Some(Outcome::Failed(format!(
-                        "the device's stream broke: {}",
-                        status.message()
-                    )));
-                }
-                None => {
-                    return Some(Outcome::Failed(
-                        "the device's stream ended without an outcome".into(),
-                    ));
-                }
+            let body = match body {
+                Ok(body) => body,
+                Err(why) => return Some(Outcome::Failed(why)),
             };
             let (role, data) = match body {
                 stream_up::Body::Stdout(data) => (Role::Stdout, data),
@@ -419,6 +407,8 @@ async fn finish(frames: &mpsc::Sender<Frame>, streams: &Streams, outcome: &Outco
 #[cfg(test)]
 mod tests {
     use bytes::BytesMut;
+    use darkcore_proto::agent::v1::StreamUp;
+    use futures::StreamExt as _;
     use tokio::io::AsyncWriteExt as _;
 
     use super::*;
