@@ -39,7 +39,11 @@ pub const MAX_STREAMS_PER_DEVICE: usize = 128;
 /// HTTP/2 flow-control window of each gRPC stream: what one may have in flight unread.
 pub const STREAM_WINDOW: u32 = 256 * 1024;
 /// HTTP/2 flow-control window of a whole agent connection.
-pub const CONNECTION_WINDOW: u32 = (MAX_STREAMS_PER_DEVICE as u32 + 16) * STREAM_WINDOW;
+pub const CONNECTION_WINDOW: u32 = MAX_CALLS_PER_CONNECTION * STREAM_WINDOW;
+/// Calls open at once on one agent connection (Attach, the user streams, and room for a
+/// reconnect's overlap): past it the gateway refuses new ones, so a device cannot hold
+/// unanswered calls without end. It sizes [`CONNECTION_WINDOW`] too.
+pub const MAX_CALLS_PER_CONNECTION: u32 = MAX_STREAMS_PER_DEVICE as u32 + 16;
 
 /// A peer wrote in a protocol version this build does not speak.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

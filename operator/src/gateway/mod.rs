@@ -66,6 +66,9 @@ pub async fn serve(
         // small stream windows under a large connection window keep room for heartbeats.
         .initial_stream_window_size(Some(streams::STREAM_WINDOW))
         .initial_connection_window_size(Some(streams::CONNECTION_WINDOW))
+        // tonic leaves HTTP/2 streams unlimited: a device could open OpenStream calls without
+        // end, each held until its first message or 10 s.
+        .max_concurrent_streams(Some(darkcore_proto::MAX_CALLS_PER_CONNECTION))
         .add_service(
             EnrollmentServer::new(join)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
