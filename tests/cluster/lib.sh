@@ -15,6 +15,10 @@ BUILD_LOGS="$DARKCORE_CACHE/build-logs"
 # Built together from one wrapper module. kubectl is built too because Debian's is 1.20, far
 # out of version skew; a kubectl already on PATH still wins, ours is appended.
 K8S_COMMANDS="kube-apiserver kube-controller-manager kube-scheduler kubectl"
+# The real node's own binaries (tests/cluster/node), apart so the control plane needs none of them.
+K8S_NODE_BIN="$DARKCORE_CACHE/k8s-node-$K8S_VERSION"
+K8S_NODE_COMMANDS="kubelet kube-proxy"
+METRICS_SERVER_BIN="$DARKCORE_CACHE/metrics-server-$METRICS_SERVER_VERSION"
 export PATH="$PATH:$K8S_BIN"
 
 log() { printf '[cluster] %s\n' "$*" >&2; }

@@ -1,6 +1,7 @@
 //! End-to-end tests: a real kube-apiserver, controller-manager and scheduler (tests/cluster/up),
 //! the real darkcore-operator binary, one operator and one namespace per test.
 
+mod attach;
 mod chaos;
 mod devices;
 mod exec;

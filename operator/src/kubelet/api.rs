@@ -1,12 +1,11 @@
 //! One node's kubelet API routes: `/containerLogs/{ns}/{pod}/{container}` with the kubelet's
-//! query options, `/exec/...` and `/portForward/...` (upgraded to SPDY), `/pods`, `/runningpods`, `/stats/summary` and
+//! query options, `/exec/...`, `/attach/...` and `/portForward/...` (upgraded to SPDY), `/pods`, `/runningpods`, `/stats/summary` and
 //! `/metrics/resource`, of that node's pods only. Every route authenticates and authorizes (`nodes/<subresource>` on the
 //! node, as the kubelet maps its paths: proxy, stats, metrics) first.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -24,11 +23,12 @@ use k8s_openapi::jiff::Timestamp;
 use crate::domain::container_id;
 use crate::kubelet::KubeletState;
 use crate::kubelet::auth::{Denied, User};
+use crate::kubelet::follow::Follower;
 use crate::kubelet::kept_output::{self, CONDITION};
 use crate::kubelet::log_store::Line;
 use crate::kubelet::spdy_conn;
 use crate::kubelet::stats::{self, PodReadings, Reading};
-use crate::kubelet::{port_forward, remote_command};
+use crate::kubelet::{attach, port_forward, remote_command};
 
 /// The earliest line time (Unix nanoseconds) a logs request asks for: `sinceTime`, else
 /// `sinceSeconds` before `now`. Any number a caller sends is fine: nothing overflows.
@@ -40,9 +40,6 @@ fn since_nanos(since_time: Option<&str>, since_seconds: Option<i64>, now: i64) -
             since_seconds.map(|s| now.saturating_sub(s.max(0).saturating_mul(1_000_000_000)))
         })
 }
-
-/// How often a follower re-checks that its pod still exists while no output comes.
-const FOLLOW_RECHECK: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 struct Caller {
@@ -67,7 +64,15 @@ pub fn router(state: Arc<KubeletState>, node: Arc<str>, certificate: Option<User
         .route("/exec/{namespace}/{pod}/{container}", get(exec).post(exec))
         .route(
             "/exec/{namespace}/{pod}/{uid}/{container}",
-            get(exec_with_uid).post(exec_with_uid),
+            get(exec).post(exec),
+        )
+        .route(
+            "/attach/{namespace}/{pod}/{container}",
+            get(attach).post(attach),
+        )
+        .route(
+            "/attach/{namespace}/{pod}/{uid}/{container}",
+            get(attach).post(attach),
         )
         .route(
             "/portForward/{namespace}/{pod}",
@@ -75,7 +80,7 @@ pub fn router(state: Arc<KubeletState>, node: Arc<str>, certificate: Option<User
         )
         .route(
             "/portForward/{namespace}/{pod}/{uid}",
-            get(port_forward_with_uid).post(port_forward_with_uid),
+            get(port_forward).post(port_forward),
         )
         .route("/healthz", get(|| async { "ok" }))
         .with_state(Caller {
@@ -170,20 +175,14 @@ pub fn render(line: &Line, timestamps: bool) -> Vec<u8> {
     out
 }
 
-async fn exec(
-    State(caller): State<Caller>,
-    Path((namespace, pod, container)): Path<(String, String, String)>,
-    request: Request,
-) -> Response {
-    exec_in(caller, (namespace, pod, None), container, request).await
-}
-
-async fn exec_with_uid(
-    State(caller): State<Caller>,
-    Path((namespace, pod, uid, container)): Path<(String, String, String, String)>,
-    request: Request,
-) -> Response {
-    exec_in(caller, (namespace, pod, Some(uid)), container, request).await
+/// What a streaming call names in its path: the pod, with its uid when the API server gives it,
+/// and the container (exec and attach).
+#[derive(serde::Deserialize)]
+struct Target {
+    namespace: String,
+    pod: String,
+    uid: Option<String>,
+    container: Option<String>,
 }
 
 /// What exec and port-forward check before they upgrade: the caller (`nodes/proxy`, with the
@@ -270,50 +269,98 @@ where
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
+/// What exec and attach find before they upgrade: the pod, the protocol, the query, the
+/// streams asked for, and the running attempt of the container (its task and device).
+struct Session {
+    pod: Pod,
+    protocol: &'static str,
+    query: Vec<(String, String)>,
+    options: remote_command::Options,
+    task_id: String,
+    device: String,
+}
+
+/// A request's method, headers and query, owned: its body is not Sync, so the request may not
+/// be borrowed across the checks' awaits.
+type RequestHead = (Method, HeaderMap, String);
+
+fn head_of(request: &Request) -> RequestHead {
+    let query = request.uri().query().unwrap_or("").to_owned();
+    (request.method().clone(), request.headers().clone(), query)
+}
+
+/// Checks an exec or attach (`verb`, for messages) as [`upgrade_checks`] does, then its
+/// options, and that the container is running.
+async fn session_checks(
+    caller: &Caller,
+    names: (&str, &str, Option<&str>),
+    container: &str,
+    asked: RequestHead,
+    verb: &str,
+) -> Result<Session, Response> {
+    let (namespace, pod_name, _) = names;
+    let query: Vec<(String, String)> = serde_urlencoded::from_str(&asked.2).unwrap_or_default();
+    let (pod, protocol) = upgrade_checks(
+        caller,
+        names,
+        Some(container),
+        (&asked.0, &asked.1),
+        remote_command::PROTOCOLS,
+    )
+    .await?;
+    let options = remote_command::Options::from_query(&query)
+        .map_err(|why| text(StatusCode::BAD_REQUEST, format!("{why}\n")))?;
+    let Some((task_id, device)) = container_id::running_attempt(&pod, container) else {
+        return Err(text(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "container {container} in pod {namespace}/{pod_name} is not running; {verb} needs a running container\n"
+            ),
+        ));
+    };
+    Ok(Session {
+        pod,
+        protocol,
+        query,
+        options,
+        task_id,
+        device,
+    })
+}
+
 /// `kubectl exec`: checks the caller, the pod and the request, then upgrades the connection to
 /// SPDY and carries the session to the device running the container.
-async fn exec_in(
-    caller: Caller,
-    (namespace, pod_name, uid): (String, String, Option<String>),
-    container: String,
+async fn exec(
+    State(caller): State<Caller>,
+    Path(Target {
+        namespace,
+        pod: pod_name,
+        uid,
+        container,
+    }): Path<Target>,
     mut request: Request,
 ) -> Response {
+    let container = container.unwrap_or_default();
     let names = (namespace.as_str(), pod_name.as_str(), uid.as_deref());
-    let served = remote_command::PROTOCOLS;
-    let asked = (request.method().clone(), request.headers().clone());
-    let (pod, protocol) = match upgrade_checks(
-        &caller,
-        names,
-        Some(&container),
-        (&asked.0, &asked.1),
-        served,
-    )
-    .await
+    let session = match session_checks(&caller, names, &container, head_of(&request), "exec").await
     {
-        Ok(checked) => checked,
+        Ok(session) => session,
         Err(response) => return response,
     };
-    let query: Vec<(String, String)> =
-        serde_urlencoded::from_str(request.uri().query().unwrap_or("")).unwrap_or_default();
-    let options = match remote_command::Options::from_query(&query) {
-        Ok(options) => options,
-        Err(why) => return text(StatusCode::BAD_REQUEST, format!("{why}\n")),
-    };
-    let command = remote_command::command_of(&query);
+    let command = remote_command::command_of(&session.query);
     if command.is_empty() {
         return text(
             StatusCode::BAD_REQUEST,
             "no command to run: give one after `--`, as in `kubectl exec POD -- sh`\n".into(),
         );
     }
-    let Some((task_id, device)) = container_id::running_attempt(&pod, &container) else {
-        return text(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "container {container} in pod {namespace}/{pod_name} is not running; exec needs a running container\n"
-            ),
-        );
-    };
+    let Session {
+        protocol,
+        options,
+        task_id,
+        device,
+        ..
+    } = session;
     let state = caller.state.clone();
     upgrade_and_serve(&mut request, protocol, move |io| async move {
         let open = StreamOpen {
@@ -333,27 +380,59 @@ async fn exec_in(
     })
 }
 
-async fn port_forward(
+/// `kubectl attach`: checks as exec does, then shows the container's output from now until its
+/// run ends. A container started with `stdin: true` is refused stdin: darkcore gives every
+/// container an empty stdin, so there is nothing to attach it to.
+async fn attach(
     State(caller): State<Caller>,
-    Path((namespace, pod)): Path<(String, String)>,
-    request: Request,
+    Path(Target {
+        namespace,
+        pod: pod_name,
+        uid,
+        container,
+    }): Path<Target>,
+    mut request: Request,
 ) -> Response {
-    port_forward_in(caller, (namespace, pod, None), request).await
-}
-
-async fn port_forward_with_uid(
-    State(caller): State<Caller>,
-    Path((namespace, pod, uid)): Path<(String, String, String)>,
-    request: Request,
-) -> Response {
-    port_forward_in(caller, (namespace, pod, Some(uid)), request).await
+    let container = container.unwrap_or_default();
+    let names = (namespace.as_str(), pod_name.as_str(), uid.as_deref());
+    let session =
+        match session_checks(&caller, names, &container, head_of(&request), "attach").await {
+            Ok(session) => session,
+            Err(response) => return response,
+        };
+    let declares_stdin = session
+        .pod
+        .spec
+        .iter()
+        .flat_map(|spec| spec.containers.iter())
+        .any(|c| c.name == container && c.stdin == Some(true));
+    if session.options.stdin && declares_stdin {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "container {container} asks for stdin (stdin: true), but darkcore gives containers an empty stdin: attach shows only output here, so run `kubectl attach` without -i, or use `kubectl exec -i {pod_name} -- COMMAND` to send input\n"
+            ),
+        );
+    }
+    let uid = session.pod.metadata.uid.clone().unwrap_or_default();
+    let follower = Follower::from_now(caller.state.clone(), uid, container, (namespace, pod_name));
+    let options = session.options;
+    upgrade_and_serve(&mut request, session.protocol, move |io| async move {
+        let output = attach::output_from_now(follower, options.tty);
+        remote_command::serve(io, options, async { Ok(output) }).await;
+    })
 }
 
 /// `kubectl port-forward`: checks as exec does, then upgrades and carries each forwarded
 /// connection to the device, which connects to the port inside the pod.
-async fn port_forward_in(
-    caller: Caller,
-    (namespace, pod_name, uid): (String, String, Option<String>),
+async fn port_forward(
+    State(caller): State<Caller>,
+    Path(Target {
+        namespace,
+        pod: pod_name,
+        uid,
+        ..
+    }): Path<Target>,
     mut request: Request,
 ) -> Response {
     let names = (namespace.as_str(), pod_name.as_str(), uid.as_deref());
@@ -511,13 +590,14 @@ async fn container_logs(
         container,
         namespace,
         pod_name,
-        since,
-        from: Some(first.next),
-        take,
+        from: first.next,
     };
-    let rest = futures::stream::unfold(follower, |mut follower| async move {
-        let body = follower.next().await?;
-        Some((Ok::<Bytes, Infallible>(Bytes::from(body)), follower))
+    let rest = futures::stream::unfold(Some((follower, take)), move |followed| async move {
+        let (mut follower, mut take) = followed?;
+        let lines = follower.next().await?;
+        let (body, exhausted) = take(select(lines, since, None));
+        let followed = (!exhausted).then_some((follower, take));
+        Some((Ok::<Bytes, Infallible>(Bytes::from(body)), followed))
     });
     let stream = futures::stream::once(async move { Ok(Bytes::from(body)) }).chain(rest);
     (plain, Body::from_stream(stream)).into_response()
@@ -603,47 +683,6 @@ pub fn which_run(previous: bool, shown: &Shown) -> Result<bool, Missing> {
         (false, s) if s.running || s.terminated => Ok(false),
         (false, s) if s.last_terminated => Ok(true),
         (false, s) => Err(Missing::Waiting(s.waiting.clone().unwrap_or_default())),
-    }
-}
-
-/// A `logs -f` reader: where it is in the container's current run, and how it renders.
-struct Follower<F> {
-    state: Arc<KubeletState>,
-    uid: String,
-    container: String,
-    namespace: String,
-    pod_name: String,
-    since: Option<i64>,
-    /// Lines read so far; `None` once `limitBytes` is used up.
-    from: Option<u64>,
-    take: F,
-}
-
-impl<F: FnMut(Vec<Line>) -> (Vec<u8>, bool)> Follower<F> {
-    /// The next output, waiting for it; `None` when the run ended or the pod is gone.
-    async fn next(&mut self) -> Option<Vec<u8>> {
-        loop {
-            let from = self.from?;
-            let read = self
-                .state
-                .logs
-                .read(&self.uid, &self.container, false, from)?;
-            let notified = read.changed.notified();
-            if !read.lines.is_empty() {
-                let (body, exhausted) = (self.take)(select(read.lines, self.since, None));
-                self.from = (!exhausted).then_some(read.next);
-                return Some(body);
-            }
-            let pod_gone = self
-                .state
-                .pods
-                .get(&self.namespace, &self.pod_name)
-                .is_none_or(|p| p.metadata.uid.as_deref() != Some(self.uid.as_str()));
-            if read.ended || pod_gone {
-                return None;
-            }
-            let _ = tokio::time::timeout(FOLLOW_RECHECK, notified).await;
-        }
     }
 }
 
@@ -771,6 +810,7 @@ mod tests {
         Line {
             timestamp_unix_nanos: at,
             data: text.as_bytes().to_vec(),
+            stderr: false,
         }
     }
 

@@ -61,6 +61,7 @@ impl Kept {
             .map(|(at, text)| Line {
                 timestamp_unix_nanos: *at,
                 data: text.as_bytes().to_vec(),
+                stderr: false,
             })
             .collect()
     }
@@ -98,6 +99,7 @@ mod tests {
         Line {
             timestamp_unix_nanos: 7,
             data: text.as_bytes().to_vec(),
+            stderr: false,
         }
     }
 
@@ -155,6 +157,7 @@ mod tests {
         let binary = Line {
             timestamp_unix_nanos: 1,
             data: vec![0xff, b'\n'],
+            stderr: false,
         };
         assert!(!Kept::of(&[binary], true).whole);
         assert!(Kept::of(&[], true).whole, "a run that printed nothing");

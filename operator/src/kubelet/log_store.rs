@@ -17,7 +17,7 @@ use crate::kubelet::kept_output::Kept;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use darkcore_proto::agent::v1::LogChunk;
+use darkcore_proto::agent::v1::{LogChunk, log_chunk};
 use tokio::sync::Notify;
 
 /// Bytes kept per container run.
@@ -31,6 +31,8 @@ pub const LINE_OVERHEAD: usize = std::mem::size_of::<Line>() + 32;
 pub struct Line {
     pub timestamp_unix_nanos: i64,
     pub data: Vec<u8>,
+    /// Written to stderr (else stdout), as `kubectl attach` shows it.
+    pub stderr: bool,
 }
 
 /// One run of a container: an attempt on a device, and the restart on that device.
@@ -183,6 +185,7 @@ impl LogStore {
             run.lines.push_back(Line {
                 timestamp_unix_nanos: chunk.timestamp_unix_nanos,
                 data: piece.to_vec(),
+                stderr: chunk.stream() == log_chunk::Stream::Stderr,
             });
         }
         while run.bytes > RUN_BYTES {

@@ -11,8 +11,10 @@
 //! ```
 
 pub mod api;
+pub mod attach;
 pub mod auth;
 pub mod endpoints;
+pub mod follow;
 pub mod kept_output;
 pub mod log_store;
 pub mod port_forward;
