@@ -36,12 +36,16 @@ package-check:
 	tests/package/check
 
 # The chart's tests first, one at a time: their uninstall takes away the release that the e2e
-# tests share (and reinstall).
+# tests share (and reinstall). Then the e2e tests on the plain control plane, and last those
+# that need the real node (a kubelet, containerd, metrics-server), which starts only then.
 e2e: build cluster-up
 	KUBECONFIG=$(DARKCORE_CLUSTER_DIR)/kubeconfig DARKCORE_OPERATOR_BIN=$(OPERATOR) \
 	  cargo test -p darkcore-e2e --test chart -- --test-threads=1
 	KUBECONFIG=$(DARKCORE_CLUSTER_DIR)/kubeconfig DARKCORE_OPERATOR_BIN=$(OPERATOR) \
-	  cargo test -p darkcore-e2e --test e2e -- --test-threads=8
+	  cargo test -p darkcore-e2e --test e2e -- --test-threads=8 --skip real_node::
+	tests/cluster/node up
+	KUBECONFIG=$(DARKCORE_CLUSTER_DIR)/kubeconfig DARKCORE_OPERATOR_BIN=$(OPERATOR) \
+	  cargo test -p darkcore-e2e --test e2e -- --test-threads=2 real_node::
 
 # Regenerate the committed CRD YAML from the Rust types in crds/src, and the chart's copy.
 crds: build

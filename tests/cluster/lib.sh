@@ -46,3 +46,46 @@ run_step() {
 go_env() {
   export GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0
 }
+
+# --- free ports on loopback, and processes started in the background ------------------------
+# free_port runs in a subshell ($(free_port)): add what it gave to `taken` before asking again.
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+taken=" "
+free_port() {
+  local p
+  while :; do
+    p=$((20000 + RANDOM % 30000))
+    case "$taken" in *" $p "*) continue ;; esac
+    if ! port_in_use "$p"; then
+      taken="$taken$p "
+      echo "$p"
+      return
+    fi
+  done
+}
+# start NAME CMD...: run CMD detached, its output in $LOGS/NAME.log, its pid in $PIDS/NAME.pid
+# (each script sets PIDS and LOGS to its own folders).
+start() {
+  local name="$1"
+  shift
+  log "start $name (log: $LOGS/$name.log)"
+  setsid "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
+  echo $! >"$PIDS/$name.pid"
+}
+
+# wait_for WHAT LOG SECONDS CMD...: poll CMD until it succeeds; fail if a process of $PIDS died.
+wait_for() {
+  local what="$1" logfile="$2" seconds="$3"
+  shift 3
+  local deadline=$((SECONDS + seconds)) pidfile
+  until "$@" >/dev/null 2>&1; do
+    for pidfile in "$PIDS"/*.pid; do
+      [ -f "$pidfile" ] || continue
+      kill -0 "$(cat "$pidfile")" 2>/dev/null ||
+        fail "wait for $what: $(basename "$pidfile" .pid) exited" "$LOGS/$(basename "$pidfile" .pid).log"
+    done
+    [ $SECONDS -lt $deadline ] || fail "wait for $what (${seconds}s)" "$logfile"
+    sleep 0.5
+  done
+}
+

@@ -282,9 +282,19 @@ async fn a_job_completes_through_killed_agents_and_a_killed_operator_never_runni
         usage.interrupted,
         (charged - measured) / measured * 100.0
     );
+    // Never less than the runs lived, but for runs lost with their device, charged only until
+    // it was last heard (at most a fence, 5 s, before it died); more only by what holding a run
+    // adds around its life (the agent starting and reaping it, the report's trip), which this
+    // test's load on two cores stretches to tenths of a second: at most a second per run.
+    let unheard = usage.interrupted as f64 * 5.0;
     assert!(
-        (charged - measured).abs() <= measured * 0.05,
-        "charged {charged:.1} s vs measured {measured:.1} s"
+        charged >= measured - unheard,
+        "charged {charged:.1} s, less than the {measured:.1} s measured"
+    );
+    let extra_per_run = (charged - measured) / runs.len() as f64;
+    assert!(
+        extra_per_run <= 1.0,
+        "charged {charged:.1} s vs measured {measured:.1} s: {extra_per_run:.2} s more per run"
     );
     bench.finish().await;
 }

@@ -73,7 +73,7 @@ pub async fn push_wasm_to(
 }
 
 /// Pushes an image of one gzip layer and an OCI image config.
-async fn push_image(
+pub async fn push_image(
     client: &Client,
     reference: &Reference,
     layers: Vec<Vec<u8>>,
@@ -106,7 +106,7 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     gz.finish().unwrap()
 }
 
-fn client() -> Client {
+pub fn client() -> Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     Client::new(ClientConfig {
         protocol: ClientProtocol::Http,
@@ -118,32 +118,17 @@ fn client() -> Client {
 /// `path`, and a config whose Entrypoint is `path`. Returns the reference.
 pub async fn push_wasm_in_layer(repository_and_tag: &str, wat: &str, path: &str) -> String {
     let module = wat::parse_str(wat).expect("the test's WAT assembles");
-    let mut builder = tar::Builder::new(Vec::new());
-    let mut header = tar::Header::new_gnu();
-    header.set_entry_type(tar::EntryType::Regular);
-    header.set_mode(0o644);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_mtime(0);
-    header.set_size(module.len() as u64);
-    builder
-        .append_data(&mut header, path.trim_start_matches('/'), module.as_slice())
-        .unwrap();
-    let tar = builder.into_inner().unwrap();
+    let mut layer = Layer::new();
+    layer.file(path.trim_start_matches('/'), 0o644, &module);
+    let (layer, diff_id) = layer.finish();
     let config = serde_json::json!({
         "architecture": "wasm",
         "os": "wasip1",
         "config": { "Entrypoint": [path] },
-        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&tar))] },
+        "rootfs": { "type": "layers", "diff_ids": [diff_id] },
     });
     let reference = format!("{}/{repository_and_tag}", registry());
-    push_image(
-        &client(),
-        &reference.parse().unwrap(),
-        vec![gzip(&tar)],
-        &config,
-    )
-    .await;
+    push_image(&client(), &reference.parse().unwrap(), vec![layer], &config).await;
     reference
 }
 
@@ -254,7 +239,7 @@ pub async fn push_busybox_with(
 }
 
 /// This machine's architecture as OCI platforms name it.
-fn oci_arch() -> &'static str {
+pub fn oci_arch() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
@@ -305,13 +290,16 @@ pub fn blob_fetches(repository: &str, digest: &str) -> usize {
         .count()
 }
 
-/// One gzip layer: busybox with its applets as symlinks, a passwd with `app` (uid 1000), and
-/// the directories a container expects. Returns the layer and its diff id.
-fn busybox_layer() -> (Vec<u8>, String) {
-    let busybox = std::fs::read("/bin/busybox")
-        .expect("/bin/busybox (Debian's busybox-static) is installed by tests/cluster/up");
-    let mut builder = tar::Builder::new(Vec::new());
-    let header = |kind, mode, uid, size| {
+/// A layer being written: a tar whose entries all have mtime 0, so that the same content
+/// always gives the same digest.
+pub struct Layer(tar::Builder<Vec<u8>>);
+
+impl Layer {
+    pub fn new() -> Layer {
+        Layer(tar::Builder::new(Vec::new()))
+    }
+
+    fn header(kind: tar::EntryType, mode: u32, uid: u64, size: u64) -> tar::Header {
         let mut header = tar::Header::new_gnu();
         header.set_entry_type(kind);
         header.set_mode(mode);
@@ -320,13 +308,40 @@ fn busybox_layer() -> (Vec<u8>, String) {
         header.set_mtime(0);
         header.set_size(size);
         header
-    };
-    let mut dir = |path: &str, mode: u32, uid: u64| {
-        let mut header = header(tar::EntryType::Directory, mode, uid, 0);
-        builder
+    }
+
+    pub fn dir(&mut self, path: &str, mode: u32, uid: u64) {
+        let mut header = Layer::header(tar::EntryType::Directory, mode, uid, 0);
+        self.0
             .append_data(&mut header, path, std::io::empty())
             .unwrap();
-    };
+    }
+
+    pub fn file(&mut self, path: &str, mode: u32, content: &[u8]) {
+        let size = content.len() as u64;
+        let mut header = Layer::header(tar::EntryType::Regular, mode, 0, size);
+        self.0.append_data(&mut header, path, content).unwrap();
+    }
+
+    pub fn symlink(&mut self, path: &str, target: &str) {
+        let mut header = Layer::header(tar::EntryType::Symlink, 0o777, 0, 0);
+        self.0.append_link(&mut header, path, target).unwrap();
+    }
+
+    /// The gzipped layer and its diff id.
+    pub fn finish(self) -> (Vec<u8>, String) {
+        let tar = self.0.into_inner().unwrap();
+        let diff_id = format!("sha256:{}", sha256_hex(&tar));
+        (gzip(&tar), diff_id)
+    }
+}
+
+/// One gzip layer: busybox with its applets as symlinks, a passwd with `app` (uid 1000), and
+/// the directories a container expects. Returns the layer and its diff id.
+fn busybox_layer() -> (Vec<u8>, String) {
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("/bin/busybox (Debian's busybox-static) is installed by tests/cluster/up");
+    let mut layer = Layer::new();
     for (path, mode, uid) in [
         ("bin", 0o755, 0),
         ("etc", 0o755, 0),
@@ -335,19 +350,15 @@ fn busybox_layer() -> (Vec<u8>, String) {
         ("root", 0o700, 0),
         ("tmp", 0o1777, 0),
     ] {
-        dir(path, mode, uid);
+        layer.dir(path, mode, uid);
     }
-    let mut file = |path: &str, mode: u32, content: &[u8]| {
-        let mut header = header(tar::EntryType::Regular, mode, 0, content.len() as u64);
-        builder.append_data(&mut header, path, content).unwrap();
-    };
-    file("bin/busybox", 0o755, &busybox);
-    file(
+    layer.file("bin/busybox", 0o755, &busybox);
+    layer.file(
         "etc/passwd",
         0o644,
         format!("root:x:0:0:root:/root:/bin/sh\napp:x:{IMAGE_USER_UID}:{IMAGE_USER_UID}:app:/home/app:/bin/sh\n").as_bytes(),
     );
-    file(
+    layer.file(
         "etc/group",
         0o644,
         format!("root:x:0:\napp:x:{IMAGE_USER_UID}:\n").as_bytes(),
@@ -356,14 +367,9 @@ fn busybox_layer() -> (Vec<u8>, String) {
         "sh", "echo", "cat", "sleep", "dd", "head", "id", "ls", "touch", "pwd", "test", "true",
         "mkdir", "stat", "ln", "tar",
     ] {
-        let mut header = header(tar::EntryType::Symlink, 0o777, 0, 0);
-        builder
-            .append_link(&mut header, format!("bin/{applet}"), "busybox")
-            .unwrap();
+        layer.symlink(&format!("bin/{applet}"), "busybox");
     }
-    let tar = builder.into_inner().unwrap();
-    let diff_id = format!("sha256:{}", sha256_hex(&tar));
-    (gzip(&tar), diff_id)
+    layer.finish()
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

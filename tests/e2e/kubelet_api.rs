@@ -133,13 +133,13 @@ async fn each_node_has_its_own_kubelet_endpoint_with_its_own_pods() {
 
 /// `scripts/node-net`: an address of this machine that is not loopback, on a veth pair into a
 /// network namespace; removed when dropped.
-struct NodeNet {
+pub(crate) struct NodeNet {
     name: &'static str,
-    address: String,
+    pub address: String,
 }
 
 impl NodeNet {
-    fn up(name: &'static str, index: u8) -> NodeNet {
+    pub fn up(name: &'static str, index: u8) -> NodeNet {
         let out = std::process::Command::new(crate::harness::workspace().join("scripts/node-net"))
             .args(["up", name, &index.to_string()])
             .output()

@@ -20,6 +20,7 @@ mod pods;
 mod pools;
 mod port_forward;
 mod rbac;
+mod real_node;
 mod scheduling;
 mod slow_api;
 mod tokens;

@@ -2,15 +2,19 @@
 //! such as the loopback one tests/cluster/up runs:
 //!   darkcore-push wasm FILE.wat REGISTRY/REPOSITORY:TAG   a WAT module as a wasm OCI artifact
 //!   darkcore-push busybox REGISTRY/REPOSITORY:TAG         the tests' busybox-static image
+//!   darkcore-push program BINARY REGISTRY/REPOSITORY:TAG [ARG...]
+//!                                  an image of one program and its shared libraries, whose
+//!                                  entrypoint runs it with ARGs (the operator, metrics-server)
 
 // The e2e tests' image builders, shared rather than copied; the tool uses two of them.
 #[allow(dead_code)]
 #[path = "../e2e/images.rs"]
 mod images;
+mod program;
 
 use anyhow::{Context as _, bail};
 
-const USAGE: &str = "usage: darkcore-push wasm FILE.wat REGISTRY/REPOSITORY:TAG | darkcore-push busybox REGISTRY/REPOSITORY:TAG";
+const USAGE: &str = "usage: darkcore-push wasm FILE.wat REGISTRY/REPOSITORY:TAG | darkcore-push busybox REGISTRY/REPOSITORY:TAG | darkcore-push program BINARY REGISTRY/REPOSITORY:TAG [ARG...]";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -34,6 +38,17 @@ async fn main() -> anyhow::Result<()> {
         [kind, reference] if kind == "busybox" => {
             let (registry, repository) = split(reference)?;
             images::push_busybox_to(&registry, &repository).await.0
+        }
+        [kind, binary, reference, args @ ..] if kind == "program" => {
+            let (registry, repository) = split(reference)?;
+            let binary = std::path::Path::new(binary);
+            if !binary.is_file() {
+                bail!(
+                    "{} is not a file: give the program's path",
+                    binary.display()
+                );
+            }
+            program::push_program_to(&registry, &repository, binary, args).await
         }
         _ => bail!("{USAGE}"),
     };
