@@ -45,7 +45,7 @@ e2e: build cluster-up
 	  cargo test -p darkcore-e2e --test e2e -- --test-threads=8 --skip real_node::
 	tests/cluster/node up
 	KUBECONFIG=$(DARKCORE_CLUSTER_DIR)/kubeconfig DARKCORE_OPERATOR_BIN=$(OPERATOR) \
-	  cargo test -p darkcore-e2e --test e2e -- --test-threads=2 real_node::
+	  cargo test -p darkcore-e2e --test e2e -- --test-threads=1 real_node::
 
 # Regenerate the committed CRD YAML from the Rust types in crds/src, and the chart's copy.
 crds: build

@@ -303,6 +303,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     );
     let logs = Arc::new(LogStore::default());
+    let stats = Arc::new(StatsStore::default());
     let pod_index = Arc::new(PodIndex::default());
     let attempts = Arc::new(std::sync::Mutex::new(AttemptBook::default()));
     let (usage_recorder, usage, lost_charges, usage_inbox) = UsageRecorder::new(
@@ -317,6 +318,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         pools: pool_store.clone(),
         nodes: nodes.clone(),
         logs: logs.clone(),
+        stats: stats.clone(),
         index: pod_index.clone(),
         writer: Writer::start(client.clone(), metrics.clone(), recorder.clone()),
         warmup: warmup.clone(),
@@ -328,7 +330,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }));
     let mut loops = Supervisor::default();
     loops.spawn("usage", usage_recorder.run(usage_inbox));
-    let stats = Arc::new(StatsStore::default());
     let task_reports = TaskReports {
         controller: pod_controller.inbox(),
         logs: logs.clone(),

@@ -105,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
         pools,
         nodes,
         logs: logs.clone(),
+        stats: Default::default(),
         index: Arc::new(PodIndex::default()),
         writer: Writer::start(client.clone(), metrics.clone(), recorder),
         warmup: Arc::new(darkcore_operator::warmup::Warmup::none()),

@@ -16,7 +16,12 @@ use crate::harness::{
 /// Creates a join token for `pool` with the real CLI; `extra` adds flags like `--uses 1`.
 /// Without `--uses` in `extra`, the token admits any number of devices (`--uses 0`).
 pub fn token(pool: &str, extra: &[&str]) -> String {
-    let mut args = vec!["token", "create", "--pool", pool, "-n", OPERATOR_NAMESPACE];
+    token_in(OPERATOR_NAMESPACE, pool, extra)
+}
+
+/// As [`token`], for the operators whose namespace is `namespace`.
+pub fn token_in(namespace: &str, pool: &str, extra: &[&str]) -> String {
+    let mut args = vec!["token", "create", "--pool", pool, "-n", namespace];
     args.extend_from_slice(extra);
     if !extra.contains(&"--uses") {
         args.extend_from_slice(&["--uses", "0"]);
@@ -88,26 +93,24 @@ fn write_config(dir: &Path, max_cores: f64, testing: &str) -> PathBuf {
     config
 }
 
-/// Runs `darkcore-agent join` against the gateway on `gateway_port`.
+/// Runs `darkcore-agent join` against the gateway on `gateway_port` on loopback.
 pub fn join(gateway_port: u16, token: &str, max_cores: f64) -> JoinOutcome {
-    join_with(gateway_port, token, max_cores, "")
+    join_with(&loopback(gateway_port), token, max_cores, "")
 }
 
-/// As `join`, with more `[testing]` hooks in the agent's config.
-fn join_with(gateway_port: u16, token: &str, max_cores: f64, testing: &str) -> JoinOutcome {
+fn loopback(gateway_port: u16) -> String {
+    format!("127.0.0.1:{gateway_port}")
+}
+
+/// As `join`, at `server` (host:port), with more `[testing]` hooks in the agent's config.
+fn join_with(server: &str, token: &str, max_cores: f64, testing: &str) -> JoinOutcome {
     let root = harness::workspace()
         .join("target/e2e-agents")
         .join(unique("agent"));
     let config = write_config(&root, max_cores, testing);
     let state_dir = root.join("state");
     let out = std::process::Command::new(agent_bin())
-        .args([
-            "join",
-            "--server",
-            &format!("127.0.0.1:{gateway_port}"),
-            "--token",
-            token,
-        ])
+        .args(["join", "--server", server, "--token", token])
         .arg("--state-dir")
         .arg(&state_dir)
         .arg("--config")
@@ -147,7 +150,16 @@ impl Agent {
         max_cores: f64,
         testing: &str,
     ) -> Agent {
-        let joined = join_with(gateway_port, token, max_cores, testing);
+        Agent::start_at_with(&loopback(gateway_port), token, max_cores, testing).await
+    }
+
+    /// Joins the gateway at `server` (host:port, such as a Service's address) and starts `run`.
+    pub async fn start_at(server: &str, token: &str, max_cores: f64) -> Agent {
+        Agent::start_at_with(server, token, max_cores, "").await
+    }
+
+    async fn start_at_with(server: &str, token: &str, max_cores: f64, testing: &str) -> Agent {
+        let joined = join_with(server, token, max_cores, testing);
         assert!(joined.ok, "join failed: {}", joined.output);
         let device_id = joined
             .output
@@ -294,12 +306,7 @@ pub fn swarm_device(
     let state_dir = crate::harness::log_dir().join(crate::harness::unique("swarm"));
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_darkcore-swarm"));
     command
-        .args([
-            "--server",
-            &format!("127.0.0.1:{gateway_port}"),
-            "--token",
-            token,
-        ])
+        .args(["--server", &loopback(gateway_port), "--token", token])
         .args(["--agents", "1", "--millicores", &millicores.to_string()])
         .args(extra)
         .arg("--state-dir")

@@ -20,7 +20,7 @@ use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 
-use crate::domain::container_id;
+use crate::domain::{Presence, container_id};
 use crate::kubelet::KubeletState;
 use crate::kubelet::auth::{Denied, User};
 use crate::kubelet::follow::Follower;
@@ -704,9 +704,11 @@ fn node_readings(caller: &Caller, now_unix_ms: i64) -> (Vec<PodReadings>, u64) {
         .on_node(&caller.node)
         .into_iter()
         .filter_map(|pod| {
-            let (task_id, _) = container_id::recorded_attempt(&pod)?;
+            let (task_id, device) = container_id::recorded_attempt(&pod)?;
             let status = pod.status.as_ref()?;
-            let containers = state.stats.of(&task_id, now_unix_ms);
+            let live = status.phase.as_deref() == Some("Running")
+                && matches!(state.registry.presence(&device), Presence::Online);
+            let containers = state.stats.of(&task_id, now_unix_ms, live);
             Some(PodReadings {
                 namespace: pod.metadata.namespace.clone().unwrap_or_default(),
                 name: pod.metadata.name.clone().unwrap_or_default(),

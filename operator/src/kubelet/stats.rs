@@ -7,10 +7,19 @@ use std::sync::Mutex;
 
 use darkcore_proto::agent::v1::Stats;
 
+use crate::domain::TaskId;
+
 /// Containers read per task at most (a pod has few; a liar's list is cut).
 pub const CONTAINERS_PER_TASK: usize = 32;
-/// A reading older than this is not shown (its task has ended or its device is silent).
+/// A reading older than this is not shown unless its run is live (running on a device that is
+/// online): then silence means nothing changed, as agents send only what changed.
 pub const FRESH_FOR_MS: i64 = 2 * 60 * 1000;
+/// How often an agent reads its containers, and so how old a live run's unchanged figures may
+/// be: they are shown as of this long ago at most (metrics-server needs time to move on).
+pub const REPORT_EVERY_MS: i64 = 10 * 1000;
+/// Readings older than this are dropped, live or not: a run whose pod was deleted while this
+/// operator did not see it, or one idle for a day (it counts afresh from its next reading).
+pub const RETAIN_MS: i64 = 24 * 60 * 60 * 1000;
 
 /// One container run's figures, as the operator keeps them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -40,7 +49,7 @@ pub struct Bound {
 #[derive(Default)]
 pub struct StatsStore {
     tasks: Mutex<HashMap<String, BTreeMap<String, Reading>>>,
-    /// When stale readings were last dropped (Unix ms): at most every `FRESH_FOR_MS`, not on
+    /// When old readings were last dropped (Unix ms): at most every `FRESH_FOR_MS`, not on
     /// every device's message.
     pruned_unix_ms: std::sync::atomic::AtomicI64,
     /// CPU of container runs no longer shown, by node: the node's total only grows.
@@ -73,7 +82,7 @@ impl StatsStore {
         let pruned = &self.pruned_unix_ms;
         if now_unix_ms - pruned.load(std::sync::atomic::Ordering::Relaxed) >= FRESH_FOR_MS {
             pruned.store(now_unix_ms, std::sync::atomic::Ordering::Relaxed);
-            tasks.retain(|_, containers| containers.values().any(|r| fresh(r, now_unix_ms)));
+            tasks.retain(|_, containers| containers.values().any(|r| retained(r, now_unix_ms)));
         }
         for task in &stats.tasks {
             if !holds(&task.task_id) {
@@ -85,9 +94,9 @@ impl StatsStore {
                 if sent.name.len() > 253 {
                     continue;
                 }
-                // A stale reading is no longer shown: its run counts afresh, as a new one.
+                // A run idle past the retention counts afresh, as a new one.
                 let previous =
-                    (containers.get(&sent.name).copied()).filter(|r| fresh(r, now_unix_ms));
+                    (containers.get(&sent.name).copied()).filter(|r| retained(r, now_unix_ms));
                 let reading = bounded(previous, sent, now_unix_ms, bound);
                 containers.insert(sent.name.clone(), reading);
             }
@@ -98,17 +107,31 @@ impl StatsStore {
         refused
     }
 
-    /// The fresh readings of a task's containers.
-    pub fn of(&self, task_id: &str, now_unix_ms: i64) -> BTreeMap<String, Reading> {
+    /// The readings of a task's containers to show: fresh ones; and when the run is `live`
+    /// (its device online, its pod running), any, as of [`REPORT_EVERY_MS`] ago at most,
+    /// since an agent sends nothing while nothing changes.
+    pub fn of(&self, task_id: &str, now_unix_ms: i64, live: bool) -> BTreeMap<String, Reading> {
         let tasks = self.tasks();
         let Some(containers) = tasks.get(task_id) else {
             return BTreeMap::new();
         };
         containers
             .iter()
-            .filter(|(_, r)| fresh(r, now_unix_ms))
-            .map(|(name, r)| (name.clone(), *r))
+            .filter(|(_, r)| live || fresh(r, now_unix_ms))
+            .map(|(name, r)| {
+                let mut shown = *r;
+                if live {
+                    shown.at_unix_ms = r.at_unix_ms.max(now_unix_ms - REPORT_EVERY_MS);
+                }
+                (name.clone(), shown)
+            })
             .collect()
+    }
+
+    /// Drops the readings of a deleted pod's tasks (ids `<uid>.<attempt>`).
+    pub fn forget_pod(&self, uid: &str) {
+        self.tasks()
+            .retain(|task, _| TaskId::split(task).is_none_or(|(of, _)| of != uid));
     }
 
     /// A node's CPU since this operator started, core-nanoseconds, given the runs it shows
@@ -136,9 +159,14 @@ impl StatsStore {
     }
 }
 
-/// Whether a reading is recent enough to be shown (and continued).
+/// Whether a reading is recent enough to be shown whatever its run's state.
 fn fresh(reading: &Reading, now_unix_ms: i64) -> bool {
     now_unix_ms - reading.at_unix_ms < FRESH_FOR_MS
+}
+
+/// Whether a reading is still kept (and continued by the run's next one).
+fn retained(reading: &Reading, now_unix_ms: i64) -> bool {
+    now_unix_ms - reading.at_unix_ms < RETAIN_MS
 }
 
 /// A container's new reading. CPU counts from when the operator first read the run (what it
@@ -398,12 +426,15 @@ mod tests {
         let store = StatsStore::default();
         let held = |task: &str| task == "uid.1";
         assert_eq!(store.record(&stats("uid.9", 1, 1), 2_000, OFFER, held), 1);
-        assert!(store.of("uid.9", 2_000).is_empty(), "not held: not kept");
+        assert!(
+            store.of("uid.9", 2_000, false).is_empty(),
+            "not held: not kept"
+        );
         // What a run used before the operator first read it is the device's word alone.
         store.record(&stats("uid.1", 500_000_000, 64 << 20), 2_000, OFFER, held);
-        assert_eq!(store.of("uid.1", 2_000)["main"].cpu_ns, 0);
+        assert_eq!(store.of("uid.1", 2_000, false)["main"].cpu_ns, 0);
         store.record(&stats("uid.1", 1_500_000_000, 64 << 20), 3_000, OFFER, held);
-        let honest = store.of("uid.1", 3_000)["main"];
+        let honest = store.of("uid.1", 3_000, false)["main"];
         assert_eq!(
             (honest.cpu_ns, honest.nano_cores),
             (1_000_000_000, 1_000_000_000)
@@ -414,7 +445,7 @@ mod tests {
             OFFER,
             held,
         );
-        let lied = store.of("uid.1", 4_000)["main"];
+        let lied = store.of("uid.1", 4_000, false)["main"];
         assert_eq!(
             lied.cpu_ns, 3_000_000_000,
             "2 cores for 1 s more, not 1,000 s"
@@ -422,12 +453,31 @@ mod tests {
         assert_eq!(lied.memory, 1 << 30, "at most the offer");
         // CPU never goes back within a run.
         store.record(&stats("uid.1", 1, 1), 5_000, OFFER, held);
-        assert_eq!(store.of("uid.1", 5_000)["main"].cpu_ns, 3_000_000_000);
-        assert!(store.of("uid.1", 5_000 + FRESH_FOR_MS).is_empty(), "stale");
-        // A stale run counts afresh, from its next reading on.
+        assert_eq!(
+            store.of("uid.1", 5_000, false)["main"].cpu_ns,
+            3_000_000_000
+        );
         let later = 5_000 + FRESH_FOR_MS;
-        store.record(&stats("uid.1", 9_000_000_000, 1), later, OFFER, held);
-        assert_eq!(store.of("uid.1", later)["main"].cpu_ns, 0);
+        assert!(store.of("uid.1", later, false).is_empty(), "stale");
+        // Live, a silent run's figures stand, as of one report interval ago at most.
+        let live = store.of("uid.1", later, true)["main"];
+        assert_eq!(live.cpu_ns, 3_000_000_000);
+        assert_eq!(live.at_unix_ms, later - REPORT_EVERY_MS);
+        // Its next reading continues it.
+        // (From the highest figure it ever claimed: the lie of 1,000 s.)
+        let claimed = 1_000_000_000_000 + 9_000_000_000;
+        store.record(&stats("uid.1", claimed, 1), later, OFFER, held);
+        assert_eq!(
+            store.of("uid.1", later, false)["main"].cpu_ns,
+            12_000_000_000
+        );
+        // Past the retention, a run counts afresh, from its next reading on.
+        let much_later = later + RETAIN_MS;
+        store.record(&stats("uid.1", 9_500_000_000, 1), much_later, OFFER, held);
+        assert_eq!(store.of("uid.1", much_later, true)["main"].cpu_ns, 0);
+        // The pod's deletion takes its readings.
+        store.forget_pod("uid");
+        assert!(store.of("uid.1", much_later, true).is_empty());
     }
 
     #[test]
@@ -446,7 +496,7 @@ mod tests {
             }))
             .collect();
         store.record(&many, 2_000, OFFER, |_| true);
-        let kept = store.of("uid.1", 2_000);
+        let kept = store.of("uid.1", 2_000, false);
         assert_eq!(
             kept.len(),
             CONTAINERS_PER_TASK - 1,

@@ -69,6 +69,8 @@ pub struct Shared {
     pub pools: Store<DevicePool>,
     pub nodes: Store<Node>,
     pub logs: Arc<LogStore>,
+    /// The containers' readings, dropped with their pods.
+    pub stats: Arc<crate::kubelet::stats::StatsStore>,
     /// The pods as the kubelet API serves them.
     pub index: Arc<PodIndex>,
     pub writer: Arc<Writer>,
@@ -438,6 +440,7 @@ impl Controller {
             );
         }
         self.shared.logs.forget(uid);
+        self.shared.stats.forget_pod(uid);
     }
 
     /// A device's Hello lists what it holds: adopt what we expect there, stop the rest, and
