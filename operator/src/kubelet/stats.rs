@@ -17,6 +17,10 @@ pub const FRESH_FOR_MS: i64 = 2 * 60 * 1000;
 /// How often an agent reads its containers, and so how old a live run's unchanged figures may
 /// be: they are shown as of this long ago at most (metrics-server needs time to move on).
 pub const REPORT_EVERY_MS: i64 = 10 * 1000;
+/// metrics-server drops a container or a node whose CPU total or memory reads 0 (no kubelet
+/// reports one), so an idle run would never show in `kubectl top`: what is shown is at least
+/// this, 1 ns of CPU and 1 byte, far below what any device measures.
+pub const LEAST_SHOWN: u64 = 1;
 /// Readings older than this are dropped, live or not: a run whose pod was deleted while this
 /// operator did not see it, or one idle for a day (it counts afresh from its next reading).
 pub const RETAIN_MS: i64 = 24 * 60 * 60 * 1000;
@@ -109,7 +113,7 @@ impl StatsStore {
 
     /// The readings of a task's containers to show: fresh ones; and when the run is `live`
     /// (its device online, its pod running), any, as of [`REPORT_EVERY_MS`] ago at most,
-    /// since an agent sends nothing while nothing changes.
+    /// since an agent sends nothing while nothing changes. At least [`LEAST_SHOWN`] each.
     pub fn of(&self, task_id: &str, now_unix_ms: i64, live: bool) -> BTreeMap<String, Reading> {
         let tasks = self.tasks();
         let Some(containers) = tasks.get(task_id) else {
@@ -123,6 +127,8 @@ impl StatsStore {
                 if live {
                     shown.at_unix_ms = r.at_unix_ms.max(now_unix_ms - REPORT_EVERY_MS);
                 }
+                shown.cpu_ns = shown.cpu_ns.max(LEAST_SHOWN);
+                shown.memory = shown.memory.max(LEAST_SHOWN);
                 (name.clone(), shown)
             })
             .collect()
@@ -283,8 +289,8 @@ pub fn summary(
         "node": {
             "nodeName": node,
             "startTime": rfc3339(started_unix_ms),
-            "cpu": cpu_json(&now, sum(|r| r.nano_cores), node_cpu_ns),
-            "memory": memory_json(&now, sum(|r| r.memory)),
+            "cpu": cpu_json(&now, sum(|r| r.nano_cores), node_cpu_ns.max(LEAST_SHOWN)),
+            "memory": memory_json(&now, sum(|r| r.memory).max(LEAST_SHOWN)),
         },
         "pods": pods,
     })
@@ -304,7 +310,9 @@ pub fn resource_metrics(node_cpu_ns: u64, pods: &[PodReadings], now_unix_ms: i64
     };
     let node_memory = pods
         .iter()
-        .fold(0u64, |s, p| s.saturating_add(pod_sum(p, |r| r.memory)));
+        .fold(0u64, |s, p| s.saturating_add(pod_sum(p, |r| r.memory)))
+        .max(LEAST_SHOWN);
+    let node_cpu_ns = node_cpu_ns.max(LEAST_SHOWN);
     let containers: Vec<(String, &Reading)> = pods
         .iter()
         .flat_map(|pod| {
@@ -432,7 +440,7 @@ mod tests {
         );
         // What a run used before the operator first read it is the device's word alone.
         store.record(&stats("uid.1", 500_000_000, 64 << 20), 2_000, OFFER, held);
-        assert_eq!(store.of("uid.1", 2_000, false)["main"].cpu_ns, 0);
+        assert_eq!(store.of("uid.1", 2_000, false)["main"].cpu_ns, LEAST_SHOWN);
         store.record(&stats("uid.1", 1_500_000_000, 64 << 20), 3_000, OFFER, held);
         let honest = store.of("uid.1", 3_000, false)["main"];
         assert_eq!(
@@ -474,7 +482,10 @@ mod tests {
         // Past the retention, a run counts afresh, from its next reading on.
         let much_later = later + RETAIN_MS;
         store.record(&stats("uid.1", 9_500_000_000, 1), much_later, OFFER, held);
-        assert_eq!(store.of("uid.1", much_later, true)["main"].cpu_ns, 0);
+        assert_eq!(
+            store.of("uid.1", much_later, true)["main"].cpu_ns,
+            LEAST_SHOWN
+        );
         // The pod's deletion takes its readings.
         store.forget_pod("uid");
         assert!(store.of("uid.1", much_later, true).is_empty());
