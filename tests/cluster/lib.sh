@@ -8,6 +8,8 @@ REPO_ROOT="$(cd "$CLUSTER_SCRIPTS/../.." && pwd)"
 
 DARKCORE_CACHE="${DARKCORE_CACHE:-$HOME/.cache/darkcore}"
 CLUSTER_DIR="${DARKCORE_CLUSTER_DIR:-$REPO_ROOT/target/cluster}"
+# The cluster's CA and certificates (tests/cluster/up makes them).
+PKI="$CLUSTER_DIR/pki"
 K8S_BIN="$DARKCORE_CACHE/k8s-$K8S_VERSION"
 ETCD_BIN="$DARKCORE_CACHE/etcd-$ETCD_VERSION"
 HELM_BIN="$DARKCORE_CACHE/helm-$HELM_VERSION"
@@ -89,3 +91,57 @@ wait_for() {
   done
 }
 
+# stop_pid NAME: stop the process of $PIDS/NAME.pid, TERM then KILL after 10 s, and forget it.
+stop_pid() {
+  local pidfile="$PIDS/$1.pid" pid
+  [ -f "$pidfile" ] || return 0
+  pid=$(cat "$pidfile")
+  if kill -0 "$pid" 2>/dev/null; then
+    log "stop $1 (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 40); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.25
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidfile"
+}
+
+# apt_install LOG PACKAGE...: installs the packages from Debian, its output in LOG; nothing
+# when no package is given.
+apt_install() {
+  local logfile="$1"
+  shift
+  [ $# -gt 0 ] || return 0
+  run_step "install $* from Debian" "$logfile" \
+    bash -c "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $*"
+}
+
+# --- certificates and kubeconfigs --------------------------------------------------------------
+# sign CA NAME SUBJECT USAGE [SAN]: in the current folder, a key NAME.key and a certificate
+# NAME.crt for SUBJECT, signed by CA.crt and CA.key (CA: their path without the extension), for
+# USAGE (extendedKeyUsage), with subjectAltName SAN when given.
+sign() {
+  local ca="$1" name="$2" subject="$3" usage="$4" san="${5:-}" ext
+  ext=$(mktemp)
+  printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=%s\n' "$usage" >"$ext"
+  [ -n "$san" ] && printf 'subjectAltName=%s\n' "$san" >>"$ext"
+  openssl req -newkey rsa:2048 -nodes -keyout "$name.key" -out "$name.csr" -subj "$subject"
+  openssl x509 -req -in "$name.csr" -CA "$ca.crt" -CAkey "$ca.key" -CAcreateserial -days 3650 \
+    -out "$name.crt" -extfile "$ext"
+  rm -f "$ext" "$name.csr"
+}
+
+# write_kubeconfig FILE SERVER USER CERT: a kubeconfig for the API server at SERVER, trusting
+# the cluster's CA, as USER with the certificate CERT.crt and CERT.key (embedded).
+write_kubeconfig() {
+  local file="$1" server="$2" user="$3" cert="$4"
+  kubectl config --kubeconfig "$file" set-cluster darkcore-test --server "$server" \
+    --certificate-authority "$PKI/ca.crt" --embed-certs >/dev/null
+  kubectl config --kubeconfig "$file" set-credentials "$user" \
+    --client-certificate "$cert.crt" --client-key "$cert.key" --embed-certs >/dev/null
+  kubectl config --kubeconfig "$file" set-context darkcore-test --cluster darkcore-test --user "$user" >/dev/null
+  kubectl config --kubeconfig "$file" use-context darkcore-test >/dev/null
+  chmod 600 "$file"
+}

@@ -76,11 +76,13 @@ pub async fn ensure_crds(client: &Client) {
     }
 }
 
+/// The workspace root, from the path cargo gives the running test rather than the one compiled in:
+/// a target dir shared between clones must not send one clone's tests to another's files.
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest.parent().unwrap().to_path_buf()
 }
 
 /// Waits, on a watch, until `cond` holds for the object `name`; panics naming `what` on timeout.
@@ -171,6 +173,20 @@ impl TestNamespace {
         }
     }
 
+    /// Runs kubectl in this namespace; returns what it printed, stdout then stderr.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("kubectl")
+            .args(["-n", &self.name])
+            .args(args)
+            .output()
+            .expect("kubectl runs");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
     pub async fn delete(self) {
         let namespaces: Api<Namespace> = Api::all(self.client);
         let _ = namespaces
@@ -206,7 +222,7 @@ impl Operator {
     }
 
     pub async fn start(scope: &str) -> Operator {
-        Operator::start_on(scope, free_port(), free_port(), free_port()).await
+        Operator::start_on(scope, free_port(), free_port(), kubelet_ports()).await
     }
 
     /// Starts an operator on given ports: a restarted operator takes its predecessor's, so
@@ -236,7 +252,7 @@ impl Operator {
     /// Starts an operator that reaches the API server through `kubeconfig` (a proxy's, say),
     /// on fresh ports.
     pub async fn start_through(scope: &str, kubeconfig: &Path) -> Operator {
-        let (port, gateway_port, kubelet_port) = (free_port(), free_port(), free_port());
+        let (port, gateway_port, kubelet_port) = (free_port(), free_port(), kubelet_ports());
         let config = Some(kubeconfig);
         Operator::spawn(scope, port, gateway_port, kubelet_port, &[], false, config).await
     }
@@ -284,10 +300,8 @@ impl Operator {
                 OPERATOR_NAMESPACE,
                 "--kubelet-port",
                 &kubelet_port.to_string(),
-                // A node per platform at most in a test; few ports, so parallel tests' ranges
-                // seldom meet (a taken port is skipped anyway).
                 "--kubelet-port-count",
-                "4",
+                &KUBELET_PORT_COUNT.to_string(),
                 "--owner-cluster-role",
                 crate::helm::CLUSTER_ROLE,
             ])
@@ -455,21 +469,42 @@ pub fn operator_cli(args: &[&str]) -> std::process::Output {
         .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()))
 }
 
+/// A port no other test of this process has picked and nothing listens on.
 pub fn free_port() -> u16 {
+    free_ports(1)
+}
+
+/// How many ports from its `--kubelet-port` a test's operator may bind: a node per platform at
+/// most in a test.
+pub const KUBELET_PORT_COUNT: u16 = 4;
+
+/// The first of [`KUBELET_PORT_COUNT`] ports reserved for one operator's kubelet APIs, so that
+/// its nodes never take a port picked for another operator of this process (seen: a node's
+/// kubelet API took the next operator's health port, and that operator failed to bind it).
+pub fn kubelet_ports() -> u16 {
+    free_ports(KUBELET_PORT_COUNT)
+}
+
+/// The first of `count` consecutive ports, none picked before in this process and all free now.
+fn free_ports(count: u16) -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     // Below Linux's ephemeral range (32768 and up): a port the kernel hands out for a
     // connection could be taken by one between this pick and the operator's bind (seen: the
-    // kubelet API's bind failed with "address in use"). Each pick in this process is another
-    // port, and one bound already is skipped.
+    // kubelet API's bind failed with "address in use").
     const FIRST: u32 = 21_000;
     const PORTS: u32 = 11_000;
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let start = std::process::id() * 7919 % PORTS;
     loop {
-        let port = FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % PORTS;
-        let port = u16::try_from(port).expect("ports below 32768");
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
+        let offset = (start + NEXT.fetch_add(u32::from(count), Ordering::Relaxed)) % PORTS;
+        if offset + u32::from(count) > PORTS {
+            continue;
+        }
+        let first = u16::try_from(FIRST + offset).expect("ports below 32768");
+        let free = (first..first + count)
+            .all(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
+        if free {
+            return first;
         }
     }
 }
@@ -497,7 +532,7 @@ impl PoolFixture {
         ensure_crds(&client).await;
         let scope = unique(prefix);
         let operator =
-            Operator::start_with(&scope, free_port(), free_port(), free_port(), extra).await;
+            Operator::start_with(&scope, free_port(), free_port(), kubelet_ports(), extra).await;
         PoolFixture::with_operator(client, &scope, operator, spec).await
     }
 

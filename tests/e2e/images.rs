@@ -328,6 +328,16 @@ impl Layer {
         self.0.append_link(&mut header, path, target).unwrap();
     }
 
+    /// `/etc/passwd` and `/etc/group` with root and one `user` (name, uid and gid, home), both
+    /// with login shell `shell`.
+    pub fn accounts(&mut self, shell: &str, (name, id, home): (&str, u32, &str)) {
+        let passwd =
+            format!("root:x:0:0:root:/root:{shell}\n{name}:x:{id}:{id}:{name}:{home}:{shell}\n");
+        self.file("etc/passwd", 0o644, passwd.as_bytes());
+        let group = format!("root:x:0:\n{name}:x:{id}:\n");
+        self.file("etc/group", 0o644, group.as_bytes());
+    }
+
     /// The gzipped layer and its diff id.
     pub fn finish(self) -> (Vec<u8>, String) {
         let tar = self.0.into_inner().unwrap();
@@ -353,16 +363,7 @@ fn busybox_layer() -> (Vec<u8>, String) {
         layer.dir(path, mode, uid);
     }
     layer.file("bin/busybox", 0o755, &busybox);
-    layer.file(
-        "etc/passwd",
-        0o644,
-        format!("root:x:0:0:root:/root:/bin/sh\napp:x:{IMAGE_USER_UID}:{IMAGE_USER_UID}:app:/home/app:/bin/sh\n").as_bytes(),
-    );
-    layer.file(
-        "etc/group",
-        0o644,
-        format!("root:x:0:\napp:x:{IMAGE_USER_UID}:\n").as_bytes(),
-    );
+    layer.accounts("/bin/sh", ("app", IMAGE_USER_UID, "/home/app"));
     for applet in [
         "sh", "echo", "cat", "sleep", "dd", "head", "id", "ls", "touch", "pwd", "test", "true",
         "mkdir", "stat", "ln", "tar",

@@ -273,16 +273,7 @@ impl Bench {
     }
 
     pub fn kubectl(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new("kubectl")
-            .args(["-n", &self.ns.name])
-            .args(args)
-            .output()
-            .expect("kubectl runs");
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
+        self.ns.kubectl(args)
     }
 
     /// Runs kubectl in the namespace with `stdin` as its input: its exit code, stdout and stderr.

@@ -382,18 +382,7 @@ async fn the_chart_runs_two_operator_pods_that_serve_logs_exec_and_top_and_hand_
         .create(&PostParams::default(), &pod)
         .await
         .unwrap();
-    let kubectl = |args: &[&str]| -> String {
-        let out = std::process::Command::new("kubectl")
-            .args(["-n", &ns.name])
-            .args(args)
-            .output()
-            .unwrap();
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    };
+    let kubectl = |args: &[&str]| ns.kubectl(args);
     poll_until(
         "the pod's logs show hello",
         Duration::from_secs(90),

@@ -68,16 +68,7 @@ pub async fn push_program_to(
         let content = std::fs::read(&library).unwrap_or_else(|e| panic!("reading {library}: {e}"));
         layer.file(relative, 0o755, &content);
     }
-    layer.file(
-        "etc/passwd",
-        0o644,
-        format!("root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:{NONROOT_UID}:{NONROOT_UID}:nonroot:/tmp:/sbin/nologin\n").as_bytes(),
-    );
-    layer.file(
-        "etc/group",
-        0o644,
-        format!("root:x:0:\nnonroot:x:{NONROOT_UID}:\n").as_bytes(),
-    );
+    layer.accounts("/sbin/nologin", ("nonroot", NONROOT_UID, "/tmp"));
     let (layer, diff_id) = layer.finish();
     let mut entrypoint = vec![format!("/usr/local/bin/{name}")];
     entrypoint.extend(args.iter().cloned());

@@ -185,16 +185,29 @@ struct Target {
     container: Option<String>,
 }
 
+impl Target {
+    /// The container named (exec and attach routes always name one).
+    fn container(&self) -> &str {
+        self.container.as_deref().unwrap_or_default()
+    }
+}
+
 /// What exec and port-forward check before they upgrade: the caller (`nodes/proxy`, with the
 /// kubelet's verb), the pod on this node (and its uid when given, and `container` when named),
 /// the SPDY upgrade, and a protocol of `served`. The pod and the protocol chosen, or the answer.
 async fn upgrade_checks(
     caller: &Caller,
-    (namespace, pod_name, uid): (&str, &str, Option<&str>),
-    container: Option<&str>,
-    (method, headers): (&Method, &HeaderMap),
+    target: &Target,
+    asked: &RequestHead,
     served: &[&'static str],
 ) -> Result<(Pod, &'static str), Response> {
+    let Target {
+        namespace,
+        pod: pod_name,
+        uid,
+        container,
+    } = target;
+    let (method, headers, _) = asked;
     let verb = if method == Method::GET {
         "get"
     } else {
@@ -206,7 +219,7 @@ async fn upgrade_checks(
         None => pod_on_node(caller, namespace, pod_name),
     }
     .map_err(|response| *response)?;
-    if uid.is_some() && uid != pod.metadata.uid.as_deref() {
+    if uid.is_some() && uid.as_deref() != pod.metadata.uid.as_deref() {
         return Err(text(
             StatusCode::NOT_FOUND,
             format!("pod {namespace}/{pod_name} with that uid is not on this node\n"),
@@ -293,24 +306,17 @@ fn head_of(request: &Request) -> RequestHead {
 /// options, and that the container is running.
 async fn session_checks(
     caller: &Caller,
-    names: (&str, &str, Option<&str>),
-    container: &str,
+    target: &Target,
     asked: RequestHead,
     verb: &str,
 ) -> Result<Session, Response> {
-    let (namespace, pod_name, _) = names;
     let query: Vec<(String, String)> = serde_urlencoded::from_str(&asked.2).unwrap_or_default();
-    let (pod, protocol) = upgrade_checks(
-        caller,
-        names,
-        Some(container),
-        (&asked.0, &asked.1),
-        remote_command::PROTOCOLS,
-    )
-    .await?;
+    let (pod, protocol) = upgrade_checks(caller, target, &asked, remote_command::PROTOCOLS).await?;
     let options = remote_command::Options::from_query(&query)
         .map_err(|why| text(StatusCode::BAD_REQUEST, format!("{why}\n")))?;
+    let container = target.container();
     let Some((task_id, device)) = container_id::running_attempt(&pod, container) else {
+        let (namespace, pod_name) = (&target.namespace, &target.pod);
         return Err(text(
             StatusCode::BAD_REQUEST,
             format!(
@@ -332,18 +338,10 @@ async fn session_checks(
 /// SPDY and carries the session to the device running the container.
 async fn exec(
     State(caller): State<Caller>,
-    Path(Target {
-        namespace,
-        pod: pod_name,
-        uid,
-        container,
-    }): Path<Target>,
+    Path(target): Path<Target>,
     mut request: Request,
 ) -> Response {
-    let container = container.unwrap_or_default();
-    let names = (namespace.as_str(), pod_name.as_str(), uid.as_deref());
-    let session = match session_checks(&caller, names, &container, head_of(&request), "exec").await
-    {
+    let session = match session_checks(&caller, &target, head_of(&request), "exec").await {
         Ok(session) => session,
         Err(response) => return response,
     };
@@ -366,7 +364,7 @@ async fn exec(
         let open = StreamOpen {
             stream_id: String::new(),
             task_id,
-            container,
+            container: target.container().to_owned(),
             kind: Some(stream_open::Kind::Exec(ExecStream {
                 command,
                 stdin: options.stdin,
@@ -385,21 +383,20 @@ async fn exec(
 /// container an empty stdin, so there is nothing to attach it to.
 async fn attach(
     State(caller): State<Caller>,
-    Path(Target {
-        namespace,
-        pod: pod_name,
-        uid,
-        container,
-    }): Path<Target>,
+    Path(target): Path<Target>,
     mut request: Request,
 ) -> Response {
+    let session = match session_checks(&caller, &target, head_of(&request), "attach").await {
+        Ok(session) => session,
+        Err(response) => return response,
+    };
+    let Target {
+        namespace,
+        pod: pod_name,
+        container,
+        ..
+    } = target;
     let container = container.unwrap_or_default();
-    let names = (namespace.as_str(), pod_name.as_str(), uid.as_deref());
-    let session =
-        match session_checks(&caller, names, &container, head_of(&request), "attach").await {
-            Ok(session) => session,
-            Err(response) => return response,
-        };
     let declares_stdin = session
         .pod
         .spec
@@ -427,22 +424,19 @@ async fn attach(
 /// connection to the device, which connects to the port inside the pod.
 async fn port_forward(
     State(caller): State<Caller>,
-    Path(Target {
-        namespace,
-        pod: pod_name,
-        uid,
-        ..
-    }): Path<Target>,
+    Path(target): Path<Target>,
     mut request: Request,
 ) -> Response {
-    let names = (namespace.as_str(), pod_name.as_str(), uid.as_deref());
     let served = &[port_forward::PROTOCOL];
-    let asked = (request.method().clone(), request.headers().clone());
-    let (pod, protocol) =
-        match upgrade_checks(&caller, names, None, (&asked.0, &asked.1), served).await {
-            Ok(checked) => checked,
-            Err(response) => return response,
-        };
+    let (pod, protocol) = match upgrade_checks(&caller, &target, &head_of(&request), served).await {
+        Ok(checked) => checked,
+        Err(response) => return response,
+    };
+    let Target {
+        namespace,
+        pod: pod_name,
+        ..
+    } = target;
     let Some((task_id, device, container)) = container_id::any_running_attempt(&pod) else {
         return text(
             StatusCode::BAD_REQUEST,
