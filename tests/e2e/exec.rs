@@ -45,7 +45,7 @@ async fn exec_works_in(bench: &Bench, pod: &str) {
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, format!("{}done\n", input.to_uppercase()));
 
-    exec_with_a_terminal(bench, pod).await;
+    exec_with_a_terminal(&bench.ns.name, pod).await;
 
     // A command that cannot be found fails as on any node, with a non-zero code.
     let (code, _, err) = bench
@@ -56,11 +56,10 @@ async fn exec_works_in(bench: &Bench, pod: &str) {
 
 /// `kubectl exec -it` driven from a pseudo-terminal (util-linux `script`) of 45 rows and 123
 /// columns: the command runs on a terminal of that size, and what is typed reaches it.
-async fn exec_with_a_terminal(bench: &Bench, pod: &str) {
+pub(crate) async fn exec_with_a_terminal(namespace: &str, pod: &str) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let inner = format!(
-        "stty cols 123 rows 45; exec kubectl -n {} exec -it {pod} -- sh -c 'echo ready; read word; echo \"got $word\"; stty size; exit 7'",
-        bench.ns.name
+        "stty cols 123 rows 45; exec kubectl -n {namespace} exec -it {pod} -- sh -c 'echo ready; read word; echo \"got $word\"; stty size; exit 7'"
     );
     let mut script = tokio::process::Command::new("script")
         .args(["-q", "-e", "-c", &inner, "/dev/null"])
@@ -269,8 +268,12 @@ async fn a_hundred_stuck_execs_do_not_hold_back_heartbeats() {
     let operator = bench.fx.operator.pid().unwrap();
     let agent = bench.agents[0].pid().unwrap();
     let before = (rss_kib(operator), rss_kib(agent));
-    let execs: Vec<tokio::process::Child> = (0..100)
-        .map(|_| {
+    // Started ten at a time: a hundred kubectl processes starting at once on a small machine
+    // starve every process on it for seconds (seen: 11 of 100 started in 20 s beside other
+    // tests, and the device fenced), which is not what this test is about.
+    let mut execs: Vec<tokio::process::Child> = Vec::new();
+    for batch in 1..=10 {
+        execs.extend((0..10).map(|_| {
             tokio::process::Command::new("kubectl")
                 .args(["-n", &bench.ns.name, "exec", "shell", "--"])
                 .args(argv)
@@ -279,9 +282,9 @@ async fn a_hundred_stuck_execs_do_not_hold_back_heartbeats() {
                 .kill_on_drop(true)
                 .spawn()
                 .expect("kubectl runs")
-        })
-        .collect();
-    until_running(&argv, 100, "100 execs run on the device", 180).await;
+        }));
+        until_running(&argv, batch * 10, "the execs so far run on the device", 60).await;
+    }
     let after = (rss_kib(operator), rss_kib(agent));
     eprintln!(
         "100 open exec streams: operator RSS {} -> {} KiB ({} KiB a stream), agent RSS {} -> {} KiB ({} KiB a stream)",

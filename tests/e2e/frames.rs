@@ -1,6 +1,7 @@
 //! The gateway against a misbehaving peer: a wrong protocol version, a truncated frame, an
 //! oversized frame and a missing client certificate are each refused with a reason, and the
-//! gateway keeps serving the well-behaved agent next to them.
+//! gateway keeps serving the well-behaved agent next to them; a flood of stream calls nobody
+//! asked for is refused and bounded per connection.
 
 use std::time::Duration;
 
@@ -189,4 +190,116 @@ async fn broken_frames_and_wrong_versions_are_refused_and_the_gateway_keeps_serv
     }
     drop(tx);
     fx.finish().await;
+}
+
+/// A device that floods the gateway with OpenStream calls nobody asked for (made-up stream ids,
+/// and calls that never name one) gets each refused, holds at most `MAX_CALLS_PER_CONNECTION`
+/// calls at once, and another device on the same pool keeps serving exec and its heartbeats
+/// meanwhile.
+#[tokio::test]
+async fn a_device_flooding_open_stream_calls_is_refused_and_others_keep_serving() {
+    use darkcore_proto::agent::v1::{StreamUp, stream_up};
+    const MADE_UP: usize = 400;
+    const SILENT: usize = 300;
+    let bench = crate::pods::Bench::start("streamflood", 1, process_pool()).await;
+    bench.create(bench.pod("shell", "sleep 600", "Never")).await;
+    bench
+        .phase_is("shell", "Running", Duration::from_secs(60))
+        .await;
+    let port = bench.fx.operator.gateway_port;
+    let joined = fleet::join(port, &token(&bench.fx.pool, &[]), 1.0);
+    assert!(joined.ok, "{}", joined.output);
+    let identity = Identity::load(&joined.state_dir).unwrap();
+    let uri = gateway::server_uri(&format!("127.0.0.1:{port}")).unwrap();
+    let channel = gateway::channel(
+        &uri,
+        &identity.ca_pem,
+        Some((&identity.cert_pem, &identity.key_pem)),
+    )
+    .unwrap();
+
+    // Calls naming streams nobody opened, and calls that never say which stream they are.
+    let made_up = (0..MADE_UP).map(|i| {
+        let mut client = AgentGatewayClient::new(channel.clone());
+        async move {
+            let id = StreamUp {
+                body: Some(stream_up::Body::StreamId(format!("made-up-{i}"))),
+            };
+            let up = futures::stream::iter([id]).chain(futures::stream::pending());
+            match client.open_stream(up).await {
+                Ok(mut down) => down.get_mut().message().await.err(),
+                Err(status) => Some(status),
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    let silent = (0..SILENT).map(|_| {
+        let mut client = AgentGatewayClient::new(channel.clone());
+        async move {
+            let ended = match client.open_stream(futures::stream::pending()).await {
+                Ok(mut down) => down.get_mut().message().await.err(),
+                Err(status) => Some(status),
+            };
+            (ended, started.elapsed())
+        }
+    });
+    let flood = tokio::spawn(futures::future::join(
+        futures::future::join_all(made_up),
+        futures::future::join_all(silent),
+    ));
+
+    // Meanwhile the other device serves: exec answers and its node stays Ready.
+    let mut answered = 0;
+    while !flood.is_finished() {
+        let (code, out, err) = bench
+            .kubectl_with_input(&["exec", "shell", "--", "echo", "alive"], b"")
+            .await;
+        assert_eq!((code, out.as_str()), (0, "alive\n"), "{err}");
+        answered += 1;
+        let node = bench.fx.nodes().get(&bench.fx.node).await.unwrap();
+        let ready = node
+            .status
+            .and_then(|s| s.conditions)
+            .and_then(|c| c.into_iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.status);
+        assert_eq!(ready.as_deref(), Some("True"), "the other device's node");
+    }
+    let (made_up, silent) = flood.await.unwrap();
+    eprintln!("{answered} execs answered during the flood");
+    assert!(answered > 0);
+    for refused in made_up {
+        let refused = refused.expect("a made-up stream id is refused");
+        assert_eq!(refused.code(), tonic::Code::NotFound, "{refused}");
+        assert!(
+            refused.message().contains("no stream with this id"),
+            "{refused}"
+        );
+    }
+    for (refused, _) in &silent {
+        let refused = refused
+            .as_ref()
+            .expect("a call that never names its stream is ended");
+        assert_eq!(refused.code(), tonic::Code::DeadlineExceeded, "{refused}");
+    }
+    // Each silent call holds a place on the connection for the 10 s the gateway waits, so
+    // within 15 s no more can end than the connection admits at once; the rest wait their turn.
+    let first_wave = silent
+        .iter()
+        .filter(|(_, ended)| *ended < Duration::from_secs(15))
+        .count();
+    eprintln!(
+        "{first_wave} of {SILENT} silent calls ended within 15 s; the last after {:?}",
+        silent.iter().map(|(_, ended)| *ended).max().unwrap()
+    );
+    assert!(
+        first_wave <= darkcore_proto::MAX_CALLS_PER_CONNECTION as usize,
+        "{first_wave} calls were open at once"
+    );
+    // The gateway carries no stream for the flooding device, and the other device still
+    // carries a new exec.
+    let (code, out, err) = bench
+        .kubectl_with_input(&["exec", "shell", "--", "echo", "after"], b"")
+        .await;
+    assert_eq!((code, out.as_str()), (0, "after\n"), "{err}");
+    bench.finish().await;
 }

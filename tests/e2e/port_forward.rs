@@ -8,21 +8,22 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt as _;
 
 use crate::devices::process_pool;
+use crate::harness::TestNamespace;
 use crate::images::push_busybox;
 use crate::oci::{oci_pod, oci_pool};
 use crate::pods::Bench;
 
 /// A running `kubectl port-forward` and the local port it listens on.
-struct Forward {
+pub(crate) struct Forward {
     child: tokio::process::Child,
-    port: u16,
+    pub port: u16,
 }
 
 impl Forward {
-    /// Starts `kubectl port-forward POD :PORT` and waits for its local port.
-    async fn start(bench: &Bench, pod: &str, port: u16) -> Forward {
+    /// Starts `kubectl port-forward POD :PORT` in `namespace` and waits for its local port.
+    pub async fn start(namespace: &str, pod: &str, port: u16) -> Forward {
         let mut child = tokio::process::Command::new("kubectl")
-            .args(["-n", &bench.ns.name, "port-forward", pod])
+            .args(["-n", namespace, "port-forward", pod])
             .arg(format!(":{port}"))
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -54,7 +55,7 @@ impl Forward {
     }
 
     /// What kubectl said on stderr, once stopped.
-    async fn stop(mut self) -> String {
+    pub async fn stop(mut self) -> String {
         let _ = self.child.start_kill();
         let out = self.child.wait_with_output().await.unwrap();
         String::from_utf8_lossy(&out.stderr).into_owned()
@@ -71,8 +72,37 @@ impl Forward {
     }
 }
 
+/// A busybox script that serves `page` at /index.html and `mib` MiB of zeros at /big on port
+/// 8080, from /tmp/www.
+pub(crate) fn web_server(page: &str, mib: usize) -> String {
+    format!(
+        "mkdir -p /tmp/www && echo {page} > /tmp/www/index.html && \
+         dd if=/dev/zero of=/tmp/www/big bs=1048576 count={mib} 2>/dev/null && \
+         exec httpd -f -p 8080 -h /tmp/www"
+    )
+}
+
+/// Waits until `pod`'s [`web_server`] answers `page`, asked from inside the pod: kubectl
+/// port-forward gives up after one failed connection.
+pub(crate) async fn until_serving(ns: &TestNamespace, pod: &str, page: &str) {
+    crate::harness::poll_until(
+        "the pod's web server listens",
+        Duration::from_secs(120),
+        || async {
+            let probe = "wget -q -O - http://127.0.0.1:8080/index.html";
+            let out = ns.kubectl(&["exec", pod, "--", "sh", "-c", probe]);
+            if out == format!("{page}\n") {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        },
+    )
+    .await;
+}
+
 /// An HTTP/1.0 GET of `path` on `port` of this machine: the whole answer.
-fn http_get(port: u16, path: &str) -> Vec<u8> {
+pub(crate) fn http_get(port: u16, path: &str) -> Vec<u8> {
     let mut socket = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     socket
         .set_read_timeout(Some(Duration::from_secs(60)))
@@ -84,7 +114,7 @@ fn http_get(port: u16, path: &str) -> Vec<u8> {
 }
 
 /// The body of an HTTP answer.
-fn body(answer: &[u8]) -> &[u8] {
+pub(crate) fn body(answer: &[u8]) -> &[u8] {
     let split = answer
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -115,33 +145,15 @@ fn find_file(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
 async fn port_forward_reaches_the_pods_port_inside_its_network() {
     let bench = Bench::start("portfwd", 1, oci_pool()).await;
     let (image, _) = push_busybox(&format!("e2e/{}/busybox:v1", bench.ns.name)).await;
-    let script = format!(
-        "mkdir -p /tmp/www && echo hello from the pod > /tmp/www/index.html && \
-         dd if=/dev/zero of=/tmp/www/big bs=1048576 count={BIG_MIB} 2>/dev/null && \
-         exec httpd -f -p 8080 -h /tmp/www"
-    );
+    let script = web_server("hello from the pod", BIG_MIB);
     let container = serde_json::json!({ "image": image, "command": ["sh", "-c", script] });
     bench.create(oci_pod(&bench, "web", container)).await;
     bench
         .phase_is("web", "Running", Duration::from_secs(120))
         .await;
 
-    // kubectl gives up after one failed connection, so the server is awaited from inside.
-    crate::harness::poll_until(
-        "the pod's web server listens",
-        Duration::from_secs(60),
-        || async {
-            let probe = "wget -q -O - http://127.0.0.1:8080/index.html";
-            let out = bench.kubectl(&["exec", "web", "--", "sh", "-c", probe]);
-            if out == "hello from the pod\n" {
-                Ok(())
-            } else {
-                Err(out)
-            }
-        },
-    )
-    .await;
-    let forward = Forward::start(&bench, "web", 8080).await;
+    until_serving(&bench.ns, "web", "hello from the pod").await;
+    let forward = Forward::start(&bench.ns.name, "web", 8080).await;
     let page = http_get(forward.port, "/index.html");
     assert!(page.starts_with(b"HTTP/1."), "{page:?}");
     assert_eq!(body(&page), b"hello from the pod\n");
@@ -180,7 +192,7 @@ async fn port_forward_reaches_the_pods_port_inside_its_network() {
     let device_only = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     device_only.set_nonblocking(true).unwrap();
     let device_port = device_only.local_addr().unwrap().port();
-    let probe = Forward::start(&bench, "web", device_port).await;
+    let probe = Forward::start(&bench.ns.name, "web", device_port).await;
     let answer = http_get(probe.port, "/");
     assert!(answer.is_empty(), "{answer:?}");
     assert!(
@@ -200,7 +212,7 @@ async fn port_forward_into_a_process_pod_is_refused_with_the_reason() {
     bench
         .phase_is("shell", "Running", Duration::from_secs(60))
         .await;
-    let forward = Forward::start(&bench, "shell", 8080).await;
+    let forward = Forward::start(&bench.ns.name, "shell", 8080).await;
     assert!(http_get(forward.port, "/").is_empty());
     let said = forward.given_up().await;
     assert!(said.contains("refused in the process runtime"), "{said}");

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use darkcore_crds::DevicePool;
+use darkcore_crds::{DevicePool, DevicePoolSpec, Runtime};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
@@ -261,7 +261,7 @@ async fn leader(client: &kube::Client) -> Option<String> {
 }
 
 #[tokio::test]
-async fn the_chart_runs_two_operator_pods_that_serve_logs_exec_and_top_and_hand_over_without_rerunning()
+async fn the_chart_runs_two_operator_pods_that_serve_logs_exec_port_forward_and_top_and_hand_over_without_rerunning()
  {
     let client = crate::harness::client().await;
     let (repository, tag) = push_operator_image();
@@ -337,7 +337,11 @@ async fn the_chart_runs_two_operator_pods_that_serve_logs_exec_and_top_and_hand_
     // A pool for the release, and a device that joins through the gateway Service.
     let pool_name = unique("chartpods");
     let pools: kube::Api<DevicePool> = kube::Api::all(client.clone());
-    let mut pool = DevicePool::new(&pool_name, process_pool());
+    let spec = DevicePoolSpec {
+        runtimes: vec![Runtime::Process, Runtime::Oci],
+        ..process_pool()
+    };
+    let mut pool = DevicePool::new(&pool_name, spec);
     pool.metadata.labels = Some([(TEST_LABEL.to_string(), "chart-pods".to_string())].into());
     pools.create(&PostParams::default(), &pool).await.unwrap();
     let services: kube::Api<Service> = kube::Api::namespaced(client.clone(), POD_NAMESPACE);
@@ -366,17 +370,7 @@ async fn the_chart_runs_two_operator_pods_that_serve_logs_exec_and_top_and_hand_
         "echo start >> {}; echo hello; while :; do :; done",
         record.display()
     );
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": { "name": "served" },
-        "spec": {
-            "runtimeClassName": "darkcore-process",
-            "nodeSelector": { "darkcore.io/pool": pool_name },
-            "terminationGracePeriodSeconds": 5,
-            "containers": [{ "name": "main", "image": "busybox", "command": ["sh", "-c", script] }]
-        }
-    }))
-    .unwrap();
+    let pod = pool_pod("served", "darkcore-process", &pool_name, "busybox", &script);
     let user_pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), &ns.name);
     user_pods
         .create(&PostParams::default(), &pod)
@@ -398,6 +392,8 @@ async fn the_chart_runs_two_operator_pods_that_serve_logs_exec_and_top_and_hand_
     .await;
     let exec = kubectl(&["exec", "served", "--", "echo", "through the operator pod"]);
     assert_eq!(exec, "through the operator pod\n");
+    crate::exec::exec_with_a_terminal(&ns.name, "served").await;
+    port_forward_to_a_container(&client, &ns, &pool_name).await;
     poll_until(
         "kubectl top pod shows it",
         Duration::from_secs(120),
@@ -508,4 +504,46 @@ async fn the_chart_runs_two_operator_pods_that_serve_logs_exec_and_top_and_hand_
     .await;
     let _ = pools.delete(&pool_name, &Default::default()).await;
     ns.delete().await;
+}
+
+/// An `oci` web server on the pool, reached by `kubectl port-forward` through the API server
+/// and the operator pod: a page, and 8 MiB whole.
+async fn port_forward_to_a_container(client: &kube::Client, ns: &TestNamespace, pool: &str) {
+    use crate::port_forward::{Forward, body, http_get, until_serving, web_server};
+    const MIB: usize = 8;
+    let (image, _) = crate::images::push_busybox(&format!("e2e/{}/busybox:v1", ns.name)).await;
+    let script = web_server("hello from the container", MIB);
+    let pod = pool_pod("web", "darkcore-oci", pool, &image, &script);
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), &ns.name);
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    until_serving(ns, "web", "hello from the container").await;
+    let forward = Forward::start(&ns.name, "web", 8080).await;
+    assert_eq!(
+        body(&http_get(forward.port, "/index.html")),
+        b"hello from the container\n"
+    );
+    let started = Instant::now();
+    let big = http_get(forward.port, "/big");
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!(body(&big).len(), MIB << 20, "the whole file comes through");
+    eprintln!(
+        "chart: port-forward through the operator pod: {MIB} MiB in {seconds:.2} s ({:.1} MiB/s)",
+        MIB as f64 / seconds
+    );
+    forward.stop().await;
+}
+
+/// A pod `name` of `runtime_class` on `pool`, running `script` in sh from `image`.
+fn pool_pod(name: &str, runtime_class: &str, pool: &str, image: &str, script: &str) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name },
+        "spec": {
+            "runtimeClassName": runtime_class,
+            "nodeSelector": { "darkcore.io/pool": pool },
+            "terminationGracePeriodSeconds": 5,
+            "containers": [{ "name": "main", "image": image, "command": ["sh", "-c", script] }]
+        }
+    }))
+    .unwrap()
 }
