@@ -117,6 +117,129 @@ pub struct DevicePoolSpec {
     /// not start, and its container says which rule to change.
     #[serde(default)]
     pub secrets: SecretPolicy,
+
+    /// Results checked by agreement between devices: the quorum every pod of the pool needs
+    /// unless it sets `darkcore.io/quorum`, where replicas may run, and when a device is trusted
+    /// to run alone.
+    #[serde(default)]
+    pub validation: ValidationPolicy,
+}
+
+/// How a pool checks results by agreement between devices (BOINC's redundant computing).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.maxReplicas >= self.quorum").message("spec.validation.maxReplicas is below spec.validation.quorum, so no quorum could ever be reached: raise maxReplicas"))]
+pub struct ValidationPolicy {
+    /// Agreeing results each pod needs unless it says otherwise (`darkcore.io/quorum`). 1, the
+    /// default, takes each result as it comes.
+    #[serde(default = "default_quorum")]
+    #[schemars(range(min = 1, max = 10))]
+    pub quorum: u32,
+    /// The most replicas of one pod, counting those started after a disagreement; without a
+    /// quorum by then, the pod fails with reason `NoQuorum`.
+    #[serde(default = "default_max_replicas")]
+    #[schemars(range(min = 1, max = 20))]
+    pub max_replicas: u32,
+    /// Which replicas of one pod must share a platform, for floating-point determinism:
+    /// `none` (the default), `arch`, or `os-arch`.
+    #[serde(default)]
+    pub homogeneous: Homogeneous,
+    /// When a device is trusted to run a quorum pod alone, and when it is quarantined.
+    #[serde(default)]
+    pub adaptive: AdaptiveReplication,
+}
+
+impl Default for ValidationPolicy {
+    fn default() -> Self {
+        ValidationPolicy {
+            quorum: default_quorum(),
+            max_replicas: default_max_replicas(),
+            homogeneous: Homogeneous::default(),
+            adaptive: AdaptiveReplication::default(),
+        }
+    }
+}
+
+fn default_quorum() -> u32 {
+    1
+}
+
+fn default_max_replicas() -> u32 {
+    5
+}
+
+/// The platform class replicas of one pod share.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Homogeneous {
+    /// Any platform.
+    #[default]
+    None,
+    /// One CPU architecture.
+    Arch,
+    /// One operating system and CPU architecture.
+    OsArch,
+}
+
+/// BOINC's adaptive replication: a device whose error rate is low after enough validated
+/// results runs quorum pods alone, but for random spot checks; one whose error rate passes the
+/// quarantine limit is no longer enlisted. Error rates start at 10%, shrink by 5% with each
+/// validated result and grow by 5 points with each invalid one.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.trustedErrorRatePercent < self.quarantineErrorRatePercent").message("spec.validation.adaptive.trustedErrorRatePercent must be below quarantineErrorRatePercent: a device cannot be trusted and quarantined at once"))]
+pub struct AdaptiveReplication {
+    /// Whether trusted devices run quorum pods alone. Off: every quorum pod is replicated.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Validated results a device needs before it may be trusted.
+    #[serde(default = "default_min_validated")]
+    #[schemars(range(max = 1000000))]
+    pub min_validated: u32,
+    /// The highest error rate, in percent, at which a device is trusted.
+    #[serde(default = "default_trusted_error_rate_percent")]
+    #[schemars(range(max = 100))]
+    pub trusted_error_rate_percent: u32,
+    /// The share, in percent, of a trusted device's quorum pods that are replicated anyway.
+    #[serde(default = "default_spot_check_percent")]
+    #[schemars(range(max = 100))]
+    pub spot_check_percent: u32,
+    /// The error rate, in percent, past which a device is quarantined.
+    #[serde(default = "default_quarantine_error_rate_percent")]
+    #[schemars(range(min = 1, max = 100))]
+    pub quarantine_error_rate_percent: u32,
+}
+
+impl Default for AdaptiveReplication {
+    fn default() -> Self {
+        AdaptiveReplication {
+            enabled: true,
+            min_validated: default_min_validated(),
+            trusted_error_rate_percent: default_trusted_error_rate_percent(),
+            spot_check_percent: default_spot_check_percent(),
+            quarantine_error_rate_percent: default_quarantine_error_rate_percent(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_min_validated() -> u32 {
+    10
+}
+
+fn default_trusted_error_rate_percent() -> u32 {
+    5
+}
+
+fn default_spot_check_percent() -> u32 {
+    10
+}
+
+fn default_quarantine_error_rate_percent() -> u32 {
+    30
 }
 
 /// Which Secrets a pool sends to its devices, for each way a pod can use one.
@@ -441,6 +564,7 @@ impl Default for DevicePoolSpec {
             when_cut_off: WhenCutOff::default(),
             network: NetworkMode::default(),
             secrets: SecretPolicy::default(),
+            validation: ValidationPolicy::default(),
         }
     }
 }

@@ -7,8 +7,9 @@ pub mod generate;
 pub mod pool_usage;
 
 pub use device_pool::{
-    Arch, DevicePool, DevicePoolSpec, DevicePoolStatus, DeviceSelector, NetworkMode, NodeTemplate,
-    Os, PoolTaint, Runtime, TaintEffect, WhenCutOff,
+    AdaptiveReplication, Arch, DevicePool, DevicePoolSpec, DevicePoolStatus, DeviceSelector,
+    Homogeneous, NetworkMode, NodeTemplate, Os, PoolTaint, Runtime, TaintEffect, ValidationPolicy,
+    WhenCutOff,
 };
 pub use generate::{Error, crd_yaml};
 pub use pool_usage::{Amounts, DeviceUsage, PoolUsage, PoolUsageSpec};

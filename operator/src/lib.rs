@@ -21,4 +21,5 @@ pub mod run;
 pub mod supervise;
 pub mod tls;
 pub mod usage;
+pub mod validation;
 pub mod warmup;

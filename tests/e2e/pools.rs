@@ -78,6 +78,34 @@ async fn the_api_server_rejects_a_bad_device_pool_naming_the_fields() {
     )
     .await;
     assert!(message.contains("at most 63 characters"), "{message}");
+
+    let message = reject(
+        json!({ "validation": { "quorum": 3, "maxReplicas": 2 } }),
+        harness::unique("bad"),
+    )
+    .await;
+    assert!(
+        message.contains("maxReplicas is below spec.validation.quorum"),
+        "{message}"
+    );
+    let message = reject(
+        json!({ "validation": { "homogeneous": "os" } }),
+        harness::unique("bad"),
+    )
+    .await;
+    assert!(
+        message.contains(r#"spec.validation.homogeneous: Unsupported value: "os""#),
+        "{message}"
+    );
+    let message = reject(
+        json!({ "validation": { "adaptive": { "trustedErrorRatePercent": 40 } } }),
+        harness::unique("bad"),
+    )
+    .await;
+    assert!(
+        message.contains("trustedErrorRatePercent must be below quarantineErrorRatePercent"),
+        "{message}"
+    );
 }
 
 #[tokio::test]

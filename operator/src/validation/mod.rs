@@ -1,0 +1,7 @@
+//! Results checked by agreement between devices, as BOINC checks them (pure logic): what a pod
+//! asks for, where its replicas may run, when they agree, and how far each device is trusted.
+
+pub mod placement;
+pub mod policy;
+pub mod quorum;
+pub mod reputation;
