@@ -5,7 +5,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/darkcore/target}"
 source "$ROOT/tests/cluster/versions.env"
 export PATH="$PATH:$HOME/.cache/darkcore/k8s-$K8S_VERSION:$HOME/.cache/darkcore/helm-$HELM_VERSION"
 KWOK_BIN="$HOME/.cache/darkcore/kwok-$KWOK_VERSION/kwok"
-BIN="$CARGO_TARGET_DIR/release"
+# The operator and test tools: release builds, or DARKCORE_BENCH_BIN, a directory of other
+# builds of them (target/debug for a quick look; its figures are not release figures).
+BIN="${DARKCORE_BENCH_BIN:-$CARGO_TARGET_DIR/release}"
 # The agent as the Debian package ships it (Cargo.toml's agent-release profile), or
 # DARKCORE_BENCH_AGENT: another build of it, to compare two versions on one machine (A/B).
 AGENT="${DARKCORE_BENCH_AGENT:-$CARGO_TARGET_DIR/agent-release/darkcore-agent}"
