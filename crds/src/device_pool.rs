@@ -125,6 +125,10 @@ pub struct DevicePoolSpec {
     pub validation: ValidationPolicy,
 }
 
+/// The highest quorum and replica count a pool, or a pod's annotations, may ask for.
+pub const MAX_QUORUM: u32 = 10;
+pub const MAX_MAX_REPLICAS: u32 = 20;
+
 /// How a pool checks results by agreement between devices (BOINC's redundant computing).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -133,12 +137,12 @@ pub struct ValidationPolicy {
     /// Agreeing results each pod needs unless it says otherwise (`darkcore.io/quorum`). 1, the
     /// default, takes each result as it comes.
     #[serde(default = "default_quorum")]
-    #[schemars(range(min = 1, max = 10))]
+    #[schemars(range(min = 1, max = MAX_QUORUM))]
     pub quorum: u32,
     /// The most replicas of one pod, counting those started after a disagreement; without a
     /// quorum by then, the pod fails with reason `NoQuorum`.
     #[serde(default = "default_max_replicas")]
-    #[schemars(range(min = 1, max = 20))]
+    #[schemars(range(min = 1, max = MAX_MAX_REPLICAS))]
     pub max_replicas: u32,
     /// Which replicas of one pod must share a platform, for floating-point determinism:
     /// `none` (the default), `arch`, or `os-arch`.

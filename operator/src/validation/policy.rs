@@ -2,6 +2,7 @@
 //! `result-paths` annotations over its pool's `spec.validation`, each checked with a clear refusal.
 
 use darkcore_crds::ValidationPolicy;
+use darkcore_crds::device_pool::{MAX_MAX_REPLICAS, MAX_QUORUM};
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::pods::admission::Refusal;
@@ -15,9 +16,6 @@ pub const RESULT_PATHS: &str = "darkcore.io/result-paths";
 /// `"false"` leaves stdout out of the result (for programs that print timings, say).
 pub const RESULT_STDOUT: &str = "darkcore.io/result-stdout";
 
-/// The highest quorum and replica count a pod may ask for, as the CRD allows a pool.
-pub const MAX_QUORUM: u32 = 10;
-pub const MAX_MAX_REPLICAS: u32 = 20;
 /// Result files one pod may declare.
 pub const MAX_RESULT_PATHS: usize = 16;
 
@@ -80,8 +78,8 @@ fn result_paths(value: &str) -> Result<Vec<String>, Refusal> {
 /// What `pod` asks for over `pool`'s defaults: `None` when its results are taken as they come
 /// (a quorum of 1 and no annotation asking for more).
 pub fn of(pod: &Pod, pool: &ValidationPolicy) -> Result<Option<Validation>, Refusal> {
-    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-    let get = |key: &str| annotations.get(key).map(String::as_str);
+    let annotations = pod.metadata.annotations.as_ref();
+    let get = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
     let quorum = match get(QUORUM) {
         Some(value) => whole(QUORUM, value, 1, MAX_QUORUM)?,
         None => pool.quorum,
