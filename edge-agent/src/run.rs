@@ -49,6 +49,7 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
     capabilities.disk_bytes = capabilities::available_disk(state_dir).unwrap_or(0);
     config.testing.apply(&mut capabilities);
     let labels = config.labels.clone();
+    let fault = config.testing.fault;
     let mut policy = PolicyMonitor::new(config, capabilities.clone());
     let mut status = StatusFile::new(
         state_dir,
@@ -102,8 +103,14 @@ pub async fn run(state_dir: &Path, config: AgentConfig) -> anyhow::Result<()> {
         Err(_) => {}
     }
     let ledger = Ledger::open(state_dir).context("opening the usage ledger")?;
+    if let Some(fault) = fault {
+        tracing::warn!(
+            ?fault,
+            "TEST-ONLY fault mode: this agent lies about the results of checked tasks"
+        );
+    }
     let (tasks, mut reports) =
-        TaskManager::new(state_dir.join("tasks"), runtimes, Arc::new(ledger));
+        TaskManager::new(state_dir.join("tasks"), runtimes, Arc::new(ledger), fault);
     status.usage(tasks.usage());
     tokio::spawn(tasks.watch_disk(move || images.room_left(), policy.interval()));
     crate::tasks::workdir::reap_stale(&state_dir.join("tasks"));

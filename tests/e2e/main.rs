@@ -25,4 +25,5 @@ mod scheduling;
 mod slow_api;
 mod tokens;
 mod usage;
+mod validation;
 mod wasm;

@@ -57,6 +57,8 @@ pub struct TestHooks {
     /// Report this many cores instead of the machine's: a device lying about its size, for
     /// tests of what the operator believes.
     pub report_cores: Option<u32>,
+    /// Lie about the results of checked tasks (see `tasks::fault`), for tests of validation.
+    pub fault: Option<crate::tasks::fault::Fault>,
 }
 
 impl TestHooks {

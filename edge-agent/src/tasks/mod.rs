@@ -7,11 +7,13 @@
 
 pub mod disk;
 pub mod enter;
+pub mod fault;
 pub mod lifecycle;
 pub mod mounts;
 pub mod oci;
 pub mod output;
 pub mod process;
+pub mod result;
 pub mod runtime;
 pub mod stats;
 pub mod supervise;
@@ -29,6 +31,7 @@ use darkcore_proto::agent::v1::{
 };
 use tokio::sync::{Notify, watch};
 
+use crate::tasks::fault::Fault;
 use crate::tasks::output::OutputBook;
 use crate::tasks::runtime::Runtime;
 use crate::tasks::supervise::{Stop, StopCause, Supervisor};
@@ -77,6 +80,8 @@ pub struct Board {
     pub meters: stats::Meters,
     /// How to exec into each running container.
     pub entrances: enter::Entrances,
+    /// The lie this agent tells about results, in its test-only fault mode.
+    fault: Option<Fault>,
 }
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -200,6 +205,10 @@ impl Board {
         if done {
             self.forget(&id);
         }
+        let mut status = status;
+        if let Some(fault) = self.fault {
+            fault.corrupt(&mut status);
+        }
         Some(status)
     }
 }
@@ -241,11 +250,12 @@ pub struct TaskManager {
 
 impl TaskManager {
     /// Tasks keep their directories under `tasks_root`; `runtimes` are the ones installed;
-    /// each run is charged to `usage`.
+    /// each run is charged to `usage`. `fault` is for tests only (see `fault`).
     pub fn new(
         tasks_root: PathBuf,
         runtimes: Vec<(RuntimeKind, Arc<dyn Runtime>)>,
         usage: Arc<Ledger>,
+        fault: Option<Fault>,
     ) -> (TaskManager, Reports) {
         let board = Arc::new(Board {
             entries: Mutex::default(),
@@ -256,6 +266,7 @@ impl TaskManager {
             usage,
             meters: stats::Meters::default(),
             entrances: enter::Entrances::default(),
+            fault,
         });
         (
             TaskManager {
@@ -320,6 +331,10 @@ impl TaskManager {
                 status.message = error.to_string();
             }
             _ => {}
+        }
+        let skipped = self.board.fault.and_then(|fault| fault.skipped(&task));
+        if let Some(lie) = skipped.filter(|_| refused.is_none()) {
+            status = lie;
         }
         let startable = status.phase == TaskPhase::Pending as i32;
         lock(&self.board.entries).insert(
@@ -498,6 +513,7 @@ mod tests {
             root.clone(),
             vec![(RuntimeKind::Process, Arc::new(ProcessRuntime) as _)],
             Arc::new(Ledger::open(&root).unwrap()),
+            None,
         )
     }
 
@@ -536,6 +552,57 @@ mod tests {
                 _ => {}
             }
         }
+    }
+
+    /// A checked task that prints `printed` and writes `written` to /out/r on its emptyDir.
+    fn checked(id: &str, printed: &str, written: &str) -> TaskAssign {
+        let mut task = shell(
+            id,
+            &format!("echo {printed}; echo {written} > \"$DARKCORE_TASK_ROOT/out/r\""),
+            RestartPolicy::Never,
+        );
+        task.volumes = vec![darkcore_proto::agent::v1::Volume {
+            name: "out".into(),
+            empty_dir: true,
+            ..Default::default()
+        }];
+        task.containers[0].mounts = vec![darkcore_proto::agent::v1::VolumeMount {
+            volume: "out".into(),
+            mount_path: "/out".into(),
+            ..Default::default()
+        }];
+        task.result = Some(darkcore_proto::agent::v1::ResultSpec {
+            paths: vec!["/out/r".into()],
+            stdout: true,
+        });
+        task
+    }
+
+    #[tokio::test]
+    async fn a_checked_task_reports_the_digest_of_its_result_with_its_final_phase() {
+        let (tasks, mut reports) = manager("digest");
+        let mut digests = Vec::new();
+        for (id, printed, written) in [
+            ("d1", "42", "x"),
+            ("d2", "42", "x"),
+            ("d3", "41", "x"),
+            ("d4", "42", "y"),
+        ] {
+            tasks.assign(checked(id, printed, written), None);
+            let (status, _) = until_final(&mut reports).await;
+            assert_eq!(status.phase, TaskPhase::Succeeded as i32, "{status:?}");
+            digests.push(status.result_digest);
+            tasks.cancel(id, Duration::ZERO);
+        }
+        assert!(digests[0].starts_with("sha256:"), "{digests:?}");
+        assert_eq!(digests[0], digests[1], "the same result, the same digest");
+        assert_ne!(digests[0], digests[2], "other output, another digest");
+        assert_ne!(digests[0], digests[3], "another file, another digest");
+        let mut unchecked = checked("d5", "42", "x");
+        unchecked.result = None;
+        tasks.assign(unchecked, None);
+        let (status, _) = until_final(&mut reports).await;
+        assert_eq!(status.result_digest, "", "unchecked tasks carry no digest");
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::images::Image;
 use crate::tasks::lifecycle::{self, BACKOFF_RESET_AFTER, Standing};
+use crate::tasks::result::{self, StdoutDigests, StdoutHasher};
 use crate::tasks::runtime::{Exit, Launch, Output, Runtime, Workload};
 use crate::tasks::workdir;
 use crate::tasks::{Board, lock};
@@ -77,6 +78,8 @@ struct Shared {
     status: Mutex<TaskStatus>,
     board: Arc<Board>,
     cpu: Mutex<Duration>,
+    /// The containers' stdout, hashed as it is read, when the task's result is checked.
+    stdout: Arc<StdoutDigests>,
 }
 
 /// The memory a task reserves, as the scheduler counts a pod's request: the larger of its
@@ -150,6 +153,7 @@ impl Supervisor {
             status: Mutex::new(initial.clone()),
             board: self.board.clone(),
             cpu: Mutex::new(Duration::ZERO),
+            stdout: Arc::default(),
         });
         self.board.report(initial);
         self.run_task(&shared).await;
@@ -199,10 +203,26 @@ impl Supervisor {
                 self.run_container(shared, Kind::Regular, index, container, policy)
             });
         let standings = futures::future::join_all(runs).await;
-        match self.stopped() {
-            Some(stop) => self.finish(shared, &stop),
-            None => shared.update(|s| s.phase = lifecycle::phase(&standings) as i32),
+        if let Some(stop) = self.stopped() {
+            self.finish(shared, &stop);
+            return;
         }
+        // The digest goes with the final phase, in one report: the operator decides on it.
+        let digest = self.task.result.as_ref().map(|spec| {
+            let exits: Vec<i32> = standings
+                .iter()
+                .map(|s| match s {
+                    Standing::Done(code) => *code,
+                    Standing::Live => -1,
+                })
+                .collect();
+            let containers = &self.task.containers;
+            result::digest(spec, containers, &exits, &shared.stdout, &self.dir)
+        });
+        shared.update(|s| {
+            s.phase = lifecycle::phase(&standings) as i32;
+            s.result_digest = digest.unwrap_or_default();
+        });
     }
 
     /// Charges the run to the device's usage ledger: the CPU its containers used, and the
@@ -440,17 +460,20 @@ impl Supervisor {
             })
             .unwrap_or(0);
         let (stdout, stderr) = workload.take_output();
-        let spawn_pump = |stream, output| {
+        let spawn_pump = |stream, output, hasher| {
             let (board, task_id, name) = (
                 self.board.clone(),
                 self.task.task_id.clone(),
                 container.name.clone(),
             );
-            tokio::spawn(pump(board, task_id, name, run, stream, output))
+            tokio::spawn(pump(board, task_id, name, run, stream, output, hasher))
         };
+        let checked = self.task.result.as_ref().is_some_and(|r| r.stdout);
+        let hasher = (checked && matches!(kind, Kind::Regular))
+            .then(|| shared.stdout.start(&container.name));
         let pumps = [
-            stdout.map(|out| spawn_pump(log_chunk::Stream::Stdout, out)),
-            stderr.map(|err| spawn_pump(log_chunk::Stream::Stderr, err)),
+            stdout.map(|out| spawn_pump(log_chunk::Stream::Stdout, out, hasher)),
+            stderr.map(|err| spawn_pump(log_chunk::Stream::Stderr, err, None)),
         ];
         shared.update(|s| {
             if matches!(kind, Kind::Regular) && s.phase == TaskPhase::Pending as i32 {
@@ -510,7 +533,8 @@ pub async fn stop_workload(workload: &mut dyn Workload, grace: Duration) -> Exit
     }
 }
 
-/// Streams one output of a container to the board as log chunks that end at newlines.
+/// Streams one output of a container to the board as log chunks that end at newlines, and
+/// through `hasher` when the task's result includes it.
 async fn pump(
     board: Arc<Board>,
     task_id: String,
@@ -518,6 +542,7 @@ async fn pump(
     run: u32,
     stream: log_chunk::Stream,
     output: Output,
+    mut hasher: Option<StdoutHasher>,
 ) {
     let emit = |data: Vec<u8>| {
         board.log(LogChunk {
@@ -534,7 +559,12 @@ async fn pump(
     let mut pending = Vec::new();
     loop {
         let buffer = match reader.fill_buf().await {
-            Ok([]) | Err(_) => break,
+            Ok([]) => break,
+            Err(_) => {
+                // Output cut short is no result: the digest names it unread.
+                hasher = None;
+                break;
+            }
             Ok(buffer) => buffer,
         };
         let room = LOG_CHUNK_BYTES - pending.len();
@@ -543,6 +573,9 @@ async fn pump(
             _ => (buffer.len().min(room), false),
         };
         pending.extend_from_slice(&buffer[..take]);
+        if let Some(hasher) = hasher.as_mut() {
+            hasher.update(&buffer[..take]);
+        }
         reader.consume(take);
         if line_end || pending.len() >= LOG_CHUNK_BYTES {
             emit(std::mem::take(&mut pending));
@@ -550,5 +583,8 @@ async fn pump(
     }
     if !pending.is_empty() {
         emit(pending);
+    }
+    if let Some(hasher) = hasher {
+        hasher.finish();
     }
 }

@@ -80,18 +80,8 @@ pub fn admit(pool_name: &str, pool: &DevicePoolSpec, pod: &Pod) -> Result<Runtim
             ),
         ));
     }
-    // Replicas are not run yet: a pod asking for agreement is refused rather than run once
-    // unchecked, which its author would take for a validated result.
-    if let Some(validation) = crate::validation::policy::of(pod, &pool.validation)? {
-        return Err(refuse(
-            "QuorumNotYetSupported",
-            format!(
-                "this pod asks for {} agreeing results ({} or pool {pool_name}'s spec.validation.quorum), and this darkcore-operator does not run replicas yet: set the quorum to 1 to run the pod once, unchecked",
-                validation.quorum,
-                crate::validation::policy::QUORUM
-            ),
-        ));
-    }
+    // A pod whose validation cannot work fails here, saying why, rather than run unchecked.
+    crate::validation::policy::of(pod, &pool.validation)?;
     Ok(runtime)
 }
 
@@ -217,36 +207,17 @@ mod tests {
     }
 
     #[test]
-    fn pods_asking_for_agreement_are_refused_until_replicas_run() {
-        let mut pool = spec(vec![Runtime::Oci], &[]);
+    fn pods_asking_for_agreement_are_admitted_unless_their_annotations_are_wrong() {
+        let pool = spec(vec![Runtime::Oci], &[]);
         let mut asking = pod("a", None);
         asking.metadata.annotations =
             Some([("darkcore.io/quorum".to_string(), "2".to_string())].into());
-        let refused = admit("p", &pool, &asking).unwrap_err();
-        assert_eq!(refused.reason, "QuorumNotYetSupported");
-        assert!(
-            refused.message.contains("set the quorum to 1"),
-            "{}",
-            refused.message
-        );
+        assert_eq!(admit("p", &pool, &asking), Ok(Runtime::Oci));
         asking.metadata.annotations =
             Some([("darkcore.io/quorum".to_string(), "two".to_string())].into());
         assert_eq!(
             admit("p", &pool, &asking).unwrap_err().reason,
             "InvalidValidation"
-        );
-        pool.validation.quorum = 2;
-        assert_eq!(
-            admit("p", &pool, &pod("a", None)).unwrap_err().reason,
-            "QuorumNotYetSupported",
-            "the pool's quorum applies to pods that set none"
-        );
-        asking.metadata.annotations =
-            Some([("darkcore.io/quorum".to_string(), "1".to_string())].into());
-        assert_eq!(
-            admit("p", &pool, &asking),
-            Ok(Runtime::Oci),
-            "a pod may opt out"
         );
     }
 

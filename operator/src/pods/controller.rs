@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use darkcore_crds::{DevicePool, NetworkMode, Runtime};
 use darkcore_proto::agent::v1::{
-    OutputWanted, TaskAssign, TaskCancel, TaskStatus, operator_message, task_assign::RestartPolicy,
+    OutputWanted, ResultSpec, TaskAssign, TaskCancel, TaskStatus, operator_message,
+    task_assign::RestartPolicy,
 };
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -41,6 +42,7 @@ use crate::pool::POOL_LABEL;
 use crate::usage::attempts::{AttemptBook, Held, lock};
 use crate::usage::ledger::LOST_CHARGED_AGAIN_MS;
 use crate::usage::recorder::{LostCharge, LostCharges};
+use crate::validation::policy::Validation;
 use crate::warmup::Warmup;
 
 /// How soon messages that did not fit an agent's queue are tried again.
@@ -621,7 +623,9 @@ impl Controller {
         let load = &self.load;
         let pod = &entry.pod;
         let presence = |device: &str| shared.registry.presence(device);
-        let choose = |ready: &Ready| choose(&shared, pool.as_deref(), pod, ready, load);
+        let choose =
+            |ready: &Ready, ran: &[String]| choose(&shared, pool.as_deref(), pod, ready, load, ran);
+        let validation = validation_of(pod, pool.as_deref());
         let admission = || {
             let pool = pool.as_ref()?;
             Some(admission::admit(&pool.name_any(), &pool.spec, pod))
@@ -651,6 +655,7 @@ impl Controller {
                 }),
             presence: &presence,
             choose: &choose,
+            validation: validation.as_ref(),
         };
         let (run, effects) = lifecycle::step(run, event, &facts);
         if let Some(share) = share(&run) {
@@ -692,7 +697,11 @@ impl Controller {
                     return;
                 };
                 let network = pool.map_or(NetworkMode::default(), |p| p.spec.network);
-                let assign = assignment(&entry.pod, ready, attempt, network);
+                let mut assign = assignment(&entry.pod, ready, attempt, network);
+                assign.result = validation_of(&entry.pod, pool).map(|v| ResultSpec {
+                    paths: v.result_paths,
+                    stdout: v.stdout,
+                });
                 let demand = demand_of_task(&assign.containers, &assign.init_containers);
                 let pool_name = pool.map(|p| p.name_any()).unwrap_or_default();
                 let (device, namespace) = (&attempt.device, &assign.namespace);
@@ -736,6 +745,16 @@ impl Controller {
                     shared.writer.event(&entry.pod, true, &reason, message);
                 }
             }
+            Effect::Inform { reason, message } => {
+                shared.writer.event(&entry.pod, false, &reason, message);
+            }
+            Effect::ReplicaFinished(task) => {
+                tracing::info!(%uid, task = %task, "a replica's result is recorded");
+                lock(&shared.attempts).ended(&task.to_string(), crate::domain::unix_ms(), true);
+                for container in entry.pod.spec.iter().flat_map(|s| s.containers.iter()) {
+                    shared.logs.end(uid, &container.name);
+                }
+            }
             Effect::Redispatched(loss) => {
                 tracing::info!(%uid, reason = loss.reason.as_str(), "attempt lost; the task runs again elsewhere");
                 shared.metrics.task_redispatched(loss.reason.as_str());
@@ -765,6 +784,7 @@ impl Controller {
 
     /// Writes the pod's status when what darkcore knows differs from what it shows.
     fn render(&mut self, uid: &str) {
+        let pool = self.pool_of(uid);
         let shared = &self.shared;
         let Some(entry) = self.pods.get_mut(uid) else {
             return;
@@ -822,6 +842,7 @@ impl Controller {
                 attempt.and_then(|a| a.report.as_ref()),
                 &shared.logs,
             ),
+            validated: validated(run, validation_of(&entry.pod, pool.as_deref())),
         };
         let desired = status::render(
             &entry.pod,
@@ -939,6 +960,7 @@ fn choose(
     pod: &Pod,
     ready: &Ready,
     load: &Load,
+    ran: &[String],
 ) -> Result<Choice, String> {
     let pool = pool.ok_or("the pod's pool is not known yet")?;
     let resolved = &ready.resolved;
@@ -960,10 +982,11 @@ fn choose(
         runtime: proto_runtime(ready.runtime) as i32,
         runtime_name: ready.runtime.as_str(),
     };
-    let candidates: Vec<Candidate> = shared
-        .registry
-        .offers(&pool.name_any(), &os, &arch)
+    let offers = shared.registry.offers(&pool.name_any(), &os, &arch);
+    let online = offers.len();
+    let candidates: Vec<Candidate> = offers
         .into_iter()
+        .filter(|(id, _)| !ran.contains(id))
         .map(|(id, offer)| {
             let carried = load.of(&id);
             Candidate {
@@ -977,6 +1000,12 @@ fn choose(
             }
         })
         .collect();
+    if candidates.is_empty() && online > 0 {
+        return Err(format!(
+            "each of the {online} devices online for {os}/{arch} has run a replica of this pod already ({}), and its next replica must run on another: it waits for a device that has not",
+            ran.join(", ")
+        ));
+    }
     let placing = Instant::now();
     let placed = placement::place(&need, &candidates);
     shared
@@ -1012,7 +1041,28 @@ fn assignment(pod: &Pod, ready: &Ready, attempt: &Attempt, network: NetworkMode)
             as u32,
         pull_credentials: resolved.pull_credentials.clone(),
         network: proto_network(network) as i32,
+        result: None,
     }
+}
+
+/// A checked pod's `darkcore.io/Validated` condition, once it is past admission.
+fn validated(run: &Run, validation: Option<Validation>) -> Option<(bool, &'static str, String)> {
+    let validation = validation?;
+    let running = match &run.stage {
+        Stage::Dispatched { attempt, .. } => Some((attempt.task.number, attempt.device.as_str())),
+        Stage::Unplaced { .. } => None,
+        Stage::Failed { .. } | Stage::Finished { .. } if run.replicas.verdict.is_some() => None,
+        _ => return None,
+    };
+    Some(run.replicas.condition(&validation, running))
+}
+
+/// How the pod's results are checked, if they are (a pod whose annotations are refused is
+/// failed at admission, so here it counts as unchecked).
+fn validation_of(pod: &Pod, pool: Option<&DevicePool>) -> Option<Validation> {
+    crate::validation::policy::of(pod, &pool?.spec.validation)
+        .ok()
+        .flatten()
 }
 
 /// Each named object of `api`: `None` when it is not found, or cannot be read (warned).

@@ -13,6 +13,9 @@ pub use crate::domain::TaskId;
 use crate::pods::admission::Refusal;
 use crate::pods::resolve::Resolved;
 use crate::pods::status::Loss;
+use crate::validation::policy::Validation;
+use crate::validation::quorum::Decision;
+use crate::validation::replicas::{self, Replicas};
 
 /// How often a pod blocked on a missing ConfigMap or Secret is tried again.
 pub const RESOLVE_RETRY: Duration = Duration::from_secs(10);
@@ -114,6 +117,8 @@ pub struct Run {
     pub next_number: u32,
     /// How the previous attempt was lost, shown until a later one restarts on its own.
     pub last_loss: Option<Loss>,
+    /// A checked pod's finished replicas (one after another, on distinct devices) and verdict.
+    pub replicas: Replicas,
 }
 
 impl Default for Run {
@@ -122,6 +127,7 @@ impl Default for Run {
             stage: Stage::Admitting,
             next_number: 1,
             last_loss: None,
+            replicas: Replicas::default(),
         }
     }
 }
@@ -165,6 +171,7 @@ impl Run {
             self.stage,
             Stage::Admitting | Stage::Resolving { .. } | Stage::Unplaced { .. }
         ) && number + 1 >= self.next_number
+            && !self.replicas.finished(number)
     }
 
     /// Whether the pod's status is darkcore's to write now (not before admission, not once
@@ -201,6 +208,9 @@ pub struct Choice {
     pub memory: u64,
 }
 
+/// Picks a device for a ready pod, passing over the devices named (they ran replicas of it).
+pub type Choose<'a> = dyn Fn(&Ready, &[String]) -> Result<Choice, String> + 'a;
+
 /// The world as the controller sees it at a step.
 pub struct Facts<'a> {
     /// The pod's uid, which its task ids carry.
@@ -228,8 +238,11 @@ pub struct Facts<'a> {
     pub max_redispatches: u32,
     /// Whether a device is heard now, or since when it is silent.
     pub presence: &'a dyn Fn(&str) -> Presence,
-    /// A device for a ready pod, or why none fits.
-    pub choose: &'a dyn Fn(&Ready) -> Result<Choice, String>,
+    /// A device for a ready pod other than those named (which ran replicas of it), or why
+    /// none fits.
+    pub choose: &'a Choose<'a>,
+    /// How the pod's results are checked, if they are: replicas until a quorum agrees.
+    pub validation: Option<&'a Validation>,
 }
 
 /// What the controller carries out after a step.
@@ -252,6 +265,10 @@ pub enum Effect {
         message: String,
         once: bool,
     },
+    /// A Normal Event on the pod.
+    Inform { reason: String, message: String },
+    /// A replica of a checked pod finished and its result is recorded; more may follow.
+    ReplicaFinished(TaskId),
     /// An attempt was lost (the task runs again, or the pod fails past its re-dispatches);
     /// a lost device's attempt is charged until its device was last heard (`at_unix_ms`).
     Redispatched(Loss),
@@ -396,11 +413,13 @@ fn lose(
         message: format!("{message}; attempt {number} of the task ended"),
         once: false,
     });
-    run.stage = if number > facts.max_redispatches {
+    // Replicas that finished are not re-dispatches.
+    let dispatches = number.saturating_sub(run.replicas.numbers.len() as u32);
+    run.stage = if dispatches > facts.max_redispatches {
         Stage::Failed {
             reason: reason.as_str().into(),
             message: format!(
-                "{message}; the task was dispatched {number} times, more than the pool's maxRedispatches ({}) allows",
+                "{message}; the task was dispatched {dispatches} times, more than the pool's maxRedispatches ({}) allows",
                 facts.max_redispatches
             ),
         }
@@ -477,43 +496,44 @@ fn settle(mut run: Run, facts: &Facts<'_>, effects: &mut Vec<Effect>) -> Run {
                 };
                 (stage, false)
             }
-            (Stage::Unplaced { ready, why: _ }, None) if facts.warm => match (facts.choose)(&ready)
-            {
-                Ok(choice) => {
-                    let attempt = Attempt {
-                        task: TaskId {
-                            uid: facts.uid.to_string(),
-                            number: run.next_number.max(1),
-                        },
-                        device: choice.device,
-                        millicores: choice.millicores,
-                        memory: choice.memory,
-                        dispatched_ms: facts.unix_ms,
-                        report: None,
-                        cancelled: false,
-                        silent_since_ms: None,
-                    };
-                    run.next_number = attempt.task.number + 1;
-                    effects.push(Effect::Assign);
-                    let stage = Stage::Dispatched {
-                        attempt,
-                        ready: Some(ready),
-                    };
-                    (stage, false)
+            (Stage::Unplaced { ready, why: _ }, None) if facts.warm => {
+                match (facts.choose)(&ready, &run.replicas.devices()) {
+                    Ok(choice) => {
+                        let attempt = Attempt {
+                            task: TaskId {
+                                uid: facts.uid.to_string(),
+                                number: run.next_number.max(1),
+                            },
+                            device: choice.device,
+                            millicores: choice.millicores,
+                            memory: choice.memory,
+                            dispatched_ms: facts.unix_ms,
+                            report: None,
+                            cancelled: false,
+                            silent_since_ms: None,
+                        };
+                        run.next_number = attempt.task.number + 1;
+                        effects.push(Effect::Assign);
+                        let stage = Stage::Dispatched {
+                            attempt,
+                            ready: Some(ready),
+                        };
+                        (stage, false)
+                    }
+                    Err(why) => {
+                        effects.push(Effect::Warn {
+                            reason: "NoDeviceFits".into(),
+                            message: why.clone(),
+                            once: true,
+                        });
+                        let stage = Stage::Unplaced {
+                            ready,
+                            why: Some(why),
+                        };
+                        (stage, false)
+                    }
                 }
-                Err(why) => {
-                    effects.push(Effect::Warn {
-                        reason: "NoDeviceFits".into(),
-                        message: why.clone(),
-                        once: true,
-                    });
-                    let stage = Stage::Unplaced {
-                        ready,
-                        why: Some(why),
-                    };
-                    (stage, false)
-                }
-            },
+            }
             (Stage::Dispatched { attempt, ready }, None) => {
                 let phase = attempt.phase();
                 // A silent device's task runs elsewhere only once the device has stopped it
@@ -546,6 +566,11 @@ fn settle(mut run: Run, facts: &Facts<'_>, effects: &mut Vec<Effect>) -> Run {
                         format!("device {} handed the task back: {words}", attempt.device);
                     run.stage = Stage::Dispatched { attempt, ready };
                     run = lose(run, LossReason::Preempted, message, facts, effects);
+                    continue;
+                }
+                if let Some(validation) = facts.validation.filter(|_| terminal(phase)) {
+                    run.stage = Stage::Dispatched { attempt, ready };
+                    run = replica_finished(run, validation, effects);
                     continue;
                 }
                 if terminal(phase) {
@@ -587,6 +612,62 @@ fn settle(mut run: Run, facts: &Facts<'_>, effects: &mut Vec<Effect>) -> Run {
             return run;
         }
     }
+}
+
+/// A replica of a checked pod finished: its result is recorded, and the pod is validated, runs
+/// another replica on another device, or fails for want of a quorum.
+fn replica_finished(mut run: Run, validation: &Validation, effects: &mut Vec<Effect>) -> Run {
+    let Stage::Dispatched { attempt, ready } = run.stage else {
+        return run;
+    };
+    let report = attempt.report.clone().unwrap_or_default();
+    let result = replicas::result_of(&report);
+    let number = attempt.task.number;
+    let decision = run
+        .replicas
+        .record(number, &attempt.device, result, validation);
+    if let Decision::Validated { .. } = decision {
+        let (_, _, message) = run.replicas.condition(validation, None);
+        effects.push(Effect::Inform {
+            reason: "Validated".into(),
+            message,
+        });
+        effects.push(Effect::Completed {
+            succeeded: attempt.phase() == TaskPhase::Succeeded,
+        });
+        // Released once the outcome is stored, as any finished attempt.
+        run.stage = Stage::Finished {
+            attempt: Some(attempt),
+        };
+        return run;
+    }
+    effects.push(Effect::Cancel {
+        device: attempt.device.clone(),
+        task: attempt.task.clone(),
+        grace: 0,
+        reason: "its result is recorded",
+    });
+    effects.push(Effect::ReplicaFinished(attempt.task.clone()));
+    run.stage = match decision {
+        Decision::NoQuorum { digests } => {
+            let message = replicas::no_quorum_message(&digests, validation);
+            effects.push(Effect::Warn {
+                reason: "NoQuorum".into(),
+                message: message.clone(),
+                once: false,
+            });
+            Stage::Failed {
+                reason: "NoQuorum".into(),
+                message,
+            }
+        }
+        _ => match ready {
+            Some(ready) => Stage::Unplaced { ready, why: None },
+            // Adopted after a restart: resolved again before its next replica.
+            None => Stage::Admitting,
+        },
+    };
+    run
 }
 
 /// A deleting pod: its task is told to stop within `grace`; the pod is deleted once it has
@@ -644,7 +725,10 @@ mod tests {
         admission: Option<Result<Runtime, Refusal>>,
         presence: Presence,
         started: Instant,
+        /// The device placement picks first; those that ran replicas are passed over for
+        /// dev-b, dev-c and dev-d, in order.
         fits: Result<&'static str, &'static str>,
+        validation: Option<Validation>,
     }
 
     impl World {
@@ -658,19 +742,23 @@ mod tests {
                 presence: Presence::Online,
                 started: Instant::now(),
                 fits: Ok("dev-a"),
+                validation: None,
             }
         }
 
         fn step(&self, run: Run, event: Event) -> (Run, Vec<Effect>) {
             let presence = |_: &str| self.presence;
-            let choose = |_: &Ready| {
-                self.fits
-                    .map(|device| Choice {
-                        device: device.into(),
-                        millicores: 500,
-                        memory: 64 << 20,
-                    })
-                    .map_err(String::from)
+            let choose = |_: &Ready, ran: &[String]| {
+                let first = self.fits.map_err(String::from)?;
+                let device = [first, "dev-b", "dev-c", "dev-d"]
+                    .into_iter()
+                    .find(|d| !ran.iter().any(|r| r == d))
+                    .ok_or("every device ran it")?;
+                Ok(Choice {
+                    device: device.into(),
+                    millicores: 500,
+                    memory: 64 << 20,
+                })
             };
             let admission = || self.admission.clone();
             let facts = Facts {
@@ -686,6 +774,7 @@ mod tests {
                 max_redispatches: 2,
                 presence: &presence,
                 choose: &choose,
+                validation: self.validation.as_ref(),
             };
             step(run, event, &facts)
         }
@@ -981,6 +1070,7 @@ mod tests {
             },
             next_number: 2,
             last_loss: None,
+            replicas: Replicas::default(),
         };
         world.now = world.started + FENCE_WAIT;
         let (_, effects) = world.step(adopted, Event::Look);
@@ -1014,6 +1104,7 @@ mod tests {
             },
             next_number: 3,
             last_loss: None,
+            replicas: Replicas::default(),
         };
         let (run, effects) = world.step(adopted, Event::Look);
         assert!(
@@ -1153,5 +1244,142 @@ mod tests {
         assert!(is_cancel(&effects[0], "this attempt was abandoned"));
         assert_eq!(effects[1], Effect::Delete);
         assert_eq!(run.stage, Stage::Deleted);
+    }
+
+    /// A world whose pods need `quorum` agreeing results of at most `max_replicas`.
+    fn checked(quorum: u32, max_replicas: u32) -> World {
+        World {
+            validation: Some(Validation::quorum_of(quorum, max_replicas)),
+            ..World::new()
+        }
+    }
+
+    /// Attempt `number` succeeded with the digest of `c` repeated.
+    fn result(number: u32, c: char) -> Event {
+        Event::Report(TaskStatus {
+            task_id: format!("pod-uid.{number}"),
+            phase: TaskPhase::Succeeded as i32,
+            result_digest: format!("sha256:{}", c.to_string().repeat(64)),
+            ..Default::default()
+        })
+    }
+
+    fn released(effects: &[Effect], device: &str, number: u32) -> bool {
+        effects.iter().any(|e| {
+            matches!(e, Effect::Cancel { device: d, task, reason, .. }
+                if d == device && task.number == number && *reason == "its result is recorded")
+        })
+    }
+
+    /// The devices whose results validated the pod.
+    fn agreeing(run: &Run) -> Vec<String> {
+        match &run.replicas.verdict {
+            Some(Decision::Validated { agreeing, .. }) => agreeing.clone(),
+            other => panic!("not validated: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_checked_pod_runs_replicas_one_after_another_on_distinct_devices_until_they_agree() {
+        let world = checked(2, 5);
+        let run = dispatched(&world);
+        let (run, effects) = world.step(run, result(1, 'a'));
+        assert!(released(&effects, "dev-a", 1), "{effects:?}");
+        assert!(effects.contains(&Effect::Assign), "{effects:?}");
+        assert!(
+            !effects
+                .iter()
+                .any(|e| matches!(e, Effect::Completed { .. }))
+        );
+        let second = attempt_of(&run);
+        assert_eq!((second.device.as_str(), second.task.number), ("dev-b", 2));
+        let (run, effects) = world.step(run, result(2, 'a'));
+        assert!(
+            effects.contains(&Effect::Completed { succeeded: true }),
+            "{effects:?}"
+        );
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::Inform { reason, .. } if reason == "Validated"))
+        );
+        assert!(
+            matches!(run.stage, Stage::Finished { .. }),
+            "{:?}",
+            run.stage
+        );
+        assert_eq!(agreeing(&run), ["dev-a", "dev-b"]);
+    }
+
+    #[test]
+    fn a_liars_result_starts_another_replica_and_the_honest_ones_validate() {
+        let world = checked(2, 5);
+        let run = dispatched(&world);
+        let (run, _) = world.step(run, result(1, 'f'));
+        let (run, _) = world.step(run, result(2, 'a'));
+        assert_eq!(attempt_of(&run).device, "dev-c");
+        let (run, _) = world.step(run, result(3, 'a'));
+        assert_eq!(agreeing(&run), ["dev-b", "dev-c"]);
+    }
+
+    #[test]
+    fn replicas_that_never_agree_fail_the_pod_with_no_quorum() {
+        let world = checked(2, 2);
+        let run = dispatched(&world);
+        let (run, _) = world.step(run, result(1, 'a'));
+        let (run, effects) = world.step(run, result(2, 'b'));
+        assert!(released(&effects, "dev-b", 2), "{effects:?}");
+        match &run.stage {
+            Stage::Failed { reason, message } => {
+                assert_eq!(reason, "NoQuorum");
+                assert!(
+                    message.contains("from dev-a") && message.contains("from dev-b"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::Warn { reason, .. } if reason == "NoQuorum"))
+        );
+    }
+
+    #[test]
+    fn a_late_report_of_a_finished_replica_is_never_adopted_as_a_new_attempt() {
+        let world = World {
+            fits: Err("nothing fits"),
+            ..checked(2, 5)
+        };
+        let run = dispatched(&World {
+            fits: Ok("dev-a"),
+            ..checked(2, 5)
+        });
+        let (run, _) = world.step(run, result(1, 'a'));
+        assert!(
+            matches!(run.stage, Stage::Unplaced { .. }),
+            "{:?}",
+            run.stage
+        );
+        assert!(!run.adopts(1));
+        assert!(run.adopts(2));
+    }
+
+    #[test]
+    fn finished_replicas_do_not_count_as_redispatches() {
+        let world = checked(3, 5);
+        let mut run = dispatched(&world);
+        for number in 1..=2 {
+            (run, _) = world.step(run, result(number, 'a'));
+        }
+        assert_eq!(attempt_of(&run).task.number, 3);
+        let (run, _) = world.step(run, Event::Lost(LossReason::DeviceLost, "gone".into()));
+        assert!(
+            matches!(run.stage, Stage::Dispatched { .. }),
+            "{:?}",
+            run.stage
+        );
+        assert_eq!(attempt_of(&run).task.number, 4);
     }
 }

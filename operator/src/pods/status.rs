@@ -68,6 +68,8 @@ pub struct RunView {
     /// The attempt's device has been silent since then (Unix ms): the pod is not Ready, and
     /// its Ready condition's transition time records when, for a restarted operator.
     pub silent_since_ms: Option<i64>,
+    /// A checked pod's `darkcore.io/Validated` condition: status, reason and message.
+    pub validated: Option<(bool, &'static str, String)>,
 }
 
 /// Whether a container that ended as `reported` gets the end of its output as its termination
@@ -391,6 +393,14 @@ pub fn render(pod: &Pod, view: &RunView, now: &Time) -> PodStatus {
         }),
         (None, None) => {}
     }
+    if let Some((value, reason, message)) = &view.validated {
+        conditions.push(condition(
+            crate::validation::replicas::CONDITION,
+            *value,
+            Some((*reason).into()),
+            Some(message.clone()),
+        ));
+    }
     let (reason, message) = match (&view.failed, report) {
         (Some((reason, message)), _) => (Some(reason.clone()), Some(message.clone())),
         (None, Some(r)) if phase == "Failed" && !r.reason.is_empty() => {
@@ -487,6 +497,35 @@ mod tests {
             started_ms: 1_795_000_000_000,
             at_unix_ms: 1_795_000_060_000,
         }
+    }
+
+    #[test]
+    fn a_checked_pod_shows_how_its_results_stand() {
+        let view = RunView {
+            attempt: Some((2, "dev-b".into(), "uid.2".into())),
+            report: Some(report(TaskPhase::Succeeded, State::Terminated, 0)),
+            validated: Some((true, "QuorumReached", "devices dev-a, dev-b agree".into())),
+            ..Default::default()
+        };
+        let status = render(&pod(), &view, &Time(Timestamp::now()));
+        let validated = status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "darkcore.io/Validated")
+            .expect("the condition");
+        assert_eq!(
+            (validated.status.as_str(), validated.reason.as_deref()),
+            ("True", Some("QuorumReached"))
+        );
+        let unchecked = render(&pod(), &RunView::default(), &Time(Timestamp::now()));
+        assert!(
+            !unchecked
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "darkcore.io/Validated")
+        );
     }
 
     #[test]

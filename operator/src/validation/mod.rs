@@ -4,4 +4,5 @@
 pub mod placement;
 pub mod policy;
 pub mod quorum;
+pub mod replicas;
 pub mod reputation;

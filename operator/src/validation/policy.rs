@@ -30,6 +30,18 @@ pub struct Validation {
     pub stdout: bool,
 }
 
+impl Validation {
+    /// `quorum` of at most `max_replicas`, over exit codes and stdout only.
+    pub fn quorum_of(quorum: u32, max_replicas: u32) -> Validation {
+        Validation {
+            quorum,
+            max_replicas,
+            result_paths: Vec::new(),
+            stdout: true,
+        }
+    }
+}
+
 fn invalid(message: String) -> Refusal {
     Refusal {
         reason: "InvalidValidation",
@@ -106,20 +118,42 @@ pub fn of(pod: &Pod, pool: &ValidationPolicy) -> Result<Option<Validation>, Refu
     if quorum == 1 {
         return Ok(None);
     }
+    let result_paths = result_paths.unwrap_or_default();
+    if let Some(path) = result_paths.iter().find(|p| !on_a_volume(pod, p)) {
+        return Err(invalid(format!(
+            "annotation {RESULT_PATHS} has {path:?}, which is on none of the containers' volumeMounts: the device reads result files from volumes only; mount an emptyDir at its directory"
+        )));
+    }
     Ok(Some(Validation {
         quorum,
         max_replicas,
-        result_paths: result_paths.unwrap_or_default(),
+        result_paths,
         stdout,
     }))
+}
+
+/// Whether `path` is at or under a volume mount of one of the pod's containers.
+fn on_a_volume(pod: &Pod, path: &str) -> bool {
+    let containers = pod.spec.iter().flat_map(|s| &s.containers);
+    containers
+        .flat_map(|c| c.volume_mounts.iter().flatten())
+        .any(|m| {
+            let mount = m.mount_path.trim_end_matches('/');
+            path.strip_prefix(mount)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A pod with these annotations whose container mounts a volume at /out.
     fn pod(annotations: &[(&str, &str)]) -> Pod {
-        let mut pod = Pod::default();
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "spec": {"containers": [{"name": "main", "volumeMounts": [{"name": "out", "mountPath": "/out/"}]}]}
+        }))
+        .unwrap();
         pod.metadata.annotations = Some(
             annotations
                 .iter()
@@ -170,6 +204,22 @@ mod tests {
                 stdout: false,
             }
         );
+    }
+
+    #[test]
+    fn result_files_must_be_on_a_volume() {
+        let said = refusal(&[(QUORUM, "2"), (RESULT_PATHS, "/outside/result.json")]);
+        assert!(said.contains("mount an emptyDir"), "{said}");
+        let said = refusal(&[(QUORUM, "2"), (RESULT_PATHS, "/output.json")]);
+        assert!(
+            said.contains("on none of the containers' volumeMounts"),
+            "{said}"
+        );
+        let on_it = of(
+            &pod(&[(QUORUM, "2"), (RESULT_PATHS, "/out")]),
+            &ValidationPolicy::default(),
+        );
+        assert!(on_it.is_ok(), "{on_it:?}");
     }
 
     #[test]

@@ -42,8 +42,16 @@ fn groups(finished: &[Outcome]) -> Vec<(String, Vec<String>)> {
     groups
 }
 
-/// Decides on `finished` replicas (in the order they finished) while `running` more run.
+/// Decides on `finished` replicas (in the order they finished) while `running` more run. Only
+/// a device's first result counts: one device never makes a quorum with itself.
 pub fn decide(finished: &[Outcome], running: u32, validation: &Validation) -> Decision {
+    let mut seen = std::collections::HashSet::new();
+    let finished: Vec<Outcome> = finished
+        .iter()
+        .filter(|o| seen.insert(o.device.as_str()))
+        .cloned()
+        .collect();
+    let finished = finished.as_slice();
     let quorum = validation.quorum as usize;
     // The first digest to gather a quorum wins, and its first result is canonical.
     let mut counts: Vec<(&str, usize)> = Vec::new();
@@ -93,12 +101,7 @@ mod tests {
     use super::*;
 
     fn validation(quorum: u32, max_replicas: u32) -> Validation {
-        Validation {
-            quorum,
-            max_replicas,
-            result_paths: Vec::new(),
-            stdout: true,
-        }
+        Validation::quorum_of(quorum, max_replicas)
     }
 
     fn outcomes(results: &[(&str, &str)]) -> Vec<Outcome> {
@@ -156,6 +159,15 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_device_agreeing_with_itself_is_no_quorum() {
+        let finished = outcomes(&[("liar", "bb"), ("liar", "bb")]);
+        assert_eq!(
+            decide(&finished, 0, &validation(2, 5)),
+            Decision::RunMore(1)
+        );
     }
 
     #[test]

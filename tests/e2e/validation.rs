@@ -1,0 +1,150 @@
+//! Results checked by agreement between devices: pods that ask for a quorum run as replicas on
+//! distinct real agents, and a lying agent (`[testing] fault`) is outvoted or leaves no quorum.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, PodCondition};
+use kube::ResourceExt;
+
+use crate::devices::process_pool;
+use crate::pods::Bench;
+
+/// The condition a checked pod shows.
+const VALIDATED: &str = "darkcore.io/Validated";
+
+/// A `darkcore-process` pod that needs `quorum` agreeing results of at most `max_replicas`,
+/// holding a whole core: it prints `printed`, writes `written` to /out/result on an emptyDir
+/// (a declared result file), and takes `seconds` doing it.
+fn checked_pod(bench: &Bench, name: &str, quorum: u32, max_replicas: u32, script: &str) -> Pod {
+    let container = serde_json::json!({
+        "image": "busybox",
+        "command": ["sh", "-c", script],
+        "resources": { "requests": { "cpu": "1" } },
+        "volumeMounts": [{ "name": "out", "mountPath": "/out" }]
+    });
+    let mut pod = bench.pod_in("darkcore-process", name, container, "Never");
+    pod.metadata.annotations = Some(
+        [
+            ("darkcore.io/quorum", quorum.to_string()),
+            ("darkcore.io/max-replicas", max_replicas.to_string()),
+            ("darkcore.io/result-paths", "/out/result".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+    );
+    Bench::with_empty_dir(pod, "out")
+}
+
+fn condition<'a>(pod: &'a Pod, type_: &str) -> Option<&'a PodCondition> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+/// The devices a Validated message names as agreeing: "devices A, B gave ...".
+fn agreeing(message: &str) -> Vec<String> {
+    let list = message
+        .split("devices ")
+        .nth(1)
+        .and_then(|rest| rest.split(" gave ").next())
+        .unwrap_or_default();
+    list.split(", ").map(str::to_string).collect()
+}
+
+#[tokio::test]
+async fn a_quorum_job_completes_with_correct_output_when_one_of_four_devices_lies() {
+    let mut bench = Bench::start("quorum", 3, process_pool()).await;
+    bench.add_agent("fault = \"wrong-result\"\n").await;
+    let liar = bench.agents[3].device_id.clone();
+    // Four indexes at once, a core each, on four devices of a core: the liar takes one of the
+    // first replicas, whatever the order.
+    let script = "echo pi-$JOB_COMPLETION_INDEX=3.14159; echo $JOB_COMPLETION_INDEX > $DARKCORE_TASK_ROOT/out/result; sleep 3";
+    let pod = checked_pod(&bench, "pi", 2, 5, script);
+    let jobs = bench.indexed_job_of("pi", 4, 4, pod).await;
+    let pods = bench
+        .job_succeeds(&jobs, "pi", 4, Duration::from_secs(180))
+        .await;
+    let mut outvoted = 0;
+    for pod in pods
+        .iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
+    {
+        let name = pod.name_any();
+        let validated = condition(pod, VALIDATED).unwrap_or_else(|| panic!("{name}: {pod:?}"));
+        let message = validated.message.clone().unwrap_or_default();
+        assert_eq!(
+            (validated.status.as_str(), validated.reason.as_deref()),
+            ("True", Some("QuorumReached")),
+            "{name}: {message}"
+        );
+        let devices = agreeing(&message);
+        assert_eq!(devices.len(), 2, "{name}: {message}");
+        assert_ne!(devices[0], devices[1], "{name}: distinct devices");
+        assert!(
+            !devices.contains(&liar),
+            "{name}: the liar agreed: {message}"
+        );
+        if message.contains(&format!("disagreeing: {liar} gave")) {
+            outvoted += 1;
+        }
+        let index = &pod.annotations()["batch.kubernetes.io/job-completion-index"];
+        let want = format!("pi-{index}=3.14159\n");
+        let logs = bench.logs_show(&name, &want, Duration::from_secs(10)).await;
+        assert_eq!(logs, want, "{name}");
+    }
+    assert!(
+        outvoted >= 1,
+        "the liar's result was outvoted at least once"
+    );
+    // Each pod says in its Events that it was validated, and by whom.
+    let first = pods[0].name_any();
+    let events = bench.events(&first).await;
+    assert!(
+        events
+            .iter()
+            .any(|(reason, message)| reason == "Validated" && message.contains("agree")),
+        "{events:?}"
+    );
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn replicas_that_cannot_agree_fail_the_pod_with_no_quorum_and_list_the_digests() {
+    let mut bench = Bench::start("noquorum", 1, process_pool()).await;
+    bench.add_agent("fault = \"fake-success\"\n").await;
+    let (honest, liar) = (
+        bench.agents[0].device_id.clone(),
+        bench.agents[1].device_id.clone(),
+    );
+    let script = "echo 42; echo 42 > $DARKCORE_TASK_ROOT/out/result";
+    bench
+        .create(checked_pod(&bench, "answer", 2, 2, script))
+        .await;
+    let failed = bench
+        .phase_is("answer", "Failed", Duration::from_secs(120))
+        .await;
+    let status = failed.status.clone().unwrap();
+    assert_eq!(status.reason.as_deref(), Some("NoQuorum"), "{status:?}");
+    let message = status.message.unwrap_or_default();
+    for device in [&honest, &liar] {
+        assert!(message.contains(&format!("from {device}")), "{message}");
+    }
+    assert_eq!(message.matches("sha256:").count(), 2, "{message}");
+    let validated = condition(&failed, VALIDATED).expect("the condition");
+    assert_eq!(
+        (validated.status.as_str(), validated.reason.as_deref()),
+        ("False", Some("NoQuorum"))
+    );
+    let events = bench.events("answer").await;
+    assert!(
+        events
+            .iter()
+            .any(|(reason, m)| reason == "NoQuorum" && m.contains(&honest) && m.contains(&liar)),
+        "{events:?}"
+    );
+    bench.finish().await;
+}
