@@ -137,6 +137,7 @@ mod tests {
     fn record(expires_in: i64, max_uses: Option<u32>, uses: u32, revoked: bool) -> TokenRecord {
         let created = Timestamp::from_second(1_795_000_000).unwrap();
         TokenRecord {
+            owner: None,
             id: "0123456789ab".into(),
             pool: "lab".into(),
             secret_sha256: String::new(),

@@ -100,6 +100,11 @@ enum TokenCommand {
         /// most one stranger. 0: any number until it expires.
         #[arg(long, default_value_t = 1)]
         uses: u32,
+        /// Whose devices join with it (a person or an organisation, as you know them): the
+        /// replicas of a checked pod run on devices of distinct owners. Without it, each
+        /// device counts as its own owner.
+        #[arg(long, value_parser = token::parse_owner)]
+        owner: Option<String>,
         #[command(flatten)]
         scope: Scope,
     },
@@ -183,10 +188,12 @@ async fn tokens(command: TokenCommand) -> anyhow::Result<()> {
             pool,
             ttl,
             uses,
+            owner,
             scope,
         } => {
             let uses = (uses > 0).then_some(uses);
-            let token = token_store::create(&client, &scope.namespace, &pool, ttl, uses).await?;
+            let token =
+                token_store::create(&client, &scope.namespace, &pool, ttl, uses, owner).await?;
             println!("{token}");
             eprintln!(
                 "Join token {} for pool {pool}, valid for {}{}. It is shown only now; give it to device owners:\n  darkcore-agent join --server <gateway address> --token {token}",
@@ -202,7 +209,7 @@ async fn tokens(command: TokenCommand) -> anyhow::Result<()> {
             let records = token_store::list(&client, &scope.namespace).await?;
             let now = Timestamp::now();
             println!(
-                "{:<14} {:<24} {:<8} {:<22} {:<8}",
+                "{:<14} {:<24} {:<8} {:<22} {:<8} OWNER",
                 "ID", "POOL", "STATE", "EXPIRES", "USES"
             );
             for r in records {
@@ -211,12 +218,13 @@ async fn tokens(command: TokenCommand) -> anyhow::Result<()> {
                     None => r.uses.to_string(),
                 };
                 println!(
-                    "{:<14} {:<24} {:<8} {:<22} {:<8}",
+                    "{:<14} {:<24} {:<8} {:<22} {:<8} {}",
                     r.id,
                     r.pool,
                     r.state(now),
                     r.expires.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
-                    uses
+                    uses,
+                    r.owner.as_deref().unwrap_or("-")
                 );
             }
             Ok(())

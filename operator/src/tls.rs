@@ -181,6 +181,11 @@ fn device_certificate(
     params
         .distinguished_name
         .push(DnType::OrganizationalUnitName, identity.pool.as_str());
+    if let Some(owner) = &identity.owner {
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, owner.as_str());
+    }
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.serial_number = Some(random_serial()?);
@@ -191,11 +196,29 @@ fn device_certificate(
     Ok(cert.pem())
 }
 
-/// Who a device is, as its certificate says: its id (CN) and its pool (OU).
+/// Who a device is, as its certificate says: its id (CN), its pool (OU), and its owner (O)
+/// when the join token named one. The operator signs all three, so a device cannot change them.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct DeviceIdentity {
     pub device_id: String,
     pub pool: String,
+    pub owner: Option<String>,
+}
+
+impl DeviceIdentity {
+    /// A device of `pool` whose token named no owner.
+    pub fn unowned(device_id: &str, pool: &str) -> DeviceIdentity {
+        DeviceIdentity {
+            device_id: device_id.into(),
+            pool: pool.into(),
+            owner: None,
+        }
+    }
+
+    /// The owner replicas are kept apart by: the named one, or the device itself.
+    pub fn owner_or_self(&self) -> &str {
+        self.owner.as_deref().unwrap_or(&self.device_id)
+    }
 }
 
 /// Reads the identity from a device certificate that TLS has already verified against the CA.
@@ -213,6 +236,7 @@ pub fn identity_of(cert_der: &[u8]) -> Result<DeviceIdentity, String> {
     Ok(DeviceIdentity {
         device_id: first(subject.iter_common_name().collect(), "device id (CN)")?,
         pool: first(subject.iter_organizational_unit().collect(), "pool (OU)")?,
+        owner: first(subject.iter_organization().collect(), "owner (O)").ok(),
     })
 }
 
@@ -246,10 +270,7 @@ mod tests {
     fn a_device_certificate_carries_the_operators_identity_not_the_requested_one() {
         let ca = CaMaterial::generate().unwrap();
         let (_key, csr) = csr();
-        let me = DeviceIdentity {
-            device_id: "dev-0123456789ab".into(),
-            pool: "lab".into(),
-        };
+        let me = DeviceIdentity::unowned("dev-0123456789ab", "lab");
         let pem_text = sign_device(&ca, &csr, &me, DEFAULT_DEVICE_CERT_VALIDITY).unwrap();
         let der = pem::parse(&pem_text).unwrap().into_contents();
         assert_eq!(identity_of(&der).unwrap(), me);
@@ -263,12 +284,12 @@ mod tests {
     }
 
     #[test]
-    fn a_renewed_certificate_keeps_the_key_and_identity_and_runs_out_later() {
+    fn a_renewed_certificate_keeps_the_key_and_identity_owner_included_and_runs_out_later() {
         let ca = CaMaterial::generate().unwrap();
         let (key, csr) = csr();
         let me = DeviceIdentity {
-            device_id: "dev-0123456789ab".into(),
-            pool: "lab".into(),
+            owner: Some("alice@example.org".into()),
+            ..DeviceIdentity::unowned("dev-0123456789ab", "lab")
         };
         let first = sign_device(&ca, &csr, &me, Duration::from_secs(60)).unwrap();
         let first = pem::parse(&first).unwrap().into_contents();
@@ -302,10 +323,7 @@ mod tests {
     #[test]
     fn garbage_requests_are_refused() {
         let ca = CaMaterial::generate().unwrap();
-        let me = DeviceIdentity {
-            device_id: "dev-0123456789ab".into(),
-            pool: "lab".into(),
-        };
+        let me = DeviceIdentity::unowned("dev-0123456789ab", "lab");
         let err = sign_device(&ca, b"not a csr", &me, DEFAULT_DEVICE_CERT_VALIDITY).unwrap_err();
         assert!(matches!(err, TlsError::BadRequest(_)), "{err}");
     }

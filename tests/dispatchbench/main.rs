@@ -376,10 +376,7 @@ fn make_identities(
     for i in 0..count {
         let key = rcgen::KeyPair::generate()?;
         let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
-        let device = tls::DeviceIdentity {
-            device_id: tls::new_device_id()?,
-            pool: POOL.into(),
-        };
+        let device = tls::DeviceIdentity::unowned(&tls::new_device_id()?, POOL);
         let identity = Identity {
             device: DeviceRecord {
                 device_id: device.device_id.clone(),

@@ -84,8 +84,14 @@ impl Bench {
     /// [`Agent::start_with`]) and waits until the node counts its core.
     pub async fn add_agent(&mut self, testing: &str) {
         let token = token(&self.fx.pool, &[]);
-        self.agents
-            .push(Agent::start_with(self.fx.operator.gateway_port, &token, 1.0, testing).await);
+        self.add_agent_with(&token, testing).await;
+    }
+
+    /// As [`Bench::add_agent`], joining with `token`; returns the new device's id.
+    pub async fn add_agent_with(&mut self, token: &str, testing: &str) -> String {
+        let agent = Agent::start_with(self.fx.operator.gateway_port, token, 1.0, testing).await;
+        let device = agent.device_id.clone();
+        self.agents.push(agent);
         fleet::node_cpu_is(
             &self.fx.nodes(),
             &self.fx.node,
@@ -93,6 +99,7 @@ impl Bench {
             Duration::from_secs(30),
         )
         .await;
+        device
     }
 
     pub fn pods(&self) -> Api<Pod> {

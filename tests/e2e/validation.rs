@@ -7,6 +7,8 @@ use k8s_openapi::api::core::v1::{Pod, PodCondition};
 use kube::ResourceExt;
 
 use crate::devices::process_pool;
+use crate::fleet;
+use crate::harness::{OPERATOR_NAMESPACE, operator_cli, poll_until};
 use crate::pods::Bench;
 
 /// The condition a checked pod shows.
@@ -146,5 +148,86 @@ async fn replicas_that_cannot_agree_fail_the_pod_with_no_quorum_and_list_the_dig
             .any(|(reason, m)| reason == "NoQuorum" && m.contains(&honest) && m.contains(&liar)),
         "{events:?}"
     );
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn replicas_go_to_devices_of_distinct_owners_named_by_their_join_tokens() {
+    let mut bench = Bench::start("owners", 1, process_pool()).await;
+    let pool = bench.fx.pool.clone();
+    // The first device joined with a token that named nobody: it is its own owner.
+    let mut first = bench.agents.remove(0);
+    let loner = first.device_id.clone();
+    first.stop().await;
+    let alices = fleet::token(&pool, &["--owner", "alice@example.org"]);
+    let alice_1 = bench.add_agent_with(&alices, "").await;
+    let alice_2 = bench.add_agent_with(&alices, "").await;
+    let listed =
+        String::from_utf8_lossy(&operator_cli(&["token", "list", "-n", OPERATOR_NAMESPACE]).stdout)
+            .into_owned();
+    assert!(listed.contains("alice@example.org"), "{listed}");
+    let refused = operator_cli(&["token", "create", "--pool", &pool, "--owner", "Alice Smith"]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("lower-case letters"),
+        "{said}"
+    );
+
+    // Only alice's devices are online: the second replica waits, saying why.
+    let script = "echo 42; echo 42 > $DARKCORE_TASK_ROOT/out/result";
+    bench
+        .create(checked_pod(&bench, "answer", 2, 2, script))
+        .await;
+    let why = poll_until(
+        "the second replica waiting",
+        Duration::from_secs(60),
+        || async {
+            let pod = bench
+                .pods()
+                .get("answer")
+                .await
+                .map_err(|e| e.to_string())?;
+            let placed = condition(&pod, "darkcore.io/Placed").cloned();
+            match placed
+                .and_then(|c| c.message)
+                .filter(|m| m.contains("another owner"))
+            {
+                Some(message) => Ok(message),
+                None => Err(format!("{:?}", pod.status)),
+            }
+        },
+    )
+    .await;
+    assert!(why.contains("of owner alice@example.org"), "{why}");
+
+    // Bob's device joins: the second replica runs there, and the two agree.
+    let bob = bench
+        .add_agent_with(&fleet::token(&pool, &["--owner", "bob"]), "")
+        .await;
+    let done = bench
+        .phase_is("answer", "Succeeded", Duration::from_secs(60))
+        .await;
+    let message = condition(&done, VALIDATED)
+        .and_then(|c| c.message.clone())
+        .unwrap_or_default();
+    let devices = agreeing(&message);
+    assert!(devices.contains(&bob), "{message}");
+    assert!(
+        devices.contains(&alice_1) != devices.contains(&alice_2),
+        "one of alice's devices: {message}"
+    );
+    let operator = format!("http://127.0.0.1:{}", bench.fx.operator.http_port);
+    let listing = operator_cli(&["devices", "--operator", &operator, "--pool", &pool]);
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let row = |device: &str| {
+        listing
+            .lines()
+            .find(|l| l.starts_with(device))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(row(&alice_1).contains("alice@example.org"), "{listing}");
+    assert!(row(&bob).contains(" bob "), "{listing}");
+    assert!(!row(&loner).contains("alice"), "{listing}");
     bench.finish().await;
 }

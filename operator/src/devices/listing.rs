@@ -38,8 +38,8 @@ pub async fn fetch(base: &str, pool: Option<&str>) -> anyhow::Result<Vec<DeviceV
 
 pub fn render(devices: &[DeviceView]) -> String {
     let mut out = format!(
-        "{:<18} {:<20} {:<12} {:<8} {:<9} {:<10} {:<9} {}\n",
-        "DEVICE", "POOL", "PLATFORM", "STATE", "ENLISTED", "OFFER", "SEEN", "NOTE"
+        "{:<18} {:<20} {:<20} {:<12} {:<8} {:<9} {:<10} {:<9} {}\n",
+        "DEVICE", "POOL", "OWNER", "PLATFORM", "STATE", "ENLISTED", "OFFER", "SEEN", "NOTE"
     );
     for d in devices {
         let state = match (d.online, d.available) {
@@ -48,9 +48,15 @@ pub fn render(devices: &[DeviceView]) -> String {
             (true, true) => "online",
         };
         out.push_str(&format!(
-            "{:<18} {:<20} {:<12} {:<8} {:<9} {:<10} {:<9} {}\n",
+            "{:<18} {:<20} {:<20} {:<12} {:<8} {:<9} {:<10} {:<9} {}\n",
             d.id,
             d.pool,
+            // A device whose token named nobody is its own owner: shown as "-".
+            if d.owner == d.id || d.owner.is_empty() {
+                "-"
+            } else {
+                &d.owner
+            },
             format!("{}/{}", d.os, d.arch),
             state,
             if d.enlisted { "yes" } else { "no" },

@@ -22,6 +22,7 @@ use crate::devices::{Device, capacity, eligibility, enlist};
 use crate::domain::Presence;
 use crate::pool::capacity::{ChangeKind, DeviceChange};
 use crate::pool::capacity::{DeviceInventory, PoolSurvey};
+use crate::tls::DeviceIdentity;
 
 /// What the gateway sends an agent through; bounded, so a slow agent gets backpressure.
 /// Messages are boxed: the channel allocates its slots up front, once per device, so a slot
@@ -44,6 +45,8 @@ struct Connection {
 struct Entry {
     device: Device,
     pool: String,
+    /// Who it belongs to, as its certificate says (itself when its token named nobody).
+    owner: String,
     /// The address its stream came from, reported as its pods' IP.
     address: Option<String>,
     agent_version: String,
@@ -84,6 +87,8 @@ impl State {
 pub struct DeviceView {
     pub id: String,
     pub pool: String,
+    #[serde(default)]
+    pub owner: String,
     pub os: String,
     pub arch: String,
     pub cores: u32,
@@ -153,13 +158,14 @@ impl Registry {
     /// Returns the stream's generation, which later calls name it by.
     pub fn attach(
         &self,
-        id: &str,
-        pool: &str,
+        identity: &DeviceIdentity,
         hello: &Hello,
         address: Option<String>,
         sender: AgentSender,
         close: oneshot::Sender<Refusal>,
     ) -> Result<u64, AttachRefused> {
+        let (id, pool) = (identity.device_id.as_str(), identity.pool.as_str());
+        let owned_by = identity.owner_or_self().to_string();
         let mut state = self.lock();
         if state.revoked.contains(id) {
             return Err(AttachRefused::Revoked(id.into()));
@@ -191,6 +197,7 @@ impl Registry {
                 let was_online = entry.device.online;
                 entry.device = device;
                 entry.pool = pool.into();
+                entry.owner = owned_by;
                 entry.address = address;
                 entry.agent_version = hello.agent_version.clone();
                 entry.last_seen = Instant::now();
@@ -202,6 +209,7 @@ impl Registry {
                     Entry {
                         device,
                         pool: pool.into(),
+                        owner: owned_by,
                         address,
                         agent_version: hello.agent_version.clone(),
                         connection: Some(connection),
@@ -414,6 +422,11 @@ impl Registry {
         self.lock().devices.get(id).map(|e| e.pool.clone())
     }
 
+    /// Who a device belongs to (itself when its token named nobody), while it is remembered.
+    pub fn owner(&self, id: &str) -> Option<String> {
+        self.lock().devices.get(id).map(|e| e.owner.clone())
+    }
+
     /// The address a device's stream came from.
     pub fn address(&self, id: &str) -> Option<String> {
         self.lock().devices.get(id).and_then(|e| e.address.clone())
@@ -461,6 +474,7 @@ impl Registry {
             .map(|(id, e)| DeviceView {
                 id: id.clone(),
                 pool: e.pool.clone(),
+                owner: e.owner.clone(),
                 os: e.device.capabilities.os.clone(),
                 arch: e.device.capabilities.arch.clone(),
                 cores: e.device.capabilities.cores,
@@ -576,6 +590,23 @@ impl DeviceInventory for Registry {
 }
 
 /// A refusal message.
+#[cfg(test)]
+impl Registry {
+    /// Attaches device `id` of pool "lab" with an empty Hello, as a test's stream: its
+    /// generation, and where the refusal that closes it goes.
+    pub fn attach_test_device(
+        &self,
+        id: &str,
+        sender: AgentSender,
+    ) -> (u64, oneshot::Receiver<Refusal>) {
+        let (close, closed) = oneshot::channel();
+        let identity = DeviceIdentity::unowned(id, "lab");
+        let generation =
+            (self.attach(&identity, &Hello::default(), None, sender, close)).expect("attached");
+        (generation, closed)
+    }
+}
+
 pub fn refusal(code: refusal::Code, message: &str) -> Refusal {
     Refusal {
         code: code as i32,
@@ -634,7 +665,13 @@ mod tests {
     fn connect(registry: &Registry, id: &str, cores: u32) -> (u64, oneshot::Receiver<Refusal>) {
         let (tx, close, closed) = channel();
         let generation = registry
-            .attach(id, "lab", &hello(cores, true), None, tx, close)
+            .attach(
+                &crate::tls::DeviceIdentity::unowned(id, "lab"),
+                &hello(cores, true),
+                None,
+                tx,
+                close,
+            )
             .unwrap();
         (generation, closed)
     }
@@ -788,7 +825,13 @@ mod tests {
         assert_eq!(cpu(&registry.survey(&lab(None))), 0);
         let (tx, close, _closed) = channel();
         let err = registry
-            .attach("a", "lab", &hello(2, true), None, tx, close)
+            .attach(
+                &crate::tls::DeviceIdentity::unowned("a", "lab"),
+                &hello(2, true),
+                None,
+                tx,
+                close,
+            )
             .unwrap_err();
         assert!(err.to_string().contains("join with a new token"), "{err}");
     }

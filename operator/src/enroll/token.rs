@@ -59,6 +59,27 @@ pub struct TokenRecord {
     pub max_uses: Option<u32>,
     pub uses: u32,
     pub revoked: bool,
+    /// Who the devices that join with it belong to, as the platform team vouched when it
+    /// made the token: replicas of a checked pod go to distinct owners. `None`: each device
+    /// counts as its own owner.
+    pub owner: Option<String>,
+}
+
+/// Checks an owner name for `token create --owner`: 1 to 63 characters, lower-case letters,
+/// digits and `-._@`, starting and ending with a letter or digit.
+pub fn parse_owner(text: &str) -> Result<String, String> {
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "-._@".contains(c);
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let fits = (1..=63).contains(&text.len())
+        && text.chars().all(allowed)
+        && edge(text.chars().next())
+        && edge(text.chars().last());
+    match fits {
+        true => Ok(text.to_string()),
+        false => Err(format!(
+            "owner {text:?} is not a name darkcore takes: use 1 to 63 lower-case letters, digits and '-', '.', '_', '@', starting and ending with a letter or digit (an email address in lower case works)"
+        )),
+    }
 }
 
 /// Why a token cannot be used. Each says what to do about it.
@@ -105,6 +126,7 @@ impl TokenRecord {
             max_uses,
             uses: 0,
             revoked: false,
+            owner: None,
         }
     }
 
@@ -232,6 +254,25 @@ mod tests {
         assert_eq!(parse_ttl("90s"), Ok(Duration::from_secs(90)));
         for bad in ["", "h", "24", "1.5h", "0h", "-1h", "3w"] {
             assert!(parse_ttl(bad).unwrap_err().contains("such as 24h"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn owner_names_are_plain_and_bounded() {
+        for good in ["alice", "alice@example.org", "team-7", "a"] {
+            assert_eq!(parse_owner(good).as_deref(), Ok(good));
+        }
+        for bad in [
+            "",
+            "Alice",
+            "-alice",
+            "alice.",
+            "a b",
+            "ali/ce",
+            &"a".repeat(64),
+        ] {
+            let said = parse_owner(bad).unwrap_err();
+            assert!(said.contains("lower-case letters"), "{bad}: {said}");
         }
     }
 }

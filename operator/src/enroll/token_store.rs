@@ -70,6 +70,9 @@ pub fn to_secret(record: &TokenRecord, namespace: &str) -> Secret {
     if let Some(max) = record.max_uses {
         data.insert("max-uses".into(), text(max.to_string()));
     }
+    if let Some(owner) = &record.owner {
+        data.insert("owner".into(), text(owner.clone()));
+    }
     Secret {
         metadata: ObjectMeta {
             name: Some(secret_name(&record.id)),
@@ -120,16 +123,21 @@ pub fn from_secret(secret: &Secret) -> Result<TokenRecord, StoreError> {
             .transpose()?,
         uses: number("uses", required("uses")?)?,
         revoked: required("revoked")? == "true",
+        owner: field("owner")?
+            .map(|o| crate::enroll::token::parse_owner(&o).map_err(&corrupt))
+            .transpose()?,
     })
 }
 
-/// Creates a token for `pool` (which must exist) and returns it; only its hash is stored.
+/// Creates a token for `pool` (which must exist), for devices of `owner` if given, and
+/// returns it; only its hash is stored.
 pub async fn create(
     client: &Client,
     namespace: &str,
     pool: &str,
     ttl: Duration,
     max_uses: Option<u32>,
+    owner: Option<String>,
 ) -> Result<JoinToken, StoreError> {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     if namespaces
@@ -155,7 +163,10 @@ pub async fn create(
         reason,
     })?;
     let token = crate::enroll::token::generate(&der)?;
-    let record = TokenRecord::new(&token, pool, Timestamp::now(), ttl, max_uses);
+    let record = TokenRecord {
+        owner,
+        ..TokenRecord::new(&token, pool, Timestamp::now(), ttl, max_uses)
+    };
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     secrets
         .create(&PostParams::default(), &to_secret(&record, namespace))
@@ -213,6 +224,11 @@ mod tests {
         let record = TokenRecord::new(&token, "lab", now, Duration::from_secs(3600), Some(3));
         let secret = to_secret(&record, "darkcore-system");
         assert_eq!(from_secret(&secret).unwrap(), record);
+        let owned = TokenRecord {
+            owner: Some("alice".into()),
+            ..record.clone()
+        };
+        assert_eq!(from_secret(&to_secret(&owned, "ns")).unwrap(), owned);
         let stored: Vec<u8> = secret
             .data
             .unwrap()

@@ -311,7 +311,8 @@ impl AgentStream {
     /// Serves a stream that said Hello until it ends.
     async fn attached(&mut self, hello: Hello) -> Ending {
         let (close, mut closed) = oneshot::channel();
-        let DeviceIdentity { device_id, pool } = self.identity.clone();
+        let identity = self.identity.clone();
+        let (device_id, pool) = (identity.device_id.clone(), identity.pool.clone());
         // Fail closed: a revoked device must not slip in while the list is still unread.
         if !self.registry.revocations_known() {
             return Ending::Refused(
@@ -323,8 +324,7 @@ impl AgentStream {
             );
         }
         let generation = match self.registry.attach(
-            &device_id,
-            &pool,
+            &identity,
             &hello,
             self.address.clone(),
             self.sender.clone(),
@@ -544,10 +544,7 @@ mod tests {
         use crate::domain::Presence;
         let registry = Registry::default();
         let (sender, _receiver) = mpsc::channel(1);
-        let (close, _closed) = oneshot::channel();
-        let generation = registry
-            .attach("dev", "lab", &Hello::default(), None, sender, close)
-            .unwrap();
+        let (generation, _closed) = registry.attach_test_device("dev", sender);
         let slow = tokio::time::sleep(Duration::from_millis(600));
         keeping_present(
             &registry,

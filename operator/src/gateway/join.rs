@@ -129,6 +129,7 @@ impl JoinService {
         let identity = DeviceIdentity {
             device_id: tls::new_device_id()?,
             pool: record.pool,
+            owner: record.owner,
         };
         let certificate_pem =
             tls::sign_device(&self.ca, &request.csr_der, &identity, self.cert_validity)?;

@@ -42,6 +42,7 @@ use crate::pool::POOL_LABEL;
 use crate::usage::attempts::{AttemptBook, Held, lock};
 use crate::usage::ledger::LOST_CHARGED_AGAIN_MS;
 use crate::usage::recorder::{LostCharge, LostCharges};
+use crate::validation::placement as replica_placement;
 use crate::validation::policy::Validation;
 use crate::warmup::Warmup;
 
@@ -984,9 +985,35 @@ fn choose(
     };
     let offers = shared.registry.offers(&pool.name_any(), &os, &arch);
     let online = offers.len();
+    // A replica goes to neither a device nor an owner that ran one of this pod.
+    let owners: Vec<(String, Option<String>)> = ran
+        .iter()
+        .map(|d| (d.clone(), shared.registry.owner(d).filter(|o| o != d)))
+        .collect();
+    let taken: Vec<_> = owners
+        .iter()
+        .map(|(device, owner)| replica_placement::Candidate {
+            device,
+            owner: owner.as_deref(),
+            os: &os,
+            arch: &arch,
+        })
+        .collect();
+    let homogeneous = pool.spec.validation.homogeneous;
     let candidates: Vec<Candidate> = offers
         .into_iter()
-        .filter(|(id, _)| !ran.contains(id))
+        .filter(|(id, _)| {
+            let owner = (!taken.is_empty())
+                .then(|| shared.registry.owner(id).filter(|o| o != id))
+                .flatten();
+            let candidate = replica_placement::Candidate {
+                device: id,
+                owner: owner.as_deref(),
+                os: &os,
+                arch: &arch,
+            };
+            replica_placement::may_take(&candidate, &taken, homogeneous)
+        })
         .map(|(id, offer)| {
             let carried = load.of(&id);
             Candidate {
@@ -1001,8 +1028,15 @@ fn choose(
         })
         .collect();
     if candidates.is_empty() && online > 0 {
+        let ran: Vec<String> = owners
+            .iter()
+            .map(|(d, o)| {
+                o.as_ref()
+                    .map_or(d.clone(), |o| format!("{d} of owner {o}"))
+            })
+            .collect();
         return Err(format!(
-            "each of the {online} devices online for {os}/{arch} has run a replica of this pod already ({}), and its next replica must run on another: it waits for a device that has not",
+            "each of the {online} devices online for {os}/{arch} ran a replica of this pod or belongs to an owner who did ({}): its next replica waits for another device of another owner",
             ran.join(", ")
         ));
     }

@@ -91,8 +91,8 @@ impl Outbox {
 
 #[cfg(test)]
 mod tests {
-    use darkcore_proto::agent::v1::{Hello, TaskCancel};
-    use tokio::sync::{mpsc, oneshot};
+    use darkcore_proto::agent::v1::TaskCancel;
+    use tokio::sync::mpsc;
 
     use super::*;
 
@@ -112,10 +112,7 @@ mod tests {
 
     fn connect(registry: &Registry, capacity: usize) -> mpsc::Receiver<Box<OperatorMessage>> {
         let (sender, receiver) = mpsc::channel(capacity);
-        let (close, _) = oneshot::channel();
-        registry
-            .attach("dev-1", "lab", &Hello::default(), None, sender, close)
-            .expect("attached");
+        registry.attach_test_device("dev-1", sender);
         receiver
     }
 
@@ -173,10 +170,7 @@ mod tests {
     fn a_device_that_reads_nothing_is_cut_off_not_buffered_without_end() {
         let registry = Registry::new();
         let (sender, _unread) = mpsc::channel(1);
-        let (close, mut closed) = oneshot::channel();
-        registry
-            .attach("dev-1", "lab", &Hello::default(), None, sender, close)
-            .expect("attached");
+        let (_, mut closed) = registry.attach_test_device("dev-1", sender);
         let mut outbox = Outbox::default();
         for n in 0..=WAITING_PER_DEVICE + 1 {
             outbox.send(&registry, "dev-1", cancel(&n.to_string()));
