@@ -3,7 +3,7 @@
 
 use kube::CustomResourceExt;
 
-use crate::{DevicePool, PoolUsage};
+use crate::{DevicePool, DeviceReputation, PoolUsage};
 
 /// Failure to render a CRD as YAML.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +24,7 @@ pub fn crd_yaml() -> Result<String, Error> {
     for (kind, crd) in [
         ("DevicePool", DevicePool::crd()),
         ("PoolUsage", PoolUsage::crd()),
+        ("DeviceReputation", DeviceReputation::crd()),
     ] {
         let body = serde_norway::to_string(&crd).map_err(|source| Error::Yaml { kind, source })?;
         text.push_str("---\n");

@@ -3,6 +3,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod device_pool;
+pub mod device_reputation;
 pub mod generate;
 pub mod pool_usage;
 
@@ -11,6 +12,7 @@ pub use device_pool::{
     Homogeneous, NetworkMode, NodeTemplate, Os, PoolTaint, Runtime, TaintEffect, ValidationPolicy,
     WhenCutOff,
 };
+pub use device_reputation::{DeviceRecord, DeviceReputation, DeviceReputationSpec, Quarantine};
 pub use generate::{Error, crd_yaml};
 pub use pool_usage::{Amounts, DeviceUsage, PoolUsage, PoolUsageSpec};
 

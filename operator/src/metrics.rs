@@ -57,6 +57,8 @@ pub struct Metrics {
     tasks_dispatched: Family<RuntimeLabels, Counter>,
     tasks_completed: Family<ResultLabels, Counter>,
     tasks_redispatched: Family<ReasonLabels, Counter>,
+    verdicts: Family<ResultLabels, Counter>,
+    devices_quarantined: Counter,
     pub placement_duration: Histogram,
     pub dispatch_latency: Histogram,
     pub pod_create_to_running: Histogram,
@@ -162,6 +164,18 @@ impl Default for Metrics {
             "Task attempts abandoned so that the task runs again elsewhere, by reason: DeviceLost, Preempted",
             tasks_redispatched.clone(),
         );
+        let verdicts = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "validation_verdicts",
+            "Checked pods decided, by result: validated (a quorum agreed), unverified (a trusted device's result accepted alone), no_quorum",
+            verdicts.clone(),
+        );
+        let devices_quarantined = Counter::default();
+        registry.register(
+            "devices_quarantined",
+            "Devices quarantined because their results disagreed with validated ones too often",
+            devices_quarantined.clone(),
+        );
         let placement_duration = Histogram::new(exponential_buckets(0.000_01, 4.0, 10));
         registry.register(
             "placement_duration_seconds",
@@ -193,6 +207,8 @@ impl Default for Metrics {
             tasks_dispatched,
             tasks_completed,
             tasks_redispatched,
+            verdicts,
+            devices_quarantined,
             placement_duration,
             dispatch_latency,
             pod_create_to_running,
@@ -287,6 +303,15 @@ impl Metrics {
                 .get_or_create(&ResultLabels { result })
                 .inc_by(count as u64);
         }
+    }
+
+    /// A checked pod was decided: `validated`, `unverified` or `no_quorum`.
+    pub fn verdict(&self, result: &'static str) {
+        self.verdicts.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    pub fn device_quarantined(&self) {
+        self.devices_quarantined.inc();
     }
 
     pub fn task_redispatched(&self, reason: &'static str) {

@@ -46,6 +46,7 @@ use crate::supervise::Supervisor;
 use crate::tls;
 use crate::usage::attempts::AttemptBook;
 use crate::usage::recorder::Recorder as UsageRecorder;
+use crate::validation::reputation_store::ReputationStore;
 use crate::warmup::Warmup;
 
 /// Options of `darkcore-operator run`.
@@ -306,6 +307,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let stats = Arc::new(StatsStore::default());
     let pod_index = Arc::new(PodIndex::default());
     let attempts = Arc::new(std::sync::Mutex::new(AttemptBook::default()));
+    // Devices quarantined before stay out: the book is read before any pod is placed.
+    let reputations = ReputationStore::new(client.clone());
+    reputations.load().await.context(
+        "listing DeviceReputations (the operator needs list on devicereputations.darkcore.io; install or upgrade the chart, which has the CRD and the role)",
+    )?;
+    for (pool, device, view) in reputations.views() {
+        if let Some(why) = &view.quarantined {
+            registry.quarantine(&device, &pool, why, false);
+        }
+        registry.reputation(&device, view);
+    }
     let (usage_recorder, usage, lost_charges, usage_inbox) = UsageRecorder::new(
         client.clone(),
         metrics.clone(),
@@ -325,11 +337,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         started,
         attempts,
         lost_charges,
+        reputations: reputations.clone(),
         host_ip: args.node_address.clone(),
         metrics: metrics.clone(),
     }));
     let mut loops = Supervisor::default();
     loops.spawn("usage", usage_recorder.run(usage_inbox));
+    loops.spawn("reputation", reputations.run());
     let task_reports = TaskReports {
         controller: pod_controller.inbox(),
         logs: logs.clone(),

@@ -114,6 +114,9 @@ async fn main() -> anyhow::Result<()> {
         metrics: metrics.clone(),
         attempts: Default::default(),
         lost_charges,
+        reputations: darkcore_operator::validation::reputation_store::ReputationStore::new(
+            client.clone(),
+        ),
     });
     let (controller, inbox) = Controller::new(shared);
     let controller_inbox = controller.inbox();

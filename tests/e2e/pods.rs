@@ -81,10 +81,10 @@ impl Bench {
     }
 
     /// Joins one more agent (of one core; `testing` is more agent config, as for
-    /// [`Agent::start_with`]) and waits until the node counts its core.
-    pub async fn add_agent(&mut self, testing: &str) {
+    /// [`Agent::start_with`]), waits until the node counts its core, and returns its id.
+    pub async fn add_agent(&mut self, testing: &str) -> String {
         let token = token(&self.fx.pool, &[]);
-        self.add_agent_with(&token, testing).await;
+        self.add_agent_with(&token, testing).await
     }
 
     /// As [`Bench::add_agent`], joining with `token`; returns the new device's id.

@@ -89,6 +89,9 @@ async fn the_service_account_cannot_do_what_the_operator_does_not_need() {
         // Housekeeping: usage of deleted pools, and tokens that can admit no one.
         &["list", "poolusages.darkcore.io"],
         &["delete", "poolusages.darkcore.io"],
+        &["list", "devicereputations.darkcore.io"],
+        &["create", "devicereputations.darkcore.io"],
+        &["update", "devicereputations.darkcore.io"],
         &["list", "secrets", "-n", "darkcore-system"],
         &["delete", "secrets", "-n", "darkcore-system"],
         &[

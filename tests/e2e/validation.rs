@@ -3,8 +3,10 @@
 
 use std::time::Duration;
 
+use darkcore_crds::{AdaptiveReplication, DevicePoolSpec, DeviceReputation, ValidationPolicy};
 use k8s_openapi::api::core::v1::{Pod, PodCondition};
-use kube::ResourceExt;
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
 
 use crate::devices::process_pool;
 use crate::fleet;
@@ -229,5 +231,187 @@ async fn replicas_go_to_devices_of_distinct_owners_named_by_their_join_tokens() 
     assert!(row(&alice_1).contains("alice@example.org"), "{listing}");
     assert!(row(&bob).contains(" bob "), "{listing}");
     assert!(!row(&loner).contains("alice"), "{listing}");
+    bench.finish().await;
+}
+
+/// A process pool whose validation is tuned for short tests: `adaptive` as given.
+fn pool_with(adaptive: AdaptiveReplication) -> DevicePoolSpec {
+    DevicePoolSpec {
+        validation: ValidationPolicy {
+            adaptive,
+            ..Default::default()
+        },
+        ..process_pool()
+    }
+}
+
+/// Waits until the pod's second replica waits for a device of another owner.
+async fn waits_for_another_device(bench: &Bench, pod: &str) {
+    poll_until(
+        "a replica waiting for another device",
+        Duration::from_secs(60),
+        || async {
+            let pod = bench.pods().get(pod).await.map_err(|e| e.to_string())?;
+            let placed = condition(&pod, "darkcore.io/Placed").and_then(|c| c.message.clone());
+            match placed.filter(|m| m.contains("another owner")) {
+                Some(_) => Ok(()),
+                None => Err(format!("{:?}", pod.status)),
+            }
+        },
+    )
+    .await;
+}
+
+/// The row of `device` in `darkcore-operator devices`.
+fn listing_row(bench: &Bench, device: &str) -> String {
+    let operator = format!("http://127.0.0.1:{}", bench.fx.operator.http_port);
+    let listing = operator_cli(&["devices", "--operator", &operator, "--pool", &bench.fx.pool]);
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    listing
+        .lines()
+        .find(|l| l.starts_with(device))
+        .unwrap_or_else(|| panic!("{device} in {listing}"))
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_device_whose_results_keep_disagreeing_is_quarantined_and_stays_so_after_a_restart() {
+    // Two lies pass 15%: 0.10 + 2 x 0.05.
+    let policy = AdaptiveReplication {
+        quarantine_error_rate_percent: 15,
+        ..Default::default()
+    };
+    let mut bench = Bench::start("quarantine", 1, pool_with(policy)).await;
+    let honest = bench.agents[0].device_id.clone();
+    let liar = bench.add_agent("fault = \"wrong-result\"\n").await;
+    let script = "echo 42; echo 42 > $DARKCORE_TASK_ROOT/out/result";
+    let (nodes, node) = (bench.fx.nodes(), bench.fx.node.clone());
+    let mut other = None;
+    for round in 0..2 {
+        // Two devices online: the two replicas run on the honest one and the liar, disagree,
+        // and the third waits; a second honest device decides it.
+        let name = format!("answer-{round}");
+        bench.create(checked_pod(&bench, &name, 2, 3, script)).await;
+        waits_for_another_device(&bench, &name).await;
+        match other {
+            None => {
+                bench.add_agent("").await;
+                other = Some(bench.agents.len() - 1);
+            }
+            Some(index) => bench.agents[index].run(),
+        }
+        let done = bench
+            .phase_is(&name, "Succeeded", Duration::from_secs(60))
+            .await;
+        let message = condition(&done, VALIDATED)
+            .and_then(|c| c.message.clone())
+            .unwrap_or_default();
+        assert!(
+            message.contains(&format!("disagreeing: {liar} gave")),
+            "{message}"
+        );
+        if round == 0 {
+            let index = other.unwrap();
+            bench.agents[index].stop().await;
+            fleet::node_cpu_is(&nodes, &node, 2000, Duration::from_secs(30)).await;
+        }
+    }
+    // The liar is out: not enlisted, named in a pool Event, shown with why.
+    fleet::node_cpu_is(&nodes, &node, 2000, Duration::from_secs(30)).await;
+    let events = bench.fx.pool_events_include(&["DevicesQuarantined"]).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("DevicesQuarantined:") && e.contains(&liar)),
+        "{events:?}"
+    );
+    let row = listing_row(&bench, &liar);
+    assert!(
+        row.contains("quarantined: error rate 20.0% after 2 invalid of 2"),
+        "{row}"
+    );
+    assert!(row.contains("20.0% 0/2"), "{row}");
+    assert!(
+        listing_row(&bench, &honest).contains("9.0% 2/0"),
+        "{}",
+        listing_row(&bench, &honest)
+    );
+    // Stored, so a restarted operator keeps it out.
+    let reputations: Api<DeviceReputation> = Api::all(bench.fx.client.clone());
+    let stored = poll_until("the reputation stored", Duration::from_secs(30), || async {
+        let list = reputations
+            .list(&ListParams::default().labels(&format!("darkcore.io/pool={}", bench.fx.pool)))
+            .await
+            .map_err(|e| e.to_string())?;
+        let record = (list.items.iter())
+            .find_map(|o| o.spec.devices.get(&liar).cloned())
+            .filter(|r| r.quarantined.is_some());
+        record.ok_or_else(|| format!("{:?}", list.items))
+    })
+    .await;
+    assert_eq!((stored.validated, stored.invalid), (0, 2));
+    bench.fx.operator.kill().await;
+    bench.restart_operator().await;
+    fleet::node_cpu_is(&nodes, &node, 2000, Duration::from_secs(60)).await;
+    let row = poll_until("the liar listed again", Duration::from_secs(30), || async {
+        let row = listing_row(&bench, &liar);
+        match row.contains("quarantined") {
+            true => Ok(row),
+            false => Err(row),
+        }
+    })
+    .await;
+    assert!(row.contains("20.0% 0/2"), "{row}");
+    bench.finish().await;
+}
+
+#[tokio::test]
+async fn trusted_devices_run_checked_pods_alone_and_say_so() {
+    // Trusted after 3 validated results (0.1 x 0.95^3 = 8.6%), and never spot-checked.
+    let policy = AdaptiveReplication {
+        min_validated: 2,
+        trusted_error_rate_percent: 9,
+        spot_check_percent: 0,
+        ..Default::default()
+    };
+    let bench = Bench::start("adaptive", 2, pool_with(policy)).await;
+    let script = "echo pi-$JOB_COMPLETION_INDEX";
+    let pod = checked_pod(&bench, "pi", 2, 5, script);
+    let jobs = bench.indexed_job_of("pi", 6, 1, pod).await;
+    let pods = bench
+        .job_succeeds(&jobs, "pi", 6, Duration::from_secs(240))
+        .await;
+    let mut by_index: Vec<(u32, String, String)> = pods
+        .iter()
+        .map(|p| {
+            let index = p.annotations()["batch.kubernetes.io/job-completion-index"]
+                .parse()
+                .unwrap();
+            let validated = condition(p, VALIDATED).expect("the condition");
+            let message = validated.message.clone().unwrap_or_default();
+            (index, validated.status.clone(), message)
+        })
+        .collect();
+    by_index.sort();
+    // Two devices, each replica on both: both are trusted after three pods.
+    for (index, status, message) in &by_index[..3] {
+        assert_eq!(status, "True", "index {index}: {message}");
+    }
+    for (index, status, message) in &by_index[3..] {
+        assert_eq!(status, "Unverified", "index {index}: {message}");
+        assert!(message.contains("probability 0%"), "{message}");
+        let name = &pods
+            .iter()
+            .find(|p| {
+                p.annotations()["batch.kubernetes.io/job-completion-index"] == index.to_string()
+            })
+            .unwrap()
+            .name_any();
+        let want = format!("pi-{index}\n");
+        assert_eq!(
+            bench.logs_show(name, &want, Duration::from_secs(10)).await,
+            want
+        );
+    }
     bench.finish().await;
 }

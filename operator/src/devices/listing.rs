@@ -38,8 +38,17 @@ pub async fn fetch(base: &str, pool: Option<&str>) -> anyhow::Result<Vec<DeviceV
 
 pub fn render(devices: &[DeviceView]) -> String {
     let mut out = format!(
-        "{:<18} {:<20} {:<20} {:<12} {:<8} {:<9} {:<10} {:<9} {}\n",
-        "DEVICE", "POOL", "OWNER", "PLATFORM", "STATE", "ENLISTED", "OFFER", "SEEN", "NOTE"
+        "{:<18} {:<20} {:<20} {:<12} {:<8} {:<9} {:<10} {:<9} {:<16} {}\n",
+        "DEVICE",
+        "POOL",
+        "OWNER",
+        "PLATFORM",
+        "STATE",
+        "ENLISTED",
+        "OFFER",
+        "SEEN",
+        "ERRORS",
+        "NOTE"
     );
     for d in devices {
         let state = match (d.online, d.available) {
@@ -48,7 +57,7 @@ pub fn render(devices: &[DeviceView]) -> String {
             (true, true) => "online",
         };
         out.push_str(&format!(
-            "{:<18} {:<20} {:<20} {:<12} {:<8} {:<9} {:<10} {:<9} {}\n",
+            "{:<18} {:<20} {:<20} {:<12} {:<8} {:<9} {:<10} {:<9} {:<16} {}\n",
             d.id,
             d.pool,
             // A device whose token named nobody is its own owner: shown as "-".
@@ -62,6 +71,11 @@ pub fn render(devices: &[DeviceView]) -> String {
             if d.enlisted { "yes" } else { "no" },
             format!("{}m/{}Mi", d.offer_millicores, d.offer_memory_bytes >> 20),
             format!("{}s ago", d.seconds_since_seen),
+            // The error rate, and validated/invalid results.
+            d.reputation.as_ref().map_or("-".into(), |r| format!(
+                "{:.1}% {}/{}",
+                r.error_rate_percent, r.validated, r.invalid
+            )),
             d.note.as_deref().unwrap_or("")
         ));
     }

@@ -23,6 +23,7 @@ use crate::domain::Presence;
 use crate::pool::capacity::{ChangeKind, DeviceChange};
 use crate::pool::capacity::{DeviceInventory, PoolSurvey};
 use crate::tls::DeviceIdentity;
+use crate::validation::reputation_store::ReputationView;
 
 /// What the gateway sends an agent through; bounded, so a slow agent gets backpressure.
 /// Messages are boxed: the channel allocates its slots up front, once per device, so a slot
@@ -68,6 +69,10 @@ struct State {
     busy: HashSet<String>,
     /// The revocation list has been read once.
     revocations_known: bool,
+    /// Devices whose results disagreed too often, with why: never enlisted.
+    quarantined: HashMap<String, String>,
+    /// Each judged device's record, for listings.
+    reputations: HashMap<String, ReputationView>,
 }
 
 impl State {
@@ -103,6 +108,9 @@ pub struct DeviceView {
     pub seconds_since_seen: u64,
     /// Why the pool does not enlist it, when it does not.
     pub note: Option<String>,
+    /// Its judged results, once it has any.
+    #[serde(default)]
+    pub reputation: Option<ReputationView>,
 }
 
 /// Why a stream is refused at attach.
@@ -374,6 +382,28 @@ impl Registry {
         }
     }
 
+    /// Quarantines a device of `pool`: it is no longer enlisted, and the pool's Events say so
+    /// once. (At start, those quarantined before are set the same way, with `announce` off.)
+    pub fn quarantine(&self, device: &str, pool: &str, why: &str, announce: bool) {
+        let mut state = self.lock();
+        let newly = state
+            .quarantined
+            .insert(device.to_string(), why.to_string())
+            .is_none();
+        let change = (newly && announce).then(|| DeviceChange {
+            kind: ChangeKind::Quarantined,
+            device: device.to_string(),
+        });
+        state.changed(pool, change);
+        drop(state);
+        self.notify();
+    }
+
+    /// A device's judged record changed: listings show it.
+    pub fn reputation(&self, device: &str, view: ReputationView) {
+        self.lock().reputations.insert(device.to_string(), view);
+    }
+
     /// The sender of a device's current stream, for tasks.
     pub fn sender(&self, id: &str) -> Option<AgentSender> {
         let state = self.lock();
@@ -491,6 +521,7 @@ impl Registry {
                 agent_version: e.agent_version.clone(),
                 seconds_since_seen: now.saturating_duration_since(e.last_seen).as_secs(),
                 note: e.ineligible.clone(),
+                reputation: state.reputations.get(id).cloned(),
             })
             .collect();
         views.sort_by(|a, b| (&a.pool, &a.id).cmp(&(&b.pool, &b.id)));
@@ -535,6 +566,10 @@ impl DeviceInventory for Registry {
                 continue;
             }
             online += 1;
+            if let Some(why) = state.quarantined.get(&entry.device.id) {
+                entry.ineligible = Some(format!("not eligible: quarantined: {why}"));
+                continue;
+            }
             match eligibility::check(&pool.spec, &entry.device) {
                 Ok(()) => eligible.push(&entry.device),
                 Err(reason) => {

@@ -44,6 +44,8 @@ use crate::usage::ledger::LOST_CHARGED_AGAIN_MS;
 use crate::usage::recorder::{LostCharge, LostCharges};
 use crate::validation::placement as replica_placement;
 use crate::validation::policy::Validation;
+use crate::validation::reputation::{self, Plan};
+use crate::validation::reputation_store::ReputationStore;
 use crate::warmup::Warmup;
 
 /// How soon messages that did not fit an agent's queue are tried again.
@@ -89,6 +91,8 @@ pub struct Shared {
     pub attempts: Arc<Mutex<AttemptBook>>,
     /// Where the charges for attempts lost with their devices go.
     pub lost_charges: LostCharges,
+    /// How far each device's results are trusted, kept durably.
+    pub reputations: Arc<ReputationStore>,
 }
 
 struct Entry {
@@ -627,6 +631,13 @@ impl Controller {
         let choose =
             |ready: &Ready, ran: &[String]| choose(&shared, pool.as_deref(), pod, ready, load, ran);
         let validation = validation_of(pod, pool.as_deref());
+        let alone = |device: &str| {
+            let (pool, reputations) = (pool.as_deref()?, &shared.reputations);
+            let policy = &pool.spec.validation.adaptive;
+            let standing = reputations.standing(&pool.name_any(), device, policy);
+            let plan = reputation::plan(standing, policy, percent_draw());
+            (plan == Plan::Alone).then_some(policy.spot_check_percent)
+        };
         let admission = || {
             let pool = pool.as_ref()?;
             Some(admission::admit(&pool.name_any(), &pool.spec, pod))
@@ -657,6 +668,7 @@ impl Controller {
             presence: &presence,
             choose: &choose,
             validation: validation.as_ref(),
+            alone: &alone,
         };
         let (run, effects) = lifecycle::step(run, event, &facts);
         if let Some(share) = share(&run) {
@@ -748,6 +760,27 @@ impl Controller {
             }
             Effect::Inform { reason, message } => {
                 shared.writer.event(&entry.pod, false, &reason, message);
+            }
+            Effect::Decided(verdict) => shared.metrics.verdict(verdict),
+            Effect::Judged {
+                agreeing,
+                disagreeing,
+            } => {
+                let Some(pool) = pool else { return };
+                let (name, policy) = (pool.name_any(), &pool.spec.validation.adaptive);
+                let judged = shared
+                    .reputations
+                    .judge(&name, &agreeing, &disagreeing, policy);
+                for device in agreeing.iter().chain(&disagreeing) {
+                    if let Some(view) = shared.reputations.view(&name, device) {
+                        shared.registry.reputation(device, view);
+                    }
+                }
+                for (device, why) in judged.quarantined {
+                    tracing::warn!(%device, pool = %name, %why, "device quarantined");
+                    shared.metrics.device_quarantined();
+                    shared.registry.quarantine(&device, &name, &why, true);
+                }
             }
             Effect::ReplicaFinished(task) => {
                 tracing::info!(%uid, task = %task, "a replica's result is recorded");
@@ -1079,8 +1112,23 @@ fn assignment(pod: &Pod, ready: &Ready, attempt: &Attempt, network: NetworkMode)
     }
 }
 
+/// A number drawn uniformly in [0, 100) from the system's randomness, for spot checks: a
+/// device cannot predict it.
+fn percent_draw() -> f64 {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 4];
+    // Without randomness, check: a spot check too many costs only a replica.
+    match ring::rand::SystemRandom::new().fill(&mut bytes) {
+        Ok(()) => f64::from(u32::from_le_bytes(bytes) % 10_000) / 100.0,
+        Err(_) => 0.0,
+    }
+}
+
 /// A checked pod's `darkcore.io/Validated` condition, once it is past admission.
-fn validated(run: &Run, validation: Option<Validation>) -> Option<(bool, &'static str, String)> {
+fn validated(
+    run: &Run,
+    validation: Option<Validation>,
+) -> Option<(&'static str, &'static str, String)> {
     let validation = validation?;
     let running = match &run.stage {
         Stage::Dispatched { attempt, .. } => Some((attempt.task.number, attempt.device.as_str())),

@@ -243,6 +243,10 @@ pub struct Facts<'a> {
     pub choose: &'a Choose<'a>,
     /// How the pod's results are checked, if they are: replicas until a quorum agrees.
     pub validation: Option<&'a Validation>,
+    /// Whether a checked pod's first result, from this device, is accepted alone: the
+    /// spot-check percentage when the device is trusted and was not drawn for a check (drawn
+    /// after it reported, so it cannot know beforehand), else `None`.
+    pub alone: &'a dyn Fn(&str) -> Option<u32>,
 }
 
 /// What the controller carries out after a step.
@@ -269,6 +273,13 @@ pub enum Effect {
     Inform { reason: String, message: String },
     /// A replica of a checked pod finished and its result is recorded; more may follow.
     ReplicaFinished(TaskId),
+    /// A checked pod was decided: `validated`, `unverified` or `no_quorum`.
+    Decided(&'static str),
+    /// A checked pod was validated: the devices whose results agreed, and the others.
+    Judged {
+        agreeing: Vec<String>,
+        disagreeing: Vec<String>,
+    },
     /// An attempt was lost (the task runs again, or the pod fails past its re-dispatches);
     /// a lost device's attempt is charged until its device was last heard (`at_unix_ms`).
     Redispatched(Loss),
@@ -570,7 +581,7 @@ fn settle(mut run: Run, facts: &Facts<'_>, effects: &mut Vec<Effect>) -> Run {
                 }
                 if let Some(validation) = facts.validation.filter(|_| terminal(phase)) {
                     run.stage = Stage::Dispatched { attempt, ready };
-                    run = replica_finished(run, validation, effects);
+                    run = replica_finished(run, validation, facts, effects);
                     continue;
                 }
                 if terminal(phase) {
@@ -616,7 +627,12 @@ fn settle(mut run: Run, facts: &Facts<'_>, effects: &mut Vec<Effect>) -> Run {
 
 /// A replica of a checked pod finished: its result is recorded, and the pod is validated, runs
 /// another replica on another device, or fails for want of a quorum.
-fn replica_finished(mut run: Run, validation: &Validation, effects: &mut Vec<Effect>) -> Run {
+fn replica_finished(
+    mut run: Run,
+    validation: &Validation,
+    facts: &Facts<'_>,
+    effects: &mut Vec<Effect>,
+) -> Run {
     let Stage::Dispatched { attempt, ready } = run.stage else {
         return run;
     };
@@ -626,12 +642,31 @@ fn replica_finished(mut run: Run, validation: &Validation, effects: &mut Vec<Eff
     let decision = run
         .replicas
         .record(number, &attempt.device, result, validation);
-    if let Decision::Validated { .. } = decision {
+    let first = run.replicas.results.len() == 1;
+    let unverified = match (&decision, first) {
+        (Decision::RunMore(_), true) => (facts.alone)(&attempt.device),
+        _ => None,
+    };
+    if let Some(spot_check_percent) = unverified {
+        run.replicas.accept_unverified(spot_check_percent);
+    }
+    if matches!(decision, Decision::Validated { .. }) || unverified.is_some() {
         let (_, _, message) = run.replicas.condition(validation, None);
+        let (reason, verdict) = match unverified {
+            Some(_) => ("AcceptedUnverified", "unverified"),
+            None => ("Validated", "validated"),
+        };
+        effects.push(Effect::Decided(verdict));
         effects.push(Effect::Inform {
-            reason: "Validated".into(),
+            reason: reason.into(),
             message,
         });
+        if let Some((agreeing, disagreeing)) = run.replicas.judged() {
+            effects.push(Effect::Judged {
+                agreeing,
+                disagreeing,
+            });
+        }
         effects.push(Effect::Completed {
             succeeded: attempt.phase() == TaskPhase::Succeeded,
         });
@@ -656,6 +691,7 @@ fn replica_finished(mut run: Run, validation: &Validation, effects: &mut Vec<Eff
                 message: message.clone(),
                 once: false,
             });
+            effects.push(Effect::Decided("no_quorum"));
             Stage::Failed {
                 reason: "NoQuorum".into(),
                 message,
@@ -710,6 +746,7 @@ fn delete(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::validation::replicas::Verdict;
 
     /// A pool's fence and the operator's margin, in these tests.
     const FENCE_WAIT: Duration = Duration::from_secs(40);
@@ -729,6 +766,8 @@ mod tests {
         /// dev-b, dev-c and dev-d, in order.
         fits: Result<&'static str, &'static str>,
         validation: Option<Validation>,
+        /// Every device is trusted and drawn for no spot check at this percentage.
+        trusted: Option<u32>,
     }
 
     impl World {
@@ -743,6 +782,7 @@ mod tests {
                 started: Instant::now(),
                 fits: Ok("dev-a"),
                 validation: None,
+                trusted: None,
             }
         }
 
@@ -775,6 +815,7 @@ mod tests {
                 presence: &presence,
                 choose: &choose,
                 validation: self.validation.as_ref(),
+                alone: &|_| self.trusted,
             };
             step(run, event, &facts)
         }
@@ -1274,7 +1315,7 @@ mod tests {
     /// The devices whose results validated the pod.
     fn agreeing(run: &Run) -> Vec<String> {
         match &run.replicas.verdict {
-            Some(Decision::Validated { agreeing, .. }) => agreeing.clone(),
+            Some(Verdict::Validated { agreeing, .. }) => agreeing.clone(),
             other => panic!("not validated: {other:?}"),
         }
     }
@@ -1381,5 +1422,60 @@ mod tests {
             run.stage
         );
         assert_eq!(attempt_of(&run).task.number, 4);
+    }
+
+    #[test]
+    fn a_trusted_devices_first_result_is_accepted_unverified_unless_spot_checked() {
+        let world = World {
+            trusted: Some(10),
+            ..checked(2, 5)
+        };
+        let run = dispatched(&world);
+        let (run, effects) = world.step(run, result(1, 'a'));
+        assert!(
+            matches!(run.stage, Stage::Finished { .. }),
+            "{:?}",
+            run.stage
+        );
+        assert!(matches!(
+            run.replicas.verdict,
+            Some(Verdict::Unverified {
+                spot_check_percent: 10,
+                ..
+            })
+        ));
+        assert!(effects.contains(&Effect::Completed { succeeded: true }));
+        assert!(
+            effects.iter().any(
+                |e| matches!(e, Effect::Inform { reason, .. } if reason == "AcceptedUnverified")
+            )
+        );
+        assert!(
+            !effects.iter().any(|e| matches!(e, Effect::Judged { .. })),
+            "nothing was compared"
+        );
+        // Drawn for a spot check (or not trusted): replicated as any other.
+        let (run, _) = checked(2, 5).step(dispatched(&world), result(1, 'a'));
+        assert!(
+            matches!(run.stage, Stage::Dispatched { .. }),
+            "{:?}",
+            run.stage
+        );
+    }
+
+    #[test]
+    fn a_validation_judges_the_agreeing_and_the_disagreeing_devices() {
+        let world = checked(2, 5);
+        let run = dispatched(&world);
+        let (run, _) = world.step(run, result(1, 'f'));
+        let (run, _) = world.step(run, result(2, 'a'));
+        let (_, effects) = world.step(run, result(3, 'a'));
+        assert!(
+            effects.contains(&Effect::Judged {
+                agreeing: vec!["dev-b".into(), "dev-c".into()],
+                disagreeing: vec!["dev-a".into()],
+            }),
+            "{effects:?}"
+        );
     }
 }

@@ -69,7 +69,7 @@ pub struct RunView {
     /// its Ready condition's transition time records when, for a restarted operator.
     pub silent_since_ms: Option<i64>,
     /// A checked pod's `darkcore.io/Validated` condition: status, reason and message.
-    pub validated: Option<(bool, &'static str, String)>,
+    pub validated: Option<(&'static str, &'static str, String)>,
 }
 
 /// Whether a container that ended as `reported` gets the end of its output as its termination
@@ -393,13 +393,16 @@ pub fn render(pod: &Pod, view: &RunView, now: &Time) -> PodStatus {
         }),
         (None, None) => {}
     }
-    if let Some((value, reason, message)) = &view.validated {
-        conditions.push(condition(
-            crate::validation::replicas::CONDITION,
-            *value,
-            Some((*reason).into()),
-            Some(message.clone()),
-        ));
+    if let Some((status, reason, message)) = &view.validated {
+        let type_ = crate::validation::replicas::CONDITION;
+        conditions.push(PodCondition {
+            type_: type_.into(),
+            status: (*status).into(),
+            last_transition_time: Some(transition_time(previous(type_), status, now)),
+            reason: Some((*reason).into()),
+            message: Some(message.clone()),
+            ..Default::default()
+        });
     }
     let (reason, message) = match (&view.failed, report) {
         (Some((reason, message)), _) => (Some(reason.clone()), Some(message.clone())),
@@ -504,7 +507,7 @@ mod tests {
         let view = RunView {
             attempt: Some((2, "dev-b".into(), "uid.2".into())),
             report: Some(report(TaskPhase::Succeeded, State::Terminated, 0)),
-            validated: Some((true, "QuorumReached", "devices dev-a, dev-b agree".into())),
+            validated: Some(("True", "QuorumReached", "devices dev-a, dev-b agree".into())),
             ..Default::default()
         };
         let status = render(&pod(), &view, &Time(Timestamp::now()));

@@ -75,6 +75,8 @@ pub enum ChangeKind {
     Revoked,
     /// It claims more than the pool's deviceLimits, or than its own hardware: not enlisted.
     Implausible,
+    /// Its results disagreed with validated ones too often: not enlisted.
+    Quarantined,
 }
 
 /// Where the pool controller learns about devices: the device registry, fed by the gateway.

@@ -41,6 +41,12 @@ pub fn summarize_changes(changes: &[DeviceChange]) -> Vec<ChangeSummary> {
             "DevicesImplausible",
             "not enlisted: they claim more than spec.deviceLimits or their own hardware (see darkcore-operator device list)",
         ),
+        (
+            ChangeKind::Quarantined,
+            EventType::Warning,
+            "DevicesQuarantined",
+            "quarantined and no longer enlisted: their results disagreed with validated ones past spec.validation.adaptive.quarantineErrorRatePercent (see darkcore-operator devices)",
+        ),
     ];
     kinds
         .into_iter()

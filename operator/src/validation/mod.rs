@@ -6,3 +6,4 @@ pub mod policy;
 pub mod quorum;
 pub mod replicas;
 pub mod reputation;
+pub mod reputation_store;

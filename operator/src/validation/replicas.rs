@@ -30,6 +30,25 @@ pub fn result_of(report: &TaskStatus) -> String {
     }
 }
 
+/// How a checked pod's results ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// `agreeing` devices gave `digest`; `canonical`'s output is the pod's.
+    Validated {
+        digest: String,
+        canonical: String,
+        agreeing: Vec<String>,
+    },
+    /// A trusted device's result, accepted alone: it was spot-checked with this probability.
+    Unverified {
+        digest: String,
+        device: String,
+        spot_check_percent: u32,
+    },
+    /// No digest could reach the quorum: each digest, with its devices.
+    NoQuorum { digests: Vec<(String, Vec<String>)> },
+}
+
 /// The finished replicas of one pod and, once decided, the verdict.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Replicas {
@@ -37,8 +56,8 @@ pub struct Replicas {
     pub results: Vec<Outcome>,
     /// Their attempt numbers: a late report of one is never taken for a new attempt.
     pub numbers: Vec<u32>,
-    /// Validated or NoQuorum, once decided.
-    pub verdict: Option<Decision>,
+    /// How it ended, once decided.
+    pub verdict: Option<Verdict>,
 }
 
 impl Replicas {
@@ -59,13 +78,46 @@ impl Replicas {
             });
         }
         let decision = quorum::decide(&self.results, 0, validation);
-        if matches!(
-            decision,
-            Decision::Validated { .. } | Decision::NoQuorum { .. }
-        ) {
-            self.verdict = Some(decision.clone());
-        }
+        self.verdict = match decision.clone() {
+            Decision::Validated {
+                digest,
+                canonical,
+                agreeing,
+            } => Some(Verdict::Validated {
+                digest,
+                canonical,
+                agreeing,
+            }),
+            Decision::NoQuorum { digests } => Some(Verdict::NoQuorum { digests }),
+            Decision::RunMore(_) | Decision::Wait => None,
+        };
         decision
+    }
+
+    /// Accepts the only result so far, from a trusted device not drawn for a spot check.
+    pub fn accept_unverified(&mut self, spot_check_percent: u32) {
+        if let [only] = self.results.as_slice() {
+            self.verdict = Some(Verdict::Unverified {
+                digest: only.digest.clone(),
+                device: only.device.clone(),
+                spot_check_percent,
+            });
+        }
+    }
+
+    /// The devices whose results a validation judged: those that agreed, and the others.
+    pub fn judged(&self) -> Option<(Vec<String>, Vec<String>)> {
+        let Some(Verdict::Validated {
+            digest, agreeing, ..
+        }) = &self.verdict
+        else {
+            return None;
+        };
+        let disagreeing = (self.results.iter())
+            .filter(|o| o.digest != *digest)
+            .map(|o| o.device.clone())
+            .collect();
+        Some((agreeing.clone(), disagreeing))
     }
 
     /// Whether attempt `number` is a replica that has finished.
@@ -78,16 +130,17 @@ impl Replicas {
         self.results.iter().map(|o| o.device.clone()).collect()
     }
 
-    /// The `darkcore.io/Validated` condition: status, reason and message. `running` is the
-    /// replica on a device now (its number and device).
+    /// The `darkcore.io/Validated` condition: status (`True`, `False`, or `Unverified` for a
+    /// trusted device's result accepted alone), reason and message. `running` is the replica
+    /// on a device now (its number and device).
     pub fn condition(
         &self,
         validation: &Validation,
         running: Option<(u32, &str)>,
-    ) -> (bool, &'static str, String) {
+    ) -> (&'static str, &'static str, String) {
         let quorum = validation.quorum;
         match &self.verdict {
-            Some(Decision::Validated {
+            Some(Verdict::Validated {
                 digest,
                 canonical,
                 agreeing,
@@ -103,7 +156,7 @@ impl Replicas {
                     false => format!("; disagreeing: {}", others.join(", ")),
                 };
                 (
-                    true,
+                    "True",
                     "QuorumReached",
                     format!(
                         "{} of {} replicas agree (quorum {quorum}): devices {} gave {digest}; the output shown is device {canonical}'s{disagreeing}",
@@ -113,8 +166,19 @@ impl Replicas {
                     ),
                 )
             }
-            Some(Decision::NoQuorum { digests }) => {
-                (false, "NoQuorum", no_quorum_message(digests, validation))
+            Some(Verdict::Unverified {
+                digest,
+                device,
+                spot_check_percent,
+            }) => (
+                "Unverified",
+                "TrustedDevice",
+                format!(
+                    "accepted unverified: device {device} is trusted by its record and gave {digest}; it was spot-checked with probability {spot_check_percent}% and not drawn this time"
+                ),
+            ),
+            Some(Verdict::NoQuorum { digests }) => {
+                ("False", "NoQuorum", no_quorum_message(digests, validation))
             }
             _ => {
                 let so_far = match self.results.len() {
@@ -134,7 +198,7 @@ impl Replicas {
                     None => "; waiting for a device that has not run it".into(),
                 };
                 (
-                    false,
+                    "False",
                     "AwaitingQuorum",
                     format!(
                         "needs {quorum} agreeing results of at most {} replicas: {so_far}{now}",
@@ -223,7 +287,7 @@ mod tests {
             Decision::RunMore(1)
         );
         let (ok, reason, message) = replicas.condition(&v, Some((2, "dev-a")));
-        assert_eq!((ok, reason), (false, "AwaitingQuorum"));
+        assert_eq!((ok, reason), ("False", "AwaitingQuorum"));
         assert!(
             message.contains("liar: sha256:bbbbbbbbbbbb;")
                 || message.contains("liar: sha256:bbbbbbbbbbbb)"),
@@ -244,7 +308,7 @@ mod tests {
             "{decision:?}"
         );
         let (ok, reason, message) = replicas.condition(&v, None);
-        assert_eq!((ok, reason), (true, "QuorumReached"));
+        assert_eq!((ok, reason), ("True", "QuorumReached"));
         assert!(message.contains("devices dev-a, dev-c gave"), "{message}");
         assert!(message.contains("2 of 3 replicas"), "{message}");
         assert!(
@@ -276,7 +340,7 @@ mod tests {
             "{decision:?}"
         );
         let (ok, reason, message) = replicas.condition(&v, None);
-        assert_eq!((ok, reason), (false, "NoQuorum"));
+        assert_eq!((ok, reason), ("False", "NoQuorum"));
         assert_eq!(
             message,
             format!(

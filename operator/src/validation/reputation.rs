@@ -70,14 +70,21 @@ impl Reputation {
         }
     }
 
+    /// The error rate in parts per million, as stored: thresholds compare in whole numbers,
+    /// so 0.1 + 0.05 is exactly 15%, not a hair above it.
+    pub fn error_rate_ppm(&self) -> u32 {
+        (self.error_rate * 1e6).round().clamp(0.0, 1e6) as u32
+    }
+
     /// Where the device stands under `policy`.
     pub fn standing(&self, policy: &AdaptiveReplication) -> Standing {
-        let percent = self.error_rate * 100.0;
-        if percent > f64::from(policy.quarantine_error_rate_percent) {
+        let ppm = self.error_rate_ppm();
+        let percent_ppm = |percent: u32| percent.saturating_mul(10_000);
+        if ppm > percent_ppm(policy.quarantine_error_rate_percent) {
             Standing::Quarantined
         } else if policy.enabled
             && self.validated >= u64::from(policy.min_validated)
-            && percent <= f64::from(policy.trusted_error_rate_percent)
+            && ppm <= percent_ppm(policy.trusted_error_rate_percent)
         {
             Standing::Trusted
         } else {
@@ -164,5 +171,16 @@ mod tests {
         assert_eq!(trusted.standing(&policy()), Standing::Trusted);
         assert_eq!(trusted.invalid().standing(&policy()), Standing::Unproven);
         assert_eq!(after(0, 40).error_rate, 1.0, "never above 1");
+    }
+
+    #[test]
+    fn thresholds_are_met_exactly_not_by_rounding_errors() {
+        let policy = AdaptiveReplication {
+            quarantine_error_rate_percent: 15,
+            ..policy()
+        };
+        // 0.1 + 0.05 is 0.15000000000000002 in floating point: still exactly 15%.
+        assert_eq!(after(0, 1).standing(&policy), Standing::Unproven);
+        assert_eq!(after(0, 2).standing(&policy), Standing::Quarantined);
     }
 }
