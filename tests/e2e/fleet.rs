@@ -46,7 +46,8 @@ pub struct Agent {
 
 impl Drop for Agent {
     /// A test's agent ends with the test: killed, with what it left (containers, mounts, its
-    /// cgroup) cleared, so no container of one test burns CPU beside the next.
+    /// cgroup, and the process groups of its `process` tasks, which outlive it as orphans)
+    /// cleared, so no task of one test burns CPU beside the next.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.start_kill();
@@ -62,6 +63,7 @@ impl Drop for Agent {
             }
         }
         darkcore_agent::tasks::oci::clear_left_by(&self.state_dir);
+        darkcore_agent::tasks::workdir::reap_stale(&self.state_dir.join("tasks"));
     }
 }
 
