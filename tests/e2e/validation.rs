@@ -104,6 +104,16 @@ async fn a_quorum_job_completes_with_correct_output_when_one_of_four_devices_lie
         outvoted >= 1,
         "the liar's result was outvoted at least once"
     );
+    let digests: std::collections::BTreeSet<String> = pods
+        .iter()
+        .filter_map(|p| condition(p, VALIDATED)?.message.clone())
+        .map(|m| validated_digest(&m))
+        .collect();
+    assert_eq!(
+        digests.len(),
+        4,
+        "each index printed its own output: {digests:?}"
+    );
     // Each pod says in its Events that it was validated, and by whom.
     let first = pods[0].name_any();
     let events = bench.events(&first).await;
@@ -262,16 +272,15 @@ async fn waits_for_another_device(bench: &Bench, pod: &str) {
     .await;
 }
 
-/// The row of `device` in `darkcore-operator devices`.
-fn listing_row(bench: &Bench, device: &str) -> String {
+/// The row of `device` in `darkcore-operator devices`, or the whole listing when it has none.
+fn listing_row(bench: &Bench, device: &str) -> Result<String, String> {
     let operator = format!("http://127.0.0.1:{}", bench.fx.operator.http_port);
     let listing = operator_cli(&["devices", "--operator", &operator, "--pool", &bench.fx.pool]);
     let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
-    listing
-        .lines()
-        .find(|l| l.starts_with(device))
-        .unwrap_or_else(|| panic!("{device} in {listing}"))
-        .to_string()
+    match listing.lines().find(|l| l.starts_with(device)) {
+        Some(row) => Ok(row.to_string()),
+        None => Err(listing),
+    }
 }
 
 #[tokio::test]
@@ -325,17 +334,14 @@ async fn a_device_whose_results_keep_disagreeing_is_quarantined_and_stays_so_aft
             .any(|e| e.starts_with("DevicesQuarantined:") && e.contains(&liar)),
         "{events:?}"
     );
-    let row = listing_row(&bench, &liar);
+    let row = listing_row(&bench, &liar).unwrap();
     assert!(
         row.contains("quarantined: error rate 20.0% after 2 invalid of 2"),
         "{row}"
     );
     assert!(row.contains("20.0% 0/2"), "{row}");
-    assert!(
-        listing_row(&bench, &honest).contains("9.0% 2/0"),
-        "{}",
-        listing_row(&bench, &honest)
-    );
+    let honest_row = listing_row(&bench, &honest).unwrap();
+    assert!(honest_row.contains("9.0% 2/0"), "{honest_row}");
     // Stored, so a restarted operator keeps it out.
     let reputations: Api<DeviceReputation> = Api::all(bench.fx.client.clone());
     let stored = poll_until("the reputation stored", Duration::from_secs(30), || async {
@@ -354,7 +360,7 @@ async fn a_device_whose_results_keep_disagreeing_is_quarantined_and_stays_so_aft
     bench.restart_operator().await;
     fleet::node_cpu_is(&nodes, &node, 2000, Duration::from_secs(60)).await;
     let row = poll_until("the liar listed again", Duration::from_secs(30), || async {
-        let row = listing_row(&bench, &liar);
+        let row = listing_row(&bench, &liar)?;
         match row.contains("quarantined") {
             true => Ok(row),
             false => Err(row),
@@ -413,5 +419,43 @@ async fn trusted_devices_run_checked_pods_alone_and_say_so() {
             want
         );
     }
+    bench.finish().await;
+}
+
+/// The digest a Validated message names: "... gave sha256:...;".
+fn validated_digest(message: &str) -> String {
+    let after = message.split(" gave ").nth(1).unwrap_or_default();
+    after.split(';').next().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn wasm_pieces_at_quorum_two_agree_across_devices_and_differ_between_pieces() {
+    let bench = Bench::start("wasmquorum", 3, crate::wasm::wasm_pool()).await;
+    let wat = std::fs::read_to_string(crate::harness::workspace().join("examples/pi.wat")).unwrap();
+    let repository = format!("e2e/{}/pi:v1", bench.ns.name);
+    let (module, _) = crate::images::push_wasm(&repository, &wat).await;
+    let container = serde_json::json!({
+        "image": module,
+        "args": ["$(JOB_COMPLETION_INDEX)", "20000"],
+    });
+    let mut pod = bench.pod_in("darkcore-wasm", "pieces", container, "Never");
+    pod.metadata.annotations = Some([("darkcore.io/quorum".to_string(), "2".to_string())].into());
+    let jobs = bench.indexed_job_of("pieces", 3, 3, pod).await;
+    let pods = bench
+        .job_succeeds(&jobs, "pieces", 3, Duration::from_secs(180))
+        .await;
+    let mut digests = std::collections::BTreeSet::new();
+    for pod in &pods {
+        let validated = condition(pod, VALIDATED).expect("the condition");
+        let message = validated.message.clone().unwrap_or_default();
+        assert_eq!(validated.status, "True", "{message}");
+        digests.insert(validated_digest(&message));
+    }
+    // Each piece prints its own count: a digest shared by pieces would mean the output was
+    // not part of it (a wasm module's stdout once never reached its end before the digest).
+    assert_eq!(digests.len(), 3, "{digests:?}");
+    bench
+        .indexed_outputs_are(&pods, 3, |index| crate::wasm::pi_piece(index, 20000))
+        .await;
     bench.finish().await;
 }

@@ -183,7 +183,7 @@ async fn a_private_image_pulls_with_its_image_pull_secret_and_fails_without() {
 }
 
 /// What examples/pi.wat prints for one piece: its xorshift64* and seed, in Rust.
-fn pi_piece(index: u64, darts: u64) -> String {
+pub(crate) fn pi_piece(index: u64, darts: u64) -> String {
     let mut seed = (index + 1)
         .wrapping_mul(0x9E37_79B9_7F4A_7C15)
         .wrapping_add(1);

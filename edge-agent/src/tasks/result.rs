@@ -58,6 +58,15 @@ impl StdoutHasher {
     }
 }
 
+/// Stands for stdout that was not read to its end: drawn at random, so that it agrees with no
+/// other device's result (a constant would let every such device agree, whatever it printed).
+fn unread() -> String {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 16];
+    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
+    format!("unread-{}", hex(&bytes))
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -74,9 +83,7 @@ pub fn digest(
     let mut text = String::from(LAYOUT);
     for (container, exit) in containers.iter().zip(exits) {
         let out = match spec.stdout {
-            true => stdout
-                .of(&container.name)
-                .unwrap_or_else(|| "unread".into()),
+            true => stdout.of(&container.name).unwrap_or_else(unread),
             false => "-".into(),
         };
         text.push_str(&format!(
@@ -239,6 +246,11 @@ mod tests {
         let unread = Arc::new(StdoutDigests::default());
         drop(unread.start("main"));
         assert_ne!(digest_of(&once), digest_of(&unread));
+        assert_ne!(
+            digest_of(&unread),
+            digest_of(&unread),
+            "stdout not read to its end agrees with nothing, not even itself"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::io::{SimplexStream, WriteHalf};
+use tokio::io::DuplexStream;
 use tokio::sync::oneshot;
 use wasmtime::{
     Config, Engine, Linker, Module, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder,
@@ -288,8 +288,11 @@ impl Runtime for WasmRuntime {
         .map_err(|e| create(e.to_string()))?
         .map_err(create)?;
 
-        let (stdout_reader, stdout_writer) = tokio::io::simplex(PIPE_BYTES);
-        let (stderr_reader, stderr_writer) = tokio::io::simplex(PIPE_BYTES);
+        // Duplex, not simplex: a simplex's reader sees its end only when the writer shuts it
+        // down, which wasmtime's stream never does, so the pumps hung until their timeout and
+        // the result's stdout was never read to its end. A duplex ends when its writer drops.
+        let (stdout_reader, stdout_writer) = tokio::io::duplex(PIPE_BYTES);
+        let (stderr_reader, stderr_writer) = tokio::io::duplex(PIPE_BYTES);
         let limits = container.resources.unwrap_or_default();
         let run = ModuleRun {
             engine,
@@ -361,8 +364,8 @@ impl ModuleRun {
     /// thread's CPU time.
     fn on_this_thread(
         self,
-        stdout: WriteHalf<SimplexStream>,
-        stderr: WriteHalf<SimplexStream>,
+        stdout: DuplexStream,
+        stderr: DuplexStream,
         ready: oneshot::Sender<Result<(), String>>,
         done: oneshot::Sender<(Exit, Duration)>,
     ) {
@@ -392,12 +395,14 @@ impl ModuleRun {
                 }
             };
             let result = start.call_async(&mut store, ()).await;
-            // Dropping the store closes the pipes, so the log pumps see the end.
             drop(store);
             Some(result)
         });
+        let cpu = thread_cpu().saturating_sub(cpu_at_start);
+        // The pipes' writers live in tasks of this runtime: only its end closes them, so the
+        // log pumps (and the result's stdout digest) see the end before the run is reported over.
+        drop(runtime);
         if let Some(result) = result {
-            let cpu = thread_cpu().saturating_sub(cpu_at_start);
             let _ = done.send((exit_of(result, (memory > 0).then_some(memory)), cpu));
         }
     }
@@ -406,8 +411,8 @@ impl ModuleRun {
     /// run began, which its meter counts from.
     async fn instantiate(
         self,
-        stdout: WriteHalf<SimplexStream>,
-        stderr: WriteHalf<SimplexStream>,
+        stdout: DuplexStream,
+        stderr: DuplexStream,
         cpu_at_start: Duration,
     ) -> Result<(Store<State>, TypedFunc<(), ()>), String> {
         let mut wasi = WasiCtxBuilder::new();
