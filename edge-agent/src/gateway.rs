@@ -5,12 +5,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ring::digest::{SHA256, digest};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
+
+use crate::digest::sha256_hex;
 
 /// The name every gateway certificate carries; the agent verifies it whatever address it
 /// dials, because trust comes from the pinned CA rather than from DNS.
@@ -126,16 +127,12 @@ pub async fn fetch_pinned_ca(uri: &Uri, pin: &str) -> Result<String, GatewayErro
         .clone();
     let ca = chain
         .iter()
-        .find(|cert| hex(digest(&SHA256, cert.as_ref()).as_ref()) == pin)
+        .find(|cert| sha256_hex(cert.as_ref()) == pin)
         .ok_or(GatewayError::PinMismatch { address })?;
     Ok(pem::encode(&pem::Pem::new(
         "CERTIFICATE",
         ca.as_ref().to_vec(),
     )))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Accepts any server certificate but records the chain. Used only to learn the CA, which is

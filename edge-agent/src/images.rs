@@ -22,6 +22,8 @@ use oci_client::{Client, Reference};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
+use crate::digest::{sha256_hex, sha256_read};
+
 /// Attempts per blob before a pull fails; each resumes where the last one stopped.
 const BLOB_ATTEMPTS: u32 = 4;
 
@@ -131,27 +133,10 @@ fn hex_of(digest: &str) -> Option<&str> {
     (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
 }
 
-fn hex(digest: ring::digest::Digest) -> String {
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, bytes))
-}
-
 /// The sha256 of a file, read in small pieces: a layer may be larger than a small device's
 /// spare memory.
 fn sha256_file(path: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        match file.read(&mut buffer)? {
-            0 => return Ok(hex(context.finish())),
-            n => context.update(&buffer[..n]),
-        }
-    }
+    sha256_read(std::fs::File::open(path)?)
 }
 
 /// The credentials of `credentials` for the reference's registry, if any.

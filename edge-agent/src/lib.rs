@@ -4,6 +4,7 @@
 
 pub mod backoff;
 pub mod capabilities;
+pub mod digest;
 pub mod fence;
 pub mod gateway;
 pub mod identity;

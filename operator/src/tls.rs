@@ -214,11 +214,6 @@ impl DeviceIdentity {
             owner: None,
         }
     }
-
-    /// The owner replicas are kept apart by: the named one, or the device itself.
-    pub fn owner_or_self(&self) -> &str {
-        self.owner.as_deref().unwrap_or(&self.device_id)
-    }
 }
 
 /// Reads the identity from a device certificate that TLS has already verified against the CA.

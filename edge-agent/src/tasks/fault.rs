@@ -7,7 +7,8 @@
 use darkcore_proto::agent::v1::{
     ContainerStatus, TaskAssign, TaskPhase, TaskStatus, container_status::State,
 };
-use ring::digest::{SHA256, digest};
+
+use crate::digest::sha256_hex;
 
 /// How the agent lies: `fault = "wrong-result"` or `"fake-success"` in the config's
 /// `[testing]` section.
@@ -57,9 +58,7 @@ impl Fault {
 }
 
 fn made_up(seed: &str) -> String {
-    let sum = digest(&SHA256, seed.as_bytes());
-    let hex: String = sum.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
+    format!("sha256:{}", sha256_hex(seed.as_bytes()))
 }
 
 #[cfg(test)]

@@ -2,13 +2,13 @@
 //! last runs' stdout and the files the pod declared, each file resolved inside its own volume.
 
 use std::collections::HashMap;
-use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use darkcore_proto::agent::v1::{Container, ResultSpec};
 use ring::digest::{Context, SHA256};
 
+use crate::digest::{hex, sha256_hex, sha256_read};
 use crate::tasks::lock;
 use crate::tasks::workdir::under_root;
 
@@ -67,10 +67,6 @@ fn unread() -> String {
     format!("unread-{}", hex(&bytes))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The digest of the task's result: `sha256:` and 64 hex digits. `exits` are the regular
 /// containers' final exit codes, in order; `task_dir` holds the task's volumes.
 pub fn digest(
@@ -95,10 +91,7 @@ pub fn digest(
         let file = file_digest(task_dir, containers, path);
         text.push_str(&format!("file {path:?} {file}\n"));
     }
-    format!(
-        "sha256:{}",
-        hex(ring::digest::digest(&SHA256, text.as_bytes()).as_ref())
-    )
+    format!("sha256:{}", sha256_hex(text.as_bytes()))
 }
 
 /// Where `path` (inside the pod) lives on the device: the volume of the deepest mount that
@@ -145,17 +138,10 @@ fn file_digest(task_dir: &Path, containers: &[Container], path: &str) -> String 
     if !is_file {
         return "not-a-file".into();
     }
-    let Ok(mut file) = handle.reopen(pathrs::flags::OpenFlags::O_RDONLY) else {
-        return "unreadable".into();
-    };
-    let mut context = Context::new(&SHA256);
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        match file.read(&mut buffer) {
-            Ok(0) => return hex(context.finish().as_ref()),
-            Ok(n) => context.update(&buffer[..n]),
-            Err(_) => return "unreadable".into(),
-        }
+    let read = handle.reopen(pathrs::flags::OpenFlags::O_RDONLY);
+    match read.map(sha256_read) {
+        Ok(Ok(digest)) => digest,
+        _ => "unreadable".into(),
     }
 }
 
@@ -283,7 +269,7 @@ mod tests {
         );
         assert_eq!(on_volume(dir.as_path(), &containers, "/database"), None);
         let part = file_digest(dir.as_path(), &containers, "/data/deep/part");
-        assert_eq!(part, hex(ring::digest::digest(&SHA256, b"part").as_ref()));
+        assert_eq!(part, sha256_hex(b"part"));
         assert_eq!(
             file_digest(dir.as_path(), &containers, "/data/none"),
             "absent"
@@ -315,7 +301,7 @@ mod tests {
         )
         .unwrap();
         let containers = [container("main", &[("out", "/out", "")])];
-        let secret_digest = hex(ring::digest::digest(&SHA256, b"the owner's").as_ref());
+        let secret_digest = sha256_hex(b"the owner's");
         for path in ["/out/escape", "/out/climb"] {
             assert_ne!(
                 file_digest(dir.as_path(), &containers, path),

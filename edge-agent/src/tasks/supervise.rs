@@ -208,17 +208,29 @@ impl Supervisor {
             return;
         }
         // The digest goes with the final phase, in one report: the operator decides on it.
-        let digest = self.task.result.as_ref().map(|spec| {
-            let exits: Vec<i32> = standings
-                .iter()
-                .map(|s| match s {
-                    Standing::Done(code) => *code,
-                    Standing::Live => -1,
-                })
-                .collect();
-            let containers = &self.task.containers;
-            result::digest(spec, containers, &exits, &shared.stdout, &self.dir)
-        });
+        let digest = match self.task.result.clone() {
+            Some(spec) => {
+                let exits: Vec<i32> = standings
+                    .iter()
+                    .map(|s| match s {
+                        Standing::Done(code) => *code,
+                        Standing::Live => -1,
+                    })
+                    .collect();
+                let (containers, stdout) = (self.task.containers.clone(), shared.stdout.clone());
+                let dir = self.dir.clone();
+                // Result files may be large: they are read off the agent's one thread, which
+                // also keeps its heartbeats going.
+                let digesting = tokio::task::spawn_blocking(move || {
+                    result::digest(&spec, &containers, &exits, &stdout, &dir)
+                });
+                match digesting.await {
+                    Ok(digest) => Some(digest),
+                    Err(error) => std::panic::resume_unwind(error.into_panic()),
+                }
+            }
+            None => None,
+        };
         shared.update(|s| {
             s.phase = lifecycle::phase(&standings) as i32;
             s.result_digest = digest.unwrap_or_default();

@@ -60,12 +60,7 @@ pub fn render(devices: &[DeviceView]) -> String {
             "{:<18} {:<20} {:<20} {:<12} {:<8} {:<9} {:<10} {:<9} {:<16} {}\n",
             d.id,
             d.pool,
-            // A device whose token named nobody is its own owner: shown as "-".
-            if d.owner == d.id || d.owner.is_empty() {
-                "-"
-            } else {
-                &d.owner
-            },
+            d.owner.as_deref().unwrap_or("-"),
             format!("{}/{}", d.os, d.arch),
             state,
             if d.enlisted { "yes" } else { "no" },

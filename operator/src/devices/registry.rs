@@ -46,8 +46,8 @@ struct Connection {
 struct Entry {
     device: Device,
     pool: String,
-    /// Who it belongs to, as its certificate says (itself when its token named nobody).
-    owner: String,
+    /// Who it belongs to, as its certificate says; `None` when its token named nobody.
+    owner: Option<String>,
     /// The address its stream came from, reported as its pods' IP.
     address: Option<String>,
     agent_version: String,
@@ -93,7 +93,7 @@ pub struct DeviceView {
     pub id: String,
     pub pool: String,
     #[serde(default)]
-    pub owner: String,
+    pub owner: Option<String>,
     pub os: String,
     pub arch: String,
     pub cores: u32,
@@ -173,7 +173,7 @@ impl Registry {
         close: oneshot::Sender<Refusal>,
     ) -> Result<u64, AttachRefused> {
         let (id, pool) = (identity.device_id.as_str(), identity.pool.as_str());
-        let owned_by = identity.owner_or_self().to_string();
+        let owned_by = identity.owner.clone();
         let mut state = self.lock();
         if state.revoked.contains(id) {
             return Err(AttachRefused::Revoked(id.into()));
@@ -452,9 +452,9 @@ impl Registry {
         self.lock().devices.get(id).map(|e| e.pool.clone())
     }
 
-    /// Who a device belongs to (itself when its token named nobody), while it is remembered.
+    /// Who a device belongs to, while it is remembered and if its token named anyone.
     pub fn owner(&self, id: &str) -> Option<String> {
-        self.lock().devices.get(id).map(|e| e.owner.clone())
+        self.lock().devices.get(id)?.owner.clone()
     }
 
     /// The address a device's stream came from.
@@ -624,7 +624,6 @@ impl DeviceInventory for Registry {
     }
 }
 
-/// A refusal message.
 #[cfg(test)]
 impl Registry {
     /// Attaches device `id` of pool "lab" with an empty Hello, as a test's stream: its
@@ -642,6 +641,7 @@ impl Registry {
     }
 }
 
+/// A refusal message.
 pub fn refusal(code: refusal::Code, message: &str) -> Refusal {
     Refusal {
         code: code as i32,

@@ -784,10 +784,7 @@ impl Controller {
             }
             Effect::ReplicaFinished(task) => {
                 tracing::info!(%uid, task = %task, "a replica's result is recorded");
-                lock(&shared.attempts).ended(&task.to_string(), crate::domain::unix_ms(), true);
-                for container in entry.pod.spec.iter().flat_map(|s| s.containers.iter()) {
-                    shared.logs.end(uid, &container.name);
-                }
+                ran_to_its_end(&shared, uid, &entry.pod, Some(&task));
             }
             Effect::Redispatched(loss) => {
                 tracing::info!(%uid, reason = loss.reason.as_str(), "attempt lost; the task runs again elsewhere");
@@ -800,13 +797,8 @@ impl Controller {
                 }
             }
             Effect::Completed { succeeded } => {
-                if let Some(attempt) = entry.run.attempt() {
-                    let task = attempt.task.to_string();
-                    lock(&shared.attempts).ended(&task, crate::domain::unix_ms(), true);
-                }
-                for container in entry.pod.spec.iter().flat_map(|s| s.containers.iter()) {
-                    shared.logs.end(uid, &container.name);
-                }
+                let task = entry.run.attempt().map(|a| &a.task);
+                ran_to_its_end(&shared, uid, &entry.pod, task);
                 shared.metrics.task_completed(succeeded);
             }
             Effect::Delete => {
@@ -1021,7 +1013,7 @@ fn choose(
     // A replica goes to neither a device nor an owner that ran one of this pod.
     let owners: Vec<(String, Option<String>)> = ran
         .iter()
-        .map(|d| (d.clone(), shared.registry.owner(d).filter(|o| o != d)))
+        .map(|d| (d.clone(), shared.registry.owner(d)))
         .collect();
     let taken: Vec<_> = owners
         .iter()
@@ -1037,7 +1029,7 @@ fn choose(
         .into_iter()
         .filter(|(id, _)| {
             let owner = (!taken.is_empty())
-                .then(|| shared.registry.owner(id).filter(|o| o != id))
+                .then(|| shared.registry.owner(id))
                 .flatten();
             let candidate = replica_placement::Candidate {
                 device: id,
@@ -1109,6 +1101,17 @@ fn assignment(pod: &Pod, ready: &Ready, attempt: &Attempt, network: NetworkMode)
         pull_credentials: resolved.pull_credentials.clone(),
         network: proto_network(network) as i32,
         result: None,
+    }
+}
+
+/// An attempt ran to its own end on its device: its record in the attempt book closes, and
+/// followers of its containers' output see the end.
+fn ran_to_its_end(shared: &Shared, uid: &str, pod: &Pod, task: Option<&TaskId>) {
+    if let Some(task) = task {
+        lock(&shared.attempts).ended(&task.to_string(), crate::domain::unix_ms(), true);
+    }
+    for container in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+        shared.logs.end(uid, &container.name);
     }
 }
 
