@@ -44,6 +44,7 @@ use crate::usage::ledger::LOST_CHARGED_AGAIN_MS;
 use crate::usage::recorder::{LostCharge, LostCharges};
 use crate::validation::placement as replica_placement;
 use crate::validation::policy::Validation;
+use crate::validation::replicas;
 use crate::validation::reputation::{self, Plan};
 use crate::validation::reputation_store::ReputationStore;
 use crate::warmup::Warmup;
@@ -837,10 +838,15 @@ impl Controller {
                 let ago = i64::try_from(heard.elapsed().as_millis()).unwrap_or(i64::MAX);
                 crate::domain::unix_ms().saturating_sub(ago)
             });
+        let validation = validation_of(&entry.pod, pool.as_deref());
+        let mut report = attempt.and_then(|a| a.report.clone());
+        if validation.is_some() && run.replicas.verdict.is_none() {
+            report = report.map(replicas::while_undecided);
+        }
         let view = RunView {
             attempt: attempt.map(|a| (a.task.number, a.device.clone(), a.task.to_string())),
             placed_at_ms: attempt.map(|a| a.dispatched_ms),
-            report: attempt.and_then(|a| a.report.clone()),
+            report,
             last_loss: run.last_loss.clone(),
             unplaced: match &run.stage {
                 Stage::Unplaced { why: Some(why), .. } => {
@@ -868,7 +874,7 @@ impl Controller {
                 attempt.and_then(|a| a.report.as_ref()),
                 &shared.logs,
             ),
-            validated: validated(run, validation_of(&entry.pod, pool.as_deref())),
+            validated: validated(run, validation),
         };
         let desired = status::render(
             &entry.pod,

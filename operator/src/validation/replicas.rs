@@ -1,7 +1,8 @@
 //! A checked pod's replicas so far (pure): each finished one's result and the verdict once a
 //! quorum agrees or none can, and the `darkcore.io/Validated` condition that shows them.
 
-use darkcore_proto::agent::v1::{TaskPhase, TaskStatus};
+use darkcore_proto::agent::v1::container_status::State as ContainerState;
+use darkcore_proto::agent::v1::{ContainerStatus, TaskPhase, TaskStatus};
 
 use super::policy::Validation;
 use super::quorum::{self, Decision, Outcome};
@@ -47,6 +48,28 @@ pub enum Verdict {
     },
     /// No digest could reach the quorum: each digest, with its devices.
     NoQuorum { digests: Vec<(String, Vec<String>)> },
+}
+
+/// A replica's report as the pod may show it before its results are decided: a container
+/// that ended shows as still running. The API server refuses a container that ended (under
+/// restartPolicy Never, or OnFailure with exit 0) going back to waiting, which is what the
+/// next replica's container does; a running one may.
+pub fn while_undecided(mut report: TaskStatus) -> TaskStatus {
+    let containers = report
+        .init_containers
+        .iter_mut()
+        .chain(&mut report.containers);
+    for container in containers.filter(|c| c.state == ContainerState::Terminated as i32) {
+        *container = ContainerStatus {
+            name: std::mem::take(&mut container.name),
+            state: ContainerState::Running as i32,
+            started_at_unix_ms: container.started_at_unix_ms,
+            image_id: std::mem::take(&mut container.image_id),
+            restart_count: container.restart_count,
+            ..Default::default()
+        };
+    }
+    report
 }
 
 /// The finished replicas of one pod and, once decided, the verdict.
@@ -349,5 +372,41 @@ mod tests {
                 digest('b')
             )
         );
+    }
+
+    #[test]
+    fn an_ended_container_shows_as_running_until_the_results_are_decided() {
+        let ended = ContainerStatus {
+            name: "main".into(),
+            state: ContainerState::Terminated as i32,
+            exit_code: 0,
+            reason: "Completed".into(),
+            started_at_unix_ms: 1_000,
+            finished_at_unix_ms: 2_000,
+            ..Default::default()
+        };
+        let waiting = ContainerStatus {
+            name: "side".into(),
+            state: ContainerState::Waiting as i32,
+            reason: "ContainerCreating".into(),
+            ..Default::default()
+        };
+        let shown = while_undecided(TaskStatus {
+            phase: TaskPhase::Running as i32,
+            containers: vec![ended, waiting.clone()],
+            ..Default::default()
+        });
+        let main = &shown.containers[0];
+        assert_eq!(
+            (
+                main.name.as_str(),
+                main.state,
+                main.started_at_unix_ms,
+                main.finished_at_unix_ms
+            ),
+            ("main", ContainerState::Running as i32, 1_000, 0)
+        );
+        assert_eq!(shown.containers[1], waiting, "others as they are");
+        assert_eq!(shown.phase, TaskPhase::Running as i32);
     }
 }
