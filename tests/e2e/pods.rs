@@ -1405,6 +1405,16 @@ async fn logs_name_the_run_laststate_describes_and_outlive_an_operator_restart()
         go_on = go_on.display()
     );
     bench.create(bench.pod("across", &across, "Never")).await;
+    // Ends while the operator is down: its device reports it finished as the new operator
+    // starts, and that status must not keep its output before the device has sent it again.
+    let stop = log_dir().join(unique("stop"));
+    let ends_while_down = format!(
+        "echo ready $$$$; while [ ! -e {stop} ]; do sleep 0.2; done; echo ended",
+        stop = stop.display()
+    );
+    bench
+        .create(bench.pod("downtime", &ends_while_down, "Never"))
+        .await;
     bench
         .create(bench.pod(
             "crashy",
@@ -1462,9 +1472,17 @@ async fn logs_name_the_run_laststate_describes_and_outlive_an_operator_restart()
         .await
         .unwrap();
 
+    let downtime_pid = ready_pid(
+        &bench
+            .logs_show("downtime", "ready ", Duration::from_secs(60))
+            .await,
+    );
+
     // The operator restarts. A finished pod kept its output on itself as it finished
     // (before, `kubectl logs` printed nothing and exited 0, then said it was gone).
     bench.fx.operator.kill().await;
+    std::fs::write(&stop, "").unwrap();
+    process_exits(downtime_pid, Duration::from_secs(30)).await;
     bench.restart_operator().await;
     // (Until the new operator has listed its pods, it says it is starting, never that the
     // pod is not on a darkcore node.)
@@ -1518,6 +1536,14 @@ async fn logs_name_the_run_laststate_describes_and_outlive_an_operator_restart()
         .phase_is("across", "Succeeded", Duration::from_secs(60))
         .await;
     assert_eq!(logs_of("across").await.unwrap(), "before\nafter\n");
+    // Its whole output is kept on the pod, though its status came before its output did.
+    bench
+        .phase_is("downtime", "Succeeded", Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        logs_of("downtime").await.unwrap(),
+        format!("ready {downtime_pid}\nended\n")
+    );
     let kept = main_status(&bench.pods().get("fallback").await.unwrap());
     let message = kept.state.unwrap().terminated.unwrap().message;
     assert_eq!(message.as_deref(), Some("first\nlast words\n"));

@@ -52,6 +52,10 @@ use crate::warmup::Warmup;
 /// How soon messages that did not fit an agent's queue are tried again.
 pub const OUTBOX_RETRY: Duration = Duration::from_millis(20);
 
+/// How long a pod whose output its device was asked to send again (after a restart or a
+/// reconnect) may wait, finished, for that output before its status keeps what arrived.
+const OUTPUT_RESEND_WAIT: Duration = Duration::from_secs(10);
+
 pub enum Input {
     PodApplied(Pod),
     PodDeleted(Pod),
@@ -106,8 +110,21 @@ struct Entry {
     /// Its create-to-Running time is counted once.
     running_counted: bool,
     /// The pod as last read from the API server shows a final phase (`pod.status` may be
-    /// one written but not yet confirmed).
+    /// one written but not yet confirmed), and keeps its output if it waited for it.
     recorded: bool,
+    /// When its device was last asked to send all the output it keeps of the attempt.
+    output_wanted: Option<Instant>,
+}
+
+impl Entry {
+    /// Finished, and waiting for output its device was asked to send again before keeping
+    /// it: looked at each second until it is kept.
+    fn awaits_output(&self) -> bool {
+        self.output_wanted.is_some()
+            && self.run.attempt().is_some()
+            && pod_finished(&self.pod)
+            && !kept_output::present(&self.pod)
+    }
 }
 
 pub struct Controller {
@@ -211,6 +228,7 @@ impl Controller {
                         .filter(|(_, entry)| {
                             let deleting = entry.pod.metadata.deletion_timestamp.is_some();
                             entry.run.waits_on_time(deleting, |device| registry.presence(device))
+                                || entry.awaits_output()
                         })
                         .map(|(uid, _)| uid.clone())
                         .collect();
@@ -275,7 +293,7 @@ impl Controller {
                     self.render(&uid);
                 }
             }
-            Input::Report(device, report) => self.report(&device, report),
+            Input::Report(device, report) => self.report(&device, report, false),
             Input::Resolved(uid, outcome) => {
                 let (result, warnings) = *outcome;
                 let Some(entry) = self.pods.get_mut(&uid) else {
@@ -352,13 +370,15 @@ impl Controller {
                 seen_at: Some(Instant::now()),
                 running_counted: false,
                 recorded: false,
+                output_wanted: None,
             };
             self.pods.insert(uid.clone(), entry);
         }
         self.shared.index.set(&pod);
         if let Some(entry) = self.pods.get_mut(&uid) {
-            entry.recorded = pod_finished(&pod);
             entry.pod = pod;
+            // Released only once the output it waits for is kept: until then the device keeps it.
+            entry.recorded = pod_finished(&entry.pod) && !entry.awaits_output();
         }
         self.advance(&uid, Event::Look);
         self.replay_orphans_of(&uid);
@@ -470,15 +490,17 @@ impl Controller {
             self.advance(&uid, Event::Lost(LossReason::DeviceLost, message));
         }
         for task in tasks {
-            let task_id = task.task_id.clone();
-            self.report(device, task);
-            self.want_output_if_held(device, &task_id);
+            self.report(device, task, true);
         }
         // Its tasks are known now: one fewer device the warm-up waits for.
         self.shared.warmup.heard(device);
     }
 
-    fn report(&mut self, device: &str, report: TaskStatus) {
+    /// `resend`: the report may follow a gap in what this operator heard of the device (a
+    /// restart, a reconnect), so the device is asked for all the output it keeps of the
+    /// attempt, once the attempt is recorded (none of it is then refused; the log store skips
+    /// by offset what it has).
+    fn report(&mut self, device: &str, report: TaskStatus, resend: bool) {
         let Some(task) = TaskId::parse(&report.task_id) else {
             // Never a task of this operator: counted, not answered (a device flooding garbage
             // ids must not fill its own queue with our replies).
@@ -512,6 +534,9 @@ impl Controller {
                     let (name, run) = (&container.name, container.restart_count);
                     self.shared.logs.started(&report.task_id, name, run);
                 }
+                if resend {
+                    self.want_output(&uid, device, &report.task_id);
+                }
                 self.advance(&uid, Event::Report(report))
             }
             (false, true) => {
@@ -530,6 +555,9 @@ impl Controller {
                     cancelled: false,
                     silent_since_ms: None,
                 };
+                if resend {
+                    self.want_output(&uid, device, &attempt.task.to_string());
+                }
                 self.advance(&uid, Event::Adopt(attempt));
             }
             (false, false) => {
@@ -553,35 +581,24 @@ impl Controller {
             return;
         }
         for (device, report) in self.orphans.take(uid) {
-            let task_id = report.task_id.clone();
-            self.report(&device, report);
-            self.want_output_if_held(&device, &task_id);
+            self.report(&device, report, true);
         }
     }
 
-    /// Asks `device` for all the output it keeps of the task, if the task is that device's
-    /// current attempt: what went with a restart of this operator, or was in flight when the
-    /// device's connection broke. (Asked only once the attempt is recorded, so none of it is
-    /// refused; the log store skips by offset what it has.)
-    fn want_output_if_held(&mut self, device: &str, task_id: &str) {
-        let Some(task) = TaskId::parse(task_id) else {
-            return;
-        };
-        let held = self.pods.get(&task.uid).is_some_and(|entry| {
-            entry
-                .run
-                .attempt()
-                .is_some_and(|a| a.task == task && a.device == device)
-        });
-        if held {
-            self.outbox.send(
-                &self.shared.registry,
-                device,
-                operator_message::Body::OutputWanted(OutputWanted {
-                    task_id: task_id.to_string(),
-                }),
-            );
+    /// Asks `device` for all the output it keeps of `task_id`, an attempt of the pod `uid`
+    /// its log store holds: what went with a restart of this operator, or was in flight when
+    /// the device's connection broke. The pod, once finished, waits a while for it.
+    fn want_output(&mut self, uid: &str, device: &str, task_id: &str) {
+        if let Some(entry) = self.pods.get_mut(uid) {
+            entry.output_wanted = Some(Instant::now());
         }
+        self.outbox.send(
+            &self.shared.registry,
+            device,
+            operator_message::Body::OutputWanted(OutputWanted {
+                task_id: task_id.to_string(),
+            }),
+        );
     }
 
     /// Orphan reports whose pods are still unknown once warm and once their device's node has
@@ -879,7 +896,7 @@ impl Controller {
         let desired = status::render(
             &entry.pod,
             &RunView {
-                kept_output: kept_output(&entry.pod, &view, &shared.logs),
+                kept_output: kept_output(&entry.pod, &view, &shared.logs, entry.output_wanted),
                 ..view
             },
             &Time(k8s_openapi::jiff::Timestamp::now()),
@@ -913,8 +930,14 @@ fn fence_wait(pool: Option<&DevicePool>) -> Duration {
 }
 
 /// The output a pod about to show its final phase keeps on itself (see `kept_output`), for
-/// `kubectl logs` after a restart; once kept, it stays as it is.
-fn kept_output(pod: &Pod, view: &RunView, logs: &LogStore) -> Option<String> {
+/// `kubectl logs` after a restart; once kept, it stays as it is. While output its device was
+/// asked to send again (`wanted`, when) may still come, and some is missing, none is kept yet.
+fn kept_output(
+    pod: &Pod,
+    view: &RunView,
+    logs: &LogStore,
+    wanted: Option<Instant>,
+) -> Option<String> {
     let finishing = matches!(status::phase_word(view), "Succeeded" | "Failed");
     if !finishing || view.attempt.is_none() || kept_output::present(pod) {
         return None;
@@ -926,7 +949,12 @@ fn kept_output(pod: &Pod, view: &RunView, logs: &LogStore) -> Option<String> {
             .chain(&s.containers)
             .map(|c| c.name.as_str())
     });
-    Some(kept_output::encode(&logs.keep(&uid_of(pod), names)))
+    let kept = logs.keep(&uid_of(pod), names);
+    let may_come = wanted.is_some_and(|at| at.elapsed() < OUTPUT_RESEND_WAIT);
+    if may_come && kept.values().any(|k| !k.whole) {
+        return None;
+    }
+    Some(kept_output::encode(&kept))
 }
 
 /// The ends of output that failed containers asking for them get as termination messages.
