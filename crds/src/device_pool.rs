@@ -123,6 +123,39 @@ pub struct DevicePoolSpec {
     /// to run alone.
     #[serde(default)]
     pub validation: ValidationPolicy,
+
+    /// What validated work earns: prices per core-hour used and per GiB-hour of memory held,
+    /// for `darkcore-operator usage statement`. Without prices, statements show usage only.
+    #[serde(default, skip_serializing_if = "CreditPrices::is_empty")]
+    pub credit: CreditPrices,
+}
+
+/// A pool's prices, as decimals with at most six places ("0.02"), in `currency`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreditPrices {
+    /// Per hour of one core's CPU time, on validated or unverified results.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]{1,12}(\.[0-9]{1,6})?$"))]
+    pub price_per_core_hour: Option<String>,
+    /// Per hour of one GiB of memory held (the pods' requests).
+    #[serde(
+        default,
+        rename = "pricePerGiBHour",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(regex(pattern = r"^[0-9]{1,12}(\.[0-9]{1,6})?$"))]
+    pub price_per_gib_hour: Option<String>,
+    /// A currency code or unit name, printed with amounts (EUR, USD, points).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub currency: Option<String>,
+}
+
+impl CreditPrices {
+    pub fn is_empty(&self) -> bool {
+        *self == CreditPrices::default()
+    }
 }
 
 /// The highest quorum and replica count a pool, or a pod's annotations, may ask for.
@@ -569,6 +602,7 @@ impl Default for DevicePoolSpec {
             network: NetworkMode::default(),
             secrets: SecretPolicy::default(),
             validation: ValidationPolicy::default(),
+            credit: CreditPrices::default(),
         }
     }
 }

@@ -8,13 +8,13 @@ pub mod generate;
 pub mod pool_usage;
 
 pub use device_pool::{
-    AdaptiveReplication, Arch, DevicePool, DevicePoolSpec, DevicePoolStatus, DeviceSelector,
-    Homogeneous, NetworkMode, NodeTemplate, Os, PoolTaint, Runtime, TaintEffect, ValidationPolicy,
-    WhenCutOff,
+    AdaptiveReplication, Arch, CreditPrices, DevicePool, DevicePoolSpec, DevicePoolStatus,
+    DeviceSelector, Homogeneous, NetworkMode, NodeTemplate, Os, PoolTaint, Runtime, TaintEffect,
+    ValidationPolicy, WhenCutOff,
 };
 pub use device_reputation::{DeviceRecord, DeviceReputation, DeviceReputationSpec, Quarantine};
 pub use generate::{Error, crd_yaml};
-pub use pool_usage::{Amounts, DeviceUsage, PoolUsage, PoolUsageSpec};
+pub use pool_usage::{Amounts, Credit, DeviceUsage, PoolUsage, PoolUsageSpec};
 
 /// The API group of every darkcore resource.
 pub const GROUP: &str = "darkcore.io";

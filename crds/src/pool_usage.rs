@@ -89,6 +89,38 @@ pub struct DeviceUsage {
     /// Kept two hours.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub lost_attempts: BTreeMap<String, i64>,
+    /// The device's owner, as its certificate names it (statements are asked for by owner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Its checked attempts' usage, by how their results were judged.
+    #[serde(default, skip_serializing_if = "Credit::is_empty")]
+    pub credit: Credit,
+}
+
+/// A device's checked attempts (pods that asked for a quorum) by how their results were
+/// judged. Only validated and unverified results earn credit; the rest of the device's usage
+/// (unchecked pods, interrupted runs) earns none.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Credit {
+    /// Results a quorum of devices agreed with.
+    #[serde(default)]
+    pub validated: Amounts,
+    /// A trusted device's results, accepted alone (but for spot checks).
+    #[serde(default)]
+    pub unverified: Amounts,
+    /// Results that disagreed with the quorum, or reached none.
+    #[serde(default)]
+    pub rejected: Amounts,
+    /// Results not judged yet, by task id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pending: BTreeMap<String, Amounts>,
+}
+
+impl Credit {
+    pub fn is_empty(&self) -> bool {
+        *self == Credit::default()
+    }
 }
 
 /// Counted amounts. Integers, so sums are exact.
@@ -118,6 +150,18 @@ impl Amounts {
         self.memory_mib_seconds = self
             .memory_mib_seconds
             .saturating_add(other.memory_mib_seconds);
+    }
+
+    /// What is left of `self` after `other`, each amount stopping at zero.
+    pub fn minus(&self, other: &Amounts) -> Amounts {
+        Amounts {
+            tasks: self.tasks.saturating_sub(other.tasks),
+            interrupted: self.interrupted.saturating_sub(other.interrupted),
+            cpu_milliseconds: self.cpu_milliseconds.saturating_sub(other.cpu_milliseconds),
+            memory_mib_seconds: self
+                .memory_mib_seconds
+                .saturating_sub(other.memory_mib_seconds),
+        }
     }
 
     /// Core-seconds, for people.

@@ -4,6 +4,7 @@
 
 pub mod backoff;
 pub mod capabilities;
+pub mod credit;
 pub mod digest;
 pub mod fence;
 pub mod gateway;

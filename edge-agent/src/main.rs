@@ -9,7 +9,7 @@ use darkcore_agent::identity::DEFAULT_STATE_DIR;
 use darkcore_agent::observe::PolicyMonitor;
 use darkcore_agent::policy::AgentConfig;
 use darkcore_agent::policy::config::DEFAULT_CONFIG_PATH;
-use darkcore_agent::{capabilities, join, status};
+use darkcore_agent::{capabilities, credit, join, status};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -75,12 +75,30 @@ enum Command {
         #[command(flatten)]
         state: StateDir,
     },
+    /// Check a credit statement (`darkcore-operator usage statement`, JSON or CSV).
+    #[command(subcommand)]
+    Statement(StatementCommand),
     /// Show what this device would offer a pool: os, arch, cores, memory.
     Info,
     /// Show what your policy decides right now, and why.
     Policy {
         #[command(flatten)]
         config: ConfigFile,
+    },
+}
+
+#[derive(Subcommand)]
+enum StatementCommand {
+    /// Check that the operator signed FILE as it is: exit 0 and print what it credits, or
+    /// exit 1 and say why not. The key is the one the operator gave this agent, or --key.
+    Verify {
+        file: PathBuf,
+        /// The verification key (base64), as the operator's ConfigMap darkcore-statement-key
+        /// publishes it.
+        #[arg(long)]
+        key: Option<String>,
+        #[command(flatten)]
+        state: StateDir,
     },
 }
 
@@ -123,6 +141,33 @@ async fn main() -> anyhow::Result<()> {
             let (status, running) = status::read(&state.state_dir)?;
             print!("{}", status::render(&status, running));
             Ok(())
+        }
+        Command::Statement(StatementCommand::Verify { file, key, state }) => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let operator_key = status::read(&state.state_dir)
+                .map(|(status, _)| status.statement_key)
+                .unwrap_or_default();
+            match credit::check(&text, key.as_deref(), &operator_key) {
+                Ok(statement) => {
+                    println!(
+                        "valid: signed by the operator; credit {}{} from {} to {} in {} rows",
+                        statement.credit,
+                        match statement.currency.as_str() {
+                            "" => String::new(),
+                            c => format!(" {c}"),
+                        },
+                        statement.from_day,
+                        statement.to_day,
+                        statement.rows.len()
+                    );
+                    Ok(())
+                }
+                Err(error) => {
+                    eprintln!("invalid: {}: {error}", file.display());
+                    std::process::exit(1);
+                }
+            }
         }
         Command::Info => {
             let caps = capabilities::detect().context("detecting this device's capabilities")?;

@@ -175,6 +175,7 @@ pub async fn attach(
     tracing::info!(device = %welcome.device_id, pool = %welcome.pool, fence_seconds = welcome.fence_seconds, "attached to the gateway");
     fence.welcomed(dialled, welcome.fence_seconds);
     status.connection(true, "connected".into());
+    status.statement_key(&welcome.statement_key);
     tasks.usage().resend();
 
     let beat = Duration::from_secs(u64::from(welcome.heartbeat_interval_seconds.clamp(1, 60)));
@@ -236,6 +237,7 @@ pub async fn attach(
                         }
                         Some(operator_message::Body::HeartbeatAck(ack)) => fence.acknowledged(ack.sequence),
                         Some(operator_message::Body::OutputWanted(wanted)) => tasks.resend_output(&wanted.task_id),
+                        Some(operator_message::Body::CreditStanding(standing)) => status.credit(&standing),
                         Some(operator_message::Body::StreamOpen(open)) => tasks.open_stream(client.clone(), open),
                         Some(operator_message::Body::CertificateRenewed(renewed)) => {
                             match crate::identity::store_renewed(state_dir, &renewed.certificate_pem) {

@@ -1,12 +1,14 @@
 //! What `darkcore-agent status` shows: `run` keeps `status.json` in the state dir current
 //! (on every change, written atomically), and `status` reads it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::credit::{self, CreditDay};
 use crate::identity::{IdentityError, write_private};
 use crate::policy::Decision;
 use crate::usage::{Ledger, Totals};
@@ -37,6 +39,12 @@ pub struct AgentStatus {
     /// Ledger records the operator has not acknowledged yet.
     #[serde(default)]
     pub usage_unacknowledged: usize,
+    /// What the operator credits this device with, per UTC day, as it last said.
+    #[serde(default)]
+    pub credit: BTreeMap<String, CreditDay>,
+    /// The key the operator signs statements with (base64), as its Welcome said.
+    #[serde(default)]
+    pub statement_key: String,
 }
 
 pub fn now_unix() -> u64 {
@@ -83,6 +91,20 @@ impl StatusFile {
         self.status.usage = ledger.totals();
         self.status.usage_unacknowledged = ledger.pending();
         self.save();
+    }
+
+    /// The operator told what it credits this device with on a day.
+    pub fn credit(&mut self, standing: &darkcore_proto::agent::v1::CreditStanding) {
+        credit::record(&mut self.status.credit, standing);
+        self.save();
+    }
+
+    /// The operator's statement key, from its Welcome (kept when an operator sends none).
+    pub fn statement_key(&mut self, key: &str) {
+        if !key.is_empty() {
+            self.status.statement_key = key.to_string();
+            self.save();
+        }
     }
 
     pub fn tasks(&mut self, running: Vec<String>) {
@@ -202,6 +224,7 @@ pub fn render(status: &AgentStatus, running: bool) -> String {
             status.usage_unacknowledged
         ));
     }
+    out.push_str(&credit::render(&status.credit));
     out
 }
 

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use darkcore_operator::devices::listing as devices_cli;
 use darkcore_operator::enroll::{revocation, token, token_store};
 use darkcore_operator::usage::report as usage_report;
+use darkcore_operator::usage::statement as usage_statement;
 use k8s_openapi::jiff::Timestamp;
 use tracing_subscriber::EnvFilter;
 
@@ -50,6 +51,8 @@ enum Command {
     /// What the pools' devices gave (CPU, memory, tasks), per pool and namespace, read from
     /// the PoolUsage objects.
     Usage {
+        #[command(subcommand)]
+        statement: Option<UsageCommand>,
         /// Only this pool.
         #[arg(long)]
         pool: Option<String>,
@@ -62,6 +65,33 @@ enum Command {
         /// table or json.
         #[arg(long, short = 'o', default_value = "table", value_parser = ["table", "json"])]
         output: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsageCommand {
+    /// What a device or an owner was credited over a period, signed with the operator's
+    /// statement key: only validated results (or a trusted device's unverified ones) earn, at
+    /// the pool's spec.credit prices. `darkcore-agent statement verify FILE` checks it.
+    Statement {
+        /// One device, by id.
+        #[arg(long, required_unless_present = "owner", conflicts_with = "owner")]
+        device: Option<String>,
+        /// Every device of an owner (as its join token named it).
+        #[arg(long)]
+        owner: Option<String>,
+        /// A day (2026-12-01), a month (2026-12), a range (2026-11-01..2026-11-30), or a time
+        /// back from now to today (7d).
+        #[arg(long)]
+        period: String,
+        /// Only this pool.
+        #[arg(long)]
+        pool: Option<String>,
+        /// json, or csv (the rows, then the signed statement on a comment line).
+        #[arg(long, short = 'o', default_value = "json", value_parser = ["json", "csv"])]
+        output: String,
+        #[command(flatten)]
+        scope: Scope,
     },
 }
 
@@ -121,6 +151,35 @@ enum TokenCommand {
     },
 }
 
+async fn issue_statement(command: UsageCommand) -> anyhow::Result<()> {
+    let UsageCommand::Statement {
+        device,
+        owner,
+        period,
+        pool,
+        output,
+        scope,
+    } = command;
+    let subject = match (device, owner) {
+        (Some(device), _) => darkcore_statement::Subject::Device(device),
+        (None, Some(owner)) => darkcore_statement::Subject::Owner(owner),
+        (None, None) => anyhow::bail!("say whose statement: --device ID or --owner NAME"),
+    };
+    let period =
+        usage_statement::parse_period(&period, Timestamp::now()).map_err(anyhow::Error::msg)?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to Kubernetes: set KUBECONFIG to a kubeconfig file")?;
+    let signed =
+        usage_statement::issue(&client, &scope.namespace, subject, &period, pool.as_deref())
+            .await?;
+    match output.as_str() {
+        "csv" => print!("{}", signed.to_csv()?),
+        _ => println!("{}", serde_json::to_string_pretty(&signed)?),
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -150,6 +209,11 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Usage {
+            statement: Some(statement),
+            ..
+        } => issue_statement(statement).await,
+        Command::Usage {
+            statement: None,
             pool,
             since,
             per_device,

@@ -46,6 +46,7 @@ use crate::supervise::Supervisor;
 use crate::tls;
 use crate::usage::attempts::AttemptBook;
 use crate::usage::recorder::Recorder as UsageRecorder;
+use crate::usage::statement_key;
 use crate::validation::reputation_store::ReputationStore;
 use crate::warmup::Warmup;
 
@@ -188,6 +189,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.namespace
         )
     })?;
+    // Statements are signed with one key for good: made once, its verification key published.
+    let statement_key = statement_key::ensure(&client, &args.namespace)
+        .await
+        .context("loading the statement key")?;
+    statement_key::publish(&client, &args.namespace, &statement_key)
+        .await
+        .context("publishing the statement verification key")?;
 
     let metrics = Arc::new(Metrics::default());
     let registry = Registry::new();
@@ -318,11 +326,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         registry.reputation(&device, view);
     }
-    let (usage_recorder, usage, lost_charges, usage_inbox) = UsageRecorder::new(
+    let (usage_recorder, usage, rulings, usage_inbox) = UsageRecorder::new(
         client.clone(),
         metrics.clone(),
         Duration::from_secs(args.usage_flush_seconds),
         (attempts.clone(), registry.clone(), warmup.clone()),
+        pool_store.clone(),
     );
     let (pod_controller, pod_inbox) = PodController::new(Arc::new(PodShared {
         client: client.clone(),
@@ -336,7 +345,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         warmup: warmup.clone(),
         started,
         attempts,
-        lost_charges,
+        rulings,
         reputations: reputations.clone(),
         host_ip: args.node_address.clone(),
         metrics: metrics.clone(),
@@ -432,6 +441,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 validity: args.device_cert_validity,
             }),
             streams,
+            statement_key: statement_key.public_base64(),
         },
     )
     .await?;

@@ -90,8 +90,8 @@ async fn main() -> anyhow::Result<()> {
     let logs = Arc::new(LogStore::default());
     let (usage, mut usage_inbox) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(async move { while usage_inbox.recv().await.is_some() {} });
-    let (lost_charges, mut lost_inbox) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move { while lost_inbox.recv().await.is_some() {} });
+    let (rulings, mut rulings_inbox) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move { while rulings_inbox.recv().await.is_some() {} });
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -113,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
         host_ip: "127.0.0.1".into(),
         metrics: metrics.clone(),
         attempts: Default::default(),
-        lost_charges,
+        rulings,
         reputations: darkcore_operator::validation::reputation_store::ReputationStore::new(
             client.clone(),
         ),
@@ -141,6 +141,7 @@ async fn main() -> anyhow::Result<()> {
         },
         attach::AttachService {
             streams: Default::default(),
+            statement_key: String::new(),
             registry: registry.clone(),
             metrics: metrics.clone(),
             pool_served: Arc::new(|pool: &str| match pool == POOL {

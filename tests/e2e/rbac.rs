@@ -57,6 +57,7 @@ async fn the_service_account_cannot_do_what_the_operator_does_not_need() {
         &["patch", "deployments", "-n", "darkcore-system"],
         &["create", "leases", "-n", "default"],
         &["update", "leases/someone-else", "-n", "darkcore-system"],
+        &["patch", "configmaps/someone-elses", "-n", "darkcore-system"],
         &["get", "clusterroles/cluster-admin"],
         &["create", "customresourcedefinitions"],
         &["impersonate", "users"],
@@ -92,6 +93,12 @@ async fn the_service_account_cannot_do_what_the_operator_does_not_need() {
         &["list", "devicereputations.darkcore.io"],
         &["create", "devicereputations.darkcore.io"],
         &["update", "devicereputations.darkcore.io"],
+        &[
+            "patch",
+            "configmaps/darkcore-statement-key",
+            "-n",
+            "darkcore-system",
+        ],
         &["list", "secrets", "-n", "darkcore-system"],
         &["delete", "secrets", "-n", "darkcore-system"],
         &[

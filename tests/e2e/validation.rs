@@ -3,14 +3,19 @@
 
 use std::time::Duration;
 
-use darkcore_crds::{AdaptiveReplication, DevicePoolSpec, DeviceReputation, ValidationPolicy};
+use std::collections::BTreeMap;
+
+use darkcore_crds::{
+    AdaptiveReplication, Amounts, Credit, CreditPrices, DevicePoolSpec, DeviceReputation,
+    PoolUsage, ValidationPolicy,
+};
 use k8s_openapi::api::core::v1::{Pod, PodCondition};
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 
 use crate::devices::process_pool;
 use crate::fleet;
-use crate::harness::{OPERATOR_NAMESPACE, operator_cli, poll_until};
+use crate::harness::{OPERATOR_NAMESPACE, agent_bin, log_dir, operator_cli, poll_until, unique};
 use crate::pods::Bench;
 
 /// The condition a checked pod shows.
@@ -59,15 +64,64 @@ fn agreeing(message: &str) -> Vec<String> {
     list.split(", ").map(str::to_string).collect()
 }
 
+/// Each device's credit in the pool's PoolUsage objects, summed over them.
+async fn credit_by_device(bench: &Bench) -> BTreeMap<String, Credit> {
+    let objects: Vec<PoolUsage> = Api::all(bench.fx.client.clone())
+        .list(&ListParams::default().labels(&format!("darkcore.io/pool={}", bench.fx.pool)))
+        .await
+        .unwrap()
+        .items;
+    let mut credit: BTreeMap<String, Credit> = BTreeMap::new();
+    for object in objects {
+        for (device, usage) in object.spec.devices {
+            let sum = credit.entry(device).or_default();
+            sum.validated.add(&usage.credit.validated);
+            sum.unverified.add(&usage.credit.unverified);
+            sum.rejected.add(&usage.credit.rejected);
+            sum.pending.extend(usage.credit.pending);
+        }
+    }
+    credit
+}
+
+/// `darkcore-agent ARGS`, and whether it succeeded, with what it printed.
+fn agent_cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(agent_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 #[tokio::test]
 async fn a_quorum_job_completes_with_correct_output_when_one_of_four_devices_lies() {
-    let mut bench = Bench::start("quorum", 3, process_pool()).await;
+    // Memory held earns 3600 points a GiB-hour (a point per GiB-second), CPU 1 a core-hour.
+    let spec = DevicePoolSpec {
+        credit: CreditPrices {
+            price_per_core_hour: Some("1".into()),
+            price_per_gib_hour: Some("3600".into()),
+            currency: Some("points".into()),
+        },
+        ..process_pool()
+    };
+    let mut bench = Bench::start("quorum", 3, spec).await;
     bench.add_agent("fault = \"wrong-result\"\n").await;
     let liar = bench.agents[3].device_id.clone();
     // Four indexes at once, a core each, on four devices of a core: the liar takes one of the
     // first replicas, whatever the order.
     let script = "echo pi-$JOB_COMPLETION_INDEX=3.14159; echo $JOB_COMPLETION_INDEX > $DARKCORE_TASK_ROOT/out/result; sleep 3";
-    let pod = checked_pod(&bench, "pi", 2, 5, script);
+    let mut pod = checked_pod(&bench, "pi", 2, 5, script);
+    pod.spec.as_mut().unwrap().containers[0].resources = Some(
+        serde_json::from_value(serde_json::json!({
+            "requests": { "cpu": "1", "memory": "64Mi" }
+        }))
+        .unwrap(),
+    );
     let jobs = bench.indexed_job_of("pi", 4, 4, pod).await;
     let pods = bench
         .job_succeeds(&jobs, "pi", 4, Duration::from_secs(180))
@@ -123,6 +177,111 @@ async fn a_quorum_job_completes_with_correct_output_when_one_of_four_devices_lie
             .any(|(reason, message)| reason == "Validated" && message.contains("agree")),
         "{events:?}"
     );
+
+    // Credit: each index's two agreeing attempts are validated, each outvoted one of the liar
+    // rejected, and nothing is left pending.
+    let credit = poll_until("credit settled", Duration::from_secs(60), || async {
+        let credit = credit_by_device(&bench).await;
+        let (mut validated, mut rejected) = (Amounts::default(), Amounts::default());
+        for sum in credit.values() {
+            validated.add(&sum.validated);
+            rejected.add(&sum.rejected);
+        }
+        let pending = credit.values().any(|c| !c.pending.is_empty());
+        match (validated.tasks, rejected.tasks, pending) {
+            (8, r, false) if r == outvoted => Ok(credit),
+            _ => Err(format!("{credit:?}")),
+        }
+    })
+    .await;
+    assert_eq!(
+        credit[&liar].validated,
+        Amounts::default(),
+        "the liar earns nothing"
+    );
+    assert_eq!(credit[&liar].rejected.tasks, outvoted);
+    let (honest, honest_credit) = credit
+        .iter()
+        .find(|(device, c)| **device != liar && c.validated.tasks > 0)
+        .unwrap();
+    assert!(
+        honest_credit.validated.memory_mib_seconds >= 64 * 3,
+        "{honest_credit:?}"
+    );
+
+    // The honest device's statement is signed, verifies with the key its agent was given, and
+    // credits its validated memory-seconds at a point per GiB-second.
+    let statement = |device: &str| {
+        let out = operator_cli(&[
+            "usage",
+            "statement",
+            "--device",
+            device,
+            "--period",
+            "1d",
+            "--pool",
+            &bench.fx.pool,
+            "-n",
+            OPERATOR_NAMESPACE,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let signed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        (
+            text,
+            signed["statement"]["credit"].as_str().unwrap().to_string(),
+        )
+    };
+    let (text, earned) = statement(honest);
+    let want = honest_credit.validated.memory_mib_seconds as f64 / 1024.0
+        + honest_credit.validated.cpu_milliseconds as f64 / 3_600_000.0;
+    assert!(
+        (earned.parse::<f64>().unwrap() - want).abs() < 0.001 * want.max(1.0),
+        "credit {earned}, validated {:?}",
+        honest_credit.validated
+    );
+    let agent = bench
+        .agents
+        .iter()
+        .find(|a| a.device_id == *honest)
+        .unwrap();
+    let state = agent.state_dir.to_str().unwrap().to_string();
+    let file = log_dir().join(format!("{}.json", unique("statement")));
+    std::fs::write(&file, &text).unwrap();
+    let path = file.to_str().unwrap();
+    let (valid, said) = agent_cli(&["statement", "verify", path, "--state-dir", &state]);
+    assert!(
+        valid && said.contains(&format!("credit {earned} points")),
+        "{said}"
+    );
+    // One figure changed: refused, saying so.
+    let tampered = text.replacen(&format!("\"{earned}\""), "\"999.000000\"", 1);
+    assert_ne!(tampered, text);
+    std::fs::write(&file, &tampered).unwrap();
+    let (valid, said) = agent_cli(&["statement", "verify", path, "--state-dir", &state]);
+    assert!(
+        !valid && said.contains("changed after the operator signed it"),
+        "{said}"
+    );
+    // The owner sees the same credit in the agent's status, from the operator's record.
+    poll_until(
+        "the agent shows its credit",
+        Duration::from_secs(30),
+        || async {
+            let (_, status) = agent_cli(&["status", "--state-dir", &state]);
+            match status.contains(&format!("credit:      {earned} points")) {
+                true => Ok(()),
+                false => Err(status),
+            }
+        },
+    )
+    .await;
+    // The liar's statement credits nothing.
+    assert_eq!(statement(&liar).1, "0.000000");
     bench.finish().await;
 }
 

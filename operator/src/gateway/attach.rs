@@ -117,6 +117,8 @@ pub struct AttachService {
     pub renewer: Arc<Renewer>,
     /// Pairs users' exec streams with the agents' OpenStream calls.
     pub streams: Arc<StreamBroker>,
+    /// The key statements are signed with (base64), told to every device in its Welcome.
+    pub statement_key: String,
 }
 
 /// What renews device certificates: the CA, and how long a certificate lasts.
@@ -184,6 +186,7 @@ impl AgentGateway for AttachService {
             metrics: self.metrics.clone(),
             pool_served: self.pool_served.clone(),
             acknowledge_every: Some(1),
+            statement_key: self.statement_key.clone(),
         };
         tokio::spawn(stream.serve());
         let unboxed: fn(Box<OperatorMessage>) -> Result<OperatorMessage, Status> =
@@ -248,6 +251,7 @@ struct AgentStream {
     pool_served: PoolCheck,
     /// Heartbeats acknowledged: every `n`th (see `acknowledge_every`); set by Welcome.
     acknowledge_every: Option<u64>,
+    statement_key: String,
 }
 
 /// How a stream ended, when it did not simply close.
@@ -345,6 +349,7 @@ impl AgentStream {
                 pool: pool.clone(),
                 heartbeat_interval_seconds: heartbeat_interval(fence_seconds),
                 fence_seconds,
+                statement_key: self.statement_key.clone(),
             })),
         };
         if self.sender.send(Box::new(welcome)).await.is_err() {

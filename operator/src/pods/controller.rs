@@ -41,7 +41,7 @@ use crate::pods::writer::Writer;
 use crate::pool::POOL_LABEL;
 use crate::usage::attempts::{AttemptBook, Held, lock};
 use crate::usage::ledger::LOST_CHARGED_AGAIN_MS;
-use crate::usage::recorder::{LostCharge, LostCharges};
+use crate::usage::recorder::{LostCharge, Ruling, Rulings};
 use crate::validation::placement as replica_placement;
 use crate::validation::policy::Validation;
 use crate::validation::replicas;
@@ -94,8 +94,9 @@ pub struct Shared {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The operator's record of each attempt, which bounds what devices may charge.
     pub attempts: Arc<Mutex<AttemptBook>>,
-    /// Where the charges for attempts lost with their devices go.
-    pub lost_charges: LostCharges,
+    /// Where the charges for attempts lost with their devices, and the judgements of checked
+    /// attempts' results, go.
+    pub rulings: Rulings,
     /// How far each device's results are trusted, kept durably.
     pub reputations: Arc<ReputationStore>,
 }
@@ -166,7 +167,7 @@ fn charge_loss(shared: &Shared, loss: &Loss) {
         pool: held.pool,
         record,
     };
-    if shared.lost_charges.send(charge).is_err() {
+    if shared.rulings.send(Ruling::Lost(charge)).is_err() {
         tracing::warn!(%task, "the usage recorder has stopped; a lost attempt goes uncharged");
         shared.metrics.usage_records("dropped", 1);
     }
@@ -414,7 +415,10 @@ impl Controller {
             .or_else(|| self.shared.registry.pool(device))
             .unwrap_or_default();
         let namespace = pod.namespace().unwrap_or_default();
-        Held::begun(device, &pool, &namespace, demand_of(pod), from_ms)
+        let mut held = Held::begun(device, &pool, &namespace, demand_of(pod), from_ms);
+        let pool = pool_of_pod(&self.shared, pod);
+        held.checked = validation_of(pod, pool.as_deref()).is_some();
+        held
     }
 
     /// Charges again an attempt lost with its device that a pod's status shows, found after a
@@ -736,8 +740,9 @@ impl Controller {
                 let demand = demand_of_task(&assign.containers, &assign.init_containers);
                 let pool_name = pool.map(|p| p.name_any()).unwrap_or_default();
                 let (device, namespace) = (&attempt.device, &assign.namespace);
-                let held =
+                let mut held =
                     Held::begun(device, &pool_name, namespace, demand, attempt.dispatched_ms);
+                held.checked = assign.result.is_some();
                 lock(&shared.attempts).began(&assign.task_id, held);
                 if let Some(seen) = entry.seen_at.take() {
                     shared
@@ -780,6 +785,22 @@ impl Controller {
                 shared.writer.event(&entry.pod, false, &reason, message);
             }
             Effect::Decided(verdict) => shared.metrics.verdict(verdict),
+            Effect::Credit(standings) => {
+                for (number, standing) in standings {
+                    let task = TaskId {
+                        uid: uid.to_string(),
+                        number,
+                    };
+                    // Filed pending already: the recorder moves it.
+                    let Some(judged) = lock(&shared.attempts).judge(&task.to_string(), standing)
+                    else {
+                        continue;
+                    };
+                    if shared.rulings.send(Ruling::Judged(judged)).is_err() {
+                        tracing::warn!(%task, "the usage recorder has stopped; a judged result stays pending");
+                    }
+                }
+            }
             Effect::Judged {
                 agreeing,
                 disagreeing,

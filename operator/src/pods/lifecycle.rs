@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use darkcore_crds::Runtime;
 use darkcore_proto::agent::v1::{TaskPhase, TaskStatus};
+use darkcore_statement::Standing;
 
 pub use crate::domain::LossReason;
 pub use crate::domain::Presence;
@@ -275,6 +276,9 @@ pub enum Effect {
     ReplicaFinished(TaskId),
     /// A checked pod was decided: `validated`, `unverified` or `no_quorum`.
     Decided(&'static str),
+    /// A checked pod was decided: how each replica's result stands toward credit (by attempt
+    /// number).
+    Credit(Vec<(u32, Standing)>),
     /// A checked pod was validated: the devices whose results agreed, and the others.
     Judged {
         agreeing: Vec<String>,
@@ -657,6 +661,7 @@ fn replica_finished(
             None => ("Validated", "validated"),
         };
         effects.push(Effect::Decided(verdict));
+        effects.push(Effect::Credit(run.replicas.standings()));
         effects.push(Effect::Inform {
             reason: reason.into(),
             message,
@@ -692,6 +697,7 @@ fn replica_finished(
                 once: false,
             });
             effects.push(Effect::Decided("no_quorum"));
+            effects.push(Effect::Credit(run.replicas.standings()));
             Stage::Failed {
                 reason: "NoQuorum".into(),
                 message,
@@ -1385,6 +1391,14 @@ mod tests {
                 .iter()
                 .any(|e| matches!(e, Effect::Warn { reason, .. } if reason == "NoQuorum"))
         );
+        // Without a quorum, no result earns.
+        assert!(
+            effects.contains(&Effect::Credit(vec![
+                (1, Standing::Rejected),
+                (2, Standing::Rejected)
+            ])),
+            "{effects:?}"
+        );
     }
 
     #[test]
@@ -1445,6 +1459,7 @@ mod tests {
             })
         ));
         assert!(effects.contains(&Effect::Completed { succeeded: true }));
+        assert!(effects.contains(&Effect::Credit(vec![(1, Standing::Unverified)])));
         assert!(
             effects.iter().any(
                 |e| matches!(e, Effect::Inform { reason, .. } if reason == "AcceptedUnverified")
@@ -1475,6 +1490,15 @@ mod tests {
                 agreeing: vec!["dev-b".into(), "dev-c".into()],
                 disagreeing: vec!["dev-a".into()],
             }),
+            "{effects:?}"
+        );
+        // The agreeing attempts earn; the outvoted one does not.
+        assert!(
+            effects.contains(&Effect::Credit(vec![
+                (1, Standing::Rejected),
+                (2, Standing::Validated),
+                (3, Standing::Validated)
+            ])),
             "{effects:?}"
         );
     }

@@ -1,11 +1,13 @@
-//! The operator's own record of each attempt: which device held it, from when to when, and
-//! what it was granted. A device's usage report is checked against it: the report may lower
-//! the charge, never raise it past wall time × granted, and only the holder may send it.
+//! The operator's own record of each attempt: which device held it, from when to when, what
+//! it was granted, and how its result was judged. A device's usage report is checked against
+//! it: the report may lower the charge, never raise it past wall time × granted, only the
+//! holder may send it, and whether it earns credit is the operator's judgement, not the device's.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use darkcore_proto::agent::v1::UsageRecord;
+use darkcore_statement::Standing;
 
 use crate::domain::Demand;
 
@@ -35,6 +37,12 @@ pub struct Held {
     pub completed: Option<bool>,
     /// A charge for it was counted already (the device's, or the operator's for a lost one).
     pub charged: bool,
+    /// Its pod asked for a quorum: its usage earns credit once its result is judged good.
+    pub checked: bool,
+    /// How its result was judged, once it was.
+    pub judged: Option<Standing>,
+    /// Its device's report was filed pending, in the object of the day it ended then.
+    pub pending_since_ms: Option<i64>,
 }
 
 impl Held {
@@ -52,8 +60,28 @@ impl Held {
             until_ms: None,
             completed: None,
             charged: false,
+            checked: false,
+            judged: None,
+            pending_since_ms: None,
         }
     }
+
+    /// Where a report of it counts toward credit: nowhere for an unchecked or interrupted
+    /// run, else as judged, or pending until it is.
+    fn standing(&self, completed: bool) -> Option<Standing> {
+        (self.checked && completed).then(|| self.judged.unwrap_or(Standing::Pending))
+    }
+}
+
+/// A checked attempt's result was judged after its usage was filed pending: where to move it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Judgement {
+    pub device: String,
+    pub pool: String,
+    pub task_id: String,
+    /// When the filed report said it ended: the object it is in.
+    pub ended_unix_ms: i64,
+    pub standing: Standing,
 }
 
 /// Why a device's report is not counted.
@@ -80,10 +108,12 @@ impl Refused {
 /// What becomes of a device's report.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Verdict {
-    /// Count it as given (already within bounds), or as bounded (`clipped`).
+    /// Count it as given (already within bounds), or as bounded (`clipped`); toward credit
+    /// as `standing` (none: it earns nothing).
     Count {
         record: UsageRecord,
         clipped: bool,
+        standing: Option<Standing>,
     },
     Refuse(Refused),
     /// Not on record yet, while the operator is still learning its attempts after a start.
@@ -208,10 +238,29 @@ impl AttemptBook {
         let bounded = bound(record, held, now_ms, offer_millicores);
         let clipped = bounded.cpu_milliseconds < record.cpu_milliseconds
             || bounded.memory_mib_seconds < record.memory_mib_seconds;
+        let standing = held.standing(bounded.completed);
+        if standing == Some(Standing::Pending) {
+            held.pending_since_ms = Some(bounded.ended_unix_ms);
+        }
         Verdict::Count {
             record: bounded,
             clipped,
+            standing,
         }
+    }
+
+    /// The attempt's result was judged: a report still to come counts as `standing`, and one
+    /// filed pending is to move (the returned judgement). Nothing for an attempt not on record.
+    pub fn judge(&mut self, task_id: &str, standing: Standing) -> Option<Judgement> {
+        let held = self.held.get_mut(task_id)?;
+        held.judged = Some(standing);
+        Some(Judgement {
+            device: held.device.clone(),
+            pool: held.pool.clone(),
+            task_id: task_id.to_string(),
+            ended_unix_ms: held.pending_since_ms.take()?,
+            standing,
+        })
     }
 
     /// Forgets ended attempts past `RETAIN_MS`, and the oldest beyond `ENDED_CAP`.
@@ -263,6 +312,52 @@ mod tests {
         }
     }
 
+    fn standing_of(verdict: Verdict) -> Option<Standing> {
+        match verdict {
+            Verdict::Count { standing, .. } => standing,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_checked_attempts_report_earns_as_the_operator_judged_never_as_the_device_says() {
+        let mut book = AttemptBook::default();
+        let checked = |device| Held {
+            checked: true,
+            ..held(device)
+        };
+        // Judged before its report came: it counts as judged, and nothing is to move.
+        book.began("u.1", checked("dev-a"));
+        book.ended("u.1", T0 + 10_000, true);
+        assert_eq!(book.judge("u.1", Standing::Rejected), None);
+        let verdict = book.vet("dev-a", &report("u.1", 100, 0), T0 + 20_000, 1000, true);
+        assert_eq!(standing_of(verdict), Some(Standing::Rejected));
+        // Reported first: pending, and the judgement says where it was filed.
+        book.began("u.2", checked("dev-a"));
+        book.ended("u.2", T0 + 10_000, true);
+        let verdict = book.vet("dev-a", &report("u.2", 100, 0), T0 + 20_000, 1000, true);
+        assert_eq!(standing_of(verdict), Some(Standing::Pending));
+        let judged = book.judge("u.2", Standing::Validated).unwrap();
+        assert_eq!(
+            (
+                judged.device.as_str(),
+                judged.ended_unix_ms,
+                judged.standing
+            ),
+            ("dev-a", T0 + 10_000, Standing::Validated)
+        );
+        assert_eq!(book.judge("u.2", Standing::Validated), None, "moved once");
+        // An interrupted run, or an unchecked pod's, earns nothing whatever it claims.
+        book.began("u.3", checked("dev-a"));
+        book.ended("u.3", T0 + 10_000, false);
+        let verdict = book.vet("dev-a", &report("u.3", 100, 0), T0 + 20_000, 1000, true);
+        assert_eq!(standing_of(verdict), None);
+        book.began("u.4", held("dev-a"));
+        let verdict = book.vet("dev-a", &report("u.4", 100, 0), T0 + 20_000, 1000, true);
+        assert_eq!(standing_of(verdict), None);
+        assert_eq!(book.judge("nobody.1", Standing::Validated), None);
+    }
+
     #[test]
     fn an_honest_report_counts_as_sent_with_the_operators_namespace_and_times() {
         let mut book = AttemptBook::default();
@@ -276,7 +371,10 @@ mod tests {
             4000,
             true,
         );
-        let Verdict::Count { record, clipped } = verdict else {
+        let Verdict::Count {
+            record, clipped, ..
+        } = verdict
+        else {
             panic!("{verdict:?}")
         };
         assert!(!clipped);
@@ -301,7 +399,10 @@ mod tests {
             4000,
             true,
         );
-        let Verdict::Count { record, clipped } = verdict else {
+        let Verdict::Count {
+            record, clipped, ..
+        } = verdict
+        else {
             panic!("{verdict:?}")
         };
         assert!(clipped);

@@ -4,7 +4,10 @@
 use darkcore_crds::pool_usage::SHARDS;
 use darkcore_crds::{Amounts, PoolUsageSpec};
 use darkcore_proto::agent::v1::UsageRecord;
+use darkcore_statement::Standing;
 use k8s_openapi::jiff::Timestamp;
+
+use crate::usage::credit;
 
 /// One `PoolUsage` object: a pool, a UTC day, a shard of its devices.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -68,16 +71,38 @@ pub fn amounts_of(record: &UsageRecord) -> Amounts {
     }
 }
 
+/// A device's record as the operator counts it: bounded by its record of the attempt, and
+/// toward credit as `standing` (none: it earns nothing).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Charge {
+    pub record: UsageRecord,
+    pub standing: Option<Standing>,
+}
+
+impl From<UsageRecord> for Charge {
+    /// A record that earns nothing (its pod asked for no check).
+    fn from(record: UsageRecord) -> Charge {
+        Charge {
+            record,
+            standing: None,
+        }
+    }
+}
+
 /// Adds `device`'s records to `spec`, skipping any it has applied already; returns how many
 /// were added. Records must be in sequence order (the agent sends them so).
-pub fn apply(spec: &mut PoolUsageSpec, device: &str, records: &[UsageRecord]) -> usize {
+pub fn apply(spec: &mut PoolUsageSpec, device: &str, charges: &[Charge]) -> usize {
     let mut added = 0;
-    for record in records {
+    for Charge { record, standing } in charges {
         let applied = spec.devices.get(device).map_or(0, |d| d.applied_sequence);
         if record.sequence <= applied {
             continue;
         }
         charge(spec, device, record);
+        if let Some(standing) = *standing {
+            let amounts = amounts_of(record);
+            credit::file(spec, device, &record.task_id, &amounts, standing);
+        }
         if let Some(entry) = spec.devices.get_mut(device) {
             entry.applied_sequence = record.sequence;
         }
@@ -165,14 +190,15 @@ mod tests {
     fn a_record_sent_again_is_counted_once() {
         let bucket = Bucket::of("lab", "dev-1", 1_795_000_000_000);
         let mut spec = bucket.empty_spec();
-        let first = [record(1, "a", 100, true), record(2, "b", 50, false)];
+        let first = [record(1, "a", 100, true), record(2, "b", 50, false)].map(Charge::from);
         assert_eq!(apply(&mut spec, "dev-1", &first), 2);
         // The operator restarted before acknowledging: everything comes again, plus one more.
         let again = [
             record(1, "a", 100, true),
             record(2, "b", 50, false),
             record(3, "a", 25, true),
-        ];
+        ]
+        .map(Charge::from);
         assert_eq!(apply(&mut spec, "dev-1", &again), 1);
         assert_eq!(
             spec.total,
@@ -237,10 +263,33 @@ mod tests {
     }
 
     #[test]
+    fn a_checked_record_is_filed_toward_credit_once_and_an_unchecked_one_is_not() {
+        let mut spec = Bucket::of("lab", "dev-1", 0).empty_spec();
+        let checked = |sequence, standing| Charge {
+            record: UsageRecord {
+                task_id: format!("u.{sequence}"),
+                ..record(sequence, "a", 100, true)
+            },
+            standing: Some(standing),
+        };
+        let charges = [
+            checked(1, Standing::Pending),
+            checked(2, Standing::Validated),
+            record(3, "a", 7, true).into(),
+        ];
+        assert_eq!(apply(&mut spec, "dev-1", &charges), 3);
+        assert_eq!(apply(&mut spec, "dev-1", &charges), 0, "sent again");
+        let device = &spec.devices["dev-1"];
+        assert_eq!(device.credit.validated.cpu_milliseconds, 100);
+        assert_eq!(device.credit.pending["u.1"].cpu_milliseconds, 100);
+        assert_eq!(device.namespaces["a"].cpu_milliseconds, 207);
+    }
+
+    #[test]
     fn devices_count_apart_and_nothing_applied_leaves_no_entry() {
         let mut spec = Bucket::of("lab", "dev-1", 0).empty_spec();
-        apply(&mut spec, "dev-1", &[record(7, "a", 1, true)]);
-        apply(&mut spec, "dev-2", &[record(7, "a", 2, true)]);
+        apply(&mut spec, "dev-1", &[record(7, "a", 1, true).into()]);
+        apply(&mut spec, "dev-2", &[record(7, "a", 2, true).into()]);
         assert_eq!(spec.total.cpu_milliseconds, 3, "sequences are per device");
         apply(&mut spec, "dev-3", &[]);
         assert_eq!(spec.device_count, 2);

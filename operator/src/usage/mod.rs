@@ -4,10 +4,14 @@
 //! ```text
 //!  agent ledger ──UsageRecords──> gateway ──> recorder ──> PoolUsage objects
 //!       <────────UsageAck (after the write)───────┘  │  checked against   `darkcore-operator usage`
-//!  pod controller ──attempts sent, ended, lost──> attempt book (the operator's own record)
+//!  pod controller ──attempts sent, ended, lost, judged──> attempt book (the operator's own record)
+//!  credit: checked attempts' usage filed by how their results were judged ──> `usage statement`
 //! ```
 
 pub mod attempts;
+pub mod credit;
 pub mod ledger;
 pub mod recorder;
 pub mod report;
+pub mod statement;
+pub mod statement_key;

@@ -2,7 +2,9 @@
 //! or bounded by wall time × granted), buffered per `PoolUsage` object and written at most
 //! once per object per flush interval, then acknowledged to each agent once all its records
 //! are stored. A record that is never acknowledged comes again, and counts once. Charges the
-//! operator makes for attempts lost with their devices are stored the same way.
+//! operator makes for attempts lost with their devices are stored the same way, and so are its
+//! judgements of checked attempts' results, which move their usage out of pending credit. After
+//! each write, the devices in it hear what they are credited with that day.
 //!
 //! The write budget is the number of objects that changed per interval (at most 64 per pool
 //! and day), whatever the number of devices or tasks. A lost attempt's charge is written
@@ -13,10 +15,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use darkcore_crds::PoolUsage;
+use darkcore_crds::{DevicePool, PoolUsage};
 use darkcore_proto::PROTOCOL_VERSION;
 use darkcore_proto::agent::v1::{OperatorMessage, UsageAck, UsageRecord, operator_message};
+use darkcore_statement::Standing;
 use kube::api::{ObjectMeta, PostParams};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -24,8 +28,10 @@ use tokio::time::Instant;
 use crate::devices::registry::{AgentSender, Registry};
 use crate::metrics::Metrics;
 use crate::pool::POOL_LABEL;
-use crate::usage::attempts::{self, AttemptBook, Verdict};
-use crate::usage::ledger::{Bucket, apply, charge_lost};
+use crate::usage::attempts::{self, AttemptBook, Judgement, Verdict};
+use crate::usage::credit;
+use crate::usage::ledger::{Bucket, Charge, apply, charge_lost};
+use crate::usage::statement::prices_of;
 use crate::warmup::Warmup;
 
 /// Label with the UTC day on every PoolUsage, for `usage --since`.
@@ -52,7 +58,14 @@ pub enum Charged {
         records: Vec<UsageRecord>,
         ack: AgentSender,
     },
+    Ruled(Ruling),
+}
+
+/// What the operator itself records: its charge for an attempt lost with its device, or how a
+/// checked attempt's result was judged after its usage was filed pending.
+pub enum Ruling {
     Lost(LostCharge),
+    Judged(Judgement),
 }
 
 /// The operator's own charge for an attempt lost with its device (no sequence: each object
@@ -63,24 +76,26 @@ pub struct LostCharge {
     pub record: UsageRecord,
 }
 
-/// Where lost attempts' charges go. Unbounded on purpose: there is at most one per attempt
-/// the operator made, and none may be dropped.
-pub type LostCharges = mpsc::UnboundedSender<LostCharge>;
+/// Where the operator's rulings go. Unbounded on purpose: there is at most one of each kind
+/// per attempt the operator made, and none may be dropped.
+pub type Rulings = mpsc::UnboundedSender<Ruling>;
 
 /// What the recorder reads: devices' records (bounded, so streams wait) and the operator's
 /// own charges.
 pub struct Inbox {
     reported: mpsc::Receiver<Charged>,
-    lost: mpsc::UnboundedReceiver<LostCharge>,
+    rulings: mpsc::UnboundedReceiver<Ruling>,
 }
 
 /// Checked charges for one device in one object.
 #[derive(Default)]
 struct Counted {
     /// The device's own records, by sequence (each once).
-    reported: BTreeMap<u64, UsageRecord>,
+    reported: BTreeMap<u64, Charge>,
     /// The operator's charges for its lost attempts.
     lost: Vec<UsageRecord>,
+    /// Attempts filed pending whose results were judged since, by task id.
+    judged: Vec<(String, Standing)>,
 }
 
 /// Charges received and not yet stored.
@@ -126,11 +141,17 @@ impl Pending {
                 entry.1 = ack;
                 true
             }
-            Charged::Lost(LostCharge {
+            Charged::Ruled(Ruling::Judged(judged)) => {
+                self.counted(&judged.pool, &judged.device, judged.ended_unix_ms)
+                    .judged
+                    .push((judged.task_id, judged.standing));
+                true
+            }
+            Charged::Ruled(Ruling::Lost(LostCharge {
                 device,
                 pool,
                 record,
-            }) => {
+            })) => {
                 if pool.is_empty() {
                     // No object can be named for it; it would be retried for ever.
                     tracing::warn!(%device, task = %record.task_id, "a lost attempt's pool is not known; its charge is dropped");
@@ -171,14 +192,18 @@ impl Pending {
             let mut book = attempts::lock(book);
             for (sequence, record) in records {
                 match book.vet(&device, &record, now_ms, offer, warm) {
-                    Verdict::Count { record, clipped } => {
+                    Verdict::Count {
+                        record,
+                        clipped,
+                        standing,
+                    } => {
                         if clipped {
                             tracing::info!(%device, task = %record.task_id, "a usage report past wall time × granted was bounded");
                             metrics.usage_records("clipped", 1);
                         }
                         self.counted(&pool, &device, record.ended_unix_ms)
                             .reported
-                            .insert(sequence, record);
+                            .insert(sequence, Charge { record, standing });
                     }
                     Verdict::Refuse(refused) => {
                         tracing::info!(%device, task = %record.task_id, why = refused.as_str(), "a usage report was refused");
@@ -228,6 +253,8 @@ pub struct Recorder {
     warmup: Arc<Warmup>,
     /// The objects written in the last flush, so the next write of one needs no read.
     written: HashMap<Bucket, PoolUsage>,
+    /// The pools, for their prices.
+    pools: Store<DevicePool>,
 }
 
 impl Recorder {
@@ -236,9 +263,10 @@ impl Recorder {
         metrics: Arc<Metrics>,
         flush_every: Duration,
         (book, registry, warmup): (Arc<Mutex<AttemptBook>>, Arc<Registry>, Arc<Warmup>),
-    ) -> (Recorder, mpsc::Sender<Charged>, LostCharges, Inbox) {
+        pools: Store<DevicePool>,
+    ) -> (Recorder, mpsc::Sender<Charged>, Rulings, Inbox) {
         let (reported, reported_inbox) = mpsc::channel(INBOX);
-        let (lost, lost_inbox) = mpsc::unbounded_channel();
+        let (rulings, rulings_inbox) = mpsc::unbounded_channel();
         let recorder = Recorder {
             api: Api::all(client),
             metrics,
@@ -247,12 +275,13 @@ impl Recorder {
             registry,
             warmup,
             written: HashMap::new(),
+            pools,
         };
         let inbox = Inbox {
             reported: reported_inbox,
-            lost: lost_inbox,
+            rulings: rulings_inbox,
         };
-        (recorder, reported, lost, inbox)
+        (recorder, reported, rulings, inbox)
     }
 
     pub async fn run(mut self, mut inbox: Inbox) {
@@ -268,9 +297,11 @@ impl Recorder {
                     }
                     None => break,
                 },
-                Some(lost) = inbox.lost.recv() => {
-                    pending.add(Charged::Lost(lost));
-                    flush_at = flush_at.min(Instant::now() + LOST_WRITTEN_WITHIN);
+                Some(ruling) = inbox.rulings.recv() => {
+                    if matches!(ruling, Ruling::Lost(_)) {
+                        flush_at = flush_at.min(Instant::now() + LOST_WRITTEN_WITHIN);
+                    }
+                    pending.add(Charged::Ruled(ruling));
                 }
                 _ = tokio::time::sleep_until(flush_at) => {
                     self.flush(&mut pending).await;
@@ -278,8 +309,8 @@ impl Recorder {
                 }
             }
         }
-        while let Ok(lost) = inbox.lost.try_recv() {
-            pending.add(Charged::Lost(lost));
+        while let Ok(ruling) = inbox.rulings.try_recv() {
+            pending.add(Charged::Ruled(ruling));
         }
         self.flush(&mut pending).await;
     }
@@ -293,6 +324,7 @@ impl Recorder {
         for (bucket, devices) in buckets {
             match self.write(&bucket, &devices).await {
                 Ok(object) => {
+                    self.tell_credit(&object, devices.keys());
                     written.insert(bucket, object);
                 }
                 Err(error) => {
@@ -314,6 +346,30 @@ impl Recorder {
             if ack.try_send(Box::new(message)).is_err() {
                 tracing::debug!(%device, "usage acknowledged, but the agent's stream is gone");
             }
+        }
+    }
+
+    /// Tells each of `devices` what the stored `object` credits it with that day.
+    fn tell_credit<'a>(&self, object: &PoolUsage, devices: impl Iterator<Item = &'a String>) {
+        let spec = &object.spec;
+        let prices = self
+            .pools
+            .get(&ObjectRef::new(&spec.pool))
+            .and_then(|pool| prices_of(&pool).ok())
+            .unwrap_or_default();
+        for device in devices {
+            let usage = spec.devices.get(device).filter(|u| !u.credit.is_empty());
+            let (Some(usage), Some(sender)) = (usage, self.registry.sender(device)) else {
+                continue;
+            };
+            let message = OperatorMessage {
+                version: PROTOCOL_VERSION as i32,
+                body: Some(operator_message::Body::CreditStanding(credit::standing(
+                    &spec.day, usage, &prices,
+                ))),
+            };
+            // Only news for its owner: a full queue drops it, and the next write says it again.
+            let _ = sender.try_send(Box::new(message));
         }
     }
 
@@ -350,14 +406,22 @@ impl Recorder {
             let (mut added, mut lost, mut duplicates) = (0, 0, 0);
             let now_ms = crate::domain::unix_ms();
             for (device, counted) in devices {
-                let records: Vec<UsageRecord> = counted.reported.values().cloned().collect();
-                let applied = apply(&mut object.spec, device, &records);
+                let charges: Vec<Charge> = counted.reported.values().cloned().collect();
+                let applied = apply(&mut object.spec, device, &charges);
                 let lost_here = (counted.lost.iter())
                     .filter(|record| charge_lost(&mut object.spec, device, record, now_ms))
                     .count();
-                added += applied + lost_here;
+                let judged = (counted.judged.iter())
+                    .filter(|(task, standing)| {
+                        credit::judge(&mut object.spec, device, task, *standing)
+                    })
+                    .count();
+                if let Some(usage) = object.spec.devices.get_mut(device) {
+                    usage.owner = self.registry.owner(device).or(usage.owner.take());
+                }
+                added += applied + lost_here + judged;
                 lost += lost_here;
-                duplicates += records.len() - applied + counted.lost.len() - lost_here;
+                duplicates += charges.len() - applied + counted.lost.len() - lost_here;
             }
             if added == 0 {
                 self.metrics.usage_records("duplicate", duplicates);
@@ -401,11 +465,11 @@ mod tests {
             ..Default::default()
         };
         let lost = |pool: &str| {
-            Charged::Lost(LostCharge {
+            Charged::Ruled(Ruling::Lost(LostCharge {
                 device: "dev-a".into(),
                 pool: pool.into(),
                 record: record.clone(),
-            })
+            }))
         };
         let mut pending = Pending::default();
         pending.add(lost(""));

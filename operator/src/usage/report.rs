@@ -136,7 +136,7 @@ mod tests {
             completed: true,
             ..Default::default()
         };
-        apply(&mut spec, device, &[record]);
+        apply(&mut spec, device, &[record.into()]);
         PoolUsage::new(&bucket.name(), spec)
     }
 

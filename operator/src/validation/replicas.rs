@@ -3,6 +3,7 @@
 
 use darkcore_proto::agent::v1::container_status::State as ContainerState;
 use darkcore_proto::agent::v1::{ContainerStatus, TaskPhase, TaskStatus};
+use darkcore_statement::Standing;
 
 use super::policy::Validation;
 use super::quorum::{self, Decision, Outcome};
@@ -141,6 +142,23 @@ impl Replicas {
             .map(|o| o.device.clone())
             .collect();
         Some((agreeing.clone(), disagreeing))
+    }
+
+    /// Once decided, each finished replica's attempt number and how its result stands toward
+    /// credit: validated if it agreed with the quorum, unverified if accepted alone, else
+    /// rejected (a disagreeing result, or all of them when no quorum was reached).
+    pub fn standings(&self) -> Vec<(u32, Standing)> {
+        let Some(verdict) = &self.verdict else {
+            return Vec::new();
+        };
+        let standing_of = |outcome: &Outcome| match verdict {
+            Verdict::Validated { digest, .. } if outcome.digest == *digest => Standing::Validated,
+            Verdict::Unverified { .. } => Standing::Unverified,
+            _ => Standing::Rejected,
+        };
+        (self.numbers.iter().zip(&self.results))
+            .map(|(number, outcome)| (*number, standing_of(outcome)))
+            .collect()
     }
 
     /// Whether attempt `number` is a replica that has finished.
