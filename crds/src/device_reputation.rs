@@ -58,6 +58,12 @@ pub struct DeviceRecord {
     /// Set once its error rate passed the pool's quarantine threshold: it is not enlisted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantined: Option<Quarantine>,
+    /// Milliseconds it was connected, of `observedMilliseconds` the operator watched it, each
+    /// stretch halved in weight every day: its reliability is their ratio.
+    #[serde(default)]
+    pub online_milliseconds: u64,
+    #[serde(default)]
+    pub observed_milliseconds: u64,
 }
 
 /// Why and since when a device is quarantined.

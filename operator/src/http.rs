@@ -14,6 +14,7 @@ use axum::routing::get;
 
 use crate::devices::registry::Registry;
 use crate::metrics::Metrics;
+use crate::validation::reputation_store::ReputationStore;
 
 /// What /readyz answers. A standby is ready: it is healthy and waiting, and the gateway Service
 /// does not route to it (only the leader's address is in its EndpointSlice). A leader is ready
@@ -69,6 +70,8 @@ pub struct Health {
     pub readiness: Arc<Readiness>,
     pub metrics: Arc<Metrics>,
     pub registry: Arc<Registry>,
+    /// Error rates and reliability, for the device listing.
+    pub reputations: Arc<ReputationStore>,
 }
 
 pub fn router(health: Health) -> Router {
@@ -107,6 +110,10 @@ async fn devices(State(health): State<Health>, uri: Uri) -> impl IntoResponse {
         .list()
         .into_iter()
         .filter(|d| pool.as_ref().is_none_or(|p| &d.pool == p))
+        .map(|mut d| {
+            d.reputation = health.reputations.view(&d.pool, &d.id);
+            d
+        })
         .collect();
     (
         [(header::CONTENT_TYPE, "application/json")],

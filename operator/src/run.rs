@@ -199,6 +199,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let metrics = Arc::new(Metrics::default());
     let registry = Registry::new();
+    let reputations = ReputationStore::new(client.clone());
     let readiness = Arc::new(Readiness::default());
     let server = http::serve(
         args.http_addr,
@@ -206,6 +207,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             readiness: readiness.clone(),
             metrics: metrics.clone(),
             registry: registry.clone(),
+            reputations: reputations.clone(),
         },
     )
     .await?;
@@ -316,7 +318,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let pod_index = Arc::new(PodIndex::default());
     let attempts = Arc::new(std::sync::Mutex::new(AttemptBook::default()));
     // Devices quarantined before stay out: the book is read before any pod is placed.
-    let reputations = ReputationStore::new(client.clone());
     reputations.load().await.context(
         "listing DeviceReputations (the operator needs list on devicereputations.darkcore.io; install or upgrade the chart, which has the CRD and the role)",
     )?;
@@ -324,7 +325,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Some(why) = &view.quarantined {
             registry.quarantine(&device, &pool, why, false);
         }
-        registry.reputation(&device, view);
     }
     let (usage_recorder, usage, rulings, usage_inbox) = UsageRecorder::new(
         client.clone(),

@@ -618,3 +618,67 @@ async fn wasm_pieces_at_quorum_two_agree_across_devices_and_differ_between_piece
         .await;
     bench.finish().await;
 }
+
+/// Whether the operator lists `device` as connected, and its reliability as the listing shows.
+async fn connection_of(bench: &Bench, device: &str) -> (bool, Option<f64>) {
+    let (_, body) = bench.fx.operator.get("/devices").await.unwrap();
+    let devices: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let found = devices.iter().find(|d| d["id"] == device);
+    (
+        found.is_some_and(|d| d["connected"] == true),
+        found.and_then(|d| d["reputation"]["reliabilityPercent"].as_f64()),
+    )
+}
+
+/// Waits until the operator lists `device` as connected, or not.
+async fn connected_is(bench: &Bench, device: &str, want: bool) {
+    poll_until("a device's connection", Duration::from_secs(30), || async {
+        match connection_of(bench, device).await {
+            (connected, _) if connected == want => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_device_that_keeps_dropping_off_is_less_reliable_than_one_that_stays() {
+    let mut bench = Bench::start("reliable", 2, process_pool()).await;
+    let (steady, flaky) = (
+        bench.agents[0].device_id.clone(),
+        bench.agents[1].device_id.clone(),
+    );
+    // The flaky device drops off twice, each time until the operator has seen its stream end,
+    // and comes back with the same identity.
+    for _ in 0..2 {
+        bench.agents[1].kill().await;
+        connected_is(&bench, &flaky, false).await;
+        bench.agents[1].run();
+        connected_is(&bench, &flaky, true).await;
+    }
+    let (_, steady_share) = connection_of(&bench, &steady).await;
+    let (_, flaky_share) = connection_of(&bench, &flaky).await;
+    assert_eq!(steady_share, Some(100.0), "never dropped off");
+    let flaky_share = flaky_share.unwrap();
+    assert!(flaky_share < 100.0, "dropped off twice: {flaky_share}%");
+    // Listed for people, and stored: the stretches that ended are in its DeviceReputation.
+    let row = listing_row(&bench, &flaky).unwrap();
+    assert!(row.contains('%'), "{row}");
+    let stored = poll_until("reliability stored", Duration::from_secs(30), || async {
+        let objects: Vec<DeviceReputation> = Api::all(bench.fx.client.clone())
+            .list(&ListParams::default().labels(&format!("darkcore.io/pool={}", bench.fx.pool)))
+            .await
+            .unwrap()
+            .items;
+        let record = objects
+            .iter()
+            .find_map(|o| o.spec.devices.get(&flaky).cloned());
+        match record {
+            Some(r) if r.observed_milliseconds > r.online_milliseconds => Ok(r),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(stored.online_milliseconds > 0, "{stored:?}");
+    bench.finish().await;
+}

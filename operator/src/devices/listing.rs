@@ -38,7 +38,7 @@ pub async fn fetch(base: &str, pool: Option<&str>) -> anyhow::Result<Vec<DeviceV
 
 pub fn render(devices: &[DeviceView]) -> String {
     let mut out = format!(
-        "{:<18} {:<20} {:<20} {:<12} {:<8} {:<9} {:<10} {:<9} {:<16} {}\n",
+        "{:<18} {:<20} {:<20} {:<12} {:<8} {:<9} {:<10} {:<9} {:<16} {:<9} {}\n",
         "DEVICE",
         "POOL",
         "OWNER",
@@ -48,6 +48,7 @@ pub fn render(devices: &[DeviceView]) -> String {
         "OFFER",
         "SEEN",
         "ERRORS",
+        "RELIABLE",
         "NOTE"
     );
     for d in devices {
@@ -57,7 +58,7 @@ pub fn render(devices: &[DeviceView]) -> String {
             (true, true) => "online",
         };
         out.push_str(&format!(
-            "{:<18} {:<20} {:<20} {:<12} {:<8} {:<9} {:<10} {:<9} {:<16} {}\n",
+            "{:<18} {:<20} {:<20} {:<12} {:<8} {:<9} {:<10} {:<9} {:<16} {:<9} {}\n",
             d.id,
             d.pool,
             d.owner.as_deref().unwrap_or("-"),
@@ -66,11 +67,19 @@ pub fn render(devices: &[DeviceView]) -> String {
             if d.enlisted { "yes" } else { "no" },
             format!("{}m/{}Mi", d.offer_millicores, d.offer_memory_bytes >> 20),
             format!("{}s ago", d.seconds_since_seen),
-            // The error rate, and validated/invalid results.
-            d.reputation.as_ref().map_or("-".into(), |r| format!(
-                "{:.1}% {}/{}",
-                r.error_rate_percent, r.validated, r.invalid
-            )),
+            // The error rate, and validated/invalid results, once it has any.
+            d.reputation
+                .as_ref()
+                .filter(|r| r.validated + r.invalid > 0 || r.quarantined.is_some())
+                .map_or("-".into(), |r| format!(
+                    "{:.1}% {}/{}",
+                    r.error_rate_percent, r.validated, r.invalid
+                )),
+            // The share of the time it stayed connected.
+            d.reputation
+                .as_ref()
+                .and_then(|r| r.reliability_percent)
+                .map_or("-".into(), |percent| format!("{percent:.1}%")),
             d.note.as_deref().unwrap_or("")
         ));
     }

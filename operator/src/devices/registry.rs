@@ -71,8 +71,6 @@ struct State {
     revocations_known: bool,
     /// Devices whose results disagreed too often, with why: never enlisted.
     quarantined: HashMap<String, String>,
-    /// Each judged device's record, for listings.
-    reputations: HashMap<String, ReputationView>,
 }
 
 impl State {
@@ -399,11 +397,6 @@ impl Registry {
         self.notify();
     }
 
-    /// A device's judged record changed: listings show it.
-    pub fn reputation(&self, device: &str, view: ReputationView) {
-        self.lock().reputations.insert(device.to_string(), view);
-    }
-
     /// The sender of a device's current stream, for tasks.
     pub fn sender(&self, id: &str) -> Option<AgentSender> {
         let state = self.lock();
@@ -521,7 +514,7 @@ impl Registry {
                 agent_version: e.agent_version.clone(),
                 seconds_since_seen: now.saturating_duration_since(e.last_seen).as_secs(),
                 note: e.ineligible.clone(),
-                reputation: state.reputations.get(id).cloned(),
+                reputation: None,
             })
             .collect();
         views.sort_by(|a, b| (&a.pool, &a.id).cmp(&(&b.pool, &b.id)));

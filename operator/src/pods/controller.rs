@@ -44,6 +44,7 @@ use crate::usage::ledger::LOST_CHARGED_AGAIN_MS;
 use crate::usage::recorder::{LostCharge, Ruling, Rulings};
 use crate::validation::placement as replica_placement;
 use crate::validation::policy::Validation;
+use crate::validation::reliability;
 use crate::validation::replicas;
 use crate::validation::reputation::{self, Plan};
 use crate::validation::reputation_store::ReputationStore;
@@ -282,8 +283,12 @@ impl Controller {
                 self.shared.index.mark_listed();
                 self.listed_nodes.insert(node);
             }
-            Input::Hello(device, tasks) => self.hello(&device, tasks),
+            Input::Hello(device, tasks) => {
+                self.connected(&device, true);
+                self.hello(&device, tasks)
+            }
             Input::Detached(device) => {
+                self.connected(&device, false);
                 let on_device: Vec<String> = self
                     .pods
                     .iter()
@@ -477,6 +482,13 @@ impl Controller {
 
     /// A device's Hello lists what it holds: adopt what we expect there, stop the rest, and
     /// count what it no longer has as lost.
+    /// A device's stream began or ended: its reliability counts the stretch before.
+    fn connected(&self, device: &str, online: bool) {
+        if let Some(pool) = self.shared.registry.pool(device) {
+            (self.shared.reputations).seen(&pool, device, online, Instant::now());
+        }
+    }
+
     fn hello(&mut self, device: &str, tasks: Vec<TaskStatus>) {
         let held: HashSet<&str> = tasks.iter().map(|t| t.task_id.as_str()).collect();
         let missing: Vec<String> = self
@@ -810,11 +822,6 @@ impl Controller {
                 let judged = shared
                     .reputations
                     .judge(&name, &agreeing, &disagreeing, policy);
-                for device in agreeing.iter().chain(&disagreeing) {
-                    if let Some(view) = shared.reputations.view(&name, device) {
-                        shared.registry.reputation(device, view);
-                    }
-                }
                 for (device, why) in judged.quarantined {
                     tracing::warn!(%device, pool = %name, %why, "device quarantined");
                     shared.metrics.device_quarantined();
@@ -1062,7 +1069,11 @@ fn choose(
         memory: demand.memory,
         runtime: proto_runtime(ready.runtime) as i32,
         runtime_name: ready.runtime.as_str(),
+        // Replicas past the quorum are reissued after disagreement.
+        prefer_reliable: validation_of(pod, Some(pool))
+            .is_some_and(|v| ran.len() >= v.quorum as usize),
     };
+    let now = Instant::now();
     let offers = shared.registry.offers(&pool.name_any(), &os, &arch);
     let online = offers.len();
     // A replica goes to neither a device nor an owner that ran one of this pod.
@@ -1096,6 +1107,7 @@ fn choose(
         })
         .map(|(id, offer)| {
             let carried = load.of(&id);
+            let reliability = shared.reputations.reliability(&pool.name_any(), &id, now);
             Candidate {
                 id,
                 offer_millicores: u64::from(offer.millicores),
@@ -1104,6 +1116,7 @@ fn choose(
                 used_millicores: carried.millicores,
                 used_memory: carried.memory,
                 tasks: carried.tasks,
+                reliability_ppm: reliability::for_placement(reliability),
             }
         })
         .collect();

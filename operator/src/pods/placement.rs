@@ -1,7 +1,8 @@
 //! Which device runs a pod (pure): one that offers the pod's runtime and has room for its cpu
 //! and memory requests beside the tasks it already runs, preferring the least loaded, so that
-//! load spreads instead of filling one device while others idle. When none fits, the reason
-//! says what is missing, in the numbers the user asked for.
+//! load spreads instead of filling one device while others idle. A reissued replica goes first
+//! to the devices that stay online most reliably. When none fits, the reason says what is
+//! missing, in the numbers the user asked for.
 
 use crate::domain::quantity::{bytes_quantity, cpu_quantity};
 
@@ -15,6 +16,8 @@ pub struct Candidate {
     pub used_millicores: u64,
     pub used_memory: u64,
     pub tasks: usize,
+    /// How reliably it stays online, in parts per million (see `validation::reliability`).
+    pub reliability_ppm: u32,
 }
 
 /// What a pod needs from a device.
@@ -24,7 +27,13 @@ pub struct Need {
     pub memory: u64,
     pub runtime: i32,
     pub runtime_name: &'static str,
+    /// A replica reissued after results disagreed: it should come back soon, so the most
+    /// reliable devices come first (in bands of 5%, within which load decides).
+    pub prefer_reliable: bool,
 }
+
+/// Devices within this many parts per million of reliability count as equally reliable.
+const RELIABILITY_BAND_PPM: u32 = 50_000;
 
 fn load_after(c: &Candidate, need: &Need) -> f64 {
     let share = |used: u64, add: u64, offer: u64| {
@@ -89,8 +98,13 @@ pub fn place(need: &Need, candidates: &[Candidate]) -> Result<String, String> {
             c.used_millicores + need.millicores <= c.offer_millicores && c.used_memory + need.memory <= c.offer_memory
         })
         .min_by(|a, b| {
-            load_after(a, need)
-                .total_cmp(&load_after(b, need))
+            let band = |c: &Candidate| c.reliability_ppm / RELIABILITY_BAND_PPM;
+            let steadier_first = match need.prefer_reliable {
+                true => band(b).cmp(&band(a)),
+                false => std::cmp::Ordering::Equal,
+            };
+            steadier_first
+                .then(load_after(a, need).total_cmp(&load_after(b, need)))
                 .then(a.tasks.cmp(&b.tasks))
                 .then(a.id.cmp(&b.id))
         })
@@ -117,6 +131,7 @@ mod tests {
             used_millicores,
             used_memory: 0,
             tasks,
+            reliability_ppm: 1_000_000,
         }
     }
 
@@ -126,7 +141,35 @@ mod tests {
             memory: 1 << 20,
             runtime: 1,
             runtime_name: "process",
+            prefer_reliable: false,
         }
+    }
+
+    #[test]
+    fn a_reissued_replica_goes_to_the_most_reliable_device_then_the_least_loaded() {
+        let reliable = |id: &str, used: u64, ppm: u32| Candidate {
+            reliability_ppm: ppm,
+            ..device(id, 4, used, 1)
+        };
+        let devices = [
+            reliable("flaky", 0, 600_000),
+            reliable("steady", 3000, 990_000),
+            reliable("steady-idle", 1000, 960_000),
+        ];
+        // A first replica: load decides.
+        assert_eq!(place(&need(500), &devices).unwrap(), "flaky");
+        let reissued = Need {
+            prefer_reliable: true,
+            ..need(500)
+        };
+        // Reissued: the reliable band first (95-100%), and within it the least loaded.
+        assert_eq!(place(&reissued, &devices).unwrap(), "steady-idle");
+        // Full reliable devices do not stop it: it goes to the next that has room.
+        let full = [
+            reliable("flaky", 0, 600_000),
+            reliable("steady", 4000, 990_000),
+        ];
+        assert_eq!(place(&reissued, &full).unwrap(), "flaky");
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! Device reputations kept durably: judged results change the in-memory book at once, and the
 //! shards that changed are written as `DeviceReputation` objects at most once per flush.
 //!
+//! It also keeps how reliably each device stays connected: each connection and disconnection
+//! closes a stretch of the device's time, and stretches still open are folded in every
+//! [`FOLD_EVERY`], so a restarted operator loses at most that much of it.
+//!
 //! The write budget is the number of shards that changed per flush (at most 64 per pool),
 //! whatever the number of devices or results. The leader loads the book before it places a
 //! pod, and its book is the truth it writes: a result judged by a previous leader in its last
@@ -8,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use darkcore_crds::AdaptiveReplication;
 use darkcore_crds::device_reputation::{
@@ -19,10 +23,13 @@ use kube::{Api, Client};
 
 use crate::pool::POOL_LABEL;
 use crate::usage::ledger::shard_of;
+use crate::validation::reliability::Uptime;
 use crate::validation::reputation::{Reputation, Standing};
 
 /// How often changed shards are written.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(5);
+/// How often stretches of connection still open are folded into the records.
+pub const FOLD_EVERY: Duration = Duration::from_secs(600);
 /// Conflicting writes (another writer changed the object) retried within one flush.
 const CONFLICT_RETRIES: usize = 5;
 
@@ -35,6 +42,51 @@ struct Book {
     shards: HashMap<Shard, BTreeMap<String, DeviceRecord>>,
     /// Shards changed since they were last written.
     dirty: BTreeSet<Shard>,
+    /// Each device heard of since this operator started, by pool and id: connected or not,
+    /// since when (the stretch not yet in its record).
+    sessions: HashMap<(String, String), (bool, Instant)>,
+}
+
+impl Book {
+    fn record(&mut self, pool: &str, device: &str) -> &mut DeviceRecord {
+        let shard = (pool.to_string(), shard_of(device));
+        self.dirty.insert(shard.clone());
+        self.shards
+            .entry(shard)
+            .or_default()
+            .entry(device.to_string())
+            .or_insert_with(fresh)
+    }
+
+    /// Adds a stretch of the device's time, connected or not, to its record.
+    fn observe(&mut self, pool: &str, device: &str, ms: u64, online: bool) {
+        let record = self.record(pool, device);
+        let uptime = uptime_of(record).observe(ms, online);
+        record.online_milliseconds = uptime.online_ms;
+        record.observed_milliseconds = uptime.observed_ms;
+    }
+
+    /// The device's uptime with its open stretch up to `now`.
+    fn uptime(&self, pool: &str, device: &str, now: Instant) -> Uptime {
+        let record = self
+            .shards
+            .get(&(pool.to_string(), shard_of(device)))
+            .and_then(|records| records.get(device));
+        let uptime = record.map(uptime_of).unwrap_or_default();
+        match self.sessions.get(&(pool.to_string(), device.to_string())) {
+            Some((online, since)) => {
+                uptime.observe(now.duration_since(*since).as_millis() as u64, *online)
+            }
+            None => uptime,
+        }
+    }
+}
+
+fn uptime_of(record: &DeviceRecord) -> Uptime {
+    Uptime {
+        online_ms: record.online_milliseconds,
+        observed_ms: record.observed_milliseconds,
+    }
 }
 
 /// A device's record as people read it.
@@ -45,6 +97,9 @@ pub struct ReputationView {
     pub validated: u64,
     pub invalid: u64,
     pub quarantined: Option<String>,
+    /// The share of the time it was connected (recent time weighing most), once observed.
+    #[serde(default)]
+    pub reliability_percent: Option<f64>,
 }
 
 /// What judging a pod's results changed.
@@ -73,15 +128,18 @@ fn to_record(reputation: Reputation, quarantined: Option<Quarantine>) -> DeviceR
         validated: reputation.validated,
         invalid: reputation.invalid,
         quarantined,
+        online_milliseconds: 0,
+        observed_milliseconds: 0,
     }
 }
 
-fn view_of(record: &DeviceRecord) -> ReputationView {
+fn view_of(record: &DeviceRecord, uptime: Uptime) -> ReputationView {
     ReputationView {
         error_rate_percent: f64::from(record.error_rate_ppm) / 1e4,
         validated: record.validated,
         invalid: record.invalid,
         quarantined: record.quarantined.as_ref().map(|q| q.reason.clone()),
+        reliability_percent: uptime.ppm().map(|ppm| f64::from(ppm) / 1e4),
     }
 }
 
@@ -124,7 +182,11 @@ impl ReputationStore {
         let mut views = Vec::new();
         for ((pool, _), records) in &book.shards {
             for (device, record) in records {
-                views.push((pool.clone(), device.clone(), view_of(record)));
+                views.push((
+                    pool.clone(),
+                    device.clone(),
+                    view_of(record, uptime_of(record)),
+                ));
             }
         }
         views
@@ -172,7 +234,11 @@ impl ReputationStore {
                 }
                 false => record.quarantined.clone(),
             };
-            *record = to_record(after, quarantined);
+            *record = DeviceRecord {
+                online_milliseconds: record.online_milliseconds,
+                observed_milliseconds: record.observed_milliseconds,
+                ..to_record(after, quarantined)
+            };
             book.dirty.insert(shard);
         }
         judged
@@ -192,20 +258,63 @@ impl ReputationStore {
         }
     }
 
-    /// A device's record for listings, if it has one.
+    /// A device's record for listings, with its reliability up to now, if it has a record or
+    /// was heard of since this operator started.
     pub fn view(&self, pool: &str, device: &str) -> Option<ReputationView> {
         let book = self.lock();
         let record = book
             .shards
-            .get(&(pool.to_string(), shard_of(device)))?
-            .get(device)?;
-        Some(view_of(record))
+            .get(&(pool.to_string(), shard_of(device)))
+            .and_then(|records| records.get(device))
+            .cloned();
+        let heard = book
+            .sessions
+            .contains_key(&(pool.to_string(), device.to_string()));
+        if record.is_none() && !heard {
+            return None;
+        }
+        let uptime = book.uptime(pool, device, Instant::now());
+        Some(view_of(&record.unwrap_or_else(fresh), uptime))
     }
 
-    /// Writes the changed shards every [`FLUSH_EVERY`], until the process ends.
+    /// A device connected (`online`) or its stream ended, at `now`: the stretch since it was
+    /// last heard of goes into its record, as connected or not.
+    pub fn seen(&self, pool: &str, device: &str, online: bool, now: Instant) {
+        let mut book = self.lock();
+        let key = (pool.to_string(), device.to_string());
+        if let Some((was_online, since)) = book.sessions.insert(key, (online, now)) {
+            let ms = now.saturating_duration_since(since).as_millis() as u64;
+            book.observe(pool, device, ms, was_online);
+        }
+    }
+
+    /// How reliably the device stays connected, in parts per million, once observed.
+    pub fn reliability(&self, pool: &str, device: &str, now: Instant) -> Option<u32> {
+        self.lock().uptime(pool, device, now).ppm()
+    }
+
+    /// Folds every open stretch into its record, up to `now`.
+    pub fn fold(&self, now: Instant) {
+        let mut book = self.lock();
+        let open: Vec<((String, String), (bool, Instant))> =
+            book.sessions.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        for ((pool, device), (online, since)) in open {
+            let ms = now.saturating_duration_since(since).as_millis() as u64;
+            book.observe(&pool, &device, ms, online);
+            book.sessions.insert((pool, device), (online, now));
+        }
+    }
+
+    /// Writes the changed shards every [`FLUSH_EVERY`], and folds open stretches in every
+    /// [`FOLD_EVERY`], until the process ends.
     pub async fn run(self: Arc<Self>) {
+        let mut folded = Instant::now();
         loop {
             tokio::time::sleep(FLUSH_EVERY).await;
+            if folded.elapsed() >= FOLD_EVERY {
+                folded = Instant::now();
+                self.fold(folded);
+            }
             self.flush().await;
         }
     }
