@@ -47,11 +47,13 @@ async fn until_seen(seen: &Seen, wanted: &str, stream: &str) {
 #[tokio::test]
 async fn attach_shows_output_from_now_on_both_streams_until_the_container_ends() {
     let bench = Bench::start("attach", 1, process_pool()).await;
-    // Ticks until told to stop; when told to speak, one line on each stream.
+    // Ticks until told to stop; when told to speak, one line on each stream. The stop file
+    // names the exec that wrote it, and the container ends only once that exec has: an exec
+    // still running when its container ends is killed with it (exit 137), as in a kubelet's.
     let script = "echo early; \
         while [ ! -e stop ]; do echo tick; \
           if [ -e speak ] && [ ! -e spoken ]; then echo out-line; echo err-line >&2; touch spoken; fi; \
-          sleep 0.2; done; echo bye";
+          sleep 0.2; done; while kill -0 `cat stop` 2>/dev/null; do sleep 0.05; done; echo bye";
     bench.create(bench.pod("ticker", script, "Never")).await;
     bench
         .phase_is("ticker", "Running", Duration::from_secs(60))
@@ -76,7 +78,17 @@ async fn attach_shows_output_from_now_on_both_streams_until_the_container_ends()
     until_seen(&out, "out-line\n", "stdout").await;
     until_seen(&err, "err-line\n", "stderr").await;
     let (code, _, e) = bench
-        .kubectl_with_input(&["exec", "ticker", "--", "touch", "stop"], b"")
+        .kubectl_with_input(
+            &[
+                "exec",
+                "ticker",
+                "--",
+                "sh",
+                "-c",
+                "echo $$ > stopping; mv stopping stop",
+            ],
+            b"",
+        )
         .await;
     assert_eq!(code, 0, "{e}");
 

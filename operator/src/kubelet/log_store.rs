@@ -49,6 +49,8 @@ pub struct Run {
     /// The offset in the run's output up to which it is held without a gap, from agents that
     /// number their output (they send it again on reconnecting, from the oldest they keep).
     received: Option<u64>,
+    /// The offset of the first output it holds, from such agents.
+    from: Option<u64>,
 }
 
 #[derive(Default)]
@@ -318,6 +320,17 @@ fn fresh_part<'a>(run: &mut Run, chunk: &'a LogChunk) -> Option<&'a [u8]> {
         return Some(&chunk.data);
     };
     let end = offset.saturating_add(chunk.data.len() as u64);
+    // A run held only from later on (new output came before all the agent sends again, from
+    // the start): it starts over from here, whole, and what it held comes again after this.
+    // (A follower of the partial run may miss as many lines as it had read.)
+    if offset == 0 && run.from.is_some_and(|from| from > 0) {
+        run.lines.clear();
+        run.bytes = 0;
+        run.appended = 0;
+        run.received = None;
+        run.from = None;
+    }
+    run.from.get_or_insert(offset);
     match run.received {
         None if offset == 0 && run.appended == 0 => run.whole = true,
         None => run.whole = false,
@@ -472,22 +485,19 @@ mod tests {
     fn an_adopted_run_its_agent_sends_again_from_offset_0_is_whole_and_nothing_is_doubled() {
         let store = LogStore::default();
         store.assign("uid.2", "dev", true);
-        // New output first (written while the agent was away), then all it kept, again.
-        store.append("dev", &at("uid.2", 0, 6, "three\n")).unwrap();
+        // New output first (written while the agent was away, sent as it reattached, before
+        // it was asked), then all it kept, again, twice.
+        store.append("dev", &at("uid.2", 0, 8, "three\n")).unwrap();
         assert!(!store.read("uid", "main", false, 0).unwrap().whole);
-        let restarted = LogStore::default();
-        restarted.assign("uid.2", "dev", true);
         for (offset, line) in [(0, "one\n"), (4, "two\n"), (0, "one\n"), (4, "two\n")] {
-            restarted
-                .append("dev", &at("uid.2", 0, offset, line))
-                .unwrap();
+            store.append("dev", &at("uid.2", 0, offset, line)).unwrap();
         }
-        restarted
-            .append("dev", &at("uid.2", 0, 8, "three\n"))
-            .unwrap();
-        let read = restarted.read("uid", "main", false, 0).unwrap();
+        store.append("dev", &at("uid.2", 0, 8, "three\n")).unwrap();
+        let read = store.read("uid", "main", false, 0).unwrap();
         assert!(read.whole);
         assert_eq!(text(&read), "one\ntwo\nthree\n");
+        let kept = store.keep("uid", ["main"].into_iter());
+        assert!(kept["main"].whole, "{kept:?}");
     }
 
     #[test]
