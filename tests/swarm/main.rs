@@ -17,6 +17,11 @@
 //! start an hour ago, a petabyte of memory, and the same for a task it never held. The
 //! operator must keep the CPU within the device's offered cores and the memory within its offer.
 //!
+//! Results: a task whose assignment asks for a result digest (a checked pod) is reported with
+//! one that every honest device gives for the same pod. Test-only faults
+//! (`--faulty-devices N`): the first N devices of the swarm return a wrong digest instead, each
+//! its own for every attempt, as broken hardware or a liar would.
+//!
 //! Test-only flood (`--lie-flood`): once a task is assigned, the device reports it Running with
 //! a 1 MiB reason and message, then sends its output as 1-byte lines as fast as the stream
 //! takes them, and never reads another message from the operator. The operator must hold its
@@ -87,6 +92,9 @@ struct Args {
     /// Test only: report lying stats for every running task (see above).
     #[arg(long)]
     lie_stats: bool,
+    /// Test only: this many of the swarm's devices (its first) return wrong result digests.
+    #[arg(long, default_value_t = 0)]
+    faulty_devices: usize,
 }
 
 #[tokio::main]
@@ -102,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
 
     let attached = Arc::new(AtomicUsize::new(0));
     let attach_started = Instant::now();
-    for identity in identities {
+    for (index, identity) in identities.into_iter().enumerate() {
         let attached = attached.clone();
         let server = args.server.clone();
         let behaviour = Behaviour {
@@ -113,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
             claims: args.claim.clone(),
             flood: args.lie_flood,
             lie_stats: args.lie_stats,
+            faulty: index < args.faulty_devices,
         };
         tokio::spawn(async move {
             let lied = AtomicU64::new(0);
@@ -175,6 +184,19 @@ struct Behaviour {
     claims: Vec<String>,
     flood: bool,
     lie_stats: bool,
+    /// Returns a wrong result digest for every checked task.
+    faulty: bool,
+}
+
+/// The result digest a device reports for a checked task: the same for every replica of a pod
+/// from an honest device; from a faulty one, its own for every attempt.
+fn result_digest(task: &TaskAssign, faulty: bool) -> String {
+    use darkcore_agent::digest::sha256_hex;
+    let result = match faulty {
+        true => format!("wrong {}", task.task_id),
+        false => format!("{}/{}", task.namespace, task.pod_name),
+    };
+    format!("sha256:{}", sha256_hex(result.as_bytes()))
 }
 
 /// Reports lying stats for `task` every second (see the module's doc) until the stream goes.
@@ -362,7 +384,10 @@ async fn hold(
                         }
                         let statuses = tx.clone();
                         let running = status(&task, TaskPhase::Running);
-                        let done = status(&task, TaskPhase::Succeeded);
+                        let mut done = status(&task, TaskPhase::Succeeded);
+                        if task.result.is_some() {
+                            done.result_digest = result_digest(&task, behaviour.faulty);
+                        }
                         let lies = behaviour
                             .lie_usage
                             .then(|| lies(&task, &behaviour.claims, lied));
