@@ -184,6 +184,12 @@ pub struct ValidationPolicy {
     /// When a device is trusted to run a quorum pod alone, and when it is quarantined.
     #[serde(default)]
     pub adaptive: AdaptiveReplication,
+    /// Seconds a replica reissued after a disagreement has to return its result before it
+    /// runs on another device (BOINC gives reissued jobs shorter deadlines, so an answer
+    /// already late does not wait on a slow device). Absent: no deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub reissue_deadline_seconds: Option<u32>,
 }
 
 impl Default for ValidationPolicy {
@@ -193,6 +199,7 @@ impl Default for ValidationPolicy {
             max_replicas: default_max_replicas(),
             homogeneous: Homogeneous::default(),
             adaptive: AdaptiveReplication::default(),
+            reissue_deadline_seconds: None,
         }
     }
 }

@@ -682,3 +682,53 @@ async fn a_device_that_keeps_dropping_off_is_less_reliable_than_one_that_stays()
     assert!(stored.online_milliseconds > 0, "{stored:?}");
     bench.finish().await;
 }
+
+#[tokio::test]
+async fn a_reissued_replica_past_the_pools_deadline_runs_on_another_device() {
+    let spec = DevicePoolSpec {
+        validation: ValidationPolicy {
+            adaptive: AdaptiveReplication {
+                enabled: false,
+                ..Default::default()
+            },
+            reissue_deadline_seconds: Some(10),
+            ..Default::default()
+        },
+        ..process_pool()
+    };
+    let bench = Bench::start("deadline", 5, spec).await;
+    // By its attempt number (the task id ends the task root's directory): the first two
+    // disagree, the third (reissued) never finishes, and the rest agree.
+    let script = "case \"$DARKCORE_TASK_ROOT\" in \
+        *.1|*.1/*) r=one;; *.2|*.2/*) r=two;; *.3|*.3/*) sleep 600; r=late;; *) r=agreed;; esac; \
+        echo $r; echo $r > $DARKCORE_TASK_ROOT/out/result";
+    let started = std::time::Instant::now();
+    bench
+        .create(checked_pod(&bench, "late", 2, 5, script))
+        .await;
+    let pod = bench
+        .phase_is("late", "Succeeded", Duration::from_secs(120))
+        .await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(10),
+        "the late replica had its 10 s"
+    );
+    let events = bench.events("late").await;
+    let (_, missed) = events
+        .iter()
+        .find(|(reason, _)| reason == "ReplicaDeadline")
+        .unwrap_or_else(|| panic!("{events:?}"));
+    let late_device = missed
+        .strip_prefix("device ")
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap()
+        .to_string();
+    let message = condition(&pod, VALIDATED)
+        .and_then(|c| c.message.clone())
+        .unwrap_or_default();
+    let devices = agreeing(&message);
+    assert_eq!(devices.len(), 2, "{message}");
+    assert!(!devices.contains(&late_device), "{late_device}: {message}");
+    assert_eq!(bench.kubectl(&["logs", "late"]), "agreed\n");
+    bench.finish().await;
+}

@@ -51,6 +51,8 @@ pub enum LossReason {
     DeviceLost,
     /// Its device handed the task back (the owner came back, the agent stopped).
     Preempted,
+    /// A reissued replica did not return its result by the pool's reissue deadline.
+    ReplicaDeadline,
 }
 
 impl LossReason {
@@ -58,14 +60,19 @@ impl LossReason {
         match self {
             LossReason::DeviceLost => "DeviceLost",
             LossReason::Preempted => "Preempted",
+            LossReason::ReplicaDeadline => "ReplicaDeadline",
         }
     }
 
     /// The reason a pod's status shows, read back.
     pub fn parse(text: &str) -> Option<LossReason> {
-        [LossReason::DeviceLost, LossReason::Preempted]
-            .into_iter()
-            .find(|reason| reason.as_str() == text)
+        [
+            LossReason::DeviceLost,
+            LossReason::Preempted,
+            LossReason::ReplicaDeadline,
+        ]
+        .into_iter()
+        .find(|reason| reason.as_str() == text)
     }
 }
 

@@ -356,6 +356,7 @@ impl Controller {
                             report: None,
                             cancelled: false,
                             silent_since_ms: status::silent_since_ms(&pod),
+                            deadline_ms: None,
                         },
                         ready: None,
                     }
@@ -570,6 +571,7 @@ impl Controller {
                     report: Some(report),
                     cancelled: false,
                     silent_since_ms: None,
+                    deadline_ms: None,
                 };
                 if resend {
                     self.want_output(&uid, device, &attempt.task.to_string());

@@ -41,6 +41,9 @@ pub struct Attempt {
     /// Since when its device was silent, as its pod's status showed before this operator
     /// started (for one adopted then): lost, it is charged until then.
     pub silent_since_ms: Option<i64>,
+    /// For a reissued replica under the pool's reissue deadline: by when (Unix ms) its result
+    /// must be back, or it runs elsewhere.
+    pub deadline_ms: Option<i64>,
 }
 
 impl Attempt {
@@ -158,7 +161,9 @@ impl Run {
             Stage::Deleted => false,
             _ if deleting => true,
             Stage::Admitting | Stage::Resolving { .. } | Stage::Unplaced { .. } => true,
-            Stage::Dispatched { attempt, .. } => presence(&attempt.device) != Presence::Online,
+            Stage::Dispatched { attempt, .. } => {
+                presence(&attempt.device) != Presence::Online || attempt.deadline_ms.is_some()
+            }
             Stage::Deleting { .. } => true,
             Stage::Finished { .. } | Stage::Failed { .. } => false,
         }
@@ -512,7 +517,19 @@ fn settle(mut run: Run, facts: &Facts<'_>, effects: &mut Vec<Effect>) -> Run {
                 (stage, false)
             }
             (Stage::Unplaced { ready, why: _ }, None) if facts.warm => {
-                match (facts.choose)(&ready, &run.replicas.devices()) {
+                // Not on the devices that ran it, nor on one that missed its deadline.
+                let mut ran = run.replicas.devices();
+                let late = (run.last_loss.as_ref())
+                    .filter(|loss| loss.reason == LossReason::ReplicaDeadline);
+                ran.extend(late.map(|loss| loss.device.clone()));
+                // A replica past the quorum is reissued after a disagreement.
+                let reissued = facts
+                    .validation
+                    .filter(|v| run.replicas.results.len() >= v.quorum as usize);
+                let deadline_ms = reissued
+                    .and_then(|v| v.reissue_deadline_seconds)
+                    .map(|seconds| facts.unix_ms + i64::from(seconds) * 1000);
+                match (facts.choose)(&ready, &ran) {
                     Ok(choice) => {
                         let attempt = Attempt {
                             task: TaskId {
@@ -526,6 +543,7 @@ fn settle(mut run: Run, facts: &Facts<'_>, effects: &mut Vec<Effect>) -> Run {
                             report: None,
                             cancelled: false,
                             silent_since_ms: None,
+                            deadline_ms,
                         };
                         run.next_number = attempt.task.number + 1;
                         effects.push(Effect::Assign);
@@ -568,6 +586,16 @@ fn settle(mut run: Run, facts: &Facts<'_>, effects: &mut Vec<Effect>) -> Run {
                     );
                     run.stage = Stage::Dispatched { attempt, ready };
                     run = lose(run, LossReason::DeviceLost, message, facts, effects);
+                    continue;
+                }
+                let late = attempt.deadline_ms.is_some_and(|d| facts.unix_ms >= d);
+                if late && !terminal(phase) {
+                    let message = format!(
+                        "device {} did not return its reissued replica's result within the pool's reissueDeadlineSeconds, so it runs on another device",
+                        attempt.device
+                    );
+                    run.stage = Stage::Dispatched { attempt, ready };
+                    run = lose(run, LossReason::ReplicaDeadline, message, facts, effects);
                     continue;
                 }
                 if phase == TaskPhase::Preempted {
@@ -774,6 +802,7 @@ mod tests {
         validation: Option<Validation>,
         /// Every device is trusted and drawn for no spot check at this percentage.
         trusted: Option<u32>,
+        unix_ms: i64,
     }
 
     impl World {
@@ -789,6 +818,7 @@ mod tests {
                 fits: Ok("dev-a"),
                 validation: None,
                 trusted: None,
+                unix_ms: UNIX_MS,
             }
         }
 
@@ -810,7 +840,7 @@ mod tests {
             let facts = Facts {
                 uid: "pod-uid",
                 now: self.now,
-                unix_ms: UNIX_MS,
+                unix_ms: self.unix_ms,
                 warm: self.warm,
                 deleting: self.deleting,
                 recorded: self.recorded,
@@ -1011,6 +1041,7 @@ mod tests {
                     report: None,
                     cancelled: false,
                     silent_since_ms: None,
+                    deadline_ms: None,
                 },
                 ready: Some(ready()),
             };
@@ -1112,6 +1143,7 @@ mod tests {
                     report: None,
                     cancelled: false,
                     silent_since_ms: Some(silent_since),
+                    deadline_ms: None,
                 },
                 ready: None,
             },
@@ -1146,6 +1178,7 @@ mod tests {
                     report: None,
                     cancelled: false,
                     silent_since_ms: None,
+                    deadline_ms: None,
                 },
                 ready: None,
             },
@@ -1194,6 +1227,7 @@ mod tests {
             report: None,
             cancelled: false,
             silent_since_ms: None,
+            deadline_ms: None,
         };
         let (run, effects) = world.step(resolving, Event::Adopt(found.clone()));
         assert!(effects.is_empty());
@@ -1476,6 +1510,45 @@ mod tests {
             "{:?}",
             run.stage
         );
+    }
+
+    #[test]
+    fn a_reissued_replica_late_past_the_pools_deadline_runs_on_another_device() {
+        let mut world = checked(2, 5);
+        world.validation.as_mut().unwrap().reissue_deadline_seconds = Some(60);
+        let run = dispatched(&world);
+        let (run, _) = world.step(run, result(1, 'a'));
+        assert_eq!(
+            attempt_of(&run).deadline_ms,
+            None,
+            "the quorum's own replicas have none"
+        );
+        // They disagree: the third replica is reissued, with a deadline.
+        let (run, _) = world.step(run, result(2, 'b'));
+        let reissued = attempt_of(&run);
+        assert_eq!(
+            (reissued.device.as_str(), reissued.deadline_ms),
+            ("dev-c", Some(UNIX_MS + 60_000))
+        );
+        assert!(run.waits_on_time(false, |_| Presence::Online));
+        world.unix_ms = UNIX_MS + 59_999;
+        let (run, effects) = world.step(run, Event::Look);
+        assert!(effects.is_empty(), "{effects:?}");
+        // Past it: stopped there, and run on a device that neither ran it nor was late.
+        world.unix_ms = UNIX_MS + 60_000;
+        let (run, effects) = world.step(run, Event::Look);
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::Redispatched(loss)
+                if loss.reason == LossReason::ReplicaDeadline && loss.device == "dev-c")),
+            "{effects:?}"
+        );
+        assert!(
+            is_cancel(&effects[0], "this attempt was abandoned"),
+            "{effects:?}"
+        );
+        assert_eq!(attempt_of(&run).device, "dev-d");
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub struct Validation {
     pub max_replicas: u32,
     pub result_paths: Vec<String>,
     pub stdout: bool,
+    /// Seconds a reissued replica has to return its result (the pool's), if limited.
+    pub reissue_deadline_seconds: Option<u32>,
 }
 
 impl Validation {
@@ -38,6 +40,7 @@ impl Validation {
             max_replicas,
             result_paths: Vec::new(),
             stdout: true,
+            reissue_deadline_seconds: None,
         }
     }
 }
@@ -129,6 +132,7 @@ pub fn of(pod: &Pod, pool: &ValidationPolicy) -> Result<Option<Validation>, Refu
         max_replicas,
         result_paths,
         stdout,
+        reissue_deadline_seconds: pool.reissue_deadline_seconds,
     }))
 }
 
@@ -202,6 +206,7 @@ mod tests {
                 max_replicas: 5,
                 result_paths: vec!["/out/result.json".into(), "/out/log.txt".into()],
                 stdout: false,
+                reissue_deadline_seconds: None,
             }
         );
     }
