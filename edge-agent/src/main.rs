@@ -151,7 +151,7 @@ async fn main() -> anyhow::Result<()> {
             match credit::check(&text, key.as_deref(), &operator_key) {
                 Ok(statement) => {
                     println!(
-                        "valid: signed by the operator; credit {}{} from {} to {} in {} rows",
+                        "valid: signed by the operator; credit {}{} from {} to {} (rows: {})",
                         statement.credit,
                         match statement.currency.as_str() {
                             "" => String::new(),
