@@ -1033,3 +1033,72 @@ async fn nothing_the_agent_started_outlives_it() {
     assert_eq!(serving, Vec::<String>::new());
     bench.finish().await;
 }
+
+#[tokio::test]
+async fn a_result_file_that_links_out_of_its_volume_is_never_read_by_the_device() {
+    use crate::validation::{VALIDATED, condition, validated_digest};
+    let spec = DevicePoolSpec {
+        validation: darkcore_crds::ValidationPolicy {
+            adaptive: darkcore_crds::AdaptiveReplication {
+                enabled: false,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        ..hostile_pool()
+    };
+    let bench = Bench::start("hostresult", 2, spec).await;
+    let canary = Canary::plant(&bench);
+    let image = busybox(&bench).await;
+    // The declared result file is a link to the owner's file (absolute, or climbing out; made,
+    // or the pod fails), or is not there at all. The agent, root on the device, hashes result files for the quorum:
+    // had it followed either link, that digest would hold the owner's file, and differ.
+    let precious = format!("{}/precious", canary.path());
+    let climbing = format!("{}/{}/precious", climb_to_root(), canary.relative_to_root());
+    for (name, script) in [
+        (
+            "absolute",
+            format!("ln -s {precious} /out/result && echo done"),
+        ),
+        (
+            "climbing",
+            format!("ln -s {climbing} /out/result && echo done"),
+        ),
+        ("absent", "echo done".to_string()),
+    ] {
+        let container = serde_json::json!({
+            "image": image,
+            "command": ["sh", "-c", script],
+            "volumeMounts": [{ "name": "out", "mountPath": "/out" }],
+        });
+        let mut pod = bench.pod_in("darkcore-oci", name, container, "Never");
+        pod.metadata.annotations = Some(
+            [
+                ("darkcore.io/quorum".to_string(), "2".to_string()),
+                (
+                    "darkcore.io/result-paths".to_string(),
+                    "/out/result".to_string(),
+                ),
+            ]
+            .into(),
+        );
+        bench.create(Bench::with_empty_dir(pod, "out")).await;
+    }
+    let mut digests = Vec::new();
+    for name in ["absolute", "climbing", "absent"] {
+        let pod = bench
+            .phase_is(name, "Succeeded", Duration::from_secs(120))
+            .await;
+        let message = condition(&pod, VALIDATED)
+            .and_then(|c| c.message.clone())
+            .unwrap_or_else(|| panic!("{name}: {pod:?}"));
+        digests.push((name, validated_digest(&message)));
+    }
+    assert!(!digests[2].1.is_empty(), "{digests:?}");
+    assert!(
+        digests.iter().all(|(_, d)| *d == digests[2].1),
+        "a linked result differs from an absent one, so the owner's file was read: {digests:?}"
+    );
+    canary.assert_untouched("result files linking out");
+    bench.finish().await;
+}

@@ -19,7 +19,7 @@ use crate::harness::{OPERATOR_NAMESPACE, agent_bin, log_dir, operator_cli, poll_
 use crate::pods::Bench;
 
 /// The condition a checked pod shows.
-const VALIDATED: &str = "darkcore.io/Validated";
+pub(crate) const VALIDATED: &str = "darkcore.io/Validated";
 
 /// A `darkcore-process` pod that needs `quorum` agreeing results of at most `max_replicas`,
 /// holding a whole core: it prints `printed`, writes `written` to /out/result on an emptyDir
@@ -45,7 +45,7 @@ fn checked_pod(bench: &Bench, name: &str, quorum: u32, max_replicas: u32, script
     Bench::with_empty_dir(pod, "out")
 }
 
-fn condition<'a>(pod: &'a Pod, type_: &str) -> Option<&'a PodCondition> {
+pub(crate) fn condition<'a>(pod: &'a Pod, type_: &str) -> Option<&'a PodCondition> {
     pod.status
         .as_ref()?
         .conditions
@@ -582,7 +582,7 @@ async fn trusted_devices_run_checked_pods_alone_and_say_so() {
 }
 
 /// The digest a Validated message names: "... gave sha256:...;".
-fn validated_digest(message: &str) -> String {
+pub(crate) fn validated_digest(message: &str) -> String {
     let after = message.split(" gave ").nth(1).unwrap_or_default();
     after.split(';').next().unwrap_or_default().to_string()
 }
