@@ -6,8 +6,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{ObjectMeta, PostParams};
-use kube::{Api, Client};
+use kube::Client;
+use kube::api::ObjectMeta;
+
+use super::{MadeOnce, secret_made_once};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 
 pub const CA_SECRET: &str = "darkcore-ca";
@@ -120,29 +122,14 @@ impl CaMaterial {
 /// The CA in `namespace`, created if it does not exist yet. Two callers racing to create it
 /// both end up with the one that won.
 pub async fn ensure(client: &Client, namespace: &str) -> Result<CaMaterial, CaError> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let read_err = |source| CaError::Kube {
-        action: format!("reading the Secret {namespace}/{CA_SECRET}"),
-        source,
-    };
-    if let Some(secret) = secrets.get_opt(CA_SECRET).await.map_err(read_err)? {
-        return CaMaterial::from_secret(&secret, namespace);
-    }
-    let fresh = CaMaterial::generate()?;
-    match secrets
-        .create(&PostParams::default(), &fresh.to_secret(namespace))
+    let make = || CaMaterial::generate().map(|fresh| fresh.to_secret(namespace));
+    let secret = secret_made_once(client, namespace, CA_SECRET, make)
         .await
-    {
-        Ok(_) => Ok(fresh),
-        Err(kube::Error::Api(status)) if status.code == 409 => {
-            let secret = secrets.get(CA_SECRET).await.map_err(read_err)?;
-            CaMaterial::from_secret(&secret, namespace)
-        }
-        Err(source) => Err(CaError::Kube {
-            action: format!("creating the Secret {namespace}/{CA_SECRET}"),
-            source,
-        }),
-    }
+        .map_err(|failed| match failed {
+            MadeOnce::Kube { action, source } => CaError::Kube { action, source },
+            MadeOnce::Make(error) => error,
+        })?;
+    CaMaterial::from_secret(&secret, namespace)
 }
 
 #[cfg(test)]

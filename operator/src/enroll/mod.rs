@@ -16,6 +16,40 @@ pub mod revocation;
 pub mod token;
 pub mod token_store;
 
+/// Why a Secret made once (the CA, the statement key) could not be had: the API server's
+/// refusal, named by what was being done, or `make`'s own error.
+pub enum MadeOnce<E> {
+    Kube { action: String, source: kube::Error },
+    Make(E),
+}
+
+/// The Secret `name` in `namespace`: the one stored, or else the one `make` builds, created
+/// now. Two callers racing to create it both end with the one that was stored.
+pub async fn secret_made_once<E>(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    make: impl FnOnce() -> Result<k8s_openapi::api::core::v1::Secret, E>,
+) -> Result<k8s_openapi::api::core::v1::Secret, MadeOnce<E>> {
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(client.clone(), namespace);
+    let failed = |doing: &str| {
+        let action = format!("{doing} the Secret {namespace}/{name}");
+        move |source| MadeOnce::Kube { action, source }
+    };
+    if let Some(secret) = secrets.get_opt(name).await.map_err(failed("reading"))? {
+        return Ok(secret);
+    }
+    let fresh = make().map_err(MadeOnce::Make)?;
+    match secrets.create(&Default::default(), &fresh).await {
+        Ok(created) => Ok(created),
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            secrets.get(name).await.map_err(failed("reading"))
+        }
+        Err(source) => Err(failed("creating")(source)),
+    }
+}
+
 /// The text under `key` in a Secret's data: `Ok(None)` when the key is absent, an error naming
 /// the key when its bytes are not UTF-8. Shared by the CA and token Secrets.
 pub fn secret_text(

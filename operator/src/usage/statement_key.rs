@@ -6,8 +6,10 @@ use std::collections::BTreeMap;
 use darkcore_statement::KeyPair;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{ObjectMeta, Patch, PatchParams};
 use kube::{Api, Client};
+
+use crate::enroll::{MadeOnce, secret_made_once};
 
 /// The Secret with the signing key and the ConfigMap with the verification key.
 pub const STATEMENT_KEY: &str = "darkcore-statement-key";
@@ -35,16 +37,19 @@ pub enum KeyError {
 /// The statement key in `namespace`, made if there is none yet (two callers racing both end
 /// with the one that was stored).
 pub async fn ensure(client: &Client, namespace: &str) -> Result<KeyPair, KeyError> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let read = |source| KeyError::Kube {
-        action: format!("reading the Secret {namespace}/{STATEMENT_KEY}"),
-        source,
-    };
-    if let Some(secret) = secrets.get_opt(STATEMENT_KEY).await.map_err(read)? {
-        return from_secret(&secret, namespace);
-    }
-    let document = KeyPair::generate_pkcs8().map_err(KeyError::Generate)?;
-    let secret = Secret {
+    let make = || KeyPair::generate_pkcs8().map(|document| key_secret(namespace, document));
+    let secret = secret_made_once(client, namespace, STATEMENT_KEY, make)
+        .await
+        .map_err(|failed| match failed {
+            MadeOnce::Kube { action, source } => KeyError::Kube { action, source },
+            MadeOnce::Make(error) => KeyError::Generate(error),
+        })?;
+    from_secret(&secret, namespace)
+}
+
+/// The Secret holding a new key's PKCS#8 `document`.
+fn key_secret(namespace: &str, document: Vec<u8>) -> Secret {
+    Secret {
         metadata: ObjectMeta {
             name: Some(STATEMENT_KEY.into()),
             namespace: Some(namespace.into()),
@@ -62,16 +67,6 @@ pub async fn ensure(client: &Client, namespace: &str) -> Result<KeyPair, KeyErro
             ByteString(document),
         )])),
         ..Default::default()
-    };
-    match secrets.create(&PostParams::default(), &secret).await {
-        Ok(created) => from_secret(&created, namespace),
-        Err(kube::Error::Api(status)) if status.code == 409 => {
-            from_secret(&secrets.get(STATEMENT_KEY).await.map_err(read)?, namespace)
-        }
-        Err(source) => Err(KeyError::Kube {
-            action: format!("creating the Secret {namespace}/{STATEMENT_KEY}"),
-            source,
-        }),
     }
 }
 
