@@ -48,6 +48,14 @@ struct Book {
 }
 
 impl Book {
+    /// The device's record, if it has one.
+    fn find(&self, pool: &str, device: &str) -> Option<&DeviceRecord> {
+        self.shards
+            .get(&(pool.to_string(), shard_of(device)))?
+            .get(device)
+    }
+
+    /// The device's record to change (made fresh if it has none); its shard is to be written.
     fn record(&mut self, pool: &str, device: &str) -> &mut DeviceRecord {
         let shard = (pool.to_string(), shard_of(device));
         self.dirty.insert(shard.clone());
@@ -68,11 +76,7 @@ impl Book {
 
     /// The device's uptime with its open stretch up to `now`.
     fn uptime(&self, pool: &str, device: &str, now: Instant) -> Uptime {
-        let record = self
-            .shards
-            .get(&(pool.to_string(), shard_of(device)))
-            .and_then(|records| records.get(device));
-        let uptime = record.map(uptime_of).unwrap_or_default();
+        let uptime = self.find(pool, device).map(uptime_of).unwrap_or_default();
         match self.sessions.get(&(pool.to_string(), device.to_string())) {
             Some((online, since)) => {
                 uptime.observe(now.duration_since(*since).as_millis() as u64, *online)
@@ -122,15 +126,16 @@ fn to_reputation(record: &DeviceRecord) -> Reputation {
     }
 }
 
-fn to_record(reputation: Reputation, quarantined: Option<Quarantine>) -> DeviceRecord {
-    DeviceRecord {
-        error_rate_ppm: reputation.error_rate_ppm(),
-        validated: reputation.validated,
-        invalid: reputation.invalid,
-        quarantined,
-        online_milliseconds: 0,
-        observed_milliseconds: 0,
-    }
+/// Writes judged results into a record; how reliably the device stays online is kept.
+fn set_reputation(
+    record: &mut DeviceRecord,
+    reputation: Reputation,
+    quarantined: Option<Quarantine>,
+) {
+    record.error_rate_ppm = reputation.error_rate_ppm();
+    record.validated = reputation.validated;
+    record.invalid = reputation.invalid;
+    record.quarantined = quarantined;
 }
 
 fn view_of(record: &DeviceRecord, uptime: Uptime) -> ReputationView {
@@ -144,7 +149,9 @@ fn view_of(record: &DeviceRecord, uptime: Uptime) -> ReputationView {
 }
 
 fn fresh() -> DeviceRecord {
-    to_record(Reputation::default(), None)
+    let mut record = DeviceRecord::default();
+    set_reputation(&mut record, Reputation::default(), None);
+    record
 }
 
 /// The object a pool's shard is written to.
@@ -206,9 +213,7 @@ impl ReputationStore {
         let verdicts =
             (agreeing.iter().map(|d| (d, true))).chain(disagreeing.iter().map(|d| (d, false)));
         for (device, valid) in verdicts {
-            let shard = (pool.to_string(), shard_of(device));
-            let records = book.shards.entry(shard.clone()).or_default();
-            let record = records.entry(device.clone()).or_insert_with(fresh);
+            let record = book.record(pool, device);
             let before = to_reputation(record);
             let after = if valid {
                 before.validated()
@@ -234,12 +239,7 @@ impl ReputationStore {
                 }
                 false => record.quarantined.clone(),
             };
-            *record = DeviceRecord {
-                online_milliseconds: record.online_milliseconds,
-                observed_milliseconds: record.observed_milliseconds,
-                ..to_record(after, quarantined)
-            };
-            book.dirty.insert(shard);
+            set_reputation(record, after, quarantined);
         }
         judged
     }
@@ -247,11 +247,7 @@ impl ReputationStore {
     /// Where a device of `pool` stands under `policy`.
     pub fn standing(&self, pool: &str, device: &str, policy: &AdaptiveReplication) -> Standing {
         let book = self.lock();
-        let record = book
-            .shards
-            .get(&(pool.to_string(), shard_of(device)))
-            .and_then(|records| records.get(device));
-        match record {
+        match book.find(pool, device) {
             Some(record) if record.quarantined.is_some() => Standing::Quarantined,
             Some(record) => to_reputation(record).standing(policy),
             None => Reputation::default().standing(policy),
@@ -262,11 +258,7 @@ impl ReputationStore {
     /// was heard of since this operator started.
     pub fn view(&self, pool: &str, device: &str) -> Option<ReputationView> {
         let book = self.lock();
-        let record = book
-            .shards
-            .get(&(pool.to_string(), shard_of(device)))
-            .and_then(|records| records.get(device))
-            .cloned();
+        let record = book.find(pool, device).cloned();
         let heard = book
             .sessions
             .contains_key(&(pool.to_string(), device.to_string()));
@@ -448,7 +440,9 @@ mod tests {
     #[test]
     fn records_keep_the_error_rate_to_the_millionth() {
         let reputation = Reputation::default().validated().invalid();
-        let back = to_reputation(&to_record(reputation, None));
+        let mut record = DeviceRecord::default();
+        set_reputation(&mut record, reputation, None);
+        let back = to_reputation(&record);
         assert!((back.error_rate - reputation.error_rate).abs() < 1e-6);
         assert_eq!((back.validated, back.invalid), (1, 1));
     }
