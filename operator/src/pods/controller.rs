@@ -481,8 +481,6 @@ impl Controller {
         self.shared.stats.forget_pod(uid);
     }
 
-    /// A device's Hello lists what it holds: adopt what we expect there, stop the rest, and
-    /// count what it no longer has as lost.
     /// A device's stream began or ended: its reliability counts the stretch before.
     fn connected(&self, device: &str, online: bool) {
         if let Some(pool) = self.shared.registry.pool(device) {
@@ -490,6 +488,8 @@ impl Controller {
         }
     }
 
+    /// A device's Hello lists what it holds: adopt what we expect there, stop the rest, and
+    /// count what it no longer has as lost.
     fn hello(&mut self, device: &str, tasks: Vec<TaskStatus>) {
         let held: HashSet<&str> = tasks.iter().map(|t| t.task_id.as_str()).collect();
         let missing: Vec<String> = self
@@ -664,8 +664,10 @@ impl Controller {
         let load = &self.load;
         let pod = &entry.pod;
         let presence = |device: &str| shared.registry.presence(device);
-        let choose =
-            |ready: &Ready, ran: &[String]| choose(&shared, pool.as_deref(), pod, ready, load, ran);
+        let choose = |ready: &Ready, ran: &[String], reissued: bool| {
+            let placing = Placing { ran, reissued };
+            choose(&shared, pool.as_deref(), pod, ready, load, placing)
+        };
         let validation = validation_of(pod, pool.as_deref());
         let alone = |device: &str| {
             let (pool, reputations) = (pool.as_deref()?, &shared.reputations);
@@ -1043,6 +1045,13 @@ fn proto_network(mode: NetworkMode) -> darkcore_proto::agent::v1::Network {
     }
 }
 
+/// What the lifecycle asks of a placement: the devices to pass over, and whether the replica
+/// is reissued after a disagreement (it goes to reliable devices first).
+struct Placing<'a> {
+    ran: &'a [String],
+    reissued: bool,
+}
+
 /// Picks a device for a ready pod, over the load devices carry: the device and what it grants.
 fn choose(
     shared: &Shared,
@@ -1050,7 +1059,7 @@ fn choose(
     pod: &Pod,
     ready: &Ready,
     load: &Load,
-    ran: &[String],
+    Placing { ran, reissued }: Placing<'_>,
 ) -> Result<Choice, String> {
     let pool = pool.ok_or("the pod's pool is not known yet")?;
     let resolved = &ready.resolved;
@@ -1071,9 +1080,7 @@ fn choose(
         memory: demand.memory,
         runtime: proto_runtime(ready.runtime) as i32,
         runtime_name: ready.runtime.as_str(),
-        // Replicas past the quorum are reissued after disagreement.
-        prefer_reliable: validation_of(pod, Some(pool))
-            .is_some_and(|v| ran.len() >= v.quorum as usize),
+        prefer_reliable: reissued,
     };
     let now = Instant::now();
     let offers = shared.registry.offers(&pool.name_any(), &os, &arch);

@@ -214,8 +214,9 @@ pub struct Choice {
     pub memory: u64,
 }
 
-/// Picks a device for a ready pod, passing over the devices named (they ran replicas of it).
-pub type Choose<'a> = dyn Fn(&Ready, &[String]) -> Result<Choice, String> + 'a;
+/// Picks a device for a ready pod, passing over the devices named (they ran replicas of it);
+/// `reissued`: a replica past the quorum, run again after a disagreement.
+pub type Choose<'a> = dyn Fn(&Ready, &[String], bool) -> Result<Choice, String> + 'a;
 
 /// The world as the controller sees it at a step.
 pub struct Facts<'a> {
@@ -529,7 +530,7 @@ fn settle(mut run: Run, facts: &Facts<'_>, effects: &mut Vec<Effect>) -> Run {
                 let deadline_ms = reissued
                     .and_then(|v| v.reissue_deadline_seconds)
                     .map(|seconds| facts.unix_ms + i64::from(seconds) * 1000);
-                match (facts.choose)(&ready, &ran) {
+                match (facts.choose)(&ready, &ran, reissued.is_some()) {
                     Ok(choice) => {
                         let attempt = Attempt {
                             task: TaskId {
@@ -803,6 +804,8 @@ mod tests {
         /// Every device is trusted and drawn for no spot check at this percentage.
         trusted: Option<u32>,
         unix_ms: i64,
+        /// Whether the last placement asked for was of a reissued replica.
+        reissued: std::cell::Cell<Option<bool>>,
     }
 
     impl World {
@@ -819,12 +822,14 @@ mod tests {
                 validation: None,
                 trusted: None,
                 unix_ms: UNIX_MS,
+                reissued: std::cell::Cell::new(None),
             }
         }
 
         fn step(&self, run: Run, event: Event) -> (Run, Vec<Effect>) {
             let presence = |_: &str| self.presence;
-            let choose = |_: &Ready, ran: &[String]| {
+            let choose = |_: &Ready, ran: &[String], reissued: bool| {
+                self.reissued.set(Some(reissued));
                 let first = self.fits.map_err(String::from)?;
                 let device = [first, "dev-b", "dev-c", "dev-d"]
                     .into_iter()
@@ -1523,8 +1528,10 @@ mod tests {
             None,
             "the quorum's own replicas have none"
         );
+        assert_eq!(world.reissued.get(), Some(false));
         // They disagree: the third replica is reissued, with a deadline.
         let (run, _) = world.step(run, result(2, 'b'));
+        assert_eq!(world.reissued.get(), Some(true), "placed as reissued");
         let reissued = attempt_of(&run);
         assert_eq!(
             (reissued.device.as_str(), reissued.deadline_ms),
