@@ -90,17 +90,32 @@ pub fn render(days: &BTreeMap<String, CreditDay>) -> String {
             f.attempts
         )
     };
-    let currency = match sum.currency.as_str() {
-        "" => String::new(),
-        currency => format!(" {currency}"),
-    };
     format!(
-        "credit:      {}{currency} from {first} to {last} (UTC), by the operator's record\n             {}\n             {}\n             {}\n             {}\n",
-        format_micros(sum.credit_micros),
+        "credit:      {} from {first} to {last} (UTC), by the operator's record\n             {}\n             {}\n             {}\n             {}\n",
+        in_currency(&format_micros(sum.credit_micros), &sum.currency),
         figures("validated: ", &sum.validated),
         figures("unverified:", &sum.unverified),
         figures("pending:   ", &sum.pending),
         figures("rejected:  ", &sum.rejected),
+    )
+}
+
+/// An amount and its currency, when there is one: `0.125000 EUR`, or `0.125000`.
+fn in_currency(amount: &str, currency: &str) -> String {
+    match currency {
+        "" => amount.to_string(),
+        currency => format!("{amount} {currency}"),
+    }
+}
+
+/// What `statement verify` says of a statement that checks out.
+pub fn describe_valid(statement: &Statement) -> String {
+    format!(
+        "valid: signed by the operator; credit {} from {} to {} (rows: {})",
+        in_currency(&statement.credit, &statement.currency),
+        statement.from_day,
+        statement.to_day,
+        statement.rows.len()
     )
 }
 

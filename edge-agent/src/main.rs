@@ -150,17 +150,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_default();
             match credit::check(&text, key.as_deref(), &operator_key) {
                 Ok(statement) => {
-                    println!(
-                        "valid: signed by the operator; credit {}{} from {} to {} (rows: {})",
-                        statement.credit,
-                        match statement.currency.as_str() {
-                            "" => String::new(),
-                            c => format!(" {c}"),
-                        },
-                        statement.from_day,
-                        statement.to_day,
-                        statement.rows.len()
-                    );
+                    println!("{}", credit::describe_valid(&statement));
                     Ok(())
                 }
                 Err(error) => {

@@ -87,12 +87,10 @@ pub fn parse_period(text: &str, now: Timestamp) -> Result<Period, String> {
             to: last.to_string(),
         });
     }
-    let back = crate::enroll::token::parse_ttl(text).map_err(|_| wrong())?;
-    let now_ms = now.as_millisecond();
-    let back_ms = i64::try_from(back.as_millis()).unwrap_or(i64::MAX);
+    // A time back from now: from that day, as `usage --since` counts it, to today.
     Ok(Period {
-        from: utc_day(now_ms.saturating_sub(back_ms)),
-        to: utc_day(now_ms),
+        from: report::since_day(text, now).map_err(|_| wrong())?,
+        to: utc_day(now.as_millisecond()),
     })
 }
 
